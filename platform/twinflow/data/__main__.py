@@ -1,0 +1,3 @@
+from twinflow.data.cli import main_data
+
+raise SystemExit(main_data())

@@ -1,0 +1,234 @@
+"""Stream shards into training with Ray Data: read (local or s3) -> decode -> text states -> batches.
+
+``build_train_dataset(cfg)`` returns a lazy ``ray.data.Dataset``; a Ray Train loop consumes its
+per-worker shard with ``ray.train.get_dataset_shard("train").iter_torch_batches(**iter_torch_kwargs(cfg),
+batch_size=...)``. Rows: ``image`` float32 (C, H, W) in [-1, 1], ``text_states`` float32 (L, D),
+``text_mask`` int64 (L), ``caption``, ``id``, ``label`` and, for edit pairs, ``source_image`` and
+``instruction``. Bad records are counted by one named actor per data config; see
+``bad_record_report``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from twinflow.data import shards
+from twinflow.data.bad_records import BadDataError, BadRecord, BadRecordLog
+from twinflow.data.config import DataConfig
+from twinflow.data.decode import DecodeSpec, decode_rows
+from twinflow.data.reader import open_split
+
+log = logging.getLogger("twinflow.data")
+
+class BadRecordCounter:
+    """Ray actor body: the one BadRecordLog of a streamed split (ids de-duplicated across epochs)."""
+
+    def __init__(self, expected: int, max_bad_fraction: float, what: str) -> None:
+        self.log = BadRecordLog(expected=expected, max_bad_fraction=max_bad_fraction, what=what)
+
+    def add(self, records: list[BadRecord]) -> tuple[bool, str]:
+        for r in records:
+            self.log.entries.setdefault(r.reason, {}).setdefault(r.id, r)
+        over = self.log.count > self.log.budget
+        return over, self.log.message() if over else ""
+
+    def summary(self) -> dict[str, Any]:
+        return self.log.summary()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.log.records()]
+
+
+class RayTracker:
+    """A picklable handle that stages use to report bad records; raises past the budget."""
+
+    def __init__(self, name: str, actor: Any = None) -> None:
+        self.name = name
+        self._actor = actor
+
+    def _handle(self):
+        if self._actor is None:
+            import ray
+
+            self._actor = ray.get_actor(self.name)
+        return self._actor
+
+    def report(self, records: list[BadRecord]) -> None:
+        if not records:
+            return
+        import ray
+
+        over, message = ray.get(self._handle().add.remote(records))
+        for r in records[:5]:
+            log.warning("skipping bad record (%s) %s: %s", r.reason, r.id, r.detail)
+        if over:
+            raise BadDataError(message)
+
+    def summary(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self._handle().summary.remote())
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every bad record (not only the first ids of the summary), as dicts."""
+        import ray
+
+        return ray.get(self._handle().records.remote())
+
+
+# Non-detached actors die with their last handle: the driver keeps one per tracker for the session.
+_LIVE_TRACKERS: dict[str, Any] = {}
+
+
+def tracker_name(cfg: DataConfig, purpose: str = "stream") -> str:
+    """One counter per (config, purpose): epochs over the same dataset share it, other configs do not."""
+    key = f"{purpose}|{cfg.model_dump_json()}"
+    return "twinflow-bad-records-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def make_tracker(name: str, expected: int, max_bad_fraction: float, what: str = "records") -> RayTracker:
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(BadRecordCounter)
+    handle = actor_cls.options(name=name, get_if_exists=True).remote(expected, max_bad_fraction, what)
+    _LIVE_TRACKERS[name] = handle
+    return RayTracker(name, handle)
+
+
+def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str, Any]:
+    """The bad-record summary of the dataset streamed for ``cfg`` (counts per reason with ids), from
+    the driver or a worker of the same Ray job; ``write_to`` (local path or s3 URI) also saves it as JSON."""
+    name = tracker_name(cfg)
+    summary = RayTracker(name, _LIVE_TRACKERS.get(name)).summary()
+    if write_to:
+        from twinflow.data import storage
+
+        storage.write_bytes(write_to, json.dumps(summary, indent=2).encode(), cfg.s3_endpoint)
+    if summary["bad"]:
+        log.warning("%s/%s: skipped %d bad records: %s", cfg.path, cfg.split, summary["bad"],
+                    {k: v["count"] for k, v in summary["by_reason"].items()})
+    return summary
+
+
+def decode_stage(batch: dict[str, np.ndarray], spec: DecodeSpec, tracker: RayTracker) -> dict[str, np.ndarray]:
+    out, bad = decode_rows(batch, spec)
+    tracker.report(bad)
+    return out
+
+
+def iter_torch_kwargs(cfg: DataConfig, device: Any = "cpu") -> dict[str, Any]:
+    """Keyword arguments for ``iter_torch_batches`` that this config decides: the collate function
+    (numeric columns -> tensors on ``device``, string columns -> lists of str), prefetching and the
+    local shuffle buffer. The caller adds ``batch_size`` (and ``drop_last``)."""
+    kwargs: dict[str, Any] = {"collate_fn": TorchBatchCollate(device), "prefetch_batches": cfg.prefetch_batches}
+    if cfg.shuffle_buffer:
+        kwargs.update(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.shuffle_seed)
+    return kwargs
+
+
+class TorchBatchCollate(NumpyBatchCollateFn):
+    """numpy batch -> dict of torch tensors (numeric columns, on ``device``) and lists of str."""
+
+    def __init__(self, device: Any = "cpu") -> None:
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for key, value in batch.items():
+            if value.dtype == object or value.dtype.kind in "US":
+                out[key] = [str(v) for v in value]
+            else:
+                value = np.ascontiguousarray(value)
+                tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
+                out[key] = tensor.to(self.device, non_blocking=True) if str(self.device) != "cpu" else tensor
+        return out
+
+
+def _columns(kind: str, available: set[str], cached: bool) -> list[str]:
+    """Columns the decode stage reads: the kind's required ones plus optional ones every shard has."""
+    cols = list(shards.REQUIRED[kind]) + (["text_states", "text_len"] if cached else [])
+    return cols + [c for c in ("label",) if c in available]
+
+
+def build_train_dataset(cfg: DataConfig):
+    """The training ``ray.data.Dataset`` for ``cfg`` (lazy; nothing runs until it is iterated).
+
+    Fails up front with one clear error for a missing path, bucket, manifest or split, and for more
+    missing shards than ``max_bad_fraction`` allows.
+    """
+    import ray
+    from ray.data.datasource import FileShuffleConfig
+
+    source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
+    kind = source.manifest.kind
+    if cfg.text_column == "instruction" and kind != "edit_pairs":
+        raise ValueError(f"{cfg.path}: text_column=instruction needs an edit-pairs dataset (this one is {kind})")
+    upfront = list(source.bad)
+    read_from = source
+    cache_info = None
+    if source.manifest.embedding is not None:
+        # ``path`` is itself an embedding cache (e.g. copied next to the cluster): stream it as is.
+        cache_info = check_cache_matches(cfg, source.manifest)
+        upfront += _cached_bad(source.manifest, cfg.split)
+    elif cfg.embed_cache and cfg.embed_text:
+        from twinflow.data.embed_cache import ensure_embed_cache
+
+        cache_uri, cache_manifest = ensure_embed_cache(cfg, source)
+        read_from = open_split(cache_uri, cfg.split, cfg.s3_endpoint, cfg.verify_shards,
+                               columns=tuple(shards.REQUIRED[kind]) + ("text_states", "text_len"))
+        cache_info = cache_manifest.embedding
+        upfront += _cached_bad(cache_manifest, cfg.split) + read_from.bad
+
+    tracker = make_tracker(tracker_name(cfg), source.expected, cfg.max_bad_fraction, f"records in {cfg.split}")
+    tracker.report(upfront)  # raises here, before any reading, when missing shards exceed the budget
+    if not read_from.usable:
+        raise BadDataError(f"{cfg.path}: split {cfg.split!r} has no readable shards")
+
+    shuffle = FileShuffleConfig(seed=cfg.shuffle_seed) if cfg.shuffle != "none" else None
+    ds = ray.data.read_parquet(read_from.paths, filesystem=read_from.fs, shuffle=shuffle).select_columns(
+        _columns(kind, read_from.columns, cache_info is not None))
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    if cfg.shuffle == "global":
+        ds = ds.random_shuffle(seed=cfg.shuffle_seed)
+    spec = DecodeSpec(image_size=cfg.image_size, channels=cfg.channels, crop=cfg.crop, seed=cfg.shuffle_seed,
+                      text_column=cfg.text_column, edit_pairs=kind == "edit_pairs",
+                      text_max_length=cfg.text_max_length,
+                      text_dim=int(cache_info["dim"]) if cache_info else 384,
+                      cached_dtype=cache_info["dtype"] if cache_info else None)
+    ds = ds.map_batches(decode_stage, fn_kwargs={"spec": spec, "tracker": tracker}, batch_format="numpy",
+                        batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+    if cache_info is None and cfg.embed_text:
+        from twinflow.data.embed import TextEmbedStage
+
+        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg), batch_format="numpy",
+                            batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+                            num_cpus=cfg.embed_num_cpus, num_gpus=cfg.embed_num_gpus or None)
+    return ds
+
+
+def check_cache_matches(cfg: DataConfig, manifest: shards.Manifest) -> dict[str, Any]:
+    emb = manifest.embedding or {}
+    for field, want in (("text_column", cfg.text_column), ("max_length", cfg.text_max_length)):
+        if emb.get(field) != want:
+            raise ValueError(f"{cfg.path}: this embedding cache has {field}={emb.get(field)!r} but the config "
+                             f"asks for {want!r}; rebuild it with `twinflow data embed` or change the config")
+    return emb
+
+
+def _cached_bad(manifest: shards.Manifest, split: str) -> list[BadRecord]:
+    return [BadRecord(**r) for r in (manifest.embedding or {}).get("bad", {}).get(split, [])]
+
+
+def embed_kwargs(cfg: DataConfig, **extra: Any) -> dict[str, Any]:
+    return {"text_column": cfg.text_column, "max_length": cfg.text_max_length,
+            "model_dir": cfg.text_encoder_dir, "device": cfg.embed_device, "lru_size": cfg.embed_lru_size,
+            **extra}

@@ -1,0 +1,98 @@
+"""The `method:` section of a job YAML: TwinFlow or plain flow matching, chosen by `name`.
+
+    method:
+      name: twinflow
+      lambda: 0.33          # share of rows for the TwinFlow groups (E2E + ADV)
+      enhanced_ratio: 0.8   # CFG baked into targets (effective scale 1 + w)
+      teacher: ema
+      ema_decay: 0.99
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from twinflow.config import StrictModel
+from twinflow.method.groups import GroupSplit, split_groups
+
+if TYPE_CHECKING:
+    from twinflow.method.flow_matching import FlowMatchingObjective
+    from twinflow.method.twinflow import TwinFlowObjective
+
+
+class GroupWeights(StrictModel):
+    """Explicit relative row shares (instead of lambda); the reference default is 1 each."""
+
+    e2e: float = Field(1.0, ge=0)
+    mul: float = Field(1.0, ge=0)
+    any: float = Field(1.0, ge=0)
+    adv: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _positive_sum(self) -> "GroupWeights":
+        if self.e2e + self.mul + self.any + self.adv <= 0:
+            raise ValueError("at least one group weight must be positive")
+        return self
+
+
+class TwinFlowConfig(StrictModel):
+    name: Literal["twinflow"] = "twinflow"
+    lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
+                           description="fraction of rows for E2E+ADV; 0.5 = reference quarters, 0 = base only")
+    group_weights: GroupWeights | None = Field(None, description="set the four group shares directly")
+    kappa: float = Field(0.5, ge=0, description="rectify (self-adversarial) loss coefficient")
+    enhanced_ratio: float = Field(0.8, ge=0, description="w: CFG baked into MUL/ANY targets")
+    cfg_interval: tuple[float, float] = Field((0.0, 1.0), description="CFG applies where lo < t < hi")
+    rollout_order: int = Field(2, ge=1, le=16, description="N teacher sub-steps in the RCGM rollout")
+    delta: float = Field(0.01, gt=0, lt=1, description="RCGM exact step on the true path")
+    loss: Literal["barron", "mse"] = "barron"
+    barron_c: float = Field(1e-3, gt=0)
+    time_weighting: bool = True
+    teacher: Literal["ema", "online", "frozen"] = "online"
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    on_nonfinite: Literal["raise", "report"] = Field(
+        "raise", description="raise NonFiniteLossError, or return the loss with metrics['nonfinite'] = 1")
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= lo < hi <= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_split_rule(self) -> "TwinFlowConfig":
+        if self.group_weights is not None and "lambda_" in self.model_fields_set:
+            raise ValueError("set either lambda or group_weights, not both")
+        return self
+
+    def split(self, batch_size: int) -> GroupSplit:
+        if self.group_weights is not None:
+            return split_groups(batch_size, weights=self.group_weights.model_dump())
+        return split_groups(batch_size, lambda_=self.lambda_)
+
+
+class FlowMatchingConfig(StrictModel):
+    name: Literal["flow_matching"] = "flow_matching"
+    loss: Literal["barron", "mse"] = "mse"
+    barron_c: float = Field(1e-3, gt=0)
+    cond_dropout: float = Field(0.0, ge=0, lt=1,
+                                description="rows trained on the null condition, so CFG and TwinFlow's "
+                                            "baked-in CFG have a meaningful unconditional branch")
+    on_nonfinite: Literal["raise", "report"] = "raise"
+
+
+MethodConfig = Annotated[Union[TwinFlowConfig, FlowMatchingConfig], Field(discriminator="name")]
+
+
+def build_objective(config: TwinFlowConfig | FlowMatchingConfig) -> "TwinFlowObjective | FlowMatchingObjective":
+    from twinflow.method.flow_matching import FlowMatchingObjective
+    from twinflow.method.twinflow import TwinFlowObjective
+
+    if isinstance(config, TwinFlowConfig):
+        return TwinFlowObjective(config)
+    if isinstance(config, FlowMatchingConfig):
+        return FlowMatchingObjective(config)
+    raise TypeError(f"not a method config: {type(config).__name__}")

@@ -1,0 +1,118 @@
+"""Any-step sampler: the same model samples in 1, 2, 4 ... NFE (the NFE knob) or as an ODE.
+
+Grid for K NFE: u = linspace(g0, 1 - g1, K) (g1 == 0: K + 1 points, last dropped), warp
+u <- (1 - (1 - u^a)^b)^c, t_k = 1 - u_k, then t = 0 appended. Step k queries F = G(x, t_k, r_k) with
+r_k = 0 ("few"), t_{k+1} ("any") or t_k ("mul", an Euler ODE step), and re-noises the clean estimate:
+x <- (1 - t_{k+1}) x_hat + t_{k+1} (sqrt(1 - rho) eps_hat + sqrt(rho) xi).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor
+
+from twinflow.method.conditioning import cat_cond, expand_cond
+from twinflow.method.objective import VelocityModel
+from twinflow.method.times import normal
+
+Style = Literal["few", "any", "mul"]
+STYLES: tuple[str, ...] = ("few", "any", "mul")
+
+
+def time_grid(nfe: int, *, g0: float = 0.001, g1: float = 0.5,
+              warp: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
+    """The nfe + 1 times t_0 > ... > t_{nfe} = 0 (float64)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if not (0.0 <= g0 < 1.0 and 0.0 <= g1 < 1.0 and g0 <= 1.0 - g1):
+        raise ValueError(f"need 0 <= g0 <= 1 - g1 with g0, g1 in [0, 1), got g0={g0}, g1={g1}")
+    if g1 == 0.0:
+        u = torch.linspace(g0, 1.0, nfe + 1, dtype=torch.float64)[:-1]
+    else:
+        u = torch.linspace(g0, 1.0 - g1, nfe, dtype=torch.float64)
+    a, b, c = warp
+    u = (1 - (1 - u**a) ** b) ** c
+    return torch.cat([1 - u, torch.zeros(1, dtype=torch.float64)])
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    nfe: int = 1
+    style: Style = "few"
+    rho: float = 1.0
+    g0: float = 0.001
+    g1: float = 0.5
+    warp: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    guidance: float = 0.0
+
+    def grid(self) -> Tensor:
+        return time_grid(self.nfe, g0=self.g0, g1=self.g1, warp=self.warp)
+
+
+def preset(nfe: int | str) -> SamplerSettings:
+    """Reference settings: 1 NFE {0.999}, 2 NFE {0.999, 0.6}, 4 NFE {0.999, 0.833, 0.667, 0.5}
+    (few style, rho = 1); "multistep" is the ODE baseline (mul style, rho = 0, 50 steps)."""
+    if nfe == "multistep":
+        return SamplerSettings(nfe=50, style="mul", rho=0.0, g0=0.0, g1=0.0)
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"preset needs a positive NFE or 'multistep', got {nfe!r}")
+    return SamplerSettings(nfe=nfe, style="few", rho=1.0, g0=0.001, g1=0.6 if nfe == 2 else 0.5)
+
+
+def _guided(model: VelocityModel, x: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor],
+            null_cond: Mapping[str, Tensor] | None, guidance: float) -> Tensor:
+    if guidance == 0.0:
+        return model(x, t, r, dict(cond))
+    if null_cond is None or not cond:
+        raise ValueError("guidance > 0 needs a conditional model and null_cond")
+    B = x.shape[0]
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([r, r]),
+                cat_cond([cond, expand_cond(null_cond, B)]))
+    f_c, f_u = out[:B], out[B:]
+    return f_c + guidance * (f_c - f_u)
+
+
+@torch.no_grad()
+def sample(model: VelocityModel, noise: Tensor, cond: Mapping[str, Tensor] | None = None, *,
+           settings: SamplerSettings | None = None, null_cond: Mapping[str, Tensor] | None = None,
+           generator: torch.Generator | None = None, grid: Tensor | None = None) -> Tensor:
+    """Samples from initial noise (B, ...); returns the last clean estimate x_hat (float32).
+    `guidance` w: F = F_c + w (F_c - F_null); 0 by default since CFG is baked in by training."""
+    s = settings or SamplerSettings()
+    if s.style not in STYLES:
+        raise ValueError(f"unknown sampling style {s.style!r}; choose one of {list(STYLES)}")
+    if not 0.0 <= s.rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {s.rho}")
+    cond = dict(cond or {})
+    ts = (grid if grid is not None else s.grid()).tolist()
+    B, dev, dtype = noise.shape[0], noise.device, noise.dtype
+    x = noise.float()
+    keep, fresh = math.sqrt(1.0 - s.rho), math.sqrt(s.rho)
+    x_hat = x
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        r_cur = {"few": 0.0, "any": t_next, "mul": t_cur}[s.style]
+        t_vec = torch.full((B,), t_cur, device=dev)
+        r_vec = torch.full((B,), r_cur, device=dev)
+        F = _guided(model, x.to(dtype), t_vec, r_vec, cond, null_cond, s.guidance).float()
+        x_hat = x - t_cur * F
+        if t_next == 0.0:
+            break
+        eps_hat = x + (1.0 - t_cur) * F
+        noise_part = keep * eps_hat
+        if fresh > 0:
+            noise_part = noise_part + fresh * normal(x.shape, device=dev, generator=generator)
+        x = (1.0 - t_next) * x_hat + t_next * noise_part
+    return x_hat
+
+
+def sample_nfe(model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mapping[str, Tensor] | None = None,
+               **kwargs) -> Tensor:
+    """`sample` with the reference preset for `nfe` (1, 2, 4, ... or "multistep")."""
+    settings = preset(nfe)
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SamplerSettings.__dataclass_fields__}
+    if overrides:
+        settings = replace(settings, **overrides)
+    return sample(model, noise, cond, settings=settings, **kwargs)

@@ -1,0 +1,44 @@
+"""Diffusers backbones wrapped as TwinFlow velocity models G(x, t, r, cond), the caption encoder, export.
+
+Names are imported lazily: `twinflow.models.config` (the job YAML's `model:` section) must stay cheap
+to import, while the generator pulls in diffusers and peft (seconds).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "twinflow.models.config",
+    "LoraSettings": "twinflow.models.config",
+    "TextEncoder": "twinflow.models.text_encoder",
+    "default_model_dir": "twinflow.models.text_encoder",
+    "TwinFlowGenerator": "twinflow.models.generator",
+    "build_generator": "twinflow.models.generator",
+    "apply_lora": "twinflow.models.lora",
+    "disable_adapters": "twinflow.models.lora",
+    "save_generator": "twinflow.models.export",
+    "load_generator": "twinflow.models.export",
+    "load_export_codec": "twinflow.models.export",
+    "LatentCodec": "twinflow.models.vae",
+    "load_codec": "twinflow.models.vae",
+    "get_family": "twinflow.models.registry",
+    "family_names": "twinflow.models.presets",
+    "get_preset": "twinflow.models.presets",
+    "PRESETS": "twinflow.models.presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'twinflow.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,165 @@
+"""Export a generator as a diffusers-format directory, and load it back exactly.
+
+Layout of `out_dir`:
+
+    twinflow.json                  what to rebuild (family, geometry, text encoder, config) + caller metadata
+    transformer/                   backbone via save_pretrained (safetensors); E2 under `*.twin_e2.*` keys,
+                                   which plain diffusers ignores (it then loads the base velocity model)
+    twinflow_extra.safetensors     text projection (its safetensors metadata repeats the packing info)
+    lora/                          with LoRA: the adapter alone (peft format); transformer/ holds it merged
+    vae/                           when a codec is given: the VAE via save_pretrained
+
+Parameters must be whole on this process (after ZeRO-3, gather first or load the consolidated state
+dict into a fresh `build_generator` result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twinflow.models.config import ModelConfig
+from twinflow.models.generator import TwinFlowGenerator
+from twinflow.models.registry import get_family
+from twinflow.models.weights import load_extras, load_twin_e2, save_extras
+
+META_FILE = "twinflow.json"
+FORMAT_VERSION = 1
+_RESERVED = ("format_version", "family", "backbone_class", "sample_shape", "patch", "time_scale",
+             "text_dim", "text_encoder", "image_size", "pixel_channels", "latent", "model_config", "lora",
+             "e2_init")
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (Path, torch.dtype)):
+        return str(v)
+    if isinstance(v, (tuple, set, frozenset)):
+        return sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+    raise TypeError(f"metadata value {v!r} ({type(v).__name__}) is not JSON serialisable")
+
+
+def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: dict[str, Any] | None = None,
+                   codec: Any = None, dtype: torch.dtype | None = None) -> Path:
+    """Write the export (see module docstring); replaces `out_dir` atomically when it is local."""
+    from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
+
+    metadata = dict(metadata or {})
+    clash = sorted(set(metadata) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"save_generator: metadata keys {clash} are written by the exporter itself")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        lora_info = None
+        model = generator
+        if has_lora(generator):
+            lora_dir = tmp / "lora"
+            lora_dir.mkdir()
+            from safetensors.torch import save_file
+
+            sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(generator).items()}
+            save_file(sd, str(lora_dir / "adapter_model.safetensors"))
+            peft_cfg = generator.backbone.peft_config["default"]
+            (lora_dir / "adapter_config.json").write_text(
+                json.dumps(peft_cfg.to_dict(), indent=2, default=_json_default, sort_keys=True))
+            lora_info = {"merged": True, "rank": peft_cfg.r, "alpha": peft_cfg.lora_alpha,
+                         "target_modules": (peft_cfg.target_modules if isinstance(peft_cfg.target_modules, str)
+                                            else sorted(peft_cfg.target_modules)),
+                         "adapter_dir": "lora"}
+            model = merged_copy(generator)
+        backbone = model.backbone
+        if dtype is not None:
+            backbone = backbone.to(dtype) if model is not generator else _cast_copy(backbone, dtype)
+        backbone.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        info = {"family": generator.family.name, "patch": generator.patch, "channels": generator.channels,
+                "sample_size": generator.sample_size, "time_scale": generator.time_scale,
+                "text_dim": generator.text_dim}
+        save_extras(model, tmp, info, dtype)
+        if codec is not None:
+            codec.save_pretrained(tmp / "vae")
+        cfg = generator.model_config
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "family": generator.family.name,
+            "backbone_class": type(generator.backbone).__name__,
+            "sample_shape": list(generator.sample_shape),
+            "patch": generator.patch,
+            "time_scale": generator.time_scale,
+            "text_dim": generator.text_dim,
+            "text_encoder": {"name": generator.text_encoder, "max_length": generator.text_max_length,
+                             "dim": generator.text_dim},
+            "image_size": generator.image_size,
+            "pixel_channels": generator.pixel_channels,
+            "latent": (dict(generator.latent, vae_dir="vae" if codec is not None else None)
+                       if generator.latent else None),
+            "model_config": cfg.model_dump(mode="json") if cfg is not None else None,
+            "e2_init": generator.e2_init,
+            "lora": lora_info,
+            **metadata,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default, sort_keys=True))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to(dtype)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a TwinFlow export (no {META_FILE})")
+    meta = json.loads(f.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{f}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_generator(path: str | Path, torch_dtype: torch.dtype | None = None) -> tuple[TwinFlowGenerator, dict[str, Any]]:
+    """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved model."""
+    path = Path(path)
+    meta = read_metadata(path)
+    family = get_family(meta["family"])
+    backbone = family.load_backbone(path / "transformer", torch_dtype=torch_dtype)
+    text = meta["text_encoder"]
+    gen = TwinFlowGenerator(family, backbone, sample_size=int(meta["sample_shape"][1]),
+                            text_dim=int(meta["text_dim"]), e2_init="copy",
+                            text_max_length=int(text["max_length"]), text_encoder=text["name"])
+    load_twin_e2(gen.backbone, path / "transformer", required=True)
+    load_extras(gen, path, required=True)
+    if torch_dtype is not None:
+        gen.text_proj.to(torch_dtype)
+    gen.e2_init = meta.get("e2_init", "copy")
+    gen.image_size = int(meta["image_size"])
+    gen.pixel_channels = int(meta["pixel_channels"])
+    gen.latent = meta.get("latent")
+    if meta.get("model_config") is not None:
+        gen.model_config = ModelConfig.model_validate(meta["model_config"])
+    return gen.eval(), meta
+
+
+def load_export_codec(path: str | Path):
+    """The VAE saved beside an export (None for pixel-space models)."""
+    from twinflow.models.vae import LatentCodec
+
+    vae = Path(path) / "vae"
+    return LatentCodec.from_pretrained(vae) if (vae / "config.json").is_file() else None

@@ -1,0 +1,222 @@
+"""TwinFlowGenerator: a diffusers transformer behind the velocity-model contract G(x, t, r, cond).
+
+It owns the backbone (whose timestep embedder gained E2), the learned projection from the 384-d
+caption states to the backbone's text width, and the family's packing of the state into tokens.
+t and r are signed, in [-1, 1], shape (B,); the output is the average velocity over [r, t] with x's
+shape and dtype.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from twinflow.models.config import ModelConfig
+from twinflow.models.registry import Family, get_family, transformer_dir
+from twinflow.models.text_encoder import TEXT_DIM
+from twinflow.models.time_embed import E2Init, install_two_time, pack_times
+from twinflow.models.weights import load_twin_e2
+
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class TwinFlowGenerator(nn.Module):
+    """G(x, t, r, cond) -> velocity. Installs E2 into `backbone`'s timestep embedder on construction."""
+
+    def __init__(
+        self,
+        family: Family | str,
+        backbone: nn.Module,
+        *,
+        sample_size: int,
+        text_dim: int = TEXT_DIM,
+        e2_init: E2Init = "copy",
+        text_max_length: int = 32,
+        text_encoder: str = DEFAULT_TEXT_ENCODER,
+    ) -> None:
+        super().__init__()
+        fam = get_family(family) if isinstance(family, str) else family
+        self.family = fam
+        self.backbone = backbone
+        e1, twin_cls = fam.time_embedder(backbone)
+        install_two_time(e1, twin_cls, e2_init=e2_init, time_scale=fam.time_scale(backbone))
+        self.text_proj = nn.Linear(text_dim, fam.text_dim(backbone))
+        self.channels = fam.channels(backbone)
+        self.patch = fam.patch(backbone)
+        self.time_scale = fam.time_scale(backbone)
+        if sample_size % self.patch:
+            raise ValueError(f"sample size {sample_size} is not divisible by the backbone's patch size {self.patch}")
+        self.sample_size = int(sample_size)
+        self.text_dim = int(text_dim)
+        self.text_max_length = int(text_max_length)
+        self.text_encoder = text_encoder
+        self.e2_init = e2_init
+        #: set by build_generator / load_generator; recorded in exports.
+        self.model_config: ModelConfig | None = None
+        self.latent: dict[str, Any] | None = None  # {"vae_path", "factor", "channels"} in latent space
+        self.image_size = self.sample_size  # pixels (differs from sample_size in latent space)
+        self.pixel_channels = self.channels
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, image_size: int | None = None, vae_path: str | None = None,
+                        **model_fields: Any) -> "TwinFlowGenerator":
+        """One of our exports (exactly as saved), or a diffusers pipeline/transformer directory.
+
+        For a plain diffusers directory the family comes from its config's class name; `image_size`
+        (pixels) defaults to SANA's `sample_size` (times the VAE factor); other ModelConfig fields
+        (e2_init, lora, text_max_length, ...) pass through.
+        """
+        root = Path(path)
+        if (root / "twinflow.json").is_file() and not model_fields and image_size is None and vae_path is None:
+            from twinflow.models.export import load_generator
+
+            return load_generator(root)[0]
+        from twinflow.models.registry import family_of
+
+        family = family_of(root)
+        if image_size is None:
+            import json
+
+            sample = json.loads((transformer_dir(root) / "config.json").read_text()).get("sample_size")
+            if sample is None:
+                raise ValueError(f"{root}: pass image_size (pixels); the backbone config does not fix one")
+            factor = 1
+            if vae_path is not None:
+                from twinflow.models.vae import vae_geometry
+
+                factor = vae_geometry(vae_path)[2]
+            image_size = int(sample) * factor
+        cfg = ModelConfig(family=family, pretrained_path=str(root), vae_path=vae_path, image_size=image_size,
+                          **model_fields)
+        return build_generator(cfg)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the state this model generates (pixels, or latents with a VAE)."""
+        return (self.channels, self.sample_size, self.sample_size)
+
+    def extra_repr(self) -> str:
+        return (f"family={self.family.name}, sample_shape={self.sample_shape}, patch={self.patch}, "
+                f"text_dim={self.text_dim}")
+
+    def _batch_times(self, v: torch.Tensor | float, b: int, name: str, device: torch.device) -> torch.Tensor:
+        v = torch.as_tensor(v, dtype=torch.float32, device=device)
+        if v.ndim == 0 or (v.ndim == 1 and v.shape[0] == 1):
+            return v.reshape(1).expand(b)
+        if v.shape != (b,):
+            raise ValueError(f"{name} must have shape ({b},) to match x, got {tuple(v.shape)}")
+        return v.float()
+
+    def _text(self, cond: Mapping[str, torch.Tensor], b: int, device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        states = cond.get("text_states")
+        if states is None:
+            # Unconditional use: one constant token (the projection's bias) keeps every backbone happy.
+            states = torch.zeros(b, 1, self.text_dim, device=device)
+            mask = torch.ones(b, 1, dtype=torch.int64, device=device)
+        else:
+            if states.ndim != 3 or states.shape[-1] != self.text_dim:
+                raise ValueError(f"cond['text_states'] must be (B, L, {self.text_dim}), got {tuple(states.shape)}")
+            mask = cond.get("text_mask")
+            if mask is None:
+                mask = torch.ones(states.shape[:2], dtype=torch.int64, device=states.device)
+            if mask.shape != states.shape[:2]:
+                raise ValueError(f"cond['text_mask'] {tuple(mask.shape)} must match text_states {tuple(states.shape[:2])}")
+            if states.shape[0] == 1 and b > 1:  # the CFG null condition comes with batch 1
+                states, mask = states.expand(b, -1, -1), mask.expand(b, -1)
+            elif states.shape[0] != b:
+                raise ValueError(f"cond['text_states'] has batch {states.shape[0]}, x has {b}")
+        return self.text_proj(states.to(device=device, dtype=dtype)), mask.to(device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, r: torch.Tensor | float,
+                cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.channels:
+            raise ValueError(f"x has {c} channels, the model expects {self.channels}")
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"x is {h}x{w}, not divisible by the patch size {self.patch}")
+        cond = cond or {}
+        dtype = self.text_proj.weight.dtype
+        t = self._batch_times(t, b, "t", x.device)
+        r = self._batch_times(r, b, "r", x.device)
+        text, mask = self._text(cond, b, x.device, dtype)
+        ref = cond.get("ref_image")
+        if ref is not None:
+            if ref.ndim != 4 or ref.shape[1] != c or ref.shape[-2] % self.patch or ref.shape[-1] % self.patch:
+                raise ValueError(f"cond['ref_image'] must be (B, {c}, H', W') with sides divisible by "
+                                 f"{self.patch}, got {tuple(ref.shape)}")
+            if ref.shape[0] == 1 and b > 1:
+                ref = ref.expand(b, -1, -1, -1)
+            elif ref.shape[0] != b:
+                raise ValueError(f"cond['ref_image'] has batch {ref.shape[0]}, x has {b}")
+            ref = ref.to(dtype)
+        out = self.family.forward(self.backbone, x.to(dtype), pack_times(t, r, self.time_scale), text, mask, ref)
+        return out.to(x.dtype)
+
+
+def _state_geometry(cfg: ModelConfig, preset_size: int | None, preset_channels: int | None) -> dict[str, Any]:
+    """Pixel and state (pixel or latent) geometry for a config."""
+    from twinflow.models.vae import vae_geometry
+
+    image_size = cfg.image_size or preset_size
+    if cfg.vae_path is None:
+        channels = cfg.channels or preset_channels
+        return {"image_size": image_size, "pixel_channels": channels, "state_size": image_size,
+                "state_channels": channels, "latent": None}
+    pix, lat, factor = vae_geometry(cfg.vae_path)
+    if image_size % factor:
+        raise ValueError(f"model.image_size {image_size} is not divisible by the VAE's downsampling factor {factor}")
+    return {"image_size": image_size, "pixel_channels": pix, "state_size": image_size // factor,
+            "state_channels": lat, "latent": {"vae_path": str(cfg.vae_path), "factor": factor, "channels": lat}}
+
+
+def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
+    """A generator from the job's `model:` section (random-init preset or pretrained diffusers weights)."""
+    from twinflow.models.presets import get_preset
+
+    family = get_family(cfg.family)
+    if cfg.preset is not None:
+        preset = get_preset(cfg.family, cfg.preset)
+        geo = _state_geometry(cfg, preset.image_size, preset.channels)
+        patch = cfg.patch or preset.patch
+        if geo["state_size"] % patch:
+            raise ValueError(f"state size {geo['state_size']} is not divisible by patch {patch}")
+        config = {**family.preset_config(preset, geo["state_channels"], patch, geo["state_size"]), **cfg.backbone}
+        backbone = family.build_backbone(config)
+    else:
+        geo = _state_geometry(cfg, None, None)
+        backbone = family.load_backbone(cfg.pretrained_path)
+        have = family.channels(backbone)
+        if have != geo["state_channels"]:
+            space = "latent" if cfg.vae_path else "pixel"
+            raise ValueError(f"{cfg.pretrained_path}: the backbone models {have} channels but the {space} "
+                             f"state has {geo['state_channels']}")
+    gen = TwinFlowGenerator(family, backbone, sample_size=geo["state_size"], e2_init=cfg.e2_init,
+                            text_max_length=cfg.text_max_length)
+    if cfg.pretrained_path is not None:
+        _adopt_twinflow_export(gen, cfg.pretrained_path)
+    if cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+    gen.model_config = cfg
+    gen.latent = geo["latent"]
+    gen.image_size = geo["image_size"]
+    gen.pixel_channels = geo["pixel_channels"]
+    if cfg.lora is not None:
+        from twinflow.models.lora import apply_lora
+
+        apply_lora(gen, cfg.lora)
+    return gen
+
+
+def _adopt_twinflow_export(gen: TwinFlowGenerator, path: str | Path) -> None:
+    """Fine-tuning from one of our exports keeps its trained E2 and text projection."""
+    from twinflow.models.weights import load_extras
+
+    load_twin_e2(gen.backbone, transformer_dir(path), required=False)
+    root = Path(path)
+    if (root / "transformer").is_dir():
+        load_extras(gen, root, required=False)

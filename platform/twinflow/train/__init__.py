@@ -1,0 +1,1 @@
+"""Distributed TwinFlow training: job config, Ray Train launcher, DeepSpeed worker loop, checkpoints."""

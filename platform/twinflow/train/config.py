@@ -1,0 +1,35 @@
+"""The job YAML (`jobs/*.yaml`): one pydantic model, one section per component (torchtitan-style).
+
+The data, model and method sections are owned by their packages; this module only composes them
+and adds the sections that belong to distributed training (cluster, deepspeed, train, eval, output).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from pydantic import Field
+
+from twinflow.config import StrictModel, load_config
+from twinflow.data.config import DataConfig
+from twinflow.method.config import MethodConfig
+from twinflow.models.config import ModelConfig
+from twinflow.train.sections import ClusterConfig, DeepSpeedConfig, EvalConfig, OutputConfig, TrainConfig
+
+
+class JobConfig(StrictModel):
+    """A training job. Every shipped `jobs/*.yaml` validates against this model in the tests."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    data: DataConfig
+    model: ModelConfig
+    method: MethodConfig
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def load_job(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    return load_config(path, JobConfig, overrides)

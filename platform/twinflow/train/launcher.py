@@ -1,0 +1,143 @@
+"""Driver side of `twinflow train`: validate, start (or join) Ray, run the TorchTrainer, summarise.
+
+Ray Train V2 owns the job's state machine (initializing -> scheduling -> running -> restarting ->
+finished/errored); we report its final state rather than inventing our own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from twinflow.train.config import JobConfig, load_job
+from twinflow.train.progress import plot_losses
+
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass
+class JobResult:
+    ok: bool
+    state: str
+    run_dir: str
+    steps: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    export_dir: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def run_dir_of(job: JobConfig) -> Path:
+    if job.output.dir.startswith("s3://"):
+        raise NotImplementedError("output.dir on s3:// is handled by run_job via Ray Train storage")
+    return Path(job.output.dir).expanduser().resolve() / job.name
+
+
+def ensure_ray(job: JobConfig, address: str | None) -> None:
+    """Join `address` (or the job's), else start an embedded local cluster sized to never starve Ray Data."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or job.cluster.address
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+    else:
+        ray.init(num_cpus=job.cluster.local_num_cpus, include_dashboard=False,
+                 object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
+                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+
+
+def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Null (CFG) condition and validation prompts, encoded once on the driver, shipped as arrays."""
+    from twinflow.models.text_encoder import TextEncoder
+
+    enc = TextEncoder(max_length=job.data.text_max_length)
+    null = {k: v.numpy() for k, v in enc.null_condition().items()}
+    prompts = None
+    if job.eval.prompts:
+        prompts = {k: v.numpy() for k, v in enc.encode(job.eval.prompts).items()}
+    return null, prompts
+
+
+def run_job_file(path: str | Path, overrides: Iterable[str] = (), address: str | None = None,
+                 fresh: bool = False) -> JobResult:
+    job = load_job(path, overrides)  # an invalid file fails here, before anything starts
+    return run_job(job, address=address, fresh=fresh)
+
+
+def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> JobResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from twinflow.data.pipeline import build_train_dataset
+    from twinflow.train.worker import train_loop
+
+    run_dir = run_dir_of(job)
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
+
+    ensure_ray(job, address)
+    null_cond, eval_cond = encode_conditions(job)
+    dataset = build_train_dataset(job.data)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job.model_dump(by_alias=True), "run_dir": str(run_dir),
+                           "null_cond": null_cond, "eval_cond": eval_cond},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
+            resources_per_worker={"CPU": job.cluster.cpus_per_worker,
+                                  **({"GPU": job.cluster.gpus_per_worker} if job.cluster.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": WORKER_ENV}),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        out = JobResult(ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc))
+        (run_dir / "summary.json").write_text(out.to_json())
+        print(f"[twinflow] job {job.name} ERRORED: {exc}")
+        return out
+
+    metrics = dict(result.metrics or {})
+    plot_losses(run_dir / "logs" / "metrics.jsonl", run_dir / "loss.png")
+    export = run_dir / "export"
+    out = JobResult(ok=result.error is None, state="FINISHED" if result.error is None else "ERRORED",
+                    run_dir=str(run_dir), steps=int(metrics.get("step", 0)), metrics=metrics,
+                    export_dir=str(export) if export.exists() else None,
+                    error=str(result.error) if result.error else None)
+    (run_dir / "summary.json").write_text(out.to_json())
+    print_summary(job, out)
+    return out
+
+
+def print_summary(job: JobConfig, out: JobResult) -> None:
+    run = Path(out.run_dir)
+    lines = [f"[twinflow] job {job.name} {out.state} at step {out.steps}/{job.train.steps}"]
+    loss = out.metrics.get("loss")
+    if loss is not None:
+        lines.append(f"  final loss      {loss:.4f}")
+    for label, path in [("export", out.export_dir), ("metrics", run / "logs" / "metrics.jsonl"),
+                        ("tensorboard", run / "tensorboard"), ("loss plot", run / "loss.png"),
+                        ("samples", run / "samples")]:
+        if path and Path(path).exists():
+            lines.append(f"  {label:<15} {path}")
+    print("\n".join(lines), flush=True)

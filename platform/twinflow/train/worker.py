@@ -1,0 +1,163 @@
+"""The training loop each Ray Train worker runs: readable top to bottom, like DiT's train.py.
+
+build model -> (init_from) -> (LoRA) -> teacher -> DeepSpeed engine -> restore -> loop:
+    teacher.update(); loss = objective(engine, x, cond); engine.backward(loss); engine.step()
+    log / sample grids / checkpoint+report
+-> final checkpoint, export (rank 0), barrier.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from twinflow.train import checkpointing
+from twinflow.train.checkpointing import TrainState
+from twinflow.train.config import JobConfig
+from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
+from twinflow.train.progress import MetricsLog, ProgressLine
+from twinflow.train import modelling
+
+
+def _as_cond(d: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in d.items()}
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    job = JobConfig.model_validate(config["job"])
+    run_dir = Path(config["run_dir"])
+    null_cond = _as_cond(config["null_cond"])
+    eval_cond = _as_cond(config["eval_cond"]) if config.get("eval_cond") else None
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if job.cluster.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
+
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    model = modelling.build_model(job).to(device)
+    teacher = modelling.build_teacher(job, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
+    dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
+    objective = modelling.build_objective(job)
+
+    state = checkpointing.restore(engine, teacher) or TrainState()
+    log = None
+    if rank == 0:
+        log = MetricsLog(run_dir / "logs" / "metrics.jsonl", resume_step=state.step,
+                         tensorboard_dir=run_dir / "tensorboard" if job.output.tensorboard else None)
+        print(f"[twinflow] {'resuming from step ' + str(state.step) if state.step else 'starting'}: "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}", flush=True)
+    progress = ProgressLine(job.train.steps, state.step, job.train.micro_batch * world
+                            * job.deepspeed.gradient_accumulation_steps)
+    gen = torch.Generator(device=device).manual_seed(job.train.seed * 100_003 + rank * 1009 + state.step)
+    shard = ray.train.get_dataset_shard("train")
+    window: dict[str, list[float]] = {}
+    null_cond = {k: v.to(device) for k, v in null_cond.items()}
+    data_wait = 0.0
+    step_time = 0.0
+    micro = 0
+
+    def checkpoint(metrics: dict[str, Any]) -> None:
+        checkpointing.save(engine, teacher, state, rank, metrics)
+
+    while state.step < job.train.steps:
+        iterator = shard.iter_torch_batches(
+            batch_size=job.train.micro_batch, drop_last=True,
+            local_shuffle_buffer_size=job.data.shuffle_buffer or None,
+            local_shuffle_seed=(job.data.shuffle_seed + state.epoch * 7919 + rank) if job.data.shuffle_buffer else None,
+        )
+        skip = state.batches_in_epoch  # data position: resume mid-epoch where the checkpoint was
+        batches_this_epoch = 0
+        t_wait = time.perf_counter()
+        for batch in iterator:
+            batches_this_epoch += 1
+            if skip:
+                skip -= 1
+                t_wait = time.perf_counter()
+                continue
+            t_start = time.perf_counter()
+            data_wait += t_start - t_wait
+            x = batch["image"].to(device, dtype)
+            cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
+            if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step
+                with full_parameters(engine.module, job.deepspeed.zero_stage):
+                    teacher.update()
+            out = objective(engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen)
+            engine.backward(out.loss)
+            engine.step()
+            micro += 1
+            state.batches_in_epoch += 1
+            state.samples_seen += x.shape[0]
+            for k, v in out.metrics.items():
+                window.setdefault(k, []).append(float(v))
+            step_time += time.perf_counter() - t_start
+            if engine.global_steps == state.step:  # mid gradient accumulation
+                t_wait = time.perf_counter()
+                continue
+            state.step = int(engine.global_steps)
+            _maybe_inject_failure(job, rank, state.step, run_dir)
+
+            if state.step % job.train.log_every == 0 or state.step == job.train.steps:
+                metrics = _mean_across_ranks({k: sum(v) / len(v) for k, v in window.items()})
+                window.clear()
+                metrics["samples_per_s"] = progress.rate(state.step) * progress.samples_per_step
+                metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
+                if log is not None:
+                    log.write({"step": state.step, **metrics})
+                    print("[twinflow] " + progress.line(state.step, metrics), flush=True)
+            if job.eval.every and eval_cond is not None and state.step % job.eval.every == 0:
+                modelling.sample_grid(job, engine.module, eval_cond, run_dir / "samples" / f"step_{state.step:06d}.png",
+                                      rank=rank, device=device, dtype=dtype)
+            if state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps:
+                checkpoint({"step": state.step, **{k: float(v) for k, v in out.metrics.items()}})
+            if state.step >= job.train.steps:
+                break
+            t_wait = time.perf_counter()
+        if batches_this_epoch == 0:
+            raise RuntimeError(f"rank {rank}: the training data yielded no full micro-batch of "
+                               f"{job.train.micro_batch} rows; check data.path and the shard sizes")
+        if state.step < job.train.steps:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    if eval_cond is not None:
+        modelling.sample_grid(job, engine.module, eval_cond, run_dir / "samples" / "final.png",
+                              rank=rank, device=device, dtype=dtype)
+    with full_parameters(engine.module, job.deepspeed.zero_stage):
+        if rank == 0:
+            modelling.export(job, engine.module, run_dir / "export", steps=state.step)
+    if log is not None:
+        log.close()
+    if dist.is_initialized():
+        dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
+
+
+def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -> None:
+    """Fault injection for tests: rank 1 (or 0 on one worker) dies for real, once, at `fail_at_step`."""
+    if job.train.fail_at_step is None or step != job.train.fail_at_step:
+        return
+    victim = 1 if job.cluster.num_workers > 1 else 0
+    marker = run_dir / f".injected_failure_step{step}"
+    if rank == victim and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        print(f"[twinflow] fault injection: rank {rank} exits at step {step}", flush=True)
+        os._exit(17)

@@ -1,0 +1,73 @@
+"""Fixtures for the data tests: one local Ray cluster and one moto S3 server per session, small builds."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = REPO / "pipelines"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session: 4 logical CPUs (2 would starve Ray Data next to actors)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-protocol server (moto) on 127.0.0.1 with test credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                             "TWINFLOW_S3_ENDPOINT")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                      TWINFLOW_S3_ENDPOINT=endpoint)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture()
+def bucket(s3_server, request):
+    """A fresh bucket per test (named after it)."""
+    import boto3
+
+    name = "tf-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def fashion_small(tmp_path_factory):
+    """Fashion-MNIST, 96 train / 32 eval records in 32-record shards (built once per session)."""
+    from twinflow.data import build_pipeline, load_pipeline
+
+    out = tmp_path_factory.mktemp("fashion") / "shards"
+    cfg = load_pipeline(PIPELINES / "fashion_mnist.yaml",
+                        [f"output={out}", "shard_size=32", "splits.train.count=96", "splits.eval.count=32"])
+    build_pipeline(cfg, progress=False)
+    return out

@@ -1,0 +1,114 @@
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from twinflow.method.ema import EMA, Teacher, next_decay
+from .analytic import LinearVelocity
+
+
+def _bump(model: nn.Module, by: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_warmup_sequence():
+    d, k = 0.99, 0.0
+    seq = []
+    for _ in range(5):
+        seq.append(k)
+        k = next_decay(k, d)
+    assert seq[0] == 0.0 and seq[1] == pytest.approx(0.495)
+    assert seq[2] == pytest.approx(0.495 + 0.5 * 0.505 * 0.495)
+    assert all(a < b < d for a, b in zip(seq, seq[1:]))
+    for _ in range(200):
+        k = next_decay(k, d)
+    assert 0.98 < k < d  # slow approach once (1 - d_k) is small ...
+    for _ in range(3000):
+        k = next_decay(k, d)
+    assert k == pytest.approx(d, abs=1e-6)  # ... but it converges to d
+
+
+def test_ema_updates_use_the_current_decay():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)
+    _bump(model, 1.0)
+    ema.update(model)  # d_0 = 0: exact copy
+    assert torch.equal(ema.module.weight, model.weight)
+    before = ema.module.weight.clone()
+    _bump(model, 1.0)
+    ema.update(model)  # d_1 = 0.45
+    assert torch.allclose(ema.module.weight, 0.45 * before + 0.55 * model.weight)
+    assert ema.current_decay == pytest.approx(next_decay(0.45, 0.9))
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.0)
+
+
+def test_teacher_modes():
+    x, t = torch.randn(3, 2), torch.full((3,), 0.5)
+    model = LinearVelocity()
+    online = Teacher(model, "online")
+    assert online.is_online and online.decay == 0.0
+    out = online(x, t, t, {})
+    assert not out.requires_grad and torch.equal(out, model(x, t, t, {}).detach())
+
+    frozen = Teacher(model, "frozen")
+    ref = frozen(x, t, t, {})
+    _bump(model, 0.5)
+    frozen.update()
+    assert torch.equal(frozen(x, t, t, {}), ref) and not frozen.is_online and frozen.decay == 1.0
+
+    ema = Teacher(model, "ema", decay=0.5)
+    _bump(model, 0.5)
+    ema.update()  # first update copies
+    assert torch.allclose(ema(x, t, t, {}), model(x, t, t, {}))
+    with pytest.raises(ValueError, match="unknown teacher mode"):
+        Teacher(model, "swa")
+
+
+def test_frozen_teacher_with_adapters_off_uses_the_online_module():
+    model = LinearVelocity()
+    entered = []
+
+    @contextlib.contextmanager
+    def adapters_off():
+        entered.append(True)
+        saved = model.b.detach().clone()
+        with torch.no_grad():
+            model.b.zero_()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                model.b.copy_(saved)
+
+    teacher = Teacher(model, "frozen", adapters_off=adapters_off)
+    assert teacher.module is model
+    x, t = torch.randn(2, 2), torch.full((2,), 0.3)
+    out = teacher(x, t, t, {})
+    assert entered == [True]
+    assert torch.allclose(out, x @ model.A.T + 0.3 * model.c + 0.3 * model.d)
+    with pytest.raises(ValueError, match="no weights of its own"):
+        teacher.export_weights()
+    with pytest.raises(ValueError, match="only applies"):
+        Teacher(model, "ema", adapters_off=adapters_off)
+
+
+def test_teacher_state_roundtrip_and_export():
+    model = LinearVelocity()
+    teacher = Teacher(model, "ema", decay=0.9)
+    for _ in range(3):
+        _bump(model, 0.1)
+        teacher.update()
+    state = teacher.state_dict()
+    other = Teacher(LinearVelocity(), "ema", decay=0.9)
+    other.load_state_dict(state)
+    assert other.decay == teacher.decay and other.ema.num_updates == 3
+    for k, v in teacher.export_weights().items():
+        assert torch.equal(other.export_weights()[k], v)
+    assert not torch.equal(teacher.export_weights()["A"], model.A.detach())  # lagging average
+    with pytest.raises(ValueError, match="mode"):
+        Teacher(LinearVelocity(), "frozen").load_state_dict(state)

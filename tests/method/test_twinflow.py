@@ -1,0 +1,237 @@
+import math
+
+import pytest
+import torch
+
+from twinflow.method import NonFiniteLossError, Teacher, TwinFlowConfig, TwinFlowObjective
+from twinflow.method.losses import barron_loss, mse_loss
+from twinflow.method.targets import noisy, rectify_loss, velocity_gap
+from .analytic import LinearVelocity, Recorder, TwinGaussians
+
+
+def _cfg(**kw) -> TwinFlowConfig:
+    return TwinFlowConfig.model_validate(kw)
+
+
+def _run(cfg, *, B=16, conditional=True, teacher_mode=None, seed=0, model=None):
+    inner = model or LinearVelocity(num_classes=4 if conditional else 0)
+    rec = Recorder(inner)
+    obj = TwinFlowObjective(cfg)
+    teacher = Teacher(rec, teacher_mode or cfg.teacher, decay=cfg.ema_decay)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, 2, generator=g)
+    cond = {"label": torch.randint(0, 4, (B,), generator=g)} if conditional else {}
+    null = {"label": torch.tensor([4])} if conditional else None
+    out = obj(rec, x0, cond, teacher=teacher, null_cond=null, generator=g)
+    return out, rec, x0, teacher
+
+
+@pytest.mark.parametrize(
+    "kw, conditional, calls, online_sizes, teacher_sizes",
+    [
+        # online teacher: stage A (fake 4 + e2e 4 + CFG pair 2*8), stage B (rectify 2*4 + rollout 12),
+        # rollout sub-step 2 (12), grad (16): N + 2 calls, 3.5 B no-grad rows.
+        ({"teacher": "online"}, True, 4, [24, 20, 12, 16], []),
+        ({"teacher": "online"}, False, 4, [8, 20, 12, 16], []),
+        ({"teacher": "online", "rollout_order": 3}, True, 5, [24, 20, 12, 12, 16], []),
+        ({"teacher": "online", "rollout_order": 1}, True, 3, [24, 20, 16], []),
+        # EMA/frozen teacher (its own copy): stages A and B are two calls each: N + 4.
+        ({"teacher": "ema"}, True, 6, [8, 8, 16], [16, 12, 12]),
+        ({"teacher": "frozen"}, False, 5, [8, 8, 16], [12, 12]),
+        # lambda = 0: no fake samples, no rectify; unconditional: no CFG pair either.
+        ({"teacher": "online", "lambda": 0.0}, True, 4, [32, 16, 16, 16], []),
+        ({"teacher": "online", "lambda": 0.0}, False, 3, [16, 16, 16], []),
+        ({"teacher": "online", "kappa": 0.0}, False, 4, [4, 12, 12, 16], []),
+    ],
+)
+def test_call_count_and_batching(kw, conditional, calls, online_sizes, teacher_sizes):
+    out, rec, _, teacher = _run(_cfg(**kw), conditional=conditional)
+    teacher_calls = [] if teacher.is_online else teacher.module.calls
+    assert out.model_calls == calls == len(rec.calls) + len(teacher_calls)
+    assert [c["x"].shape[0] for c in rec.calls] == online_sizes
+    assert [c["x"].shape[0] for c in teacher_calls] == teacher_sizes
+    assert out.nograd_rows == sum(online_sizes[:-1]) + sum(teacher_sizes)
+    assert out.metrics["model_calls"] == calls
+    # Exactly one call with gradient: the last online one, over all B rows.
+    assert [c["grad"] for c in rec.calls] == [False] * (len(rec.calls) - 1) + [True]
+    assert not any(c["grad"] or c["out"].requires_grad for c in teacher_calls)
+    assert all(not c["out"].requires_grad for c in rec.calls[:-1]) and rec.calls[-1]["out"].requires_grad
+    assert math.isfinite(out.loss.item())
+
+
+def test_gradient_equals_the_hand_computed_one():
+    """Replays the step from the recorded calls with the formulas of the method doc; the loss
+    gradient w.r.t. G must match, and the parameter gradient must flow through G alone."""
+    cfg = _cfg(teacher="online", loss="mse", kappa=0.5, rollout_order=2)
+    B, delta, n_el = 8, cfg.delta, 2
+    out, rec, x0, _ = _run(cfg, B=B, conditional=False, seed=3)
+    c0, c1, c2, c3 = rec.calls
+    t, r, x_t, G = c3["t"], c3["r"], c3["x"], c3["out"]
+    E, base, V = slice(0, 2), slice(0, 6), slice(6, 8)
+    assert torch.all(t[E] == 1) and torch.all(t[V] < 0) and t[2:6].min() > 0.02
+
+    x_fake = c0["x"][:2] - c0["out"][:2]
+    s = -t[V]
+    v_adv = (x_t[V] - x_fake) / s[:, None]                # eps - x_fake, eps recovered from x_s
+    assert torch.allclose(x_t[V], (1 - s)[:, None] * x_fake + s[:, None] * (v_adv + x_fake), atol=1e-5)
+    v = (x_t[base] - x0[base]) / t[base][:, None]          # eps - x0 from x_t = (1-t) x0 + t eps
+    assert torch.allclose(x_t[E], c0["x"][2:4])            # E2E rows: x_t = eps, same noise as stage A
+    assert torch.allclose(c0["out"][2:4], G[E].detach())   # the stage-A one-step values ARE G_e
+
+    assert torch.allclose(c1["t"][4:], torch.maximum(t[base] - delta, r[base]))
+    assert torch.allclose(c1["x"][4:], x_t[base] - delta * v, atol=1e-5)
+    s0, s1, s2 = c1["t"][4:], c1["r"][4:], c2["r"]
+    assert torch.allclose(c2["t"], s1) and torch.allclose(s2, r[base])
+    assert torch.allclose(c2["x"], c1["x"][4:] - (s0 - s1)[:, None] * c1["out"][4:], atol=1e-6)
+    D = (s0 - s1)[:, None] * c1["out"][4:] + (s1 - s2)[:, None] * c2["out"]
+    tau = c1["t"][2:4]
+    assert torch.allclose(c1["t"][:2], -tau) and torch.allclose(c1["x"][:2], c1["x"][2:4])
+    dv = (c1["out"][:2] - c1["out"][2:4]).clamp(-1, 1)
+
+    Gd = G.detach()
+    gap = (t[base] - r[base])[:, None]
+    R = torch.where(gap >= delta, (gap * Gd[base] - (delta * v + D)) / delta, Gd[base] - v)
+    target = torch.cat([Gd[base] - R.clamp(-1, 1), v_adv])
+    w = 1 + torch.tan(0.4 * math.pi * (1 - (t.abs() - r.abs())))
+    w[V] = 1.0
+    expected = 2 * w[:, None] * (Gd - target) / (B * n_el)
+    expected[E] += cfg.kappa * 2 * dv / (2 * n_el)
+
+    (dG,) = torch.autograd.grad(out.loss, G, retain_graph=True)
+    assert torch.allclose(dG, expected, atol=2e-5, rtol=1e-4)
+    params = list(rec.inner.parameters())
+    total = torch.autograd.grad(out.loss, params, retain_graph=True)
+    via_G = torch.autograd.grad(G, params, grad_outputs=dG)
+    for a, b in zip(total, via_G):
+        assert torch.allclose(a, b, atol=1e-6)
+    # Loss value too: weighted MSE mean + kappa * rectify.
+    value = (w * ((Gd - target) ** 2).mean(1)).mean() + cfg.kappa * (dv**2).mean()
+    assert out.loss.item() == pytest.approx(value.item(), rel=1e-4)
+
+
+def test_dv_sign_on_1d_gaussians_moves_samples_toward_the_real_mean():
+    """Real N(0,1), fake N(1.5,1): E[dv] < 0 and a descent step on L_rect lowers the fake mean."""
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    critic = TwinGaussians(fake_mean=1.5)
+    for loss_fn in (mse_loss, barron_loss):
+        b = torch.tensor(1.5, requires_grad=True)           # one-step generator: x_g = eps - G_e, G_e = -b
+        eps = torch.randn(n, 1, generator=g)
+        G_e = (-b).expand(n, 1)
+        x_g = (eps - G_e).detach()
+        tau = torch.rand(n, generator=g)
+        y = noisy(x_g, tau, torch.randn(n, 1, generator=g))
+        dv = velocity_gap(critic(y, -tau, -tau, {}), critic(y, tau, tau, {}))
+        assert dv.mean() < -0.5
+        assert dv.max() <= 1.0 and dv.min() >= -1.0
+        rectify_loss(G_e, dv, loss_fn).mean().backward()
+        with torch.no_grad():
+            b_new = b - 0.1 * b.grad
+        assert b.grad > 0 and 0 < b_new < 1.5
+        assert abs((eps + b_new).mean()) < abs((eps + 1.5).mean())
+
+
+def test_teacher_is_updated_once_per_call_before_targets():
+    cfg = _cfg(teacher="ema", ema_decay=0.9)
+    model = LinearVelocity()
+    teacher = Teacher(model, "ema", decay=0.9)
+    obj = TwinFlowObjective(cfg)
+    x0 = torch.randn(8, 2)
+    with torch.no_grad():
+        model.b.add_(1.0)  # the online model moved since the teacher was built
+    obj(model, x0, {}, teacher=teacher, generator=torch.Generator().manual_seed(0))
+    assert teacher.ema.num_updates == 1
+    assert torch.equal(teacher.module.b, model.b)  # first update copies, and happened before targets
+    obj(model, x0, {}, teacher=teacher, update_teacher=False)
+    assert teacher.ema.num_updates == 1
+
+
+def test_lambda_zero_never_touches_the_fake_branch():
+    out, rec, _, _ = _run(_cfg(**{"lambda": 0.0}), conditional=True)
+    assert all(torch.all(c["t"] >= 0) for c in rec.calls)
+    assert set(out.metrics) >= {"loss_mul", "loss_any", "total"}
+    assert not {"loss_e2e", "loss_adv", "loss_rect"} & set(out.metrics)
+
+
+def test_cfg_pair_uses_cond_and_null_at_r_equals_t():
+    out, rec, _, _ = _run(_cfg(teacher="online"), conditional=True)
+    first = rec.calls[0]
+    pair_t = first["t"][8:]
+    assert torch.equal(first["r"][8:], pair_t)
+    assert torch.all(first["cond"]["label"][16:] == 4) and torch.all(first["cond"]["label"][8:16] < 4)
+    assert torch.equal(first["x"][8:16], first["x"][16:])
+
+
+def test_cfg_changes_the_loss_only_through_the_target():
+    kw = {"teacher": "online", "lambda": 0.0}
+    a, _, _, _ = _run(_cfg(enhanced_ratio=0.0, **kw), seed=5)
+    b, _, _, _ = _run(_cfg(enhanced_ratio=0.8, **kw), seed=5)
+    assert a.model_calls == 3 and b.model_calls == 4
+    assert a.loss.item() != pytest.approx(b.loss.item(), rel=1e-3)
+
+
+def test_reproducible_with_a_generator():
+    a = _run(_cfg(), seed=1)[0].loss.item()
+    b = _run(_cfg(), seed=1)[0].loss.item()
+    c = _run(_cfg(), seed=2)[0].loss.item()
+    assert a == b and a != c
+
+
+def test_no_nan_when_t_equals_r(monkeypatch):
+    import twinflow.method.twinflow as tw
+
+    def equal_times(split, device="cpu", generator=None):
+        t = torch.linspace(0.0, 1.0, split.batch_size)
+        t[split.adv] = -t[split.adv]
+        return t, t.clone()
+
+    monkeypatch.setattr(tw, "sample_times", equal_times)
+    out, rec, _, _ = _run(_cfg(teacher="online"), conditional=False)
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(v) for v in [torch.tensor(x) for x in out.metrics.values()])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in rec.inner.parameters())
+
+
+class _NaNOnFake(LinearVelocity):
+    def forward(self, x, t, r, cond):
+        out = super().forward(x, t, r, cond)
+        return torch.where((t < 0)[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_loss_raises_or_is_reported():
+    with pytest.raises(NonFiniteLossError, match="loss_adv=nan"):
+        _run(_cfg(), conditional=False, model=_NaNOnFake())
+    out, _, _, _ = _run(_cfg(on_nonfinite="report"), conditional=False, model=_NaNOnFake())
+    assert out.metrics["nonfinite"] == 1.0 and math.isnan(out.metrics["loss_adv"])
+    ok, _, _, _ = _run(_cfg(on_nonfinite="report"), conditional=False)
+    assert "nonfinite" not in ok.metrics
+
+
+def test_bad_inputs_are_clear_errors():
+    obj = TwinFlowObjective(_cfg())
+    model = LinearVelocity(num_classes=4)
+    x0 = torch.randn(8, 2)
+    cond = {"label": torch.zeros(8, dtype=torch.long)}
+    with pytest.raises(ValueError, match="needs null_cond"):
+        obj(model, x0, cond, teacher=None)
+    with pytest.raises(ValueError, match="cond has batch size 3"):
+        obj(model, x0, {"label": torch.zeros(3, dtype=torch.long)}, teacher=None, null_cond={})
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        obj(LinearVelocity(), torch.randn(3, 2), {}, teacher=None)
+
+
+def test_bf16_autocast_keeps_targets_in_float32():
+    from twinflow.method.toy import ToyVelocityMLP
+
+    model = ToyVelocityMLP(num_classes=4)
+    obj = TwinFlowObjective(_cfg(teacher="ema"))
+    teacher = obj.make_teacher(model)
+    x0 = torch.randn(16, 2)
+    cond = {"label": torch.randint(0, 4, (16,))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(model, x0, cond, teacher=teacher, null_cond=model.null_cond(),
+                  generator=torch.Generator().manual_seed(0))
+    assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
