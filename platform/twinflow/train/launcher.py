@@ -82,7 +82,7 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from twinflow.data.pipeline import build_train_dataset
+    from twinflow.data import build_train_dataset
     from twinflow.train.worker import train_loop
 
     run_dir = run_dir_of(job)
@@ -132,7 +132,7 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
 def print_summary(job: JobConfig, out: JobResult) -> None:
     run = Path(out.run_dir)
     lines = [f"[twinflow] job {job.name} {out.state} at step {out.steps}/{job.train.steps}"]
-    loss = out.metrics.get("loss")
+    loss = out.metrics.get("total", out.metrics.get("loss"))
     if loss is not None:
         lines.append(f"  final loss      {loss:.4f}")
     for label, path in [("export", out.export_dir), ("metrics", run / "logs" / "metrics.jsonl"),

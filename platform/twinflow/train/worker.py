@@ -15,8 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from twinflow.data import iter_torch_kwargs
 from twinflow.train import checkpointing
 from twinflow.train.checkpointing import TrainState
+from twinflow.method.config import TwinFlowConfig
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.progress import MetricsLog, ProgressLine
@@ -79,11 +81,10 @@ def train_loop(config: dict[str, Any]) -> None:
         checkpointing.save(engine, teacher, state, rank, metrics)
 
     while state.step < job.train.steps:
-        iterator = shard.iter_torch_batches(
-            batch_size=job.train.micro_batch, drop_last=True,
-            local_shuffle_buffer_size=job.data.shuffle_buffer or None,
-            local_shuffle_seed=(job.data.shuffle_seed + state.epoch * 7919 + rank) if job.data.shuffle_buffer else None,
-        )
+        kwargs = iter_torch_kwargs(job.data, device)
+        if "local_shuffle_seed" in kwargs:  # a different local shuffle each epoch and rank
+            kwargs["local_shuffle_seed"] += state.epoch * 7919 + rank
+        iterator = shard.iter_torch_batches(batch_size=job.train.micro_batch, drop_last=True, **kwargs)
         skip = state.batches_in_epoch  # data position: resume mid-epoch where the checkpoint was
         batches_this_epoch = 0
         t_wait = time.perf_counter()
@@ -97,10 +98,11 @@ def train_loop(config: dict[str, Any]) -> None:
             data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
             cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
-            if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step
+            if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
                 with full_parameters(engine.module, job.deepspeed.zero_stage):
                     teacher.update()
-            out = objective(engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen)
+            out = objective(engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen,
+                            **({"update_teacher": False} if isinstance(job.method, TwinFlowConfig) else {}))
             engine.backward(out.loss)
             engine.step()
             micro += 1

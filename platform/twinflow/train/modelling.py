@@ -1,0 +1,66 @@
+"""From a job's sections to the pieces the worker loop needs: model, teacher, objective, grids, export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from twinflow.imaging import save_grid
+from twinflow.method import Teacher, build_objective as _build_objective
+from twinflow.method.config import TwinFlowConfig
+from twinflow.method.sampler import sample_nfe
+from twinflow.models import build_generator
+from twinflow.models.export import load_generator, save_generator
+from twinflow.models.lora import apply_lora, disable_adapters
+from twinflow.train.config import JobConfig
+
+
+def build_model(job: JobConfig) -> torch.nn.Module:
+    model = build_generator(job.model)
+    if job.train.init_from:
+        base, _ = load_generator(job.train.init_from)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        if unexpected or missing:
+            raise ValueError(f"train.init_from {job.train.init_from}: weights do not match model "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    if job.model.lora is not None:
+        apply_lora(model, job.model.lora)
+    return model
+
+
+def build_teacher(job: JobConfig, model: torch.nn.Module) -> Teacher:
+    if not isinstance(job.method, TwinFlowConfig):
+        return Teacher(model, "online")  # flow matching needs no teacher
+    adapters_off = None
+    if job.method.teacher == "frozen" and job.model.lora is not None:
+        adapters_off = lambda: disable_adapters(model)  # noqa: E731
+    return Teacher(model, job.method.teacher, decay=job.method.ema_decay, adapters_off=adapters_off)
+
+
+def build_objective(job: JobConfig):
+    return _build_objective(job.method)
+
+
+@torch.no_grad()
+def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], path: Path, *,
+                rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Every rank samples (ZeRO-3 forwards need all ranks); rank 0 writes one row per NFE."""
+    n = job.eval.images_per_prompt
+    cond = {k: v.to(device).repeat_interleave(n, 0) for k, v in eval_cond.items()}
+    cond["text_states"] = cond["text_states"].to(dtype)
+    batch = cond["text_states"].shape[0]
+    gen = torch.Generator(device=device).manual_seed(job.eval.seed)
+    noise = torch.randn((batch, *module.sample_shape), generator=gen, device=device).to(dtype)
+    was_training = module.training
+    module.eval()
+    rows = [sample_nfe(module, noise, nfe, cond, generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
+            for nfe in job.eval.nfe]
+    module.train(was_training)
+    if rank == 0:
+        save_grid(rows, [f"{nfe} NFE" for nfe in job.eval.nfe], path)
+
+
+def export(job: JobConfig, module: torch.nn.Module, out_dir: Path, *, steps: int) -> Path:
+    meta = {"method": job.method.name, "job": job.name, "steps": steps,
+            "method_config": job.method.model_dump(by_alias=True)}
+    return save_generator(module, out_dir, meta)
