@@ -86,6 +86,9 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     from twinflow.train.worker import train_loop
 
     run_dir = run_dir_of(job)
+    if job.train.init_from and "://" not in job.train.init_from:
+        # Ray workers run in their own working directory: hand them an absolute path.
+        job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
