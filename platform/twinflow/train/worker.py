@@ -76,6 +76,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data_wait = 0.0
     step_time = 0.0
     micro = 0
+    first_wait: float | None = None
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         checkpointing.save(engine, teacher, state, rank, metrics)
@@ -95,7 +96,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 continue
             t_start = time.perf_counter()
-            data_wait += t_start - t_wait
+            if first_wait is None:  # pipeline start-up (read, embed actors) is not steady-state wait
+                first_wait = t_start - t_wait
+            else:
+                data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
             cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
             if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
@@ -122,6 +126,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 window.clear()
                 metrics["samples_per_s"] = progress.rate(state.step) * progress.samples_per_step
                 metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
+                metrics["data_startup_s"] = first_wait or 0.0
+                metrics["step_s"] = step_time / max(micro, 1)
                 if log is not None:
                     log.write({"step": state.step, **metrics})
                     print("[twinflow] " + progress.line(state.step, metrics), flush=True)
