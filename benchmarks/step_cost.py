@@ -56,8 +56,7 @@ def run_one(method: str, teacher: str, batch: int, steps: int, warmup: int) -> d
         t0 = time.perf_counter()
         if teacher_obj is not None:
             teacher_obj.update()
-        out = objective(model, x, cond, teacher=teacher_obj, null_cond=null, generator=gen,
-                        **({"update_teacher": False} if method == "twinflow" else {}))
+        out = objective(model, x, cond, teacher=teacher_obj, null_cond=null, generator=gen, update_teacher=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -135,7 +135,7 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
 def print_summary(job: JobConfig, out: JobResult) -> None:
     run = Path(out.run_dir)
     lines = [f"[twinflow] job {job.name} {out.state} at step {out.steps}/{job.train.steps}"]
-    loss = out.metrics.get("total", out.metrics.get("loss"))
+    loss = out.metrics.get("total")
     if loss is not None:
         lines.append(f"  final loss      {loss:.4f}")
     for label, path in [("export", out.export_dir), ("metrics", run / "logs" / "metrics.jsonl"),

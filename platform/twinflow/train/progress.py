@@ -85,7 +85,7 @@ class ProgressLine:
             f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items()
             if k.startswith("loss_") and math.isfinite(v)
         )
-        total = metrics.get("total", metrics.get("loss", float("nan")))
+        total = metrics.get("total", float("nan"))
         return (f"step {step}/{self.total} | loss {total:.4f}" + (f" ({groups})" if groups else "")
                 + f" | {steps_per_s * self.samples_per_step:.1f} samples/s | ETA {format_eta(eta)}")
 
@@ -93,7 +93,7 @@ class ProgressLine:
 def plot_losses(jsonl: Path, out_png: Path) -> Path | None:
     """Loss curves (total and per group) from the metrics log; None when there is nothing to plot."""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
-    rows = [r for r in rows if "total" in r or "loss" in r]
+    rows = [r for r in rows if "total" in r]
     if not rows:
         return None
     import matplotlib
@@ -101,13 +101,13 @@ def plot_losses(jsonl: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in rows for k in r if k in ("total", "loss") or k.startswith("loss_")})
+    keys = sorted({k for r in rows for k in r if k == "total" or k.startswith("loss_")})
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=key, lw=2 if key in ("total", "loss") else 1)
+            ax.plot(xs, ys, label=key, lw=2 if key == "total" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from twinflow.data import iter_torch_kwargs
 from twinflow.train import checkpointing
 from twinflow.train.checkpointing import TrainState
-from twinflow.method.config import TwinFlowConfig
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.progress import MetricsLog, ProgressLine
@@ -105,8 +104,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
                 with full_parameters(engine.module, job.deepspeed.zero_stage):
                     teacher.update()
+            # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
             out = objective(engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen,
-                            **({"update_teacher": False} if isinstance(job.method, TwinFlowConfig) else {}))
+                            update_teacher=False)
             engine.backward(out.loss)
             engine.step()
             micro += 1
