@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from twinflow.config import ConfigError
+
+
+# Each area mounts its own subcommands: `add_commands(subparsers)` in its `cli` module.
+COMMAND_MODULES = [
+    ("twinflow.data.cli", "add_data_commands"),
+    ("twinflow.eval.cli", "add_commands"),
+    ("twinflow.serve.cli", "add_commands"),
+    ("twinflow.tune.cli", "add_commands"),
+]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toy", help="2-D toy: TwinFlow vs flow matching at 1/2/4 NFE")
     p.set_defaults(func=_toy)
 
-    try:
-        from twinflow.data.cli import add_data_commands
-    except ImportError:  # pragma: no cover - data extras missing
-        pass
-    else:
-        add_data_commands(sub)
+    for module_name, fn_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if module_name.startswith(str(exc.name) + ".") or exc.name == module_name:  # area not installed
+                continue
+            raise
+        getattr(module, fn_name)(sub)
     return parser
 
 
