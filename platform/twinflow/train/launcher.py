@@ -78,13 +78,8 @@ def run_job_file(path: str | Path, overrides: Iterable[str] = (), address: str |
     return run_job(job, address=address, fresh=fresh)
 
 
-def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> JobResult:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from twinflow.data import build_train_dataset
-    from twinflow.train.worker import train_loop
-
+def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
+    """Resolve paths the workers need and create the run directory (holding job.json)."""
     run_dir = run_dir_of(job)
     if job.train.init_from and "://" not in job.train.init_from:
         # Ray workers run in their own working directory: hand them an absolute path.
@@ -93,11 +88,19 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
+    return run_dir
 
-    ensure_ray(job, address)
+
+def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = None):
+    """The TorchTrainer for one job (Ray must be initialised). Also used by Tune, one per trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from twinflow.data import build_train_dataset
+    from twinflow.train.worker import train_loop
+
     null_cond, eval_cond = encode_conditions(job)
-    dataset = build_train_dataset(job.data)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"job": job.model_dump(by_alias=True), "run_dir": str(run_dir),
                            "null_cond": null_cond, "eval_cond": eval_cond},
@@ -109,9 +112,17 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
             name=job.name, storage_path=str(run_dir.parent),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": WORKER_ENV}),
-        datasets={"train": dataset},
+            worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks or None),
+        datasets={"train": build_train_dataset(job.data)},
     )
+
+
+def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> JobResult:
+    import ray.train
+
+    run_dir = prepare_run(job, fresh)
+    ensure_ray(job, address)
+    trainer = build_trainer(job, run_dir)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
