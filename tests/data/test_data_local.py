@@ -1,6 +1,7 @@
 """The in-process reader, bad-record accounting, storage helpers and the CLI (no Ray)."""
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_cached_states_are_unpadded_exactly(tmp_path):
 def test_edit_pairs_decode_with_instruction_text(tmp_path):
     from twinflow.data import build_pipeline, load_pipeline
 
-    from .conftest import PIPELINES
+    PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
     build_pipeline(load_pipeline(PIPELINES / "emoji_edits.yaml", [f"output={tmp_path}", "limit=4"]), progress=False)
     cfg = DataConfig(path=str(tmp_path), image_size=32, channels=3, text_column="instruction")

@@ -17,7 +17,7 @@ from twinflow.data import BadDataError, build_pipeline, load_pipeline
 from twinflow.data.edits import Edit, apply_edit
 from twinflow.data.shards import read_manifest, verify_checksums
 
-from .conftest import PIPELINES
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 YAMLS = sorted(PIPELINES.glob("*.yaml"))
 FASHION_NOUNS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat",

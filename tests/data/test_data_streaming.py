@@ -1,6 +1,7 @@
 """Ray Data streaming from local disk and from a local S3 server (moto), with and without the cache."""
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import threading
 
@@ -10,7 +11,7 @@ import torch
 from twinflow.data import BadDataError, DataConfig, MissingPathError, build_pipeline, load_pipeline, storage
 from twinflow.data.shards import read_manifest, verify_checksums
 
-from .conftest import PIPELINES
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 from .helpers import cache_embedding, cached_edit_row, cached_row, write_dataset
 
 pytestmark = pytest.mark.integration

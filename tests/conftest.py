@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: one local Ray cluster and one moto S3 server per session, small builds."""
+"""Session fixtures shared by every test area: ONE local Ray cluster and ONE moto S3 server per session."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
 
 
