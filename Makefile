@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m twinflow toy
+	$(PY) -m twinflow demo
 
 test: setup
 	$(PY) -m pytest tests -q

@@ -112,3 +112,39 @@ def test_teacher_state_roundtrip_and_export():
     assert not torch.equal(teacher.export_weights()["A"], model.A.detach())  # lagging average
     with pytest.raises(ValueError, match="mode"):
         Teacher(LinearVelocity(), "frozen").load_state_dict(state)
+
+
+def test_fp32_ema_teacher_serves_a_bf16_online_model():
+    """DeepSpeed bf16 casts the online model after the teacher was built: the EMA stays fp32 (so small
+    steps are not rounded away) and the teacher answers in the caller's dtype."""
+    import torch
+    from torch import nn
+
+    from twinflow.method import Teacher
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, t, r, cond):
+            return self.lin(x) * t[:, None] + cond["s"]
+
+    torch.manual_seed(0)
+    model = Tiny()
+    teacher = Teacher(model, "ema", decay=0.999)
+    model.to(torch.bfloat16)
+    teacher.update()
+    before = teacher.module.lin.weight.clone()
+    with torch.no_grad():
+        model.lin.weight.add_(0.01)
+    for _ in range(30):
+        teacher.update()  # decay climbs towards 0.999: steps of ~1e-5, below bf16 resolution near 0.3
+    assert teacher.module.lin.weight.dtype == torch.float32
+    assert not torch.equal(teacher.module.lin.weight, before)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    t = torch.rand(3, dtype=torch.bfloat16)
+    out = teacher(x, t, t, {"s": torch.zeros(3, 4, dtype=torch.bfloat16)})
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
+    expected = (teacher.module.lin(x.float()) * t.float()[:, None]).to(torch.bfloat16)
+    assert torch.equal(out, expected)

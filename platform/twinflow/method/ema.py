@@ -112,8 +112,16 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         ctx = self.adapters_off() if self.adapters_off is not None else contextlib.nullcontext()
+        module = self.module
+        own = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
+        if own == x.dtype:
+            with ctx:
+                return module(x, t, r, dict(cond))
+        # An EMA/frozen copy keeps fp32 weights while the online model trains in bf16 (DeepSpeed casts
+        # it): a bf16 EMA could not take steps of (1 - d) * delta, which round away in 8 mantissa bits.
+        cast = {k: v.to(own) if v.is_floating_point() else v for k, v in cond.items()}
         with ctx:
-            return self.module(x, t, r, dict(cond))
+            return module(x.to(own), t.to(own), r.to(own), cast).to(x.dtype)
 
     def export_weights(self) -> dict[str, Tensor]:
         """The teacher's own weights (the EMA weights in "ema" mode), detached copies."""

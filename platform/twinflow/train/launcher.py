@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +24,15 @@ WORKER_ENV = {
 }
 
 
+# S3 endpoint and credentials travel from the driver to the workers (s3:// data, output, init_from).
+FORWARDED_ENV = ("TWINFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_env() -> dict[str, str]:
+    return {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
 @dataclass
 class JobResult:
     ok: bool
@@ -32,15 +42,38 @@ class JobResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     export_dir: str | None = None
     error: str | None = None
+    remote_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
+def is_remote(job: JobConfig) -> bool:
+    return job.output.dir.startswith("s3://")
+
+
 def run_dir_of(job: JobConfig) -> Path:
-    if job.output.dir.startswith("s3://"):
-        raise NotImplementedError("output.dir on s3:// is handled by run_job via Ray Train storage")
+    """Where workers write logs, samples and the export. For s3:// output: a local staging folder
+    (uploaded to `<output.dir>/<name>/` when the job ends), while checkpoints go straight to S3."""
+    if is_remote(job):
+        root = Path(os.environ.get("TWINFLOW_STAGING_DIR", Path(tempfile.gettempdir()) / "twinflow-staging"))
+        return root.expanduser().resolve() / job.name
     return Path(job.output.dir).expanduser().resolve() / job.name
+
+
+def remote_run_uri(job: JobConfig) -> str | None:
+    return job.output.dir.rstrip("/") + "/" + job.name if is_remote(job) else None
+
+
+def _storage(job: JobConfig, run_dir: Path) -> dict[str, Any]:
+    """RunConfig storage: the run directory's parent, or the s3:// prefix through pyarrow's S3 client."""
+    if not is_remote(job):
+        return {"storage_path": str(run_dir.parent)}
+    from twinflow.data.storage import check_bucket, s3_filesystem
+
+    check_bucket(job.output.dir, job.output.s3_endpoint)  # a missing bucket fails before workers start
+    return {"storage_path": job.output.dir[len("s3://"):].rstrip("/"),
+            "storage_filesystem": s3_filesystem(job.output.s3_endpoint)}
 
 
 def ensure_ray(job: JobConfig, address: str | None) -> None:
@@ -86,8 +119,17 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
         job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
+    if fresh and is_remote(job):
+        from twinflow.data.storage import delete_dir, exists
+
+        if exists(remote_run_uri(job), job.output.s3_endpoint):
+            delete_dir(remote_run_uri(job), job.output.s3_endpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
+    if job.eval.metrics and job.eval.prompts:  # a prompt naming no class of the data fails here, not at step N
+        from twinflow.eval.periodic import check_prompts, dataset_of
+
+        check_prompts(dataset_of(job.data.path, job.data.s3_endpoint), job.eval.prompts)
     return run_dir
 
 
@@ -109,10 +151,10 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
             resources_per_worker={"CPU": job.cluster.cpus_per_worker,
                                   **({"GPU": job.cluster.gpus_per_worker} if job.cluster.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=job.name, storage_path=str(run_dir.parent),
+            name=job.name, **_storage(job, run_dir),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks or None),
+            worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks or None),
         datasets={"train": build_train_dataset(job.data)},
     )
 
@@ -128,6 +170,7 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     except ray.train.TrainingFailedError as exc:
         out = JobResult(ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc))
         (run_dir / "summary.json").write_text(out.to_json())
+        _publish(job, run_dir, out)
         print(f"[twinflow] job {job.name} ERRORED: {exc}")
         return out
 
@@ -139,8 +182,23 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
                     export_dir=str(export) if export.exists() else None,
                     error=str(result.error) if result.error else None)
     (run_dir / "summary.json").write_text(out.to_json())
+    _publish(job, run_dir, out)
     print_summary(job, out)
     return out
+
+
+def _publish(job: JobConfig, run_dir: Path, out: JobResult) -> None:
+    """s3:// output: upload the staged logs, samples, plots and export beside the checkpoints."""
+    uri = remote_run_uri(job)
+    if uri is None:
+        return
+    from twinflow.data.storage import upload_dir
+
+    n = upload_dir(run_dir, uri, job.output.s3_endpoint)
+    out.remote_dir = uri
+    if out.export_dir:
+        out.export_dir = uri + "/export"
+    print(f"[twinflow] uploaded {n} files to {uri}", flush=True)
 
 
 def print_summary(job: JobConfig, out: JobResult) -> None:

@@ -16,9 +16,10 @@ from twinflow.train.config import JobConfig
 
 
 def build_model(job: JobConfig) -> torch.nn.Module:
-    model = build_generator(job.model)
+    """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match)."""
+    model = build_generator(job.model.model_copy(update={"lora": None}))
     if job.train.init_from:
-        base, _ = load_generator(job.train.init_from)
+        base, _ = load_generator(_local_export(job.train.init_from, job.output.s3_endpoint))
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         if unexpected or missing:
             raise ValueError(f"train.init_from {job.train.init_from}: weights do not match model "
@@ -26,6 +27,19 @@ def build_model(job: JobConfig) -> torch.nn.Module:
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
     return model
+
+
+def _local_export(path: str, endpoint: str | None) -> str:
+    """An export on s3:// is downloaded once per worker process into a temporary folder."""
+    from twinflow.data.storage import download_dir, is_s3
+
+    if not is_s3(path):
+        return path
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="twinflow-init-")
+    download_dir(path, local, endpoint)
+    return local
 
 
 def build_teacher(job: JobConfig, model: torch.nn.Module) -> Teacher:
@@ -58,6 +72,25 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
     module.train(was_training)
     if rank == 0:
         save_grid(rows, [f"{nfe} NFE" for nfe in job.eval.nfe], path)
+
+
+def eval_metrics(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], *,
+                 device: torch.device) -> dict[str, float]:
+    """Judge-based metrics per NFE (`twinflow.eval`) on the in-memory model; {} when no judge fits the
+    data or `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
+    if not job.eval.metrics or not job.eval.prompts:
+        return {}
+    from twinflow.eval.periodic import dataset_of, periodic_metrics
+
+    was_training = module.training
+    module.eval()
+    try:
+        return periodic_metrics(module, dataset=dataset_of(job.data.path, job.data.s3_endpoint),
+                                prompts=job.eval.prompts, cond=eval_cond, nfe=job.eval.nfe, method=job.method.name,
+                                images_per_prompt=job.eval.metric_images_per_prompt, seed=job.eval.seed,
+                                device=device)
+    finally:
+        module.train(was_training)
 
 
 def export(job: JobConfig, module: torch.nn.Module, out_dir: Path, *, steps: int) -> Path:

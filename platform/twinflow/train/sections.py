@@ -66,6 +66,9 @@ class EvalConfig(StrictModel):
     every: int = Field(0, ge=0, description="steps between sample grids; 0 = only at the end")
     images_per_prompt: int = Field(4, ge=1)
     seed: int = 1234
+    metrics: bool = Field(True, description="judge-based metrics (Frechet distance, adherence, diversity per "
+                                            "NFE) at each eval when the data has a judge (twinflow.eval)")
+    metric_images_per_prompt: int = Field(32, ge=2, description="samples per prompt for the metrics")
 
     @model_validator(mode="after")
     def _positive_nfe(self) -> "EvalConfig":

@@ -76,6 +76,9 @@ def train_loop(config: dict[str, Any]) -> None:
     step_time = 0.0
     micro = 0
     first_wait: float | None = None
+    t_first = time.perf_counter()
+    logged: dict[str, float] = {}  # the latest rank-averaged metrics, reported with each checkpoint
+    last_eval: dict[str, float] = {}  # the latest judge metrics ("eval/..."), kept in later reports
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         checkpointing.save(engine, teacher, state, rank, metrics)
@@ -97,6 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
             t_start = time.perf_counter()
             if first_wait is None:  # pipeline start-up (read, embed actors) is not steady-state wait
                 first_wait = t_start - t_wait
+                t_first = t_start
             else:
                 data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
@@ -128,14 +132,29 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
                 metrics["data_startup_s"] = first_wait or 0.0
                 metrics["step_s"] = step_time / max(micro, 1)
+                metrics["elapsed_s"] = time.perf_counter() - t_first  # wall since the first batch (this attempt)
+                metrics["peak_mem_mb"] = peak_memory_mb(device)
+                logged = {**metrics, **last_eval}
                 if log is not None:
                     log.write({"step": state.step, **metrics})
                     print("[twinflow] " + progress.line(state.step, metrics), flush=True)
-            if job.eval.every and eval_cond is not None and state.step % job.eval.every == 0:
+            is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
+            at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
+            if at_eval and eval_cond is not None:
                 modelling.sample_grid(job, engine.module, eval_cond, run_dir / "samples" / f"step_{state.step:06d}.png",
                                       rank=rank, device=device, dtype=dtype)
-            if state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps:
-                checkpoint({"step": state.step, **{k: float(v) for k, v in out.metrics.items()}})
+            if (at_eval or state.step == job.train.steps) and eval_cond is not None:
+                evaluated = modelling.eval_metrics(job, engine.module, eval_cond, device=device)
+                if evaluated:
+                    last_eval = evaluated
+                    logged = {**logged, **evaluated}
+                    if log is not None:
+                        log.write({"step": state.step, **evaluated})
+                        print("[twinflow] eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()), flush=True)
+                    if not is_ckpt:  # every rank reports (Tune reads these); checkpoints carry them too
+                        ray.train.report({**logged, "step": state.step})
+            if is_ckpt:
+                checkpoint({**logged, "step": state.step, "samples_seen": state.samples_seen * world})
             if state.step >= job.train.steps:
                 break
             t_wait = time.perf_counter()
@@ -156,6 +175,15 @@ def train_loop(config: dict[str, Any]) -> None:
         log.close()
     if dist.is_initialized():
         dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -> None:
