@@ -39,12 +39,13 @@ def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_
                     seed: int = 7) -> dict[str, Any]:
     """Rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, TwinFlow 2 NFE: same prompts, same noise."""
     from twinflow.imaging import save_grid
-    from twinflow.method.sampler import sample_nfe
+    from twinflow.method.sampler import sample, settings_for_method
     from twinflow.models.export import load_generator, read_metadata
     from twinflow.models.text_encoder import TextEncoder
 
-    base, _ = load_generator(base_export)
-    twin, _ = load_generator(twin_export)
+    base, base_meta = load_generator(base_export)
+    twin, twin_meta = load_generator(twin_export)
+    methods = {"base": base_meta.get("method"), "twinflow": twin_meta.get("method")}
     max_len = int(read_metadata(twin_export)["text_encoder"]["max_length"])
     enc = TextEncoder(max_length=max_len)
     cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(PROMPTS).items()}
@@ -54,7 +55,8 @@ def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_
     for name, model, nfe in [("base", base, 50), ("base", base, 1), ("twinflow", twin, 1), ("twinflow", twin, 2)]:
         model.eval()
         t0 = time.perf_counter()
-        rows.append(sample_nfe(model, noise, nfe, cond, generator=torch.Generator().manual_seed(seed + 1)))
+        rows.append(sample(model, noise, cond, settings=settings_for_method(nfe, methods[name]),
+                           generator=torch.Generator().manual_seed(seed + 1)))
         timings[f"{name}_nfe{nfe}_s"] = time.perf_counter() - t0
         labels.append(f"{name} {nfe} NFE")
     save_grid(rows, labels, out_png)
@@ -95,10 +97,19 @@ def run_demo(*, fresh: bool = False, overrides_base: list[str] | None = None,
     return 0
 
 
-def _evaluation(base_export: str, twin_export: str) -> dict[str, Any]:
-    """Judge-based numbers when the evaluation package is installed; losses and grids otherwise."""
-    try:
-        from twinflow.eval.demo import demo_metrics
-    except ModuleNotFoundError:
-        return {}
-    return {"evaluation": demo_metrics(base_export, twin_export)}
+def _evaluation(base_export: str, twin_export: str, images_per_class: int = 40) -> dict[str, Any]:
+    """Judge-based numbers (twinflow.eval) over all 10 classes: base at 50 and 1 NFE, TwinFlow at 1 and 2."""
+    from twinflow.eval.periodic import dataset_of, periodic_metrics
+    from twinflow.models.export import load_generator
+
+    dataset = dataset_of("data/fashion_mnist")
+    out: dict[str, Any] = {}
+    for name, path, nfe in [("base", base_export, [50, 1]), ("twinflow", twin_export, [1, 2])]:
+        model, meta = load_generator(path)
+        model.eval()
+        m = periodic_metrics(model, dataset=dataset, prompts=list(range(10)), cond=None, nfe=nfe,
+                             method=meta.get("method"), images_per_prompt=images_per_class, seed=11)
+        for k, v in m.items():
+            key = k.split("/", 1)[1]
+            out[key if key.endswith("floor") else f"{name}_{key}"] = float(v)
+    return {"evaluation": out}

@@ -116,3 +116,11 @@ def sample_nfe(model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mappin
     if overrides:
         settings = replace(settings, **overrides)
     return sample(model, noise, cond, settings=settings, **kwargs)
+
+
+def settings_for_method(nfe: int, method: str | None) -> SamplerSettings:
+    """A flow-matching model only knows r = t: sample its ODE with `nfe` uniform Euler steps ("mul",
+    rho = 0). TwinFlow (any lambda) uses the reference few-step presets."""
+    if method == "flow_matching":
+        return SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0)
+    return preset(int(nfe))

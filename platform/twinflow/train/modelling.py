@@ -8,7 +8,7 @@ import torch
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher, build_objective as _build_objective
 from twinflow.method.config import TwinFlowConfig
-from twinflow.method.sampler import sample_nfe
+from twinflow.method.sampler import sample, settings_for_method
 from twinflow.models import build_generator
 from twinflow.models.export import load_generator, save_generator
 from twinflow.models.lora import apply_lora, disable_adapters
@@ -67,7 +67,8 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
     noise = torch.randn((batch, *module.sample_shape), generator=gen, device=device).to(dtype)
     was_training = module.training
     module.eval()
-    rows = [sample_nfe(module, noise, nfe, cond, generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
+    rows = [sample(module, noise, cond, settings=settings_for_method(nfe, job.method.name),
+                   generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
             for nfe in job.eval.nfe]
     module.train(was_training)
     if rank == 0:
