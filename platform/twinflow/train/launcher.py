@@ -117,6 +117,8 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
     if job.train.init_from and "://" not in job.train.init_from:
         # Ray workers run in their own working directory: hand them an absolute path.
         job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
+    if "://" not in job.data.path:  # the workers read the data manifest too (periodic eval's judge)
+        job.data.path = str(Path(job.data.path).expanduser().resolve())
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     if fresh and is_remote(job):
@@ -135,6 +137,7 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
 
 def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = None):
     """The TorchTrainer for one job (Ray must be initialised). Also used by Tune, one per trial."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -142,6 +145,8 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     from twinflow.train.worker import train_loop
 
     null_cond, eval_cond = encode_conditions(job)
+    # The worker prints its own progress line; Ray Data's per-operator bars would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_loop,
         train_loop_config={"job": job.model_dump(by_alias=True), "run_dir": str(run_dir),

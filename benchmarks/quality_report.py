@@ -1,0 +1,133 @@
+"""Tables, plots and grids of benchmarks/quality.py's results into docs/evaluation.md (between markers)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
+SHORT = {"fm": "base", "lambda0": "lambda=0", "twinflow": "TwinFlow", "pretrain": "pretrain"}
+GRID_BLOCKS = [("fm", "1"), ("fm", "4"), ("fm", "50"), ("lambda0", "1"), ("twinflow", "1"), ("twinflow", "2"),
+               ("twinflow", "4")]
+
+
+def _f(v: float | None, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{nd}f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def table(ds: str, res: dict[str, Any]) -> str:
+    arms = res["arms"]
+    floor = arms["fm"]["floor"]
+    lines = ["| model (equal budget) | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | collapsed classes |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        for nfe, m in a["nfe"].items():
+            lines.append(f"| {a['label']} | {a['sampler']} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
+                         f"{_f(m['diversity'])} | {m['collapse']:.0%} |")
+    acc = res.get("judge_accuracy")
+    lines.append(f"| *real train images (floor)* | - | - | {_f(floor['fd'])} | "
+                 f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | - |")
+    return "\n".join(lines)
+
+
+def targets_text(ds: str, res: dict[str, Any], targets: dict[str, float]) -> str:
+    t = res["targets"]
+    arms = res["arms"]
+    base50 = arms["fm"]["nfe"]["50"]["fd"]
+    tf1 = arms["twinflow"]["nfe"]["1"]
+    lines = [f"- TwinFlow 1-NFE Fréchet distance {_f(tf1['fd'])} vs the base's 50-NFE {_f(base50)}: "
+             f"ratio **{t['fd_ratio_1nfe_vs_base50']:.2f}** (target <= {targets['fd_ratio_max']}): "
+             f"**{'met' if t['fd_ok'] else 'missed'}**",
+             f"- TwinFlow 1-NFE diversity **{_f(t['diversity_1nfe'])}** x real (target >= {targets['diversity_min']}): "
+             f"**{'met' if t['diversity_ok'] else 'missed'}**"]
+    if "adherence_1nfe" in t:
+        lines.append(f"- TwinFlow 1-NFE adherence **{t['adherence_1nfe']:.1%}** (target >= "
+                     f"{targets['mnist_adherence_min']:.0%}): **{'met' if t['adherence_ok'] else 'missed'}**")
+    return "\n".join(lines)
+
+
+def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = res["arms"]
+    floor = arms["fm"]["floor"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for arm, a in arms.items():
+        nfes = [int(n) for n in a["nfe"]]
+        for ax, key in zip(axes, ("fd", "adherence", "diversity")):
+            ax.plot(nfes, [a["nfe"][str(n)][key] for n in nfes], "o-", label=f"{a['label']} ({a['sampler']})")
+    axes[0].axhline(floor["fd"], color="gray", ls="--", label="real train images (floor)")
+    axes[2].axhline(1.0, color="gray", ls="--", label="real data")
+    if res.get("judge_accuracy") is not None:
+        axes[1].axhline(res["judge_accuracy"], color="gray", ls="--", label="judge accuracy on real")
+    for ax, title in zip(axes, ("Fréchet distance (judge features) ↓", "prompt adherence ↑", "diversity (real = 1)")):
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 4, 50])
+        ax.set_xticklabels(["1", "2", "4", "50"])
+        ax.set_xlabel("NFE")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{NAMES.get(ds, ds)}: equal training budget", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grid(ds: str, res: dict[str, Any], path: Path, per_class: int = 3) -> Path:
+    from twinflow.eval.datasets import get_dataset
+    from twinflow.eval.report import class_grid, load_samples
+
+    blocks = []
+    for arm, nfe in GRID_BLOCKS:
+        a = res["arms"].get(arm)
+        if a and nfe in a.get("samples", {}):
+            x, classes = load_samples(a["samples"][nfe])
+            blocks.append((f"{SHORT[arm]} {nfe} NFE", x, classes))
+    return class_grid(blocks, get_dataset(ds).class_names, per_class, path)
+
+
+def write_report(results: dict[str, Any], doc: Path, img: Path, begin: str, end: str) -> None:
+    cfg = results["config"]
+    parts = [begin, "",
+             "Measured by `nice -n 5 .venv/bin/python benchmarks/quality.py` "
+             "(flow-matching pretraining: " + ", ".join(f"{NAMES.get(k, k)} {v} steps" for k, v in cfg["pretrain_steps"].items())
+             + f" on 2 workers x micro-batch 32; then {cfg['steps']} steps per arm on {cfg['arm_workers']} worker(s) x 32 "
+             f"at lr {cfg['lr']:g}; {cfg['samples_per_class']} samples per class per NFE, seed {cfg['seed']}); "
+             f"raw numbers in `benchmarks/results/quality.json`; total wall time "
+             f"{results.get('total_wall_s', 0) / 60:.0f} min on {cfg['machine']}"
+             + (" (training runs marked *reused* below ran earlier, with identical job configs, in a "
+                "`--stage train` invocation of this script; their exports were reused and their wall time is "
+                "not in this total)" if any(v.get("reused") for t in results["training"].values() for v in t.values())
+                else "") + ".", ""]
+    for ds, res in results["datasets"].items():
+        name = NAMES.get(ds, ds)
+        p = plot(ds, res, img / f"quality_{ds}.png")
+        g = grid(ds, res, img / f"quality_{ds}_grid.png")
+        train = results["training"][ds]
+        times = ", ".join(f"{SHORT.get(k, k)} {v.get('wall_s', '?')} s" + (" (reused)" if v.get("reused") else "")
+                          for k, v in train.items())
+        parts += [f"### {name}", "", table(ds, res), "", targets_text(ds, res, results["targets"]), "",
+                  f"Training wall time per job, start-up (~1-2 min) included (pretrain on 2 Ray Train workers, "
+                  f"arms on {cfg['arm_workers']}; CPUs shared with other jobs): {times}.", "",
+                  f"![{name} metrics per NFE](img/{p.name})", "",
+                  f"![{name} samples: rows are classes; each block is one model at one NFE, same noise per column]"
+                  f"(img/{g.name})", ""]
+    parts.append(end)
+    section = "\n".join(parts)
+    text = doc.read_text() if doc.is_file() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(text)
