@@ -9,10 +9,13 @@ CONSTRAINTS=${TWINFLOW_CONSTRAINTS:-constraints/cpu.txt}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# 1. Debian data packages (Fashion-MNIST IDX files, Noto colour emoji font).
+# 1. Debian packages (Fashion-MNIST IDX files, Noto colour emoji font, chromium + chromedriver).
 missing=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
 ls /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf >/dev/null 2>&1 || missing+=(fonts-noto-color-emoji)
+# Headless browser for the Serve playground test (tests/serve/test_playground_browser.py).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: apt-get install ${missing[*]}"
   as_root apt-get update -qq

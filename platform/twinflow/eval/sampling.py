@@ -51,12 +51,10 @@ def resolve_sampler(sampler: str, method: str | None) -> str:
 
 
 def settings_for(nfe: int, sampler: str):
-    from twinflow.method.sampler import SamplerSettings, preset
+    from twinflow.method.sampler import settings_for_method
 
-    if sampler == "few":
-        return preset(int(nfe))
-    if sampler == "ode":
-        return SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0)
+    if sampler in ("few", "ode"):
+        return settings_for_method(nfe, "flow_matching" if sampler == "ode" else "twinflow")
     raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
 
 

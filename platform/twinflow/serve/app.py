@@ -1,0 +1,357 @@
+"""The Serve application: `import_path: twinflow.serve.app:build_app` with the args of `ServeAppConfig`.
+
+One deployment, `TwinFlow`, is both the FastAPI ingress and the model holder:
+
+- the routes do auth, JSON parsing and validation, and serve the playground page;
+- `@serve.multiplexed` loads checkpoints by id (LRU per replica). The id comes from the body's `model`;
+  a client that also sends the `serve_multiplexed_model_id` header gets routed by Serve to a replica
+  that already holds that model;
+- one `@serve.batch` method collects concurrent requests (Serve splits a batch by multiplexed model
+  id; the engine groups the rest by model, NFE, guidance and task). The batch size counts images.
+  Torch runs on one worker thread, so the replica keeps taking requests for the next batch meanwhile.
+
+An earlier version split this into an API deployment and a model deployment behind a handle: the
+extra hop cost about 9 ms of CPU per request on this 2-core machine (docs/serving.md), more than the
+whole overhead budget.
+
+Replicas, autoscaling and CPUs come from the Serve config's `deployments:` section.
+
+No `from __future__ import annotations` here: Serve's class ingress rebuilds the route functions, and
+FastAPI could then no longer resolve string annotations (a `request: Request` became a query field).
+"""
+
+import asyncio
+import base64
+import collections
+import hmac
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from twinflow.serve.config import DEPLOYMENT, ServeAppConfig, parse_args
+from twinflow.serve.engine import (
+    EDIT_TASK,
+    Item,
+    Result,
+    TextEncoders,
+    decode_image,
+    image_to_model,
+    load_served_model,
+    read_export_metadata,
+    run_items,
+    tasks_of,
+)
+from twinflow.serve.schemas import (
+    API_VERSION,
+    ApiError,
+    BatchInfo,
+    EditRequest,
+    GenerateRequest,
+    GenerateResponse,
+    ImageOut,
+    ModelInfo,
+    ModelsResponse,
+    Timings,
+    check_limits,
+    validation_details,
+)
+
+PLAYGROUND = "playground.html"
+
+
+# ------------------------------------------------------------------------------------ model replicas
+def _item_weight(items: list[Item]) -> int:
+    return sum(it.weight for it in items)
+
+
+# --------------------------------------------------------------------------------------- API ingress
+api = FastAPI(title="TwinFlow", version=API_VERSION, docs_url="/docs", redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": {"type": "invalid_request", "message": "request does not match the schema",
+                                   "details": validation_details(exc)}}, status_code=422)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class TwinFlow:
+    """HTTP API v1, the playground, and the checkpoints (multiplexed by id) with batched sampling."""
+
+    def __init__(self, config: dict[str, Any], infos: list[dict[str, Any]], token: Optional[str]) -> None:
+        import torch
+
+        self.cfg = parse_args(config)
+        self.infos = {i["id"]: ModelInfo.model_validate(i) for i in infos}
+        env = self.cfg.auth_token_env
+        self.token = token or (os.environ.get(env) if env else None) or None
+        self.limits = self.cfg.limits
+        self.max_batch = self.cfg.batching.max_batch_images
+        self._page: Optional[str] = None
+        # model side
+        torch.set_num_threads(self.cfg.threads)
+        # The torch thread holds the GIL through Python-heavy forwards; a short switch interval lets the
+        # event loop take in requests meanwhile, so they are there to batch when the forward ends.
+        sys.setswitchinterval(self.cfg.switch_interval_ms / 1e3)
+        self.sources = {m.id: m.path for m in self.cfg.models}
+        self.encoders = TextEncoders(self.cfg.text_cache_size)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinflow-torch")
+        self.max_rows = max(self.max_batch, self.limits.max_images)
+        self.generate_batch.set_max_batch_size(self.max_batch)
+        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        self.batch_sizes: dict[int, int] = {}  # requests per model batch -> count
+        self.pending: collections.deque = collections.deque()  # (Item, Future) waiting for a compute turn
+        self.compute_lock = asyncio.Lock()
+        self.loads: list[str] = []
+
+    # ---------------------------------------------------------------- model side
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str):
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:  # the LRU size is a decorator argument; apply the config's
+            wrapper.max_num_models_per_replica = self.cfg.max_models_per_replica
+        self.loads.append(model_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: load_served_model(model_id, self.sources[model_id], cache_dir=self.cfg.cache_dir,
+                                                 max_rows=self.max_rows, row_stable=self.cfg.batching.row_stable))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, batch_size_fn=_item_weight,
+                 max_concurrent_batches=16)
+    async def generate_batch(self, items: list[Item]) -> list[Result]:
+        """Serve hands over the requests that arrived together. Serve forms a batch as soon as its wait
+        ends, so during a long forward the next arrivals become many small batches (measured: mostly
+        1-2 requests at 16 clients). Here they join one replica queue instead, and whoever gets the
+        compute turn samples everything queued, up to max_batch_images: a batch fills while the
+        previous one runs."""
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in items]
+        self.pending.extend(zip(items, futs))
+        while not all(f.done() for f in futs):
+            async with self.compute_lock:
+                if all(f.done() for f in futs):
+                    break
+                take, weight = [], 0
+                while self.pending and (not take or weight + self.pending[0][0].weight <= self.max_batch):
+                    take.append(self.pending.popleft())
+                    weight += take[-1][0].weight
+                await self._compute(take)
+        return [f.result() for f in futs]
+
+    async def _compute(self, take: list) -> None:
+        batch = [it for it, _ in take]
+        try:
+            models = {mid: await self.get_model(mid) for mid in dict.fromkeys(it.model_id for it in batch)}
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.pool, run_items, models, self.encoders, batch)
+        except asyncio.CancelledError:  # put back what this turn took, for the next turn
+            self.pending.extendleft(reversed([t for t in take if not t[1].done()]))
+            raise
+        except Exception as exc:
+            for _, f in take:
+                if not f.done():
+                    f.set_exception(exc)
+        else:
+            for (_, f), r in zip(take, results):
+                if not f.done():
+                    f.set_result(r)
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+
+    # ---------------------------------------------------------------- helpers
+    def _auth(self, request: Request) -> None:
+        if not self.token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def _body(self, request: Request, schema):
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
+        buf = bytearray()
+        async for chunk in request.stream():  # read no further than the limit, whatever the headers say
+            buf += chunk
+            if len(buf) > limit:
+                raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
+        raw = bytes(buf)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "malformed_json", "request body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", "request does not match the schema",
+                           validation_details(exc)) from None
+
+    def _model(self, model_id: Optional[str]) -> ModelInfo:
+        header = serve.get_multiplexed_model_id()
+        if model_id and header and model_id != header:
+            raise ApiError(400, "model_mismatch", f"body names model {model_id!r}, the "
+                                                  f"serve_multiplexed_model_id header {header!r}")
+        mid = model_id or header or self.cfg.default_id
+        info = self.infos.get(mid)
+        if info is None:
+            raise ApiError(404, "unknown_model", f"unknown model id {mid!r}", {"models": sorted(self.infos)})
+        return info
+
+    async def _run(self, t0: float, info: ModelInfo, req, text: str, task: str, image=None) -> Response:
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        item = Item(info.id, text, req.nfe, seed, req.num_images, float(req.guidance), image,
+                    weight=min(req.num_images, self.max_batch))
+        try:
+            result: Result = await self.generate_batch(item)
+        except Exception as exc:  # loading or sampling failed: answer 500 and stay up
+            raise ApiError(500, "model_error", f"{type(exc).__name__} while generating: "
+                                               f"{str(exc).splitlines()[-1] if str(exc) else ''}") from None
+        total = _ms(t0)
+        if req.format == "png":
+            headers = {"X-TwinFlow-Model": info.id, "X-TwinFlow-Seed": str(seed), "X-TwinFlow-NFE": str(req.nfe),
+                       "X-TwinFlow-Batch-Requests": str(result.batch_requests),
+                       "X-TwinFlow-Total-Ms": str(total), "X-TwinFlow-Model-Ms": str(round(result.model_ms, 3))}
+            return Response(result.pngs[0], media_type="image/png", headers=headers)
+        out = GenerateResponse(
+            id=uuid.uuid4().hex, model=info.id, task=task, nfe=req.nfe, seed=seed, num_images=req.num_images,
+            guidance=float(req.guidance),
+            images=[ImageOut(index=i, data=base64.b64encode(p).decode()) for i, p in enumerate(result.pngs)],
+            timings=Timings(total_ms=total, model_ms=round(result.model_ms, 3)),
+            batch=BatchInfo(requests=result.batch_requests, images=result.batch_images,
+                            group_requests=result.group_requests))
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    # ---------------------------------------------------------------- routes
+    @api.post("/v1/generate", response_model=GenerateResponse,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": GenerateRequest.model_json_schema()}}, "required": True}})
+    async def generate(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        self._auth(request)
+        req = await self._body(request, GenerateRequest)
+        info = self._model(req.model)
+        check_limits(req, req.prompt, self.limits)
+        return await self._run(t0, info, req, req.prompt, "generate")
+
+    @api.post("/v1/edit", response_model=GenerateResponse,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": EditRequest.model_json_schema()}}, "required": True}})
+    async def edit(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        self._auth(request)
+        req = await self._body(request, EditRequest)
+        info = self._model(req.model)
+        check_limits(req, req.instruction, self.limits)
+        try:
+            img = decode_image(req.image, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side)
+        except OverflowError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(400, "bad_image", str(exc)) from None
+        if EDIT_TASK not in info.tasks:
+            raise ApiError(501, "not_implemented", f"model {info.id!r} does not support editing "
+                                                   f"(its tasks: {info.tasks})")
+        image = image_to_model(img, info.channels, info.image_size)
+        return await self._run(t0, info, req, req.instruction, "edit", image)
+
+    @api.get("/v1/models", response_model=ModelsResponse)
+    async def list_models(self, request: Request) -> ModelsResponse:
+        self._auth(request)
+        return ModelsResponse(models=list(self.infos.values()), limits=self.limits.model_dump())
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """Counters of the replica that answers (batch calls by size, text-embedding cache, loads)."""
+        self._auth(request)
+        return {"batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "text_cache": self.encoders.cache_info(), "model_loads": list(self.loads),
+                "max_batch_images": self.max_batch}
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "api_version": API_VERSION, "models": sorted(self.infos)})
+
+    @api.get("/", response_class=HTMLResponse)
+    async def playground(self, request: Request) -> HTMLResponse:
+        if not self.cfg.playground:
+            raise ApiError(404, "not_found", "the playground is turned off (playground: false)")
+        if self._page is None:
+            self._page = resources.files("twinflow.serve").joinpath(PLAYGROUND).read_text()
+        base = request.scope.get("root_path", "").rstrip("/")
+        page = self._page.replace("__TWINFLOW_BASE__", json.dumps(base)[1:-1])
+        page = page.replace("__TWINFLOW_AUTH__", "true" if self.token else "false")
+        return HTMLResponse(page)
+
+
+# ------------------------------------------------------------------------------------------- builder
+def model_info(entry, meta: dict[str, Any], cfg: ServeAppConfig) -> dict[str, Any]:
+    shape = [int(v) for v in meta["sample_shape"]]
+    return ModelInfo(
+        id=entry.id, default=entry.id == cfg.default_id, method=meta.get("method"), job=meta.get("job"),
+        steps=meta.get("steps"), family=meta["family"], sample_shape=shape,
+        image_size=int(meta["image_size"]), channels=int(meta["pixel_channels"]),
+        latent=bool(meta.get("latent")), lora=bool(meta.get("lora")), tasks=tasks_of(meta),
+        nfe={"min": cfg.limits.min_nfe, "max": cfg.limits.max_nfe,
+             "default": max(cfg.limits.min_nfe, 1 if meta.get("method") != "flow_matching" else 4)},
+        text_max_length=int(meta["text_encoder"]["max_length"]), description=entry.description,
+        source=entry.path).model_dump()
+
+
+def describe(cfg: ServeAppConfig) -> list[dict[str, Any]]:
+    """Every model's /v1/models entry, from its twinflow.json (fails fast on a wrong path)."""
+    return [model_info(m, read_export_metadata(m.path), cfg) for m in cfg.models]
+
+
+def build_app(args: dict[str, Any]):
+    """The application builder for Serve configs (`import_path: twinflow.serve.app:build_app`; Serve
+    requires exactly one parameter). Relative model paths resolve against the builder's cwd (where
+    `serve run` was started)."""
+    return build_application(args)
+
+
+def build_application(args: dict[str, Any] | None = None,
+                      deployment_options: dict[str, dict[str, Any]] | None = None):
+    """`build_app` for callers outside a Serve config (`twinflow serve`, tests, benchmarks):
+    `deployment_options` ({deployment name: .options() kwargs}) does what a config's `deployments:` does."""
+    cfg = parse_args(args).resolved()
+    infos = describe(cfg)
+    token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
+    config = cfg.model_dump(mode="json")
+    opts = dict(deployment_options or {})
+    unknown = sorted(set(opts) - {DEPLOYMENT})
+    if unknown:
+        raise ValueError(f"deployment options for unknown deployments {unknown}; the deployment is {DEPLOYMENT}")
+    dep = TwinFlow.options(**opts[DEPLOYMENT]) if opts.get(DEPLOYMENT) else TwinFlow
+    return dep.bind(config, infos, token or None)

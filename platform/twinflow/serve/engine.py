@@ -1,0 +1,413 @@
+"""The model side of serving, as plain torch (no Ray): load exports, encode prompts, sample batches.
+
+Determinism contract: a request's images depend only on (model, prompt, nfe, seed, num_images,
+guidance, image), never on the requests it is batched with. Three things make that hold:
+
+- each request draws its initial and re-noising noise from its own `torch.Generator(seed)`, in the
+  same order as `twinflow.method.sampler.sample` with that generator (`sample_items` replays the
+  sampler's loop per row group; a test checks it against `sample_nfe` bit for bit);
+- prompts are encoded one at a time (and then cached), so their states never depend on batch mates;
+- CPU kernels may round differently at some batch sizes (the tiny Qwen-Image backbone: batches of 1-3
+  rows differ from larger ones by ~1e-6). `RowStableModel` finds, once per model, the batch sizes
+  whose rows are bit-identical to every other such size and pads every call up to one of them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+EDIT_TASK = "edit"
+
+
+# ----------------------------------------------------------------------------------------------- items
+@dataclass
+class Item:
+    """One request as the model deployment sees it (already validated by the API)."""
+
+    model_id: str
+    prompt: str
+    nfe: int
+    seed: int
+    num_images: int = 1
+    guidance: float = 0.0
+    image: np.ndarray | None = None  # edit: (H, W, C) uint8 at the model's pixel size
+    weight: int = 1                  # counted by @serve.batch's batch_size_fn
+
+    @property
+    def task(self) -> str:
+        return "edit" if self.image is not None else "generate"
+
+    def group_key(self) -> tuple:
+        return (self.model_id, self.nfe, float(self.guidance), self.task)
+
+
+@dataclass
+class Result:
+    pngs: list[bytes]
+    model_ms: float
+    batch_requests: int = 1
+    batch_images: int = 1
+    group_requests: int = 1
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TWINFLOW_SERVE_CACHE", Path.home() / ".cache" / "twinflow" / "serve"))
+
+
+def read_export_metadata(source: str) -> dict[str, Any]:
+    """twinflow.json of a local or s3:// export, without downloading the weights."""
+    import json
+
+    from twinflow.models.export import META_FILE, read_metadata
+
+    if not source.startswith("s3://"):
+        return read_metadata(source)
+    from twinflow.data.storage import open_filesystem
+
+    fs, path = open_filesystem(source.rstrip("/") + "/" + META_FILE)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{source}: not a TwinFlow export (no {META_FILE})") from None
+
+
+def local_export(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local directory holding the export: the path itself, or a cached download of an s3:// export."""
+    if not source.startswith("s3://"):
+        return Path(source)
+    from twinflow.data.storage import download_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    dest = root / hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+    if (dest / "twinflow.json").is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
+    try:
+        download_dir(source.rstrip("/"), tmp)
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def tasks_of(meta: Mapping[str, Any]) -> list[str]:
+    """What a checkpoint can do. Editing is declared by the exporter: `"tasks": ["generate", "edit"]`."""
+    tasks = meta.get("tasks") or ["generate"]
+    return [str(t) for t in tasks]
+
+
+# ---------------------------------------------------------------------------------- row-stable calls
+def _take(cond: Mapping[str, Any], idx) -> dict[str, Any]:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+class RowStableModel:
+    """Calls the generator in chunks of at most `max_rows` rows, each padded (with copies of its first
+    row) up to a batch size in `sizes`, so a row's output never depends on how many rows came with it."""
+
+    def __init__(self, generator, max_rows: int, sizes: Sequence[int] | None = None) -> None:
+        self.generator = generator
+        self.max_rows = int(max_rows)
+        self.sizes = sorted(set(sizes)) if sizes else list(range(1, self.max_rows + 1))
+        if self.sizes[-1] != self.max_rows:
+            raise ValueError(f"sizes must include max_rows={self.max_rows}, got {self.sizes}")
+
+    def padded_size(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
+    def __call__(self, x, t, r, cond):
+        import torch
+
+        cond = dict(cond or {})
+        outs = []
+        for lo in range(0, x.shape[0], self.max_rows):
+            hi = min(lo + self.max_rows, x.shape[0])
+            n, size = hi - lo, self.padded_size(hi - lo)
+            idx = torch.arange(lo, hi)
+            if size > n:
+                idx = torch.cat([idx, torch.full((size - n,), lo, dtype=torch.long)])
+            out = self.generator(x[idx], t[idx], r[idx], _take(cond, idx))
+            outs.append(out[:n])
+        return torch.cat(outs)
+
+
+def stable_sizes(generator, max_rows: int, *, text_len: int, with_ref: bool = False, seed: int = 0) -> list[int]:
+    """Batch sizes n <= max_rows whose rows are bit-identical to the same rows in a max_rows batch,
+    wherever they sit in it. Kernel choice depends on shapes, not values, so one random input per
+    shape tells. max_rows itself is always included."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    C, H, W = generator.sample_shape
+    B = max_rows
+    x = torch.randn(B, C, H, W, generator=g)
+    t = torch.rand(B, generator=g) * 0.98 + 0.01
+    r = t * torch.rand(B, generator=g)
+    mask = torch.ones(B, text_len, dtype=torch.int64)
+    mask[:, text_len // 2:] = (torch.rand(B, text_len - text_len // 2, generator=g) < 0.5).long()
+    cond = {"text_states": torch.randn(B, text_len, generator.text_dim, generator=g) * mask[..., None],
+            "text_mask": mask}
+    if with_ref:
+        cond["ref_image"] = torch.randn(B, C, H, W, generator=g)
+    sizes = []
+    with torch.no_grad():
+        full = generator(x, t, r, cond)
+        for n in range(1, B):
+            ok = True
+            for off in sorted({0, B - n, (B - n) // 2}):
+                idx = torch.arange(off, off + n)
+                if not torch.equal(generator(x[idx], t[idx], r[idx], _take(cond, idx)), full[idx]):
+                    ok = False
+                    break
+            if ok:
+                sizes.append(n)
+    return sizes + [B]
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def sample_items(model, noises: Sequence[Any], generators: Sequence[Any], cond: Mapping[str, Any], nfe: int,
+                 *, guidance: float = 0.0, null_cond: Mapping[str, Any] | None = None):
+    """`twinflow.method.sampler.sample_nfe` for several requests in one batch: request i starts from
+    noises[i] (n_i rows) and draws its fresh noise from generators[i], so each request's rows are what
+    `sample_nfe(model, noises[i], nfe, cond_i, generator=generators[i])` returns on its own."""
+    import torch
+
+    from twinflow.method.sampler import preset
+    from twinflow.method.times import normal
+
+    s = preset(nfe)
+    ts = s.grid().tolist()
+    x = torch.cat(list(noises)).float()
+    B, dtype = x.shape[0], noises[0].dtype
+    shapes = [tuple(n.shape) for n in noises]
+    keep, fresh = math.sqrt(1.0 - s.rho), math.sqrt(s.rho)
+    x_hat = x
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        r_cur = {"few": 0.0, "any": t_next, "mul": t_cur}[s.style]
+        t_vec = torch.full((B,), t_cur)
+        r_vec = torch.full((B,), r_cur)
+        if guidance == 0.0:
+            F = model(x.to(dtype), t_vec, r_vec, dict(cond)).float()
+        else:
+            both = {k: torch.cat([cond[k], null_cond[k]]) for k in cond}
+            out = model(torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]), torch.cat([r_vec, r_vec]), both)
+            f_c, f_u = out[:B], out[B:]
+            F = (f_c + guidance * (f_c - f_u)).float()
+        x_hat = x - t_cur * F
+        if t_next == 0.0:
+            break
+        eps_hat = x + (1.0 - t_cur) * F
+        noise_part = keep * eps_hat
+        if fresh > 0:
+            draws = [normal(shape, device="cpu", generator=gen) for shape, gen in zip(shapes, generators)]
+            noise_part = noise_part + fresh * torch.cat(draws)
+        x = (1.0 - t_next) * x_hat + t_next * noise_part
+    return x_hat
+
+
+# ------------------------------------------------------------------------------------ images (edits)
+def decode_image(data: str, *, max_bytes: int, max_side: int):
+    """base64 (or a data: URL) -> PIL image, fully decoded. Raises ValueError (undecodable) or
+    OverflowError (too large) with a message for the client."""
+    from PIL import Image, UnidentifiedImageError
+
+    text = data.strip()
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ValueError("a data: URL image must be base64-encoded (data:image/png;base64,...)")
+    if len(text) > (max_bytes * 4) // 3 + 8:
+        raise OverflowError(f"image is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image is not valid base64") from None
+    if len(raw) > max_bytes:
+        raise OverflowError(f"image is {len(raw)} bytes, the limit is {max_bytes}")
+    if not raw:
+        raise ValueError("image is empty")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+        if w > max_side or h > max_side:
+            raise OverflowError(f"image is {w}x{h}, the limit is {max_side}x{max_side}")
+        img.load()
+    except OverflowError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"image could not be decoded: {type(exc).__name__}") from None
+    return img
+
+
+def image_to_model(img, channels: int, size: int) -> np.ndarray:
+    """PIL image -> (size, size, channels) uint8, the model's pixel geometry."""
+    from PIL import Image
+
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+# ------------------------------------------------------------------------------------- served model
+@dataclass
+class ServedModel:
+    id: str
+    generator: Any
+    meta: dict[str, Any]
+    codec: Any = None
+    stable: dict[bool, RowStableModel] = field(default_factory=dict)
+    max_rows: int = 16
+    row_stable: bool | int = True
+
+    @property
+    def text_max_length(self) -> int:
+        return int(self.meta["text_encoder"]["max_length"])
+
+    def model_fn(self, with_ref: bool):
+        """The generator behind a RowStableModel (sizes checked on first use per call kind)."""
+        if with_ref not in self.stable:
+            if self.row_stable is False:
+                sizes = None
+            elif isinstance(self.row_stable, int) and not isinstance(self.row_stable, bool):
+                lo = min(max(1, self.row_stable), self.max_rows)
+                sizes = list(range(lo, self.max_rows + 1))
+            else:
+                sizes = stable_sizes(self.generator, self.max_rows, text_len=self.text_max_length,
+                                     with_ref=with_ref)
+            self.stable[with_ref] = RowStableModel(self.generator, self.max_rows, sizes)
+        return self.stable[with_ref]
+
+
+def load_served_model(model_id: str, source: str, *, cache_dir: str | None = None, max_rows: int = 16,
+                      row_stable: bool | int = True) -> ServedModel:
+    from twinflow.models.export import load_export_codec, load_generator
+
+    local = local_export(source, cache_dir)
+    generator, meta = load_generator(local)
+    codec = load_export_codec(local) if meta.get("latent") else None
+    m = ServedModel(model_id, generator, meta, codec, max_rows=max(1, max_rows), row_stable=row_stable)
+    m.model_fn(False)  # find the stable batch sizes now, not inside the first request
+    return m
+
+
+class TextEncoders:
+    """One MiniLM per caption length, each with its LRU cache of per-prompt states."""
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        self.cache_size = cache_size
+        self._enc: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, max_length: int):
+        with self._lock:
+            if max_length not in self._enc:
+                from twinflow.models.text_encoder import TextEncoder
+
+                self._enc[max_length] = TextEncoder(max_length=max_length, cache_size=self.cache_size)
+            return self._enc[max_length]
+
+    def encode(self, prompts: Sequence[str], max_length: int) -> dict[str, Any]:
+        """One caption per encoder call (so its states never depend on batch mates), cached."""
+        import torch
+
+        enc = self.get(max_length)
+        rows = [enc.encode([p]) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in ("text_states", "text_mask")}
+
+    def cache_info(self) -> dict[str, Any]:
+        with self._lock:
+            encs = dict(self._enc)
+        info = {"size": 0, "capacity": self.cache_size, "hits": 0, "misses": 0}
+        for enc in encs.values():
+            for k, v in enc.cache_info().items():
+                if k != "capacity":
+                    info[k] += v
+        return info
+
+
+def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item]) -> list[list[bytes]]:
+    """Sample every item of one group (same model, NFE, guidance, task) in one batch; PNGs per item."""
+    import torch
+
+    from twinflow.imaging import png_bytes
+
+    nfe, guidance, task = items[0].nfe, float(items[0].guidance), items[0].task
+    gen = model.generator
+    shape = tuple(gen.sample_shape)
+    dtype = next(gen.parameters()).dtype
+    generators, noises = [], []
+    for it in items:
+        g = torch.Generator().manual_seed(int(it.seed))
+        generators.append(g)
+        noises.append(torch.randn((it.num_images, *shape), generator=g).to(dtype))
+    counts = [it.num_images for it in items]
+    text = encoders.encode([it.prompt for it in items], model.text_max_length)
+    rep = torch.tensor(counts)
+    cond = {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
+    null = None
+    if guidance > 0:
+        n = encoders.get(model.text_max_length).null_condition()
+        null = {k: v.expand(sum(counts), *v.shape[1:]).contiguous() for k, v in n.items()}
+    if task == EDIT_TASK:
+        ref = torch.cat([_ref_tensor(model, it.image).expand(it.num_images, -1, -1, -1) for it in items])
+        cond["ref_image"] = ref.to(dtype)
+        if null is not None:
+            null["ref_image"] = cond["ref_image"]
+    with torch.no_grad():
+        x = sample_items(model.model_fn(task == EDIT_TASK), noises, generators, cond, nfe,
+                         guidance=guidance, null_cond=null)
+        if model.codec is not None:
+            x = model.codec.decode(x)
+    pngs = png_bytes(x)
+    out, start = [], 0
+    for c in counts:
+        out.append(pngs[start:start + c])
+        start += c
+    return out
+
+
+def _ref_tensor(model: ServedModel, image: np.ndarray):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    if model.codec is not None:
+        with torch.no_grad():
+            return model.codec.encode(t)
+    return t
+
+
+def run_items(models: Mapping[str, ServedModel], encoders: TextEncoders, items: Sequence[Item]) -> list[Result]:
+    """Group a batch by (model, NFE, guidance, task) and sample each group in one go (in-process,
+    what the model deployment's @serve.batch call does; also the benchmark's in-process baseline)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.group_key(), []).append(i)
+    results: list[Result | None] = [None] * len(items)
+    total_images = sum(it.num_images for it in items)
+    for key, idxs in groups.items():
+        t0 = time.perf_counter()
+        pngs = run_group(models[key[0]], encoders, [items[i] for i in idxs])
+        ms = (time.perf_counter() - t0) * 1e3
+        for i, p in zip(idxs, pngs):
+            results[i] = Result(p, ms, len(items), total_images, len(idxs))
+    return results  # type: ignore[return-value]

@@ -1,0 +1,138 @@
+"""JSON API v1: request and response schemas, and the errors the API answers with.
+
+Requests are strict (`extra="forbid"`, no type coercion): an unknown field or a string where a
+number belongs is a 422 with the offending location. Bounds that depend on the deployment's config
+(NFE range, images per request, prompt length) are checked by `check_limits` after parsing, with
+the same error shape. Every error body is `{"error": {"type", "message", "details"}}`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from twinflow.serve.config import Limits
+
+API_VERSION = "v1"
+MAX_SEED = 2**63 - 1
+
+
+class ApiError(Exception):
+    """An error answered as JSON with `status`; `type` is a stable machine-readable code."""
+
+    def __init__(self, status: int, type: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.details = status, type, message, details
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.details is not None:
+            err["details"] = self.details
+        return {"error": err}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="model id (GET /v1/models); default: the deployment's default")
+    nfe: int = Field(1, description="function evaluations: 1, 2, 4, ... (the any-step knob)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed and inputs give the same image; "
+                                                                 "default: random (returned)")
+    num_images: int = Field(1, description="images from this seed (one noise draw of shape (n, C, H, W))")
+    guidance: float = Field(0.0, ge=0.0, description="extra CFG weight; 0: the baked-in CFG of training")
+    format: Literal["png", "base64-json"] = Field(
+        "base64-json", description="png: the image itself (num_images must be 1); base64-json: JSON with base64 PNGs")
+
+
+class GenerateRequest(_Request):
+    prompt: str = Field(description="caption, e.g. 'a photo of a sneaker'")
+
+
+class EditRequest(_Request):
+    image: str = Field(description="the image to edit: base64 PNG/JPEG/WebP, optionally as a data: URL")
+    instruction: str = Field(description="what to change, e.g. 'flip the sneaker horizontally'")
+
+
+class ImageOut(BaseModel):
+    index: int
+    mime_type: str = "image/png"
+    data: str = Field(description="base64 PNG")
+
+
+class Timings(BaseModel):
+    total_ms: float = Field(description="request received to response built, inside the API replica")
+    model_ms: float = Field(description="the batch's model work (text encoding, sampling, PNG encoding)")
+
+
+class BatchInfo(BaseModel):
+    requests: int = Field(description="requests served by the same @serve.batch call")
+    images: int = Field(description="images in that call")
+    group_requests: int = Field(description="requests sampled together (same model, NFE, guidance, task)")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    task: Literal["generate", "edit"]
+    nfe: int
+    seed: int
+    num_images: int
+    guidance: float
+    images: list[ImageOut]
+    timings: Timings
+    batch: BatchInfo
+
+
+class ModelInfo(BaseModel):
+    id: str
+    default: bool
+    method: str | None
+    job: str | None
+    steps: int | None
+    family: str
+    sample_shape: list[int]
+    image_size: int
+    channels: int
+    latent: bool
+    lora: bool
+    tasks: list[str]
+    nfe: dict[str, int] = Field(description="{min, max, default}")
+    text_max_length: int
+    description: str = ""
+    source: str
+
+
+class ModelsResponse(BaseModel):
+    api_version: str = API_VERSION
+    models: list[ModelInfo]
+    limits: dict[str, Any]
+
+
+def check_limits(req: _Request, text: str, limits: Limits) -> None:
+    """Config-dependent bounds; raises ApiError 422 naming the field."""
+    problems = []
+    if not limits.min_nfe <= req.nfe <= limits.max_nfe:
+        problems.append({"loc": ["nfe"], "msg": f"must be between {limits.min_nfe} and {limits.max_nfe}",
+                         "input": req.nfe})
+    if not 1 <= req.num_images <= limits.max_images:
+        problems.append({"loc": ["num_images"], "msg": f"must be between 1 and {limits.max_images}",
+                         "input": req.num_images})
+    field = "prompt" if isinstance(req, GenerateRequest) else "instruction"
+    if len(text) > limits.max_prompt_chars:
+        problems.append({"loc": [field], "msg": f"at most {limits.max_prompt_chars} characters",
+                         "input_length": len(text)})
+    if req.guidance > limits.max_guidance:
+        problems.append({"loc": ["guidance"], "msg": f"at most {limits.max_guidance}", "input": req.guidance})
+    if req.format == "png" and req.num_images != 1:
+        problems.append({"loc": ["format"], "msg": "format 'png' returns one image: use num_images 1 "
+                                                   "or format 'base64-json'"})
+    if problems:
+        raise ApiError(422, "invalid_request", "request values are out of bounds", problems)
+
+
+def validation_details(exc: Any) -> list[dict[str, Any]]:
+    """pydantic ValidationError -> JSON-safe list of {loc, msg, type}."""
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()]

@@ -1,0 +1,287 @@
+"""Evaluation-only axes: score a trained trial's export at every (NFE, style, rho) without retraining.
+
+Evaluators (`evaluation.evaluator`):
+
+- **twinflow.eval** (default): the project's judges (`twinflow.eval`, one small classifier per dataset
+  with shipped weights), i.e. the same numbers as training's periodic eval and `twinflow eval`, at each
+  setting: `eval/fd_<setting>` (Fréchet distance in judge features to the held-out real images of the
+  prompted classes), `eval/adherence_<setting>` (share the judge puts in the prompted class),
+  `eval/diversity_<setting>` (within-class spread relative to real images; near 0 = mode collapse),
+  `eval/collapse_<setting>`, plus `eval/fd_floor` / `eval/diversity_floor` (real training images with
+  the same class list: what a perfect generator scores at this sample size). Prompts are class-balanced:
+  every class, its caption templates in turn. Needs data with a judge (Fashion-MNIST, MNIST, emoji).
+- **builtin**: judge-free, for any data: `eval/pcafd_<setting>` (Fréchet distance in a pixel-PCA space
+  fitted on `reference` real eval-split images, larger images area-downsampled to `feature_size` first),
+  `eval/pcaadh_<setting>` (nearest-class-centroid adherence in that space, when the shards have labels),
+  and their `_floor`s (held-out real images).
+- **module:function**: `fn(model, *, job, evaluation, settings, device, codec) -> {"eval/...": float}`.
+
+Every setting and every trial gets the same noise and the same captions (common random numbers), so
+settings and trials differ only by the model and the sampler. With the preset sampler (few style,
+rho 1) the judged numbers equal `twinflow.eval.metrics.evaluate_generator`'s for the same prompts/seed.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from twinflow.tune.config import EvalSetting, EvaluationConfig
+
+
+# ---- Fréchet distance ------------------------------------------------------------------------------
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) for feature rows a (n, d), b (m, d)."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(s_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+
+@dataclass
+class Reference:
+    """Real images of one split: the PCA basis, reference features, class centroids, held-out set."""
+
+    mean: np.ndarray          # (D,)
+    basis: np.ndarray         # (k, D)
+    ref_feats: np.ndarray     # (n_ref, k)
+    centroids: np.ndarray | None  # (classes, k) or None without labels
+    classes: np.ndarray | None
+    held_images: np.ndarray   # (n_held, C, H, W) in [-1, 1]
+    held_captions: list[str]
+    held_labels: np.ndarray | None
+    size: int                 # images are area-downsampled to at most size x size first
+
+    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        images = shrink(images, self.size)
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        return (flat - self.mean) @ self.basis.T
+
+    def classify(self, feats: np.ndarray) -> np.ndarray:
+        d = ((feats[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+        return self.classes[d.argmin(1)]
+
+
+def shrink(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+    """(N, C, H, W) -> area-downsampled to at most size x size (float32 numpy)."""
+    x = torch.as_tensor(images).float()
+    if max(x.shape[-2:]) > size:
+        x = torch.nn.functional.adaptive_avg_pool2d(x, (min(size, x.shape[-2]), min(size, x.shape[-1])))
+    return x.numpy()
+
+
+def _read_real(data_cfg, split: str, count: int, size: int) -> dict[str, Any]:
+    from twinflow.data.local import iter_local_batches
+
+    cfg = data_cfg.model_copy(update={"split": split, "limit": None})
+    images, captions, labels = [], [], []
+    for batch in iter_local_batches(cfg, split, batch_size=min(count, 256), limit=count):
+        images.append(shrink(batch["image"], size))
+        texts = batch["instruction"] if cfg.text_column == "instruction" else batch["caption"]
+        captions += [str(t) for t in texts]
+        labels.append(batch["label"] if "label" in batch else np.full(len(batch["id"]), -1))
+    if not images:
+        raise ValueError(f"{cfg.path}: split {split!r} has no readable images for the evaluation")
+    return {"images": np.concatenate(images).astype(np.float32), "captions": captions,
+            "labels": np.concatenate(labels).astype(np.int64)}
+
+
+@lru_cache(maxsize=4)
+def _reference_cached(data_json: str, split: str, n_ref: int, n_held: int, pca_dim: int, size: int) -> Reference:
+    from twinflow.data.config import DataConfig
+
+    data_cfg = DataConfig.model_validate_json(data_json)
+    real = _read_real(data_cfg, split, n_ref + n_held, size)
+    n = len(real["captions"])
+    if n < 4:
+        raise ValueError(f"{data_cfg.path}: only {n} images in split {split!r}; the evaluation needs more")
+    if n < n_ref + n_held:  # a small split: half reference, half held out
+        n_ref = max(2, min(n_ref, n // 2))
+    ref, held = real["images"][:n_ref], real["images"][n_ref:]
+    flat = ref.reshape(len(ref), -1).astype(np.float64)
+    mean = flat.mean(0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    k = max(1, min(pca_dim, len(ref) - 1, flat.shape[1]))
+    basis = vt[:k]
+    ref_feats = (flat - mean) @ basis.T
+    labels = real["labels"]
+    centroids = classes = None
+    if (labels[:n_ref] >= 0).all() and len(np.unique(labels[:n_ref])) > 1:
+        classes = np.unique(labels[:n_ref])
+        centroids = np.stack([ref_feats[labels[:n_ref] == c].mean(0) for c in classes])
+    held_labels = labels[n_ref:] if centroids is not None else None
+    return Reference(mean, basis, ref_feats, centroids, classes, held, real["captions"][n_ref:], held_labels, size)
+
+
+def reference_for(job, evaluation: EvaluationConfig) -> Reference:
+    return _reference_cached(job.data.model_dump_json(), evaluation.split, evaluation.reference,
+                             evaluation.samples, evaluation.pca_dim, evaluation.feature_size)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+def _encoder(job):
+    return _encoder_cached(job.data.text_encoder_dir, job.data.text_max_length)
+
+
+@lru_cache(maxsize=2)
+def _encoder_cached(model_dir: str | None, max_length: int):
+    """Kept per process: Ray reuses the evaluation task's worker process from trial to trial."""
+    from twinflow.models.text_encoder import TextEncoder
+
+    return TextEncoder(model_dir=model_dir, max_length=max_length)
+
+
+@torch.no_grad()
+def generate(model, captions: list[str], setting: EvalSetting, *, job, seed: int, batch_size: int,
+             device: torch.device, codec=None, encoder=None, shrink_to: int | None = None) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] for `captions` (area-downsampled to `shrink_to` when given);
+    noise depends on `seed` only (common random numbers)."""
+    from twinflow.method.sampler import sample_nfe
+
+    encoder = encoder or _encoder(job)
+    n = len(captions)
+    noise = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
+    renoise = torch.Generator(device=device).manual_seed(seed + 1)
+    dtype = next(model.parameters()).dtype
+    out = []
+    for i in range(0, n, batch_size):
+        cond = {k: v.to(device) for k, v in encoder.encode(captions[i:i + batch_size]).items()}
+        cond["text_states"] = cond["text_states"].to(dtype)
+        x = sample_nfe(model, noise[i:i + batch_size].to(device, dtype), setting.nfe, cond,
+                       generator=renoise, **setting.sampler_overrides())
+        if codec is not None:
+            x = codec.decode(x)
+        out.append(x.float().clamp(-1, 1).cpu() if shrink_to is None else torch.from_numpy(shrink(x.cpu(), shrink_to)))
+    return torch.cat(out)
+
+
+def builtin(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device,
+            codec=None) -> dict[str, float]:
+    ref = reference_for(job, evaluation)
+    n = evaluation.samples
+    captions = [ref.held_captions[i % len(ref.held_captions)] for i in range(n)] if ref.held_captions else \
+        ["" for _ in range(n)]
+    labels = None
+    if ref.held_labels is not None and len(ref.held_labels):
+        labels = np.array([ref.held_labels[i % len(ref.held_labels)] for i in range(n)])
+    out: dict[str, float] = {}
+    if len(ref.held_images) >= 2:
+        held_feats = ref.features(ref.held_images)
+        out["eval/pcafd_floor"] = frechet_distance(ref.ref_feats, held_feats)
+        if ref.held_labels is not None:
+            out["eval/pcaadh_floor"] = float((ref.classify(held_feats) == ref.held_labels).mean())
+    encoder = _encoder(job)
+    for s in settings:
+        images = generate(model, captions, s, job=job, seed=evaluation.seed, batch_size=evaluation.batch_size,
+                          device=device, codec=codec, encoder=encoder, shrink_to=evaluation.feature_size).numpy()
+        feats = ref.features(images)
+        fd = frechet_distance(ref.ref_feats, feats) if np.isfinite(feats).all() else math.inf
+        out[f"eval/pcafd_{s.suffix}"] = fd
+        if labels is not None:
+            out[f"eval/pcaadh_{s.suffix}"] = float((ref.classify(feats) == labels).mean())
+    return out
+
+
+def judge_dataset(job) -> str | None:
+    from twinflow.eval.periodic import dataset_of
+
+    return dataset_of(job.data.path, job.data.s3_endpoint)
+
+
+def judged(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device,
+           codec=None) -> dict[str, float]:
+    """twinflow.eval's judge metrics at every eval setting (class-balanced prompts)."""
+    from dataclasses import replace
+
+    from twinflow.eval.judges import load_judge
+    from twinflow.eval.metrics import metrics_from_samples, real_reference
+    from twinflow.eval.sampling import plan_units
+    from twinflow.method.sampler import preset, sample
+
+    name = judge_dataset(job)
+    if name is None:
+        raise ValueError(f"{job.data.path}: no twinflow.eval judge fits this data (its judges cover Fashion-MNIST, "
+                         "MNIST and emoji shards); set evaluation.evaluator: builtin")
+    judge = load_judge(name)
+    ref = real_reference(judge)
+    ds = judge.dataset
+    per_class = math.ceil(evaluation.samples / ds.num_classes)
+    texts = [ds.prompt(c, i) for c in range(ds.num_classes) for i in range(per_class)]
+    row_classes = [c for c in range(ds.num_classes) for _ in range(per_class)]
+    encoder = _encoder(job)
+    units = plan_units(len(texts), evaluation.batch_size, evaluation.seed)
+    dtype = next(model.parameters()).dtype
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for s in settings:
+            sampler = replace(preset(s.nfe), style=s.style, rho=s.rho)
+            images = []
+            for u in units:
+                cond = {k: v.to(device) for k, v in encoder.encode(texts[u.start:u.stop]).items()}
+                cond["text_states"] = cond["text_states"].to(dtype)
+                noise = torch.randn((u.size, *model.sample_shape), generator=torch.Generator().manual_seed(u.seed))
+                gen = torch.Generator(device=device).manual_seed(u.seed + 1)
+                x = sample(model, noise.to(device, dtype), cond, settings=sampler, generator=gen)
+                if getattr(model, "latent", None):
+                    x = codec.decode(x)
+                images.append(x.float().cpu())
+            m = metrics_from_samples(torch.cat(images), row_classes, judge, ref)
+            for k in ("fd", "adherence", "diversity", "collapse"):
+                out[f"eval/{k}_{s.suffix}"] = float(m[k])
+    for k, v in ref.floor(row_classes, seed=evaluation.seed).items():
+        out[f"eval/{k}_floor"] = float(v)
+    return out
+
+
+def resolve_evaluator(name: str) -> Callable[..., dict[str, float]]:
+    if name == "builtin":
+        return builtin
+    if name == "twinflow.eval":
+        return judged
+    module, fn = name.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+# ---- one trial --------------------------------------------------------------------------------------
+def evaluate_export(export_dir: str, job_json: str, evaluation_json: str, grid_path: str | None = None
+                    ) -> dict[str, float]:
+    """Load a trial's export, score every eval setting, and (optionally) write its sample grid:
+    one row per setting, job.eval.prompts x evaluation.grid_images_per_prompt columns.
+    Runs as a Ray task with one training worker's resources (the GPU, on a GPU cluster)."""
+    from twinflow.models.export import load_export_codec, load_generator
+    from twinflow.train.config import JobConfig
+
+    job = JobConfig.model_validate_json(job_json)
+    evaluation = EvaluationConfig.model_validate_json(evaluation_json)
+    device = torch.device("cuda") if job.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
+    model, _ = load_generator(export_dir)
+    model = model.to(device).eval()
+    codec = load_export_codec(export_dir)
+    if codec is not None:
+        codec = codec.to(device)
+    settings = evaluation.settings()
+    metrics = resolve_evaluator(evaluation.evaluator)(model, job=job, evaluation=evaluation, settings=settings,
+                                                      device=device, codec=codec)
+    if grid_path and job.eval.prompts:
+        from twinflow.imaging import save_grid
+
+        captions = [p for p in job.eval.prompts for _ in range(evaluation.grid_images_per_prompt)]
+        rows = [generate(model, captions, s, job=job, seed=evaluation.seed + 7, batch_size=evaluation.batch_size,
+                         device=device, codec=codec) for s in settings]
+        save_grid(rows, [s.suffix.replace("_", " ") for s in settings], Path(grid_path))
+    return metrics

@@ -1,0 +1,175 @@
+"""The model side without Ray: determinism per seed independent of batch mates, sampler fidelity, caches,
+image decoding, schemas and config."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .helpers import TEXT_LEN
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cond(encoders, prompts, counts):
+    text = encoders.encode(prompts, TEXT_LEN)
+    rep = torch.tensor(counts)
+    return {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
+
+
+@pytest.mark.parametrize("nfe,guidance", [(1, 0.0), (2, 0.0), (4, 0.0), (2, 1.5)])
+def test_batched_sampling_equals_sample_nfe_per_request(served, nfe, guidance):
+    """Each request's rows in a batch are exactly what the method's own sampler gives it alone."""
+    from twinflow.method.sampler import sample_nfe
+    from twinflow.serve.engine import sample_items
+
+    models, enc = served
+    m = models["tiny"]
+    fn = m.model_fn(False)
+    shape = tuple(m.generator.sample_shape)
+    prompts, counts, seeds = ["a photo of a bag", "a photo of a dress", "a photo of a bag"], [2, 1, 3], [5, 6, 7]
+    null = enc.get(TEXT_LEN).null_condition()
+
+    def noise_and_gen(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((n, *shape), generator=g), g
+
+    pairs = [noise_and_gen(s, n) for s, n in zip(seeds, counts)]
+    cond = _cond(enc, prompts, counts)
+    nulls = {k: v.expand(sum(counts), *v.shape[1:]) for k, v in null.items()}
+    batched = sample_items(fn, [p[0] for p in pairs], [p[1] for p in pairs], cond, nfe,
+                           guidance=guidance, null_cond=nulls if guidance else None)
+    start = 0
+    for prompt, n, seed in zip(prompts, counts, seeds):
+        noise, g = noise_and_gen(seed, n)
+        alone = sample_nfe(fn, noise, nfe, _cond(enc, [prompt], [n]), generator=g, guidance=guidance,
+                           null_cond=null if guidance else None)
+        assert torch.equal(batched[start:start + n], alone), (prompt, seed)
+        start += n
+
+
+def test_image_never_depends_on_batch_mates(served):
+    from twinflow.serve.engine import Item, run_items
+
+    models, enc = served
+    target = Item("tiny", "a photo of a sneaker", nfe=2, seed=123, num_images=2)
+    alone = run_items(models, enc, [target])[0]
+    mates = [Item("tiny", "a photo of a coat", 2, 1, 3), target, Item("tiny", "a photo of a bag", 2, 9, 1),
+             Item("tiny", "a photo of a bag", 1, 4, 2), Item("tiny-edit", "a photo of a sneaker", 2, 123, 2)]
+    together = run_items(models, enc, mates)
+    assert together[1].pngs == alone.pngs
+    assert together[1].batch_requests == 5 and together[1].group_requests == 3
+    # another seed, another model or another NFE changes the image
+    assert together[4].pngs != alone.pngs
+    assert run_items(models, enc, [Item("tiny", "a photo of a sneaker", 2, 124, 2)])[0].pngs != alone.pngs
+    assert run_items(models, enc, [Item("tiny", "a photo of a sneaker", 4, 123, 2)])[0].pngs != alone.pngs
+    img = Image.open(io.BytesIO(alone.pngs[0]))
+    assert img.size == (28, 28) and img.mode == "L"
+
+
+def test_row_stable_padding_sizes(served):
+    models, _ = served
+    fn = models["tiny"].model_fn(False)
+    assert fn.sizes[-1] == 16 and fn.sizes == sorted(fn.sizes)
+    assert all(fn.padded_size(n) >= n and fn.padded_size(n) in fn.sizes for n in range(1, 17))
+
+
+def test_edit_rows_use_the_reference_image(served):
+    from twinflow.serve.engine import Item, run_items
+
+    models, enc = served
+    a = np.zeros((28, 28, 1), np.uint8)
+    b = np.full((28, 28, 1), 255, np.uint8)
+    ra = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 3, 1, image=a)])[0]
+    rb = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 3, 1, image=b)])[0]
+    ra2 = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 8, 1, image=b),
+                                  Item("tiny-edit", "flip it", 1, 3, 1, image=a)])[1]
+    assert ra.pngs != rb.pngs and ra2.pngs == ra.pngs
+
+
+def test_text_embeddings_are_cached(served):
+    from twinflow.serve.engine import TextEncoders
+
+    enc = TextEncoders(cache_size=8)
+    enc.encode(["a photo of a dress", "a photo of a bag"], TEXT_LEN)
+    before = enc.cache_info()
+    out = enc.encode(["a photo of a dress", "a photo of a dress"], TEXT_LEN)
+    after = enc.cache_info()
+    assert after["hits"] - before["hits"] == 2 and after["misses"] == before["misses"] == 2
+    assert out["text_states"].shape == (2, TEXT_LEN, 384) and torch.equal(out["text_states"][0], out["text_states"][1])
+
+
+def _png(size=(28, 28), mode="L") -> str:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decode_image_bounds():
+    from twinflow.serve.engine import decode_image, image_to_model
+
+    img = decode_image("data:image/png;base64," + _png(mode="RGB"), max_bytes=10_000, max_side=64)
+    assert image_to_model(img, 1, 28).shape == (28, 28, 1)
+    assert image_to_model(img, 3, 32).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="base64"):
+        decode_image("not base64!!", max_bytes=10_000, max_side=64)
+    with pytest.raises(ValueError, match="decoded"):
+        decode_image(base64.b64encode(b"GIF89a garbage").decode(), max_bytes=10_000, max_side=64)
+    with pytest.raises(ValueError, match="decoded"):  # truncated PNG
+        noisy = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(noisy, "PNG")
+        raw = noisy.getvalue()
+        decode_image(base64.b64encode(raw[:len(raw) // 2]).decode(), max_bytes=10_000, max_side=64)
+    with pytest.raises(OverflowError, match="65x28"):
+        decode_image(_png((65, 28)), max_bytes=10_000, max_side=64)
+    with pytest.raises(OverflowError, match="bytes"):
+        decode_image(base64.b64encode(b"\0" * 20_000).decode(), max_bytes=10_000, max_side=64)
+
+
+def test_schemas_are_strict_and_limits_named():
+    from pydantic import ValidationError
+
+    from twinflow.serve.config import Limits
+    from twinflow.serve.schemas import ApiError, GenerateRequest, check_limits
+
+    req = GenerateRequest.model_validate({"prompt": "x", "nfe": 2, "guidance": 1})
+    assert req.format == "base64-json" and req.guidance == 1.0
+    for bad in ({"prompt": "x", "colour": "red"}, {"prompt": "x", "nfe": "2"}, {"prompt": 3},
+                {"prompt": "x", "nfe": 1.5}, {"prompt": "x", "seed": -1}, {"nfe": 1}, {"prompt": "x", "format": "jpg"}):
+        with pytest.raises(ValidationError):
+            GenerateRequest.model_validate(bad)
+    limits = Limits(max_nfe=8, max_images=4, max_prompt_chars=10)
+    check_limits(GenerateRequest(prompt="short", nfe=8, num_images=4), "short", limits)
+    with pytest.raises(ApiError) as e:
+        check_limits(GenerateRequest(prompt="far too long", nfe=9, num_images=5, format="png"), "far too long", limits)
+    assert e.value.status == 422
+    assert {d["loc"][0] for d in e.value.details} == {"nfe", "num_images", "prompt", "format"}
+
+
+def test_app_config_errors(tmp_path):
+    from pydantic import ValidationError
+
+    from twinflow.serve.config import parse_args
+
+    with pytest.raises(ValidationError, match="duplicate"):
+        parse_args({"models": [{"id": "a", "path": "x"}, {"id": "a", "path": "y"}]})
+    with pytest.raises(ValidationError, match="default_model"):
+        parse_args({"models": [{"id": "a", "path": "x"}], "default_model": "b"})
+    with pytest.raises(ValidationError, match="model id"):
+        parse_args({"models": [{"id": "a b", "path": "x"}]})
+    with pytest.raises(ValidationError, match="extra"):
+        parse_args({"models": [{"id": "a", "path": "x"}], "batchin": {}})
+    cfg = parse_args({"models": [{"id": "a", "path": "rel/dir"}, {"id": "b", "path": "s3://bucket/e"}]})
+    res = cfg.resolved(tmp_path)
+    assert res.models[0].path == str(tmp_path / "rel" / "dir") and res.models[1].path == "s3://bucket/e"
+    assert res.default_id == "a"
