@@ -157,7 +157,6 @@ async def _latency(session, base: str, local: InProcess, nfe: int, n: int, warmu
     """In-process, unbatched app and batched app in alternating blocks of `block` requests, so a change
     in the machine's load hits all three alike."""
     ms: dict[str, list[float]] = {"in_process": [], "echo": [], "u": [], "b": [], "u_json": [], "b_json": []}
-    cpu: dict[str, float] = {}
     for s in range(warmup):
         local.timed(nfe, 900_000 + s)
         for app in ("u", "b"):

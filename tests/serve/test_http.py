@@ -152,8 +152,15 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_up(serve_app):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     details = post(serve_app, "/v1/generate", {"prompt": "a", "nfe": 9, "colour": 1}).json()["error"]["details"]
     assert ["colour"] in [d["loc"] for d in details]
+    mismatch = post(serve_app, "/v1/generate", {"prompt": "a", "model": "tiny"},
+                    headers={"serve_multiplexed_model_id": "tiny-edit"})
+    assert mismatch.status_code == 400 and mismatch.json()["error"]["type"] == "model_mismatch"
     assert requests.get(serve_app + "/healthz", timeout=10).status_code == 200
     assert post(serve_app, "/v1/generate", {"prompt": "still up", "seed": 1}).status_code == 200
+    # the multiplexing header alone picks the model (and lets Serve route to a replica holding it)
+    by_header = post(serve_app, "/v1/generate", {"prompt": "a", "seed": 1},
+                     headers={"serve_multiplexed_model_id": "tiny-edit"})
+    assert by_header.status_code == 200 and by_header.json()["model"] == "tiny-edit"
 
 
 def test_edit_on_an_edit_capable_model(serve_app):

@@ -35,7 +35,7 @@ EDIT_TASK = "edit"
 # ----------------------------------------------------------------------------------------------- items
 @dataclass
 class Item:
-    """One request as the model deployment sees it (already validated by the API)."""
+    """One request as the batch sees it (already validated by the API routes)."""
 
     model_id: str
     prompt: str
@@ -398,7 +398,7 @@ def _ref_tensor(model: ServedModel, image: np.ndarray):
 
 def run_items(models: Mapping[str, ServedModel], encoders: TextEncoders, items: Sequence[Item]) -> list[Result]:
     """Group a batch by (model, NFE, guidance, task) and sample each group in one go (in-process,
-    what the model deployment's @serve.batch call does; also the benchmark's in-process baseline)."""
+    what one compute turn of the deployment's batch does; also the benchmark's in-process baseline)."""
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(it.group_key(), []).append(i)
