@@ -22,9 +22,16 @@ def ray_cluster():
     """One local Ray for the session: 4 logical CPUs (2 would starve Ray Data next to actors)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
-                 log_to_driver=False, configure_logging=False)
+    for attempt in range(2):  # a heavily loaded machine can time out the raylet's first start-up
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
+                     log_to_driver=False, configure_logging=False)
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
     yield ray
     ray.shutdown()
 
