@@ -49,16 +49,20 @@ def serve_app(ray_cluster, tiny_exports):
     import requests
     from ray import serve
 
-    from twinflow.serve.app import build_app, build_application
+    from twinflow.serve.app import build_application
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(app_args(tiny_exports)), name="twinflow-test", route_prefix="/", blocking=False)
+        # The apps live for the whole session on the shared 4-CPU cluster: they reserve no logical CPU,
+        # or later training tests (2 workers + Ray Data's embed actor) could never be scheduled.
+        idle = {"TwinFlow": {"ray_actor_options": {"num_cpus": 0}}}
+        serve.run(build_application(app_args(tiny_exports), deployment_options=idle), name="twinflow-test",
+                  route_prefix="/", blocking=False)
         os.environ["TWINFLOW_TEST_TOKEN"] = "s3cret-token"
         try:
             secure = build_application(app_args({"tiny": tiny_exports["tiny"]}, auth_token_env="TWINFLOW_TEST_TOKEN"),
-                               deployment_options={"TwinFlow": {"ray_actor_options": {"num_cpus": 0.5}}})
+                               deployment_options=idle)
         finally:
             del os.environ["TWINFLOW_TEST_TOKEN"]
         serve.run(secure, name="twinflow-secure", route_prefix="/secure", blocking=False)
