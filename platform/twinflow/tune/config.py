@@ -31,11 +31,10 @@ from pydantic import Field, field_validator, model_validator
 
 from twinflow.config import ConfigError, StrictModel
 from twinflow.config.loading import read_yaml, validate
-from twinflow.method.sampler import STYLES
 
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
 TRAIN_METRIC = re.compile(r"^(step|samples_seen|total|dv_abs|model_calls|nograd_rows|nonfinite|samples_per_s"
-                          r"|data_wait_frac|data_startup_s|step_s|loss_[a-z0-9_]+)$")
+                          r"|data_wait_frac|data_startup_s|step_s|elapsed_s|peak_mem_mb|loss_[a-z0-9_]+)$")
 # Job fields holding local paths: resolved against the driver's working directory before the trials
 # start (a Tune trial runs in its own trial directory).
 PATH_FIELDS = (("data", "path"), ("data", "text_encoder_dir"), ("data", "embed_cache_path"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from twinflow.tune.config import EvalSetting, Sweep
-from twinflow.tune.trainable import EVAL_GRID, TRIAL_FILE
+from twinflow.tune.trainable import EVAL_GRID
 
 
 def _num(v: Any) -> float | None:
