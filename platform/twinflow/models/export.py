@@ -43,6 +43,15 @@ def _json_default(v: Any) -> Any:
     raise TypeError(f"metadata value {v!r} ({type(v).__name__}) is not JSON serialisable")
 
 
+def check_finite(generator: torch.nn.Module) -> None:
+    """Refuse to export NaN/Inf weights (a corrupted restore or a diverged run makes black images)."""
+    bad = [name for name, t in generator.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"refusing to export: {len(bad)} tensor(s) hold NaN or Inf values, first: "
+                         f"{', '.join(bad[:5])}")
+
+
 def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: dict[str, Any] | None = None,
                    codec: Any = None, dtype: torch.dtype | None = None) -> Path:
     """Write the export (see module docstring); replaces `out_dir` atomically when it is local."""
@@ -52,6 +61,7 @@ def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: 
     clash = sorted(set(metadata) & set(_RESERVED))
     if clash:
         raise ValueError(f"save_generator: metadata keys {clash} are written by the exporter itself")
+    check_finite(generator)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

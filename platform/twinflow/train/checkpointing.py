@@ -1,19 +1,31 @@
 """Checkpoints: each rank saves its DeepSpeed shard into its own directory and reports it to Ray Train,
 which merges the ranks' files into one checkpoint in the run's storage. Our own state (step, teacher/EMA,
 data position) rides along, so a resumed or restarted job continues exactly where the checkpoint was.
+
+Every rank also writes a manifest of its files (twinflow.train.manifest). A restore verifies it and
+skips a corrupted or truncated checkpoint, with a line naming it and the bad file, falling back to
+the newest checkpoint of the run that verifies.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from twinflow.train import manifest
+
 TAG = "ckpt"
 TEACHER_FILE = "teacher.pt"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's directory names inside the run's storage
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none verifies; the message names each one and why."""
 
 
 @dataclass
@@ -35,31 +47,78 @@ class TrainState:
 
 
 def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:
-    """Save this rank's shard and report it (all ranks call this at the same step)."""
+    """Save this rank's shard with its manifest and report it (all ranks call this at the same step)."""
     import ray.train
 
+    world = ray.train.get_context().get_world_size()
     tmp = Path(tempfile.mkdtemp(prefix=f"twinflow-ckpt-s{state.step}-r{rank}-"))
     try:
         engine.save_checkpoint(str(tmp), tag=TAG, client_state={"train_state": state.as_dict()})
         if rank == 0 and teacher is not None and teacher.state_dict():
             torch.save(teacher.state_dict(), tmp / TEACHER_FILE)
+        manifest.write_manifest(tmp, rank, world, state.step)  # last: it vouches for the files above
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(engine, teacher) -> TrainState | None:
-    """Load the latest reported checkpoint into the engine and teacher; None on a fresh start."""
+def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list:
+    """Checkpoints to try, best first: Ray's latest, then the run's other checkpoint directories
+    newest first (Ray names them by time). Nothing when Ray has none (a fresh start)."""
+    if latest is None:
+        return []
+    out = [latest]
+    if run_uri is None:
+        return out
+    import pyarrow.fs as pafs
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    from twinflow.data.storage import open_filesystem
+
+    fs, base = open_filesystem(run_uri, endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    seen = {str(latest.path).rstrip("/")}
+    out += [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs if d.rstrip("/") not in seen]
+    return out
+
+
+def restore(engine, teacher, run_uri: str | None = None, endpoint: str | None = None,
+            log_file: Path | None = None) -> TrainState | None:
+    """Load the newest checkpoint that verifies into the engine and teacher; None on a fresh start.
+
+    `run_uri` (the run's storage directory) lets a restore fall back past a bad latest checkpoint;
+    `log_file` (rank 0) gets every skip and the restore, one line each, besides stdout."""
+    import ray.train
+
+    def note(line: str) -> None:
+        if log_file is None:
+            return
+        print(f"[twinflow] {line}", flush=True)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("a") as fh:
+            fh.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + line + "\n")
+
+    tried = candidates(ray.train.get_checkpoint(), run_uri, endpoint)
+    if not tried:
         return None
-    with ckpt.as_directory() as d:
-        load_path, client = engine.load_checkpoint(d, tag=TAG)
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {ckpt.path} holds no DeepSpeed state under tag {TAG!r}")
-        teacher_file = Path(d) / TEACHER_FILE
-        if teacher is not None and teacher_file.exists():
-            teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=False))
-    return TrainState.from_dict(client["train_state"])
+    skipped = []
+    for ckpt in tried:
+        with ckpt.as_directory() as d:
+            problems = manifest.verify(d)
+            if problems:
+                skipped.append(f"{ckpt.path}: {'; '.join(problems[:3])}")
+                note(f"skipping checkpoint {ckpt.path}: {'; '.join(problems[:3])}")
+                continue
+            load_path, client = engine.load_checkpoint(d, tag=TAG)
+            if load_path is None:
+                raise CheckpointError(f"checkpoint {ckpt.path} holds no DeepSpeed state under tag {TAG!r}")
+            teacher_file = Path(d) / TEACHER_FILE
+            if teacher is not None and teacher_file.exists():
+                teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=False))
+            state = TrainState.from_dict(client["train_state"])
+            note(f"{'fell back to' if skipped else 'restored'} checkpoint {ckpt.path} (step {state.step})")
+        return state
+    raise CheckpointError("no checkpoint of this run verifies:\n  " + "\n  ".join(skipped)
+                          + "\nrerun with --fresh to start over (this deletes them)")

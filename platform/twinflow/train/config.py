@@ -14,13 +14,16 @@ from twinflow.config import StrictModel, load_config
 from twinflow.data.config import DataConfig
 from twinflow.method.config import MethodConfig
 from twinflow.models.config import ModelConfig
+from twinflow.train.paths import NAME_PATTERN
 from twinflow.train.sections import ClusterConfig, DeepSpeedConfig, EvalConfig, OutputConfig, TrainConfig
 
 
 class JobConfig(StrictModel):
     """A training job. Every shipped `jobs/*.yaml` validates against this model in the tests."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(..., pattern=NAME_PATTERN,
+                      description="the run directory's name under output.dir: a letter or digit, then letters, "
+                                  "digits, '_', '.' or '-' (never '.' or '..': --fresh deletes <output.dir>/<name>)")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     data: DataConfig
     model: ModelConfig

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from twinflow.config import ConfigError
 from twinflow.train.config import JobConfig, load_job
+from twinflow.train.paths import check_remote_run, remove_run_dir
 from twinflow.train.progress import plot_losses
+from twinflow.train.summary import write_summary
 
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -43,6 +46,7 @@ class JobResult:
     export_dir: str | None = None
     error: str | None = None
     remote_dir: str | None = None
+    bad_records: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -76,8 +80,20 @@ def _storage(job: JobConfig, run_dir: Path) -> dict[str, Any]:
             "storage_filesystem": s3_filesystem(job.output.s3_endpoint)}
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def ensure_ray(job: JobConfig, address: str | None) -> None:
-    """Join `address` (or the job's), else start an embedded local cluster sized to never starve Ray Data."""
+    """Join `address` (or the job's), else start an embedded local cluster sized to never starve Ray Data.
+
+    The local cluster runs its own dashboard on a free 127.0.0.1 port. Ray Train's placement-group
+    cleaner asks the state API (the dashboard's address recorded in GCS) whether the Train controller
+    lives. Without a dashboard that address is the machine-wide default 127.0.0.1:8265: unanswered it
+    logs "Failed to query" forever; answered by ANOTHER Ray cluster's dashboard, our live controller is
+    "not found", read as dead, and its placement group (both workers) is removed mid-run."""
     import ray
 
     if ray.is_initialized():
@@ -88,7 +104,8 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     else:
-        ray.init(num_cpus=job.cluster.local_num_cpus, include_dashboard=False,
+        ray.init(num_cpus=job.cluster.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(),
                  object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
                  runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
 
@@ -108,7 +125,27 @@ def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | 
 def run_job_file(path: str | Path, overrides: Iterable[str] = (), address: str | None = None,
                  fresh: bool = False) -> JobResult:
     job = load_job(path, overrides)  # an invalid file fails here, before anything starts
+    try:
+        check_inputs(job)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return run_job(job, address=address, fresh=fresh)
+
+
+def check_inputs(job: JobConfig) -> None:
+    """Paths the job reads exist (before Ray starts): a ConfigError naming the field otherwise."""
+    from twinflow.data import storage
+
+    for field, uri, endpoint in (("data.path", job.data.path, job.data.s3_endpoint),
+                                 ("train.init_from", job.train.init_from, job.output.s3_endpoint)):
+        if not uri:
+            continue
+        try:
+            found = storage.exists(uri, endpoint)
+        except OSError as exc:
+            raise ConfigError(f"{field}: {uri}: cannot be read ({exc})") from None
+        if not found:
+            raise ConfigError(f"{field}: {uri} does not exist")
 
 
 def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
@@ -119,13 +156,14 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
         job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
     if "://" not in job.data.path:  # the workers read the data manifest too (periodic eval's judge)
         job.data.path = str(Path(job.data.path).expanduser().resolve())
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if fresh:  # only ever <output.dir>/<name>, proven to be one run directory (twinflow.train.paths)
+        remove_run_dir(run_dir.parent, job.name)
     if fresh and is_remote(job):
         from twinflow.data.storage import delete_dir, exists
 
-        if exists(remote_run_uri(job), job.output.s3_endpoint):
-            delete_dir(remote_run_uri(job), job.output.s3_endpoint)
+        uri = check_remote_run(remote_run_uri(job))
+        if exists(uri, job.output.s3_endpoint):
+            delete_dir(uri, job.output.s3_endpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
     if job.eval.metrics and job.eval.prompts:  # a prompt naming no class of the data fails here, not at step N
@@ -142,6 +180,7 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     from ray.train.torch import TorchTrainer
 
     from twinflow.data import build_train_dataset
+    from twinflow.train.lifeline import driver_info
     from twinflow.train.worker import train_loop
 
     null_cond, eval_cond = encode_conditions(job)
@@ -150,7 +189,8 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     return TorchTrainer(
         train_loop,
         train_loop_config={"job": job.model_dump(by_alias=True), "run_dir": str(run_dir),
-                           "null_cond": null_cond, "eval_cond": eval_cond},
+                           "null_cond": null_cond, "eval_cond": eval_cond, "driver": driver_info(),
+                           "checkpoint_root": remote_run_uri(job) or str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
             resources_per_worker={"CPU": job.cluster.cpus_per_worker,
@@ -167,14 +207,16 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
 def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> JobResult:
     import ray.train
 
+    check_inputs(job)  # a missing data path is one line, before Ray starts
     run_dir = prepare_run(job, fresh)
     ensure_ray(job, address)
     trainer = build_trainer(job, run_dir)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        out = JobResult(ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc))
-        (run_dir / "summary.json").write_text(out.to_json())
+        out = JobResult(ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc),
+                        bad_records=_bad_records(job))
+        write_summary(run_dir / "summary.json", asdict(out))
         _publish(job, run_dir, out)
         print(f"[twinflow] job {job.name} ERRORED: {exc}")
         return out
@@ -185,11 +227,21 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     out = JobResult(ok=result.error is None, state="FINISHED" if result.error is None else "ERRORED",
                     run_dir=str(run_dir), steps=int(metrics.get("step", 0)), metrics=metrics,
                     export_dir=str(export) if export.exists() else None,
-                    error=str(result.error) if result.error else None)
-    (run_dir / "summary.json").write_text(out.to_json())
+                    error=str(result.error) if result.error else None, bad_records=_bad_records(job))
+    write_summary(run_dir / "summary.json", asdict(out))
     _publish(job, run_dir, out)
     print_summary(job, out)
     return out
+
+
+def _bad_records(job: JobConfig) -> dict[str, Any] | None:
+    """The streamed split's bad-record summary (counts per reason and shard), None when unavailable."""
+    from twinflow.data.streaming import bad_record_report
+
+    try:
+        return bad_record_report(job.data)
+    except Exception as exc:  # the counter actor is gone (e.g. Ray shut down): say so, do not fail the summary
+        return {"error": f"bad-record counts unavailable: {type(exc).__name__}: {exc}"}
 
 
 def _publish(job: JobConfig, run_dir: Path, out: JobResult) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from twinflow.data import iter_torch_kwargs
-from twinflow.train import checkpointing
+from twinflow.train import checkpointing, lifeline
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
@@ -47,6 +47,8 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_cond = _as_cond(config["eval_cond"]) if config.get("eval_cond") else None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    lifeline.watch_driver(config.get("driver"))  # a dead driver ends this worker at once
+    _write_pid(run_dir, rank)
     device = torch.device("cuda", ctx.get_local_rank()) if job.cluster.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
@@ -59,7 +61,8 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
     objective = modelling.build_objective(job)
 
-    state = checkpointing.restore(engine, teacher) or TrainState()
+    state = checkpointing.restore(engine, teacher, config.get("checkpoint_root"), job.output.s3_endpoint,
+                                  log_file=run_dir / "logs" / "checkpoints.log" if rank == 0 else None) or TrainState()
     log = None
     if rank == 0:
         log = MetricsLog(run_dir / "logs" / "metrics.jsonl", resume_step=state.step,
@@ -175,6 +178,13 @@ def train_loop(config: dict[str, Any]) -> None:
         log.close()
     if dist.is_initialized():
         dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
+
+
+def _write_pid(run_dir: Path, rank: int) -> None:
+    """`logs/workers/rank<R>.pid`: which processes train this run (the driver-death test checks them)."""
+    path = run_dir / "logs" / "workers" / f"rank{rank}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
 
 
 def peak_memory_mb(device: torch.device) -> float:

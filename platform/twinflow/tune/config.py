@@ -31,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 
 from twinflow.config import ConfigError, StrictModel
 from twinflow.config.loading import read_yaml, validate
+from twinflow.train.paths import NAME_PATTERN
 
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
 TRAIN_METRIC = re.compile(r"^(step|samples_seen|total|dv_abs|model_calls|nograd_rows|nonfinite|samples_per_s"
@@ -204,7 +205,8 @@ class SchedulerConfig(StrictModel):
 class SweepConfig(StrictModel):
     """A Ray Tune sweep over job fields, each trial a Ray Train job (Tune over Train)."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(..., pattern=NAME_PATTERN, description="the sweep directory's name under storage (never "
+                                                             "'.' or '..': --fresh deletes <storage>/<name>)")
     base_job: str = Field(..., description="job YAML every trial starts from (relative to the working "
                                            "directory, else to this file's directory)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted job field -> value, every trial")
