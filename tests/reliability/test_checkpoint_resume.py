@@ -47,3 +47,4 @@ def test_damaged_newest_checkpoints_are_skipped_and_the_run_falls_back(ray_clust
     assert meta["steps"] == 8 and all(torch.isfinite(p).all() for p in gen.parameters())
     summary = json.loads((run / "summary.json").read_text())
     assert [a["state"] for a in summary["attempts"]] == ["FINISHED", "FINISHED"]
+    assert summary["bad_records"]["bad"] == 0 and second.metrics["data/bad_records"] == 0

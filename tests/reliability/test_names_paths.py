@@ -95,3 +95,17 @@ def test_remote_deletes_need_a_bucket_and_a_plain_run_prefix(uri):
     with pytest.raises(UnsafePathError):
         check_remote_run(uri)
     assert check_remote_run("s3://bucket/runs/job") == "s3://bucket/runs/job"
+
+
+def test_missing_data_path_is_one_line_before_ray(tmp_path, monkeypatch):
+    from twinflow.train import launcher
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a job whose data path does not exist")
+
+    monkeypatch.setattr(launcher, "ensure_ray", no_ray)
+    job_file = REPO / "jobs" / "fashion_base_fm.yaml"
+    with pytest.raises(ConfigError) as err:
+        launcher.run_job_file(job_file, [f"data.path={tmp_path / 'nope'}", f"output.dir={tmp_path}"])
+    assert str(err.value) == f"{job_file}: data.path: {tmp_path / 'nope'} does not exist"
+    assert not (tmp_path / "fashion_base_fm").exists()

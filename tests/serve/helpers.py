@@ -58,7 +58,7 @@ def train_tiny(out: Path, *, steps: int, seed: int, metadata: dict, init=None):
 def app_args(exports: dict[str, Path], **extra) -> dict:
     args = {"models": [{"id": k, "path": str(v)} for k, v in exports.items()],
             "limits": {"max_nfe": 8, "max_images": 4, "max_prompt_chars": 100, "max_image_bytes": 64 * 1024,
-                       "max_image_side": 256},
+                       "max_image_side": 256, "body_timeout_s": 3.0, "max_body_readers": 32},
             "batching": {"max_batch_images": 16, "batch_wait_timeout_s": 0.05},
             "auth_token_env": None}
     args.update(extra)

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from twinflow.serve.body import BodyReaders, parse_json
 from twinflow.serve.config import DEPLOYMENT, ServeAppConfig, parse_args
 from twinflow.serve.engine import (
     EDIT_TASK,
@@ -92,6 +93,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Whatever slipped through still answers with the JSON error model, never plain text."""
+    return JSONResponse({"error": {"type": "internal_error", "message": f"{type(exc).__name__} while handling "
+                                                                        "the request"}}, status_code=500)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": {"type": "invalid_request", "message": "request does not match the schema",
@@ -116,6 +124,13 @@ class TwinFlow:
         self.token = token or (os.environ.get(env) if env else None) or None
         self.limits = self.cfg.limits
         self.max_batch = self.cfg.batching.max_batch_images
+        self.readers = BodyReaders(self.limits.max_body_readers, self.limits.body_timeout_s,
+                                   self.limits.max_body_bytes)
+        from PIL import Image
+
+        # Image.open raised DecompressionBombError (a 400) on a 20000x20000 header before decode_image's
+        # side check (413) ran; that check bounds the pixels instead (max_image_side <= 16384).
+        Image.MAX_IMAGE_PIXELS = None
         self._page: Optional[str] = None
         # model side
         torch.set_num_threads(self.cfg.threads)
@@ -167,23 +182,30 @@ class TwinFlow:
         return [f.result() for f in futs]
 
     async def _compute(self, take: list) -> None:
-        batch = [it for it, _ in take]
+        """Sample one turn's requests together; when that fails, each runs alone, so a bad request
+        fails by itself instead of taking its batch mates down with it."""
         try:
-            models = {mid: await self.get_model(mid) for mid in dict.fromkeys(it.model_id for it in batch)}
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.pool, run_items, models, self.encoders, batch)
+            await self._sample(take)
         except asyncio.CancelledError:  # put back what this turn took, for the next turn
             self.pending.extendleft(reversed([t for t in take if not t[1].done()]))
             raise
         except Exception as exc:
-            for _, f in take:
-                if not f.done():
-                    f.set_exception(exc)
-        else:
-            for (_, f), r in zip(take, results):
-                if not f.done():
-                    f.set_result(r)
-        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+            if len(take) == 1:
+                if not take[0][1].done():
+                    take[0][1].set_exception(exc)
+            else:
+                for one in take:
+                    await self._compute([one])
+                return
+        self.batch_sizes[len(take)] = self.batch_sizes.get(len(take), 0) + 1
+
+    async def _sample(self, take: list) -> None:
+        batch = [it for it, _ in take]
+        models = {mid: await self.get_model(mid) for mid in dict.fromkeys(it.model_id for it in batch)}
+        results = await asyncio.get_running_loop().run_in_executor(self.pool, run_items, models, self.encoders, batch)
+        for (_, f), r in zip(take, results):
+            if not f.done():
+                f.set_result(r)
 
     # ---------------------------------------------------------------- helpers
     def _auth(self, request: Request) -> None:
@@ -196,22 +218,8 @@ class TwinFlow:
                            headers={"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: Request, schema):
-        limit = self.limits.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
-        buf = bytearray()
-        async for chunk in request.stream():  # read no further than the limit, whatever the headers say
-            buf += chunk
-            if len(buf) > limit:
-                raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
-        raw = bytes(buf)
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "malformed_json", "request body must be a JSON object")
+        raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
+        data = parse_json(raw, self.limits.max_json_depth)
         try:
             return schema.model_validate(data)
         except ValidationError as exc:

@@ -47,7 +47,14 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(500, ge=1, le=100_000)
     max_guidance: float = Field(20.0, ge=0.0)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="decoded size of an uploaded image")
-    max_image_side: int = Field(2048, ge=8, description="width and height of an uploaded image")
+    max_image_side: int = Field(2048, ge=8, le=16384, description="width and height of an uploaded image "
+                                                                 "(also the decompression-bomb bound)")
+    max_json_depth: int = Field(32, ge=2, le=1000, description="nesting of arrays/objects in a request body")
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="a request body must arrive within this "
+                                                                 "(408 otherwise): slow senders cannot hold slots")
+    max_body_readers: int = Field(64, ge=1, le=100_000,
+                                  description="request bodies read at once per replica; more get 503 at once, "
+                                              "so slow senders never fill max_ongoing_requests")
 
     @model_validator(mode="after")
     def _order(self) -> "Limits":

@@ -3,13 +3,16 @@
 Requests are strict (`extra="forbid"`, no type coercion): an unknown field or a string where a
 number belongs is a 422 with the offending location. Bounds that depend on the deployment's config
 (NFE range, images per request, prompt length) are checked by `check_limits` after parsing, with
-the same error shape. Every error body is `{"error": {"type", "message", "details"}}`.
+the same error shape. Every error body is `{"error": {"type", "message", "details"}}`, and it is
+always encodable: numbers must be finite and text valid Unicode (a lone surrogate or 1e309 once
+reached the encoder and came back as a plain-text 500).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from twinflow.serve.config import Limits
 
@@ -30,29 +33,61 @@ class ApiError(Exception):
         err: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.details is not None:
             err["details"] = self.details
-        return {"error": err}
+        return json_safe({"error": err})
+
+
+def json_safe(value: Any) -> Any:
+    """A copy that strict JSON can encode: non-finite floats and undecodable strings become repr text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {str(json_safe(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _unicode(text: str) -> str:
+    """Reject text that is not valid Unicode (JSON's \\ud800 escapes can carry lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate at position {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+ModelId = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="model id (GET /v1/models); default: the deployment's default")
+    model: ModelId | None = Field(None,
+                               description="model id (GET /v1/models); omit it (not \"\") for the default")
     nfe: int = Field(1, description="function evaluations: 1, 2, 4, ... (the any-step knob)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed and inputs give the same image; "
                                                                  "default: random (returned)")
     num_images: int = Field(1, description="images from this seed (one noise draw of shape (n, C, H, W))")
-    guidance: float = Field(0.0, ge=0.0, description="extra CFG weight; 0: the baked-in CFG of training")
+    guidance: float = Field(0.0, ge=0.0, allow_inf_nan=False,
+                            description="extra CFG weight; 0: the baked-in CFG of training")
     format: Literal["png", "base64-json"] = Field(
         "base64-json", description="png: the image itself (num_images must be 1); base64-json: JSON with base64 PNGs")
 
 
 class GenerateRequest(_Request):
-    prompt: str = Field(description="caption, e.g. 'a photo of a sneaker'")
+    prompt: Text = Field(description="caption, e.g. 'a photo of a sneaker'")
 
 
 class EditRequest(_Request):
-    image: str = Field(description="the image to edit: base64 PNG/JPEG/WebP, optionally as a data: URL")
-    instruction: str = Field(description="what to change, e.g. 'flip the sneaker horizontally'")
+    image: Text = Field(description="the image to edit: base64 PNG/JPEG/WebP, optionally as a data: URL")
+    instruction: Text = Field(description="what to change, e.g. 'flip the sneaker horizontally'")
 
 
 class ImageOut(BaseModel):
@@ -134,5 +169,5 @@ def check_limits(req: _Request, text: str, limits: Limits) -> None:
 
 def validation_details(exc: Any) -> list[dict[str, Any]]:
     """pydantic ValidationError -> JSON-safe list of {loc, msg, type}."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in exc.errors()]
+    return json_safe([{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                      for e in exc.errors()])

@@ -222,12 +222,15 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
         return out
 
     metrics = dict(result.metrics or {})
+    bad = _bad_records(job)
+    if bad and "bad" in bad:
+        metrics["data/bad_records"] = bad["bad"]
     plot_losses(run_dir / "logs" / "metrics.jsonl", run_dir / "loss.png")
     export = run_dir / "export"
     out = JobResult(ok=result.error is None, state="FINISHED" if result.error is None else "ERRORED",
                     run_dir=str(run_dir), steps=int(metrics.get("step", 0)), metrics=metrics,
                     export_dir=str(export) if export.exists() else None,
-                    error=str(result.error) if result.error else None, bad_records=_bad_records(job))
+                    error=str(result.error) if result.error else None, bad_records=bad)
     write_summary(run_dir / "summary.json", asdict(out))
     _publish(job, run_dir, out)
     print_summary(job, out)

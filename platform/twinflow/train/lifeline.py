@@ -15,12 +15,16 @@ from typing import Any, Callable
 CHECK_EVERY_S = 0.5
 
 
-def driver_info() -> dict[str, Any]:
-    """Who to watch: this process (the one building the trainer), its node and Ray job."""
+def driver_info() -> dict[str, Any] | None:
+    """Who to watch: this process (the one building the trainer), its node and Ray job; None where
+    Ray cannot say (e.g. a Ray Client driver), and then nothing is watched."""
     import ray
 
-    ctx = ray.get_runtime_context()
-    return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "job_id": ctx.get_job_id()}
+    try:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "job_id": ctx.get_job_id()}
+    except Exception:
+        return None
 
 
 def pid_alive(pid: int) -> bool:

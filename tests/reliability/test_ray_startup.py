@@ -1,0 +1,73 @@
+"""Defect 4: Ray's placement-group cleaner removed a live job's workers. Without a dashboard its
+state-API query went to the machine-wide default 127.0.0.1:8265, where another cluster's dashboard
+(or nothing) answered; an actor unknown there reads as dead. `twinflow train` now starts Ray with its
+own dashboard on a free port, so the cleaner asks the right cluster. Runs in a child process: the
+test session's own Ray is already up."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+PROBE = r"""
+import json, sys
+import ray
+from ray.dashboard.utils import get_address_for_submission_client
+from ray.train.v2._internal.state.util import is_actor_alive
+from tests.reliability.helpers import make_job
+from twinflow.train.launcher import ensure_ray
+
+ensure_ray(make_job(sys.argv[1], sys.argv[2], "probe"), None)
+
+@ray.remote(num_cpus=0)
+class Live:
+    def me(self):
+        return ray.get_runtime_context().get_actor_id()
+
+live = Live.remote()
+print(json.dumps({"api": get_address_for_submission_client(None),
+                  "alive": is_actor_alive(ray.get(live.me.remote()), 10),
+                  "unknown": is_actor_alive("ab" * 16, 10)}))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_the_cleaner_asks_this_clusters_own_state_api(fashion_small, tmp_path):
+    out = subprocess.run([sys.executable, "-c", PROBE, str(fashion_small), str(tmp_path)], env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["api"] != "http://127.0.0.1:8265"  # the port every dashboard-less cluster here shares
+    assert probe["alive"] is True  # a live actor is seen alive: the check the cleaner makes
+    assert not probe["unknown"]    # and an unknown one is not (what another cluster says of ours)
+
+
+def test_a_job_under_cpu_contention_sees_no_cleaner_misfire(fashion_small, tmp_path):
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        out = subprocess.run([sys.executable, str(HERE / "drive_job.py"), str(fashion_small), str(tmp_path), "pgjob"],
+                             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=360)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    session = Path(next(line.split(" ", 1)[1] for line in out.stdout.splitlines() if line.startswith("SESSION ")))
+    logs = "".join(p.read_text(errors="replace") for p in (session / "logs").glob("*") if p.is_file())
+    logs += out.stdout + out.stderr
+    assert "Failed to query Ray Train Controller actor state" not in logs
+    assert "Detected that the Ray Train controller actor" not in logs
+    assert json.loads((tmp_path / "pgjob" / "summary.json").read_text())["state"] == "FINISHED"
