@@ -7,9 +7,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
-SHORT = {"fm": "base", "lambda0": "lambda=0", "twinflow": "TwinFlow", "pretrain": "pretrain"}
-GRID_BLOCKS = [("fm", "1"), ("fm", "4"), ("fm", "50"), ("lambda0", "1"), ("twinflow", "1"), ("twinflow", "2"),
-               ("twinflow", "4")]
+SHORT = {"base": "base", "twinflow": "TwinFlow"}
+GRID_BLOCKS = [("base", "1"), ("base", "4"), ("base", "50"), ("twinflow", "1"), ("twinflow", "2"), ("twinflow", "4")]
 
 
 def _f(v: float | None, nd: int = 2) -> str:
@@ -20,29 +19,42 @@ def _f(v: float | None, nd: int = 2) -> str:
 
 def table(ds: str, res: dict[str, Any]) -> str:
     arms = res["arms"]
-    floor = arms["fm"]["floor"]
-    lines = ["| model (equal budget) | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | collapsed classes |",
-             "|---|---|---|---|---|---|---|"]
+    floor = arms["base"]["floor"]
+    lines = ["| model | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | saturated pixels "
+             "| collapsed classes |", "|---|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():
+        sampler = a["sampler"] + (f", CFG {1 + a['guidance']:g}" if a.get("guidance") else "")
         for nfe, m in a["nfe"].items():
-            lines.append(f"| {a['label']} | {a['sampler']} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
-                         f"{_f(m['diversity'])} | {m['collapse']:.0%} |")
+            lines.append(f"| {a['label']} | {sampler} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
+                         f"{_f(m['diversity'])} | {m.get('saturation', float('nan')):.3f} | {m['collapse']:.0%} |")
     acc = res.get("judge_accuracy")
-    lines.append(f"| *real train images (floor)* | - | - | {_f(floor['fd'])} | "
-                 f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | - |")
+    lines.append(f"| *real images (floor)* | - | - | {_f(floor['fd'])} | "
+                 f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | "
+                 f"{floor.get('saturation', float('nan')):.3f} | - |")
     return "\n".join(lines)
 
 
 def targets_text(ds: str, res: dict[str, Any], targets: dict[str, float]) -> str:
     t = res["targets"]
     arms = res["arms"]
-    base50 = arms["fm"]["nfe"]["50"]["fd"]
+    base50 = arms["base"]["nfe"]["50"]["fd"]
     tf1 = arms["twinflow"]["nfe"]["1"]
-    lines = [f"- TwinFlow 1-NFE Fréchet distance {_f(tf1['fd'])} vs the base's 50-NFE {_f(base50)}: "
+    ok = lambda flag: "met" if flag else "missed"  # noqa: E731
+    lines = [f"- Base 50-NFE adherence **{t['base_adherence_50nfe']:.1%}** (target >= "
+             f"{targets['base_adherence_min'][ds]:.0%}): **{ok(t['base_adherence_ok'])}**",
+             f"- TwinFlow 1-NFE Fréchet distance {_f(tf1['fd'])} vs the base's 50-NFE {_f(base50)}: "
              f"ratio **{t['fd_ratio_1nfe_vs_base50']:.2f}** (target <= {targets['fd_ratio_max']}): "
              f"**{'met' if t['fd_ok'] else 'missed'}**",
              f"- TwinFlow 1-NFE diversity **{_f(t['diversity_1nfe'])}** x real (target >= {targets['diversity_min']}): "
              f"**{'met' if t['diversity_ok'] else 'missed'}**"]
+    if "saturation_ratio_1nfe" in t:
+        lines.append(f"- TwinFlow 1-NFE saturated pixels **{t['saturation_ratio_1nfe']:.2f}x** real (target within "
+                     f"{targets['saturation_ratio_max']:g}x): **{ok(t['saturation_ok'])}**")
+    g = res.get("effective_guidance")
+    if g:
+        lines.append(f"- Guidance baked in by the fine-tune, against the base on held-out images: scale "
+                     f"**{g['scale']:.2f}** (" + ", ".join(f"t={k[7:]}: {v:.2f}" for k, v in g.items()
+                                                             if k.startswith("scale_t")) + ")")
     if "adherence_1nfe" in t:
         lines.append(f"- TwinFlow 1-NFE adherence **{t['adherence_1nfe']:.1%}** (target >= "
                      f"{targets['mnist_adherence_min']:.0%}): **{'met' if t['adherence_ok'] else 'missed'}**")
@@ -56,7 +68,7 @@ def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     arms = res["arms"]
-    floor = arms["fm"]["floor"]
+    floor = arms["base"]["floor"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for arm, a in arms.items():
         nfes = [int(n) for n in a["nfe"]]
@@ -76,7 +88,7 @@ def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
     axes[0].set_yscale("log")
     axes[1].set_ylim(0, 1.02)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{NAMES.get(ds, ds)}: equal training budget", fontsize=11)
+    fig.suptitle(f"{NAMES.get(ds, ds)}: TwinFlow vs its flow-matching base", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -99,17 +111,15 @@ def grid(ds: str, res: dict[str, Any], path: Path, per_class: int = 3) -> Path:
 
 def write_report(results: dict[str, Any], doc: Path, img: Path, begin: str, end: str) -> None:
     cfg = results["config"]
+    jobs = "; ".join(f"{NAMES.get(ds, ds)}: `{j['base']}` then `{j['twinflow']}`" for ds, j in cfg["jobs"].items())
     parts = [begin, "",
-             "Measured by `nice -n 5 .venv/bin/python benchmarks/quality.py` "
-             "(flow-matching pretraining: " + ", ".join(f"{NAMES.get(k, k)} {v} steps" for k, v in cfg["pretrain_steps"].items())
-             + f" on 2 workers x micro-batch 32; then {cfg['steps']} steps per arm on {cfg['arm_workers']} worker(s) x 32 "
-             f"at lr {cfg['lr']:g}; {cfg['samples_per_class']} samples per class per NFE, seed {cfg['seed']}); "
-             f"raw numbers in `benchmarks/results/quality.json`; total wall time "
+             f"Measured {results.get('date', '')} by `.venv/bin/python benchmarks/quality.py` (the shipped jobs as "
+             f"they are: {jobs}; {cfg['samples_per_class']} samples per class per NFE, seed {cfg['seed']}, the same "
+             f"noise for every arm); raw numbers in `benchmarks/results/quality.json`; total wall time "
              f"{results.get('total_wall_s', 0) / 60:.0f} min on {cfg['machine']}"
-             + (" (training runs marked *reused* below ran earlier, with identical job configs, in a "
-                "`--stage train` invocation of this script; their exports were reused and their wall time is "
-                "not in this total)" if any(v.get("reused") for t in results["training"].values() for v in t.values())
-                else "") + ".", ""]
+             + (" (training runs marked *reused* below ran earlier with identical job configs, e.g. in `make demo`; "
+                "their wall time is not in this total)"
+                if any(v.get("reused") for t in results["training"].values() for v in t.values()) else "") + ".", ""]
     for ds, res in results["datasets"].items():
         name = NAMES.get(ds, ds)
         p = plot(ds, res, img / f"quality_{ds}.png")
@@ -118,8 +128,7 @@ def write_report(results: dict[str, Any], doc: Path, img: Path, begin: str, end:
         times = ", ".join(f"{SHORT.get(k, k)} {v.get('wall_s', '?')} s" + (" (reused)" if v.get("reused") else "")
                           for k, v in train.items())
         parts += [f"### {name}", "", table(ds, res), "", targets_text(ds, res, results["targets"]), "",
-                  f"Training wall time per job, start-up (~1-2 min) included (pretrain on 2 Ray Train workers, "
-                  f"arms on {cfg['arm_workers']}; CPUs shared with other jobs): {times}.", "",
+                  f"Training wall time per job, Ray start-up included (2 Ray Train workers): {times}.", "",
                   f"![{name} metrics per NFE](img/{p.name})", "",
                   f"![{name} samples: rows are classes; each block is one model at one NFE, same noise per column]"
                   f"(img/{g.name})", ""]

@@ -50,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore checkpoints of an earlier run with the same name and start at step 0")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("demo", help="the main demo: Fashion-MNIST flow-matching base, then TwinFlow fine-tune, "
+    p = sub.add_parser("demo", help="the main demo: MNIST flow-matching base, then TwinFlow fine-tune, "
                                       "1-NFE vs 50-NFE grids (~15 min on 2 CPU cores)")
     p.add_argument("--fresh", action="store_true", help="start both jobs over instead of resuming")
     p.add_argument("--set-base", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of jobs/fashion_base_fm.yaml (repeatable)")
+                   help="override a field of jobs/mnist_base_fm.yaml (repeatable)")
     p.add_argument("--set-twinflow", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of jobs/fashion_twinflow.yaml (repeatable)")
+                   help="override a field of jobs/mnist_twinflow.yaml (repeatable)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("toy", help="2-D toy: TwinFlow vs flow matching at 1/2/4 NFE")

@@ -1,7 +1,8 @@
 """`twinflow demo`: the README's main demo, end to end on one machine.
 
-Fashion-MNIST shards -> flow-matching base job -> TwinFlow fine-tune of its export -> one comparison
-grid (base at 50 NFE and 1 NFE vs TwinFlow at 1 and 2 NFE, same prompts and noise) and the numbers.
+MNIST shards -> flow-matching base job -> TwinFlow fine-tune of its export -> one comparison grid (base
+at 50 NFE with its CFG and at 1 NFE vs TwinFlow at 1 and 2 NFE, same prompts and noise) and the judge's
+numbers. Digits make prompt adherence unambiguous (the judge reads 98.9% of real held-out digits).
 Each stage is an ordinary job YAML run through `twinflow train`, so a rerun resumes or skips finished
 work (Ray Train restores each job's last checkpoint); `--fresh` starts both jobs over.
 """
@@ -14,15 +15,16 @@ from typing import Any
 
 import torch
 
-BASE_JOB = "jobs/fashion_base_fm.yaml"
-TWINFLOW_JOB = "jobs/fashion_twinflow.yaml"
-PIPELINE = "pipelines/fashion_mnist.yaml"
-PROMPTS = ["a photo of a sneaker", "a photo of a trouser", "a photo of a bag", "a photo of a dress",
-           "a photo of a sandal", "a photo of a pullover"]
+BASE_JOB = "jobs/mnist_base_fm.yaml"
+TWINFLOW_JOB = "jobs/mnist_twinflow.yaml"
+PIPELINE = "pipelines/mnist_digits.yaml"
+DATA = "data/mnist_digits"
+PROMPTS = [f"a handwritten digit {n}" for n in ("zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                  "eight", "nine")]
 
 
 def ensure_shards(pipeline: str = PIPELINE) -> Path:
-    """Build the Fashion-MNIST shards once (a folder with a manifest is a finished build)."""
+    """Build the demo's shards once (a folder with a manifest is a finished build)."""
     from twinflow.data import build_pipeline, load_pipeline
 
     cfg = load_pipeline(pipeline)
@@ -37,8 +39,10 @@ def ensure_shards(pipeline: str = PIPELINE) -> Path:
 @torch.no_grad()
 def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_prompt: int = 2,
                     seed: int = 7) -> dict[str, Any]:
-    """Rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, TwinFlow 2 NFE: same prompts, same noise."""
+    """Rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, TwinFlow 2 NFE: same prompts, same noise; the base
+    with the CFG its export recommends (`sample_guidance`), TwinFlow at guidance 0 (baked in)."""
     from twinflow.imaging import save_grid
+    from twinflow.method.config import sample_guidance_of
     from twinflow.method.sampler import sample, settings_for_method
     from twinflow.models.export import load_generator, read_metadata
     from twinflow.models.text_encoder import TextEncoder
@@ -46,19 +50,23 @@ def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_
     base, base_meta = load_generator(base_export)
     twin, twin_meta = load_generator(twin_export)
     methods = {"base": base_meta.get("method"), "twinflow": twin_meta.get("method")}
+    guidance = {"base": sample_guidance_of(base_meta.get("method_config")),
+                "twinflow": sample_guidance_of(twin_meta.get("method_config"))}
     max_len = int(read_metadata(twin_export)["text_encoder"]["max_length"])
     enc = TextEncoder(max_length=max_len)
     cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(PROMPTS).items()}
+    null = enc.null_condition()
     noise = torch.randn((cond["text_states"].shape[0], *twin.sample_shape),
                         generator=torch.Generator().manual_seed(seed))
     rows, labels, timings = [], [], {}
     for name, model, nfe in [("base", base, 50), ("base", base, 1), ("twinflow", twin, 1), ("twinflow", twin, 2)]:
         model.eval()
         t0 = time.perf_counter()
-        rows.append(sample(model, noise, cond, settings=settings_for_method(nfe, methods[name]),
+        w = guidance[name]
+        rows.append(sample(model, noise, cond, settings=settings_for_method(nfe, methods[name], w), null_cond=null,
                            generator=torch.Generator().manual_seed(seed + 1)))
         timings[f"{name}_nfe{nfe}_s"] = time.perf_counter() - t0
-        labels.append(f"{name} {nfe} NFE")
+        labels.append(f"{name} {nfe} NFE" + (f" (CFG {1 + w:g})" if w else ""))
     save_grid(rows, labels, out_png)
     return {"grid": str(out_png), "prompts": PROMPTS, "per_prompt": per_prompt, "sampling_seconds": timings}
 
@@ -88,7 +96,8 @@ def run_demo(*, fresh: bool = False, overrides_base: list[str] | None = None,
     report.update(_evaluation(base.export_dir, twin.export_dir))
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=float))
     print("\n[demo] done in {:.0f} s".format(report["wall_seconds"]))
-    print(f"  comparison grid  {report['grid']}  (rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, 2 NFE)")
+    print(f"  comparison grid  {report['grid']}  (rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, 2 NFE; "
+          "one column per digit)")
     print(f"  base export      {base.export_dir}   final loss {report['base_final_loss']:.4f}")
     print(f"  TwinFlow export  {twin.export_dir}   final loss {report['twinflow_final_loss']:.4f}")
     for k, v in report.get("evaluation", {}).items():
@@ -97,18 +106,24 @@ def run_demo(*, fresh: bool = False, overrides_base: list[str] | None = None,
     return 0
 
 
-def _evaluation(base_export: str, twin_export: str, images_per_class: int = 40) -> dict[str, Any]:
-    """Judge-based numbers (twinflow.eval) over all 10 classes: base at 50 and 1 NFE, TwinFlow at 1 and 2."""
+def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100) -> dict[str, Any]:
+    """Judge-based numbers (twinflow.eval) over all 10 classes: base at 50 and 1 NFE (its CFG), TwinFlow
+    at 1 and 2; the same noise for every arm."""
     from twinflow.eval.periodic import dataset_of, periodic_metrics
+    from twinflow.method.config import sample_guidance_of
     from twinflow.models.export import load_generator
+    from twinflow.models.text_encoder import TextEncoder
 
-    dataset = dataset_of("data/fashion_mnist")
+    dataset = dataset_of(DATA)
     out: dict[str, Any] = {}
     for name, path, nfe in [("base", base_export, [50, 1]), ("twinflow", twin_export, [1, 2])]:
         model, meta = load_generator(path)
         model.eval()
+        guidance = sample_guidance_of(meta.get("method_config"))
+        null = TextEncoder(max_length=int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
         m = periodic_metrics(model, dataset=dataset, prompts=list(range(10)), cond=None, nfe=nfe,
-                             method=meta.get("method"), images_per_prompt=images_per_class, seed=11)
+                             method=meta.get("method"), images_per_prompt=images_per_class, seed=11,
+                             guidance=guidance, null_cond=null)
         for k, v in m.items():
             key = k.split("/", 1)[1]
             out[key if key.endswith("floor") else f"{name}_{key}"] = float(v)

@@ -10,7 +10,7 @@ import torch
 from twinflow.eval.metrics import evaluate_edits, evaluate_generator
 from tests.eval.conftest import tiny_generator
 
-KEYS = ("fd", "adherence", "diversity", "collapse")
+KEYS = ("fd", "adherence", "diversity", "collapse", "saturation")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -21,8 +21,10 @@ def test_evaluate_generator_keys_determinism_and_cond(mnist_judge, mnist_referen
     kw = dict(reference=mnist_reference, images_per_prompt=6, batch_size=5, seed=1)
     a = evaluate_generator(model, prompts, [2, 1], mnist_judge, text_encoder=text_encoder, **kw)
     assert model.training  # mode restored
-    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS for n in (1, 2)} | {"eval/fd_floor", "eval/diversity_floor"}
+    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS for n in (1, 2)} | {"eval/fd_floor", "eval/diversity_floor",
+                                                                           "eval/saturation_floor"}
     assert all(v == v for v in a.values())  # no NaN
+    assert 0.0 <= a["eval/saturation_nfe1"] <= 1.0 and 0.0 < a["eval/saturation_floor"] < 0.5
     # pre-encoded prompts (the training loop's eval_cond) give the same numbers
     cond = text_encoder.encode(prompts)
     b = evaluate_generator(model, prompts, [1, 2], mnist_judge, cond=cond, **kw)

@@ -109,3 +109,11 @@ def test_real_heldout_images_score_like_the_judge(mnist_judge, mnist_reference):
     collapsed = metrics_from_samples(rep, held.labels, mnist_judge, mnist_reference)
     assert collapsed["collapse"] == 1.0 and collapsed["diversity"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["fd"] > 10 * floor["fd"]
+
+
+def test_saturation_counts_pixels_above_the_level():
+    from twinflow.eval.metrics import saturation
+
+    images = torch.tensor([[[[0.95, 0.5], [-1.0, 1.0]]]])
+    assert saturation(images) == pytest.approx(0.5)
+    assert saturation(-images) == pytest.approx(0.25) and saturation(images * 0) == 0.0

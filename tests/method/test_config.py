@@ -54,3 +54,11 @@ def test_method_section_is_a_tagged_union():
     assert isinstance(build_objective(fm), FlowMatchingObjective)
     with pytest.raises(Exception, match="name"):
         adapter.validate_python({"name": "gan"})
+
+
+def test_self_referential_guidance_needs_w_below_one():
+    """With an online or EMA teacher the baked-in CFG scale is ~1/(1 - w): w >= 1 has no fixed point."""
+    for teacher in ("online", "ema"):
+        with pytest.raises(ConfigError, match=r"job.yaml.*enhanced_ratio 1.5 >= 1 with the (online|ema) teacher"):
+            validate(TwinFlowConfig, {"teacher": teacher, "enhanced_ratio": 1.5}, "job.yaml")
+    assert validate(TwinFlowConfig, {"teacher": "frozen", "enhanced_ratio": 4.0}, "job.yaml").enhanced_ratio == 4.0

@@ -35,9 +35,11 @@ def _run(cfg, *, B=16, conditional=True, teacher_mode=None, seed=0, model=None):
         ({"teacher": "online"}, False, 4, [8, 20, 12, 16], []),
         ({"teacher": "online", "rollout_order": 3}, True, 5, [24, 20, 12, 12, 16], []),
         ({"teacher": "online", "rollout_order": 1}, True, 3, [24, 20, 16], []),
-        # EMA/frozen teacher (its own copy): stages A and B are two calls each: N + 4.
+        # EMA teacher (its own copy): stages A and B are two calls each: N + 4.
         ({"teacher": "ema"}, True, 6, [8, 8, 16], [16, 12, 12]),
-        ({"teacher": "frozen"}, False, 5, [8, 8, 16], [12, 12]),
+        # Frozen teacher: only the CFG pair is the frozen copy's; the rollout runs on the online model.
+        ({"teacher": "frozen"}, True, 5, [8, 20, 12, 16], [16]),
+        ({"teacher": "frozen"}, False, 4, [8, 20, 12, 16], []),
         # lambda = 0: no fake samples, no rectify; unconditional: no CFG pair either.
         ({"teacher": "online", "lambda": 0.0}, True, 4, [32, 16, 16, 16], []),
         ({"teacher": "online", "lambda": 0.0}, False, 3, [16, 16, 16], []),
@@ -235,3 +237,75 @@ def test_bf16_autocast_keeps_targets_in_float32():
     assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_frozen_teacher_answers_the_cfg_pair_and_the_online_model_the_rollout():
+    """Reference behaviour: the frozen base never learned jumps (r < t), so RCGM's rollout queries the
+    online model (no grad); only the CFG pair (r = t) comes from the frozen copy."""
+    out, rec, _, teacher = _run(_cfg(teacher="frozen"), B=16, conditional=True)
+    frozen_calls = teacher.module.calls
+    assert len(frozen_calls) == 1 and frozen_calls[0]["x"].shape[0] == 16          # CFG pair, 2 x 8 rows
+    assert torch.equal(frozen_calls[0]["t"], frozen_calls[0]["r"])
+    rollout_rows = [c for c in rec.calls if not c["grad"] and torch.any(c["r"] < c["t"])]
+    assert rollout_rows, "the rollout (r < t) must run on the online model"
+    assert all(not c["out"].requires_grad for c in rollout_rows)
+    # The frozen copy really is the initial model: moving the online weights does not move it.
+    with torch.no_grad():
+        rec.inner.b.add_(1.0)
+    assert not torch.equal(teacher.module.inner.b, rec.inner.b)
+
+
+class _SignVelocity(torch.nn.Module):
+    """G = c * sign(t): fake (t < 0) and real (t > 0) answers differ by a constant, so dv = clip(-2c)
+    is the same for every E2E row whatever the noise."""
+
+    def __init__(self, dim: int = 2) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.linspace(0.2, 0.3, dim))
+
+    def forward(self, x, t, r, cond):
+        return torch.sign(t)[:, None] * self.c + 0.0 * x
+
+
+@pytest.mark.parametrize("loss", ["mse", "barron"])
+def test_rectify_push_per_e2e_row_does_not_depend_on_lambda(monkeypatch, loss):
+    """At fixed B, dL/dG on an E2E row from the rectify term equals the reference's (kappa * 4/B per
+    row) for every lambda; a plain mean over the E2E rows would scale it by 2 / lambda."""
+    import twinflow.method.twinflow as tw
+
+    B, kappa = 40, 0.5
+    real_rectify = tw.rectify_loss
+    grads = {}
+    for lam in (0.15, 1 / 3, 0.5, 0.75):
+        cfg = _cfg(teacher="online", loss=loss, kappa=kappa, **{"lambda": lam})
+        per_lambda = []
+        for scale in (1.0, 0.0):  # the same draws with and without the rectify term
+            monkeypatch.setattr(tw, "rectify_loss", lambda G_e, dv, fn, s=scale: s * real_rectify(G_e, dv, fn))
+            rec = Recorder(_SignVelocity())
+            out = TwinFlowObjective(cfg)(rec, torch.randn(B, 2, generator=torch.Generator().manual_seed(1)), {},
+                                         teacher=None, generator=torch.Generator().manual_seed(2))
+            G = rec.calls[-1]["out"]
+            per_lambda.append(torch.autograd.grad(out.loss, G)[0])
+        nE = cfg.split(B).size("e2e")
+        rect = (per_lambda[0] - per_lambda[1])[:nE]
+        assert torch.count_nonzero((per_lambda[0] - per_lambda[1])[nE:]) == 0
+        grads[lam] = rect
+    dv = (-2 * _SignVelocity().c).clamp(-1, 1)
+    if loss == "mse":  # d/dG mean((G - (G - dv))^2) = 2 dv / D, times kappa * 4 / B
+        expected = kappa * 4 / B * 2 * dv / 2
+        for lam, g in grads.items():
+            assert torch.allclose(g, expected.expand_as(g), atol=1e-7), lam
+    ref = grads[0.5][0]
+    for lam, g in grads.items():
+        assert torch.allclose(g, ref.expand_as(g), rtol=1e-5, atol=1e-9), lam
+
+
+def test_onestep_diagnostics_show_an_outward_push_and_saturation():
+    from twinflow.method.twinflow import onestep_diagnostics
+
+    x_g = torch.tensor([[0.95, -0.5, 0.2, 1.2]])
+    out = onestep_diagnostics(x_g, 0.1 * x_g)          # dv along +x_g: outward, cos(dv, -x_g) = -1
+    assert out["dv_cos"].item() == pytest.approx(-1.0) and out["sat_onestep"].item() == pytest.approx(0.5)
+    assert onestep_diagnostics(x_g, -0.1 * x_g)["dv_cos"].item() == pytest.approx(1.0)
+    metrics = _run(_cfg(teacher="online"), conditional=False)[0].metrics
+    assert {"dv_abs", "dv_cos", "sat_onestep"} <= set(metrics) and -1 <= metrics["dv_cos"] <= 1

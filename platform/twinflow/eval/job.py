@@ -228,6 +228,7 @@ class SampleActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from twinflow.eval.sampling import SampleUnit, sample_unit
+        from twinflow.method.config import sample_guidance_of
 
         cks, nfes, idx, images = [], [], [], []
         for ck, nfe, start, stop, seed in zip(batch["ck"], batch["nfe"], batch["start"], batch["stop"], batch["seed"]):
@@ -235,8 +236,10 @@ class SampleActor:
             model, codec, meta = self._model(ck)
             cond = self._encoder(int(meta["text_encoder"]["max_length"])).encode(self.prompts[ck][start:stop])
             cond = {k: v.to(self.device) for k, v in cond.items()}
+            guidance = sample_guidance_of(meta.get("method_config"))
+            null = self._encoder(int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
             out = sample_unit(model, SampleUnit(start, stop, seed), cond, nfe, self.samplers[ck],
-                              device=self.device, codec=codec)
+                              device=self.device, codec=codec, guidance=guidance, null_cond=null)
             images.append(out.cpu().numpy().astype(np.float32))
             n = stop - start
             cks.append(np.full(n, ck, dtype=np.int64))
@@ -347,7 +350,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
             floors[floor_key] = ref.floor(classes, seed=req.seed)
         entry = {"checkpoint": r.uri, "name": r.name, "dataset": r.dataset, "method": r.meta.get("method"),
                  "lambda": (r.meta.get("method_config") or {}).get("lambda"), "steps": r.meta.get("steps"),
-                 "sampler": r.sampler, "floor": floors[floor_key], "nfe": {}}
+                 "sampler": r.sampler, "guidance": _guidance(r.meta), "floor": floors[floor_key], "nfe": {}}
         for nfe in req.nfe:
             x = torch.from_numpy(images[(ck, nfe)])
             m = metrics_from_samples(x, classes, judges[r.dataset], ref)
@@ -362,6 +365,12 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     report["sampling_s"] = round(t_sample, 1)
     write_reports(report, out_dir, req.grid_per_class)
     return report
+
+
+def _guidance(meta: dict[str, Any]) -> float:
+    from twinflow.method.config import sample_guidance_of
+
+    return sample_guidance_of(meta.get("method_config"))
 
 
 def _edit_scores(req: EvalRequest, ref: CheckpointRef, judge) -> dict[str, float]:

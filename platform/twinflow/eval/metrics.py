@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from twinflow.eval.judges import Judge
+from twinflow.method.twinflow import SATURATION_LEVEL  # one threshold for training diagnostics and eval
 
 COLLAPSE_RATIO = 0.5
 MAX_PAIRWISE = 512  # rows per class used for mean pairwise distances (exact below this)
@@ -168,10 +169,26 @@ class RealReference:
         return out, classes
 
     def floor(self, classes: Sequence[int] | Tensor, seed: int = 0) -> dict[str, float]:
-        """What real training images score, with the same class list (fd, diversity)."""
+        """What real training images score, with the same class list (fd, diversity), and the share of
+        saturated pixels in the real held-out images of those classes."""
         feats, cls = self.real_sample(classes, seed)
         return {"fd": frechet_distance(*feature_stats(feats), *self.stats(cls.tolist())),
-                "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"]}
+                "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"],
+                "saturation": real_saturation(self.dataset, sorted(set(cls.tolist())))}
+
+
+def saturation(images: Tensor, level: float = SATURATION_LEVEL) -> float:
+    """Share of pixels above `level`."""
+    return float((images.float() > level).float().mean())
+
+
+def real_saturation(dataset: str, classes: Sequence[int] | None = None) -> float:
+    """`saturation` of the real held-out images (of `classes` when given): the figure to compare with."""
+    from twinflow.eval.datasets import load_split
+
+    split = load_split(dataset, "heldout")
+    idx = None if classes is None else np.flatnonzero(np.isin(split.labels, list(classes)))
+    return saturation(split.as_float(idx))
 
 
 _REFERENCES: dict[tuple[str, str, int], RealReference] = {}
@@ -242,6 +259,7 @@ def metrics_from_samples(images: Tensor, classes: Sequence[int] | Tensor, judge:
     hits = logits.argmax(1) == classes
     per_class = {int(c): float(hits[classes == c].float().mean()) for c in classes.unique().tolist()}
     return {"fd": fd, "adherence": float(hits.float().mean()), "diversity": div["diversity"],
+            "saturation": saturation(images),
             "collapse": div["collapse"], "n": int(len(classes)),
             "per_class_adherence": per_class, "per_class_diversity": div["per_class"]}
 
@@ -251,7 +269,8 @@ def flat_metrics(per_nfe: Mapping[Any, Mapping[str, Any]], floor: Mapping[str, f
     """{nfe: metrics} -> {"eval/fd_nfe1": ..., "eval/adherence_nfe1": ..., ...} (scalars only)."""
     out: dict[str, float] = {}
     for nfe, m in per_nfe.items():
-        for k in ("fd", "adherence", "diversity", "collapse", "edit_mse", "edit_psnr", "edit_class_kept"):
+        for k in ("fd", "adherence", "diversity", "collapse", "saturation", "edit_mse", "edit_psnr",
+                  "edit_class_kept"):
             if k in m:
                 out[f"{prefix}{k}_nfe{nfe}"] = float(m[k])
     for k, v in (floor or {}).items():
@@ -267,7 +286,8 @@ def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence
                        cond: Mapping[str, Tensor] | None = None, text_encoder: Any = None,
                        images_per_prompt: int = 16, sampler: str = "few", seed: int = 0,
                        device: str | torch.device | None = None, batch_size: int = 128,
-                       codec: Any = None, prefix: str = "eval/", details: dict | None = None) -> dict[str, float]:
+                       codec: Any = None, prefix: str = "eval/", details: dict | None = None,
+                       guidance: float = 0.0, null_cond: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Sample `model` at each NFE and score the images with `judge`: the metrics of training's periodic eval.
 
     - `prompts`: strings (their class comes from `judge.dataset.class_of`) or class indices (then the
@@ -279,6 +299,8 @@ def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence
       base); see `twinflow.eval.sampling`.
     - Noise depends only on `seed` and the sample's position, and is the same at every NFE.
     - `codec`: the VAE of a latent-space model (`load_export_codec`), to decode before judging.
+    - `guidance`: CFG w for a flow-matching base (its `sample_guidance`); needs `null_cond`, or the
+      text encoder's empty caption when the prompts are encoded here.
     Under ZeRO-3 every rank must call this (the forwards gather parameters); the numbers are identical.
     Returns `{"eval/fd_nfe1", "eval/adherence_nfe1", "eval/diversity_nfe1", "eval/collapse_nfe1", ...,
     "eval/fd_floor", "eval/diversity_floor"}`; pass a dict as `details` to also get per-class numbers.
@@ -317,6 +339,10 @@ def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence
         if P != len(prompts):
             raise ValueError(f"cond holds {P} prompts, {len(prompts)} prompts given")
         encode = lambda rows: {k: v[[prompt_index[i] for i in rows]] for k, v in cond.items()}  # noqa: E731
+    if guidance and null_cond is None:
+        if text_encoder is None:
+            raise ValueError("guidance > 0 with pre-encoded cond needs null_cond")
+        null_cond = text_encoder.null_condition()
     units = plan_units(len(texts), batch_size, seed)
     ref = reference or real_reference(judge)
     was_training = model.training
@@ -328,7 +354,7 @@ def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence
             for unit in units:
                 c = {k: v.to(device) for k, v in encode(list(range(unit.start, unit.stop))).items()}
                 imgs.append(sample_unit(model, SampleUnit(unit.start, unit.stop, unit.seed), c, nfe, sampler,
-                                        device=device, codec=codec).cpu())
+                                        device=device, codec=codec, guidance=guidance, null_cond=null_cond).cpu())
             per_nfe[nfe] = metrics_from_samples(torch.cat(imgs), row_classes, judge, ref)
     finally:
         model.train(was_training)

@@ -42,7 +42,8 @@ def sampler_for(method: str | None) -> str:
 def periodic_metrics(module: torch.nn.Module, *, dataset: str | None, prompts: Sequence[str],
                      cond: Mapping[str, torch.Tensor] | None, nfe: Sequence[int], method: str | None,
                      images_per_prompt: int = 32, seed: int = 1234, device: Any = None,
-                     batch_size: int = 128) -> dict[str, float]:
+                     batch_size: int = 128, guidance: float = 0.0,
+                     null_cond: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """`evaluate_generator` with the judge and cached real reference of `dataset` ({} when None).
     Every rank must call it under ZeRO-3 (the forwards gather parameters); all ranks get the same numbers."""
     if dataset is None or not prompts:
@@ -56,7 +57,7 @@ def periodic_metrics(module: torch.nn.Module, *, dataset: str | None, prompts: S
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
     return evaluate_generator(module, list(prompts), list(nfe), judge, reference=real_reference(judge), cond=cond,
                               images_per_prompt=images_per_prompt, sampler=sampler_for(method), seed=seed,
-                              device=device, batch_size=batch_size)
+                              device=device, batch_size=batch_size, guidance=guidance, null_cond=null_cond)
 
 
 def check_prompts(dataset: str | None, prompts: Sequence[str]) -> None:

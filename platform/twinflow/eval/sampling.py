@@ -50,11 +50,11 @@ def resolve_sampler(sampler: str, method: str | None) -> str:
     return "ode" if method == "flow_matching" else "few"
 
 
-def settings_for(nfe: int, sampler: str):
+def settings_for(nfe: int, sampler: str, guidance: float = 0.0):
     from twinflow.method.sampler import settings_for_method
 
     if sampler in ("few", "ode"):
-        return settings_for_method(nfe, "flow_matching" if sampler == "ode" else "twinflow")
+        return settings_for_method(nfe, "flow_matching" if sampler == "ode" else "twinflow", guidance)
     raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
 
 
@@ -81,9 +81,11 @@ def plan_units(n: int, batch_size: int, seed: int) -> list[SampleUnit]:
 
 @torch.no_grad()
 def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Tensor], nfe: int, sampler: str,
-                *, device: torch.device | str = "cpu", codec: Any = None) -> Tensor:
+                *, device: torch.device | str = "cpu", codec: Any = None, guidance: float = 0.0,
+                null_cond: Mapping[str, Tensor] | None = None) -> Tensor:
     """Images (unit.size, C, H, W) in [-1, 1]: the same noise for a unit at every NFE and sampler.
-    Latent models need `codec` (the export's VAE) to decode."""
+    Latent models need `codec` (the export's VAE) to decode; `guidance` > 0 (a base's CFG) needs
+    `null_cond`."""
     from twinflow.method.sampler import sample
 
     device = torch.device(device)
@@ -91,7 +93,10 @@ def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Ten
     noise = torch.randn((unit.size, *shape), generator=torch.Generator().manual_seed(unit.seed))
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(unit.seed + 1)
-    out = sample(model, noise.to(device, dtype), dict(cond), settings=settings_for(nfe, sampler), generator=gen)
+    if null_cond is not None:
+        null_cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in null_cond.items()}
+    out = sample(model, noise.to(device, dtype), dict(cond), settings=settings_for(nfe, sampler, guidance),
+                 null_cond=null_cond, generator=gen)
     if getattr(model, "latent", None):
         if codec is None:
             raise ValueError("this generator works in a VAE latent space; pass the export's codec to decode")

@@ -118,9 +118,10 @@ def sample_nfe(model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mappin
     return sample(model, noise, cond, settings=settings, **kwargs)
 
 
-def settings_for_method(nfe: int, method: str | None) -> SamplerSettings:
+def settings_for_method(nfe: int, method: str | None, guidance: float = 0.0) -> SamplerSettings:
     """A flow-matching model only knows r = t: sample its ODE with `nfe` uniform Euler steps ("mul",
-    rho = 0). TwinFlow (any lambda) uses the reference few-step presets."""
+    rho = 0), with CFG `guidance` (its `sample_guidance`). TwinFlow (any lambda) uses the reference
+    few-step presets at guidance 0 unless told otherwise (its CFG is baked into training)."""
     if method == "flow_matching":
-        return SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0)
-    return preset(int(nfe))
+        return SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0, guidance=float(guidance))
+    return replace(preset(int(nfe)), guidance=float(guidance))

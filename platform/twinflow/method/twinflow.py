@@ -7,14 +7,22 @@ MUL+ANY the "cfg" rows. Call plan (B rows, sizes nE, nM, nA, nV, nC = nM + nA, n
                     one-step G(eps, 1, 0) for E2E rows nE rows   (x_g = eps - G_e, values only)
            teacher: CFG pair G_hat(x_t, t, t | c/null) 2 nC rows
   stage B  online : rectify pair G(y, -tau, -tau), G(y, tau, tau)  2 nE rows
-           teacher: rollout sub-step 1                 nB rows
-  stage k  teacher: rollout sub-step k (k = 2..N)      nB rows
+           rollout: rollout sub-step 1                 nB rows
+  stage k  rollout: rollout sub-step k (k = 2..N)      nB rows
   grad            : G(x_t, t, r) on all B rows         B rows
 
-With an online teacher (or a frozen/EMA one that is the same callable) each stage is ONE call, so a step
-is N + 2 calls; otherwise stages A and B are two calls each (N + 4). Empty parts are skipped: no E2E
-or ADV rows (lambda = 0) drops the fake and rectify parts, an unconditional model (cond == {}) drops the
-CFG pair (it would be exactly zero).
+The rollout runs on the teacher, except with the frozen teacher: the frozen initial model never learned
+jumps (r < t), so, as in the reference, the rollout uses the online model (no grad) and only the CFG pair
+comes from the frozen copy. With an online teacher each stage is ONE call, so a step is N + 2 calls; an
+EMA teacher makes stages A and B two calls each (N + 4); a frozen one adds one call (stage A: N + 3).
+Empty parts are skipped: no E2E or ADV rows (lambda = 0) drops the fake and rectify parts, an
+unconditional model (cond == {}) drops the CFG pair (it would be exactly zero).
+
+Rectify weight: each E2E row adds kappa * (4 / B) * rectify_row to the loss, whatever lambda is. That is
+the reference's `kappa * mean over its B/4 E2E rows` at lambda = 0.5, and it keeps every row's push
+relative to the base loss (a mean over B rows) fixed when lambda moves rows between groups; a plain
+mean over the E2E rows would make it 2 kappa / lambda per row (8 at lambda 0.15), which makes the
+one-step samples run away while the fake branch is still untrained.
 """
 from __future__ import annotations
 
@@ -42,6 +50,11 @@ from twinflow.method.targets import (
 )
 from twinflow.method.times import normal, sample_times, uniform
 
+#: The reference's share of E2E rows (quarters): the rectify term is normalised by it, not by lambda.
+RECTIFY_ROW_SHARE = 0.25
+#: A one-step pixel above this (data in [-1, 1]) counts as saturated in the `sat_onestep` metric.
+SATURATION_LEVEL = 0.9
+
 
 class TwinFlowObjective:
     """`objective(model, x0, cond, teacher=..., null_cond=...) -> ObjectiveOutput`; see module doc."""
@@ -64,10 +77,11 @@ class TwinFlowObjective:
             return barron_loss(pred, target, self.config.barron_c)
         return mse_loss(pred, target)
 
-    def _stage(self, log: CallLog, model: VelocityModel, teacher: Teacher | None,
+    def _stage(self, log: CallLog, model: VelocityModel, teacher: VelocityModel | None,
                online_q: list[Query], teacher_q: list[Query]) -> tuple[list[Tensor], list[Tensor]]:
-        """Online and teacher queries of one dependency stage: one call when the teacher is online."""
-        if teacher is None or teacher.is_online:
+        """Online and teacher queries of one dependency stage: one call when the teacher is the online
+        model (`None`)."""
+        if teacher is None:
             outs = log.run(model, online_q + teacher_q)
             return outs[: len(online_q)], outs[len(online_q):]
         return log.run(model, online_q), log.run(teacher, teacher_q)
@@ -94,6 +108,9 @@ class TwinFlowObjective:
                              "(or set enhanced_ratio: 0)")
         if teacher is not None and update_teacher:
             teacher.update()
+        # Who answers the CFG pair and who the rollout (None = the online model, batched with its calls).
+        cfg_fn: VelocityModel | None = None if teacher is None or teacher.is_online else teacher
+        rollout_fn: VelocityModel | None = None if teacher is None or teacher.mode in ("online", "frozen") else teacher
 
         log = CallLog(input_dtype=x0.dtype if x0.is_floating_point() else torch.float32)
         g = generator
@@ -116,7 +133,7 @@ class TwinFlowObjective:
             x_c = noisy(x[C], t_c, eps[C])
             null_c: Cond = expand_cond(null_cond or {}, nC)
             teacher_q += [Query(x_c, t_c, t_c, cond_c), Query(x_c, t_c, t_c, null_c)]
-        out_online, out_teacher = self._stage(log, model, teacher, online_q, teacher_q)
+        out_online, out_teacher = self._stage(log, model, cfg_fn, online_q, teacher_q)
         x_fake = eps_fake - out_online[0]
 
         x_clean = torch.cat([x[base], x_fake]) if nV else x
@@ -137,13 +154,13 @@ class TwinFlowObjective:
         x_start, t_start = rollout_start(x_t[base], v_base, t[base], r[base], cfg.delta)
         times = rollout_times(t_start, r[base], cfg.rollout_order)
         teacher_q = [Query(x_start, times[0], times[1], cond_b)] if nB else []
-        out_online, out_teacher = self._stage(log, model, teacher, online_q, teacher_q)
+        out_online, out_teacher = self._stage(log, model, rollout_fn, online_q, teacher_q)
         dv = velocity_gap(out_online[0], out_online[1]) if rectify else None
         D = torch.zeros_like(x_start)
         if nB:
             y, D = rollout_step(x_start, times[0], times[1], out_teacher[0])
             for k in range(1, cfg.rollout_order):
-                _, (g_k,) = self._stage(log, model, teacher, [], [Query(y, times[k], times[k + 1], cond_b)])
+                _, (g_k,) = self._stage(log, model, rollout_fn, [], [Query(y, times[k], times[k + 1], cond_b)])
                 y, disp = rollout_step(y, times[k], times[k + 1], g_k)
                 D = D + disp
 
@@ -162,11 +179,22 @@ class TwinFlowObjective:
             if split.size(name):
                 named[f"loss_{name}"] = per_row[split.slice(name)].mean()
         if rectify:
-            loss_rect = rectify_loss(G[E], dv, self.row_loss).mean()
-            loss = loss + cfg.kappa * loss_rect
-            named["loss_rect"] = loss_rect
-            named["dv_abs"] = dv.abs().mean()
+            rect_rows = rectify_loss(G[E], dv, self.row_loss)
+            loss = loss + cfg.kappa * rect_rows.sum() / (RECTIFY_ROW_SHARE * B)
+            named["loss_rect"] = rect_rows.mean()
+            named.update(onestep_diagnostics(x_g, dv))
         named["total"] = loss
         metrics = finalize_metrics(named, on_nonfinite=cfg.on_nonfinite,
                                    extra={"model_calls": float(log.calls), "nograd_rows": float(log.nograd_rows)})
         return ObjectiveOutput(loss=loss, metrics=metrics, model_calls=log.calls, nograd_rows=log.nograd_rows)
+
+
+@torch.no_grad()
+def onestep_diagnostics(x_g: Tensor, dv: Tensor) -> dict[str, Tensor]:
+    """What shows a run-away early in a fine-tune: |dv|, whether dv points back toward the origin
+    (`dv_cos` = mean cos(dv, -x_g); negative while the untrained fake branch pushes samples outward),
+    and the share of saturated one-step pixels."""
+    flat_dv, flat_x = dv.flatten(1).float(), x_g.flatten(1).float()
+    cos = torch.nn.functional.cosine_similarity(flat_dv, -flat_x, dim=1, eps=1e-12)
+    return {"dv_abs": dv.abs().mean(), "dv_cos": cos.mean(),
+            "sat_onestep": (flat_x > SATURATION_LEVEL).float().mean()}

@@ -47,6 +47,10 @@ class ModelConfig(StrictModel):
     patch: int | None = Field(None, ge=1, description="patch size override for presets (tokens = (size/patch)^2)")
     e2_init: Literal["copy", "random"] = Field(
         "copy", description="second time embedder: copy of E1 (r = t is exactly the base) or small random")
+    fake_branch: Literal["signed", "mirror"] = Field(
+        "signed", description=("how the negative-time (fake) branch starts: 'signed' feeds the signed t to the "
+                               "time embedder (the reference); 'mirror' feeds |t| plus a zero-initialised "
+                               "sign embedding, so the fake branch starts equal to the real one"))
     text_max_length: int = Field(32, ge=2, le=512, description="caption tokens (padded/truncated)")
     backbone: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the preset's diffusers config, e.g. {num_layers: 4}")

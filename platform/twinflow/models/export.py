@@ -32,7 +32,7 @@ META_FILE = "twinflow.json"
 FORMAT_VERSION = 1
 _RESERVED = ("format_version", "family", "backbone_class", "sample_shape", "patch", "time_scale",
              "text_dim", "text_encoder", "image_size", "pixel_channels", "latent", "model_config", "lora",
-             "e2_init")
+             "e2_init", "fake_branch")
 
 
 def _json_default(v: Any) -> Any:
@@ -110,6 +110,7 @@ def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: 
                        if generator.latent else None),
             "model_config": cfg.model_dump(mode="json") if cfg is not None else None,
             "e2_init": generator.e2_init,
+            "fake_branch": getattr(generator, "fake_branch", "signed"),
             "lora": lora_info,
             **metadata,
         }
@@ -153,7 +154,8 @@ def load_generator(path: str | Path, torch_dtype: torch.dtype | None = None) -> 
     text = meta["text_encoder"]
     gen = TwinFlowGenerator(family, backbone, sample_size=int(meta["sample_shape"][1]),
                             text_dim=int(meta["text_dim"]), e2_init="copy",
-                            text_max_length=int(text["max_length"]), text_encoder=text["name"])
+                            text_max_length=int(text["max_length"]), text_encoder=text["name"],
+                            fake_branch=meta.get("fake_branch", "signed"))
     load_twin_e2(gen.backbone, path / "transformer", required=True)
     load_extras(gen, path, required=True)
     if torch_dtype is not None:

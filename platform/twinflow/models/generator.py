@@ -16,7 +16,7 @@ from torch import nn
 from twinflow.models.config import ModelConfig
 from twinflow.models.registry import Family, get_family, transformer_dir
 from twinflow.models.text_encoder import TEXT_DIM
-from twinflow.models.time_embed import E2Init, install_two_time, pack_times
+from twinflow.models.time_embed import E2Init, FakeBranch, install_two_time, pack_times
 from twinflow.models.weights import load_twin_e2
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -35,13 +35,17 @@ class TwinFlowGenerator(nn.Module):
         e2_init: E2Init = "copy",
         text_max_length: int = 32,
         text_encoder: str = DEFAULT_TEXT_ENCODER,
+        fake_branch: FakeBranch = "signed",
     ) -> None:
         super().__init__()
         fam = get_family(family) if isinstance(family, str) else family
         self.family = fam
         self.backbone = backbone
         e1, twin_cls = fam.time_embedder(backbone)
-        install_two_time(e1, twin_cls, e2_init=e2_init, time_scale=fam.time_scale(backbone))
+        width = [m.out_features for m in e1.modules() if isinstance(m, nn.Linear)][-1]
+        install_two_time(e1, twin_cls, e2_init=e2_init, time_scale=fam.time_scale(backbone),
+                         fake_branch=fake_branch, width=width)
+        self.fake_branch = fake_branch
         self.text_proj = nn.Linear(text_dim, fam.text_dim(backbone))
         self.channels = fam.channels(backbone)
         self.patch = fam.patch(backbone)
@@ -196,7 +200,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
             raise ValueError(f"{cfg.pretrained_path}: the backbone models {have} channels but the {space} "
                              f"state has {geo['state_channels']}")
     gen = TwinFlowGenerator(family, backbone, sample_size=geo["state_size"], e2_init=cfg.e2_init,
-                            text_max_length=cfg.text_max_length)
+                            text_max_length=cfg.text_max_length, fake_branch=cfg.fake_branch)
     if cfg.pretrained_path is not None:
         _adopt_twinflow_export(gen, cfg.pretrained_path)
     if cfg.gradient_checkpointing:

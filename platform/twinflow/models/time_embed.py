@@ -13,6 +13,12 @@ Why a class swap rather than a wrapper module: E1 keeps its own parameter names,
 state dict stays loadable by plain diffusers (E2 lives under an extra `twin_e2.` prefix that plain
 diffusers ignores), and `isinstance` checks in diffusers still hold.
 
+Fake-branch start (`fake_branch`): "signed" (the reference) feeds the signed t to E1, so at the start of a
+fine-tune the negative ("fake") branch answers whatever the base does at a time it never saw. "mirror"
+feeds |t| and |r| and adds a sign embedding for t < 0: S(|t|) times a zero-initialised gate, so the fake
+branch starts exactly equal to the real one (dv = 0 at step 0) and learns only the difference. S and its
+gate live inside E2 (`twin_e2.twin_sign`) so they are saved and loaded with E2.
+
 Units: `t - r` multiplies E2 in our units (t in [-1, 1]); E2 sees r in the backbone's own units
 (`r * scale`, e.g. 0..1000 for SANA), exactly like E1 sees t.
 """
@@ -25,7 +31,22 @@ import torch
 from torch import nn
 
 E2Init = Literal["copy", "random"]
+FakeBranch = Literal["signed", "mirror"]
 E2_PREFIX = "twin_e2"
+SIGN_NAME = "twin_sign"
+
+
+class SignEmbedding(nn.Module):
+    """`gate * S(|t|)` with S a copy of E1 and `gate` zero at init: exactly zero until trained."""
+
+    def __init__(self, e1_copy: nn.Module, width: int) -> None:
+        super().__init__()
+        self.embed = e1_copy
+        self.gate = nn.Parameter(torch.zeros(width))
+
+    def forward(self, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.embed(timestep, *args, **kwargs)
+        return out * self.gate.to(out.dtype)
 
 
 def pack_times(t: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,11 +78,20 @@ class TwoTimeMixin(nn.Module):
 
     def forward(self, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         t_backbone, gap = split_times(timestep)
-        base = super().forward(t_backbone, *args, **kwargs)
+        sign = getattr(self.twin_e2, SIGN_NAME, None) if hasattr(self, "twin_e2") else None
+        if sign is None:
+            base = super().forward(t_backbone, *args, **kwargs)
+        else:
+            negative = (t_backbone < 0)
+            t_abs = t_backbone.abs()
+            base = super().forward(t_abs, *args, **kwargs)
+            base = base + negative.to(base.dtype)[:, None] * sign(t_abs, *args, **kwargs)
         if gap is None:
             return base
         # r in fp32 even when the forward cast the pair to bf16: t - r may be far below t's resolution.
         r_backbone = t_backbone.float() - gap.float() * self.twin_time_scale
+        if sign is not None:
+            r_backbone = r_backbone.abs()
         extra = self.twin_e2(r_backbone, *args, **kwargs)
         return base + gap.to(base.dtype)[:, None] * extra
 
@@ -76,8 +106,10 @@ def _init_small_random(module: nn.Module, std: float = 0.02) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def install_two_time(module: nn.Module, twin_cls: type, *, e2_init: E2Init, time_scale: float) -> nn.Module:
-    """Turn the embedding module E1 into E1 + (t - r) E2 in place; returns it."""
+def install_two_time(module: nn.Module, twin_cls: type, *, e2_init: E2Init, time_scale: float,
+                     fake_branch: FakeBranch = "signed", width: int | None = None) -> nn.Module:
+    """Turn the embedding module E1 into E1 + (t - r) E2 in place (plus the sign embedding for
+    `fake_branch="mirror"`, whose gate has `width` = the embedding width); returns it."""
     if isinstance(module, TwoTimeMixin):
         raise ValueError(f"{type(module).__name__} already has a second time embedder")
     if not (issubclass(twin_cls, TwoTimeMixin) and issubclass(twin_cls, type(module))):
@@ -86,13 +118,24 @@ def install_two_time(module: nn.Module, twin_cls: type, *, e2_init: E2Init, time
         raise ValueError(f"e2_init must be 'copy' or 'random', got {e2_init!r}")
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
+    if fake_branch not in ("signed", "mirror"):
+        raise ValueError(f"fake_branch must be 'signed' or 'mirror', got {fake_branch!r}")
+    if fake_branch == "mirror" and not width:
+        raise ValueError("fake_branch='mirror' needs the embedding width for its gate")
     e2 = copy.deepcopy(module)
     if e2_init == "random":
         _init_small_random(e2)
+    if fake_branch == "mirror":
+        e2.add_module(SIGN_NAME, SignEmbedding(copy.deepcopy(module), int(width)))
     module.__class__ = twin_cls
     module.twin_e2 = e2
     module.twin_time_scale = float(time_scale)
     return module
+
+
+def fake_branch_of(model: nn.Module) -> FakeBranch:
+    """"mirror" when the model's time embedder has a sign embedding, else "signed"."""
+    return "mirror" if any(hasattr(m.twin_e2, SIGN_NAME) for _, m in two_time_modules(model)) else "signed"
 
 
 def two_time_modules(model: nn.Module) -> Iterator[tuple[str, TwoTimeMixin]]:

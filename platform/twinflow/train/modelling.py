@@ -7,7 +7,8 @@ import torch
 
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher, build_objective as _build_objective
-from twinflow.method.config import TwinFlowConfig
+from twinflow.method.ema import EMA
+from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
 from twinflow.method.sampler import sample, settings_for_method
 from twinflow.models import build_generator
 from twinflow.models.export import load_generator, save_generator
@@ -51,13 +52,52 @@ def build_teacher(job: JobConfig, model: torch.nn.Module) -> Teacher:
     return Teacher(model, job.method.teacher, decay=job.method.ema_decay, adapters_off=adapters_off)
 
 
+class Averages:
+    """The teacher and the optional sampling EMA (`train.sample_ema`), checkpointed together: the
+    teacher's state dict gains a `sample_ema` entry, which `Teacher.load_state_dict` ignores."""
+
+    def __init__(self, teacher: Teacher, sample_ema: EMA | None) -> None:
+        self.teacher = teacher
+        self.sample_ema = sample_ema
+
+    def sampling_module(self, online: torch.nn.Module) -> torch.nn.Module:
+        """The weights grids, evaluation and the export use."""
+        return self.sample_ema.module if self.sample_ema is not None else online
+
+    def state_dict(self) -> dict:
+        state = self.teacher.state_dict()
+        if self.sample_ema is not None:
+            state["sample_ema"] = self.sample_ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state)
+        if self.sample_ema is not None:
+            if "sample_ema" not in state:
+                raise ValueError("the checkpoint holds no sampling EMA but train.sample_ema is set; "
+                                 "resume with the job's original settings or start over with --fresh")
+            self.sample_ema.load_state_dict(state["sample_ema"])
+
+
+def build_averages(job: JobConfig, model: torch.nn.Module) -> Averages:
+    """Teacher + sampling EMA; both copy the model as it is now (build them before DeepSpeed shards it)."""
+    sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
+    return Averages(build_teacher(job, model), sample_ema)
+
+
 def build_objective(job: JobConfig):
     return _build_objective(job.method)
 
 
+def sample_guidance(job: JobConfig) -> float:
+    """CFG used when sampling this job's model: a flow-matching base's `sample_guidance`; 0 for TwinFlow."""
+    return job.method.sample_guidance if isinstance(job.method, FlowMatchingConfig) else 0.0
+
+
 @torch.no_grad()
 def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], path: Path, *,
-                rank: int, device: torch.device, dtype: torch.dtype) -> None:
+                rank: int, device: torch.device, dtype: torch.dtype,
+                null_cond: dict[str, torch.Tensor] | None = None) -> None:
     """Every rank samples (ZeRO-3 forwards need all ranks); rank 0 writes one row per NFE."""
     n = job.eval.images_per_prompt
     cond = {k: v.to(device).repeat_interleave(n, 0) for k, v in eval_cond.items()}
@@ -67,8 +107,11 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
     noise = torch.randn((batch, *module.sample_shape), generator=gen, device=device).to(dtype)
     was_training = module.training
     module.eval()
-    rows = [sample(module, noise, cond, settings=settings_for_method(nfe, job.method.name),
-                   generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
+    guidance = sample_guidance(job)
+    if guidance and null_cond is not None:
+        null_cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in null_cond.items()}
+    rows = [sample(module, noise, cond, settings=settings_for_method(nfe, job.method.name, guidance),
+                   null_cond=null_cond, generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
             for nfe in job.eval.nfe]
     module.train(was_training)
     if rank == 0:
@@ -76,7 +119,7 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
 
 
 def eval_metrics(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], *,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, null_cond: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Judge-based metrics per NFE (`twinflow.eval`) on the in-memory model; {} when no judge fits the
     data or `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
     if not job.eval.metrics or not job.eval.prompts:
@@ -89,7 +132,7 @@ def eval_metrics(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, t
         return periodic_metrics(module, dataset=dataset_of(job.data.path, job.data.s3_endpoint),
                                 prompts=job.eval.prompts, cond=eval_cond, nfe=job.eval.nfe, method=job.method.name,
                                 images_per_prompt=job.eval.metric_images_per_prompt, seed=job.eval.seed,
-                                device=device)
+                                device=device, guidance=sample_guidance(job), null_cond=null_cond)
     finally:
         module.train(was_training)
 

@@ -48,6 +48,10 @@ class TrainConfig(StrictModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
+    sample_ema: float | None = Field(
+        None, gt=0, lt=1, description=("decay of an EMA of the weights kept for sampling: the export, grids and "
+                                       "evaluation use it (e.g. 0.999); null = the online weights"))
     micro_batch: int = Field(32, ge=1, description="rows per rank per micro-step")
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)

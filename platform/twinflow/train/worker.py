@@ -21,6 +21,7 @@ from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.progress import MetricsLog, ProgressLine
+from twinflow.train.schedule import lr_factor
 from twinflow.train import modelling
 
 
@@ -55,13 +56,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     model = modelling.build_model(job).to(device)
-    teacher = modelling.build_teacher(job, model)
+    averages = modelling.build_averages(job, model)
+    teacher = averages.teacher
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
     objective = modelling.build_objective(job)
 
-    state = checkpointing.restore(engine, teacher, config.get("checkpoint_root"), job.output.s3_endpoint,
+    state = checkpointing.restore(engine, averages, config.get("checkpoint_root"), job.output.s3_endpoint,
                                   log_file=run_dir / "logs" / "checkpoints.log" if rank == 0 else None) or TrainState()
     log = None
     if rank == 0:
@@ -83,8 +85,12 @@ def train_loop(config: dict[str, Any]) -> None:
     logged: dict[str, float] = {}  # the latest rank-averaged metrics, reported with each checkpoint
     last_eval: dict[str, float] = {}  # the latest judge metrics ("eval/..."), kept in later reports
 
+    def sampling() -> torch.nn.Module:
+        """Grids, judge metrics and the export use the sampling EMA when the job keeps one."""
+        return averages.sampling_module(engine.module)
+
     def checkpoint(metrics: dict[str, Any]) -> None:
-        checkpointing.save(engine, teacher, state, rank, metrics)
+        checkpointing.save(engine, averages, state, rank, metrics)
 
     while state.step < job.train.steps:
         kwargs = iter_torch_kwargs(job.data, device)
@@ -109,6 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
             x = batch["image"].to(device, dtype)
             cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
             if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
+                set_lr(engine, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
                 with full_parameters(engine.module, job.deepspeed.zero_stage):
                     teacher.update()
             # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
@@ -126,11 +133,15 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 continue
             state.step = int(engine.global_steps)
+            if averages.sample_ema is not None:
+                with full_parameters(engine.module, job.deepspeed.zero_stage):
+                    averages.sample_ema.update(engine.module)
             _maybe_inject_failure(job, rank, state.step, run_dir)
 
             if state.step % job.train.log_every == 0 or state.step == job.train.steps:
                 metrics = _mean_across_ranks({k: sum(v) / len(v) for k, v in window.items()})
                 window.clear()
+                metrics["lr"] = float(engine.optimizer.param_groups[0]["lr"])
                 metrics["samples_per_s"] = progress.rate(state.step) * progress.samples_per_step
                 metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
                 metrics["data_startup_s"] = first_wait or 0.0
@@ -144,10 +155,10 @@ def train_loop(config: dict[str, Any]) -> None:
             is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
             at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
             if at_eval and eval_cond is not None:
-                modelling.sample_grid(job, engine.module, eval_cond, run_dir / "samples" / f"step_{state.step:06d}.png",
-                                      rank=rank, device=device, dtype=dtype)
+                modelling.sample_grid(job, sampling(), eval_cond, run_dir / "samples" / f"step_{state.step:06d}.png",
+                                      rank=rank, device=device, dtype=dtype, null_cond=null_cond)
             if (at_eval or state.step == job.train.steps) and eval_cond is not None:
-                evaluated = modelling.eval_metrics(job, engine.module, eval_cond, device=device)
+                evaluated = modelling.eval_metrics(job, sampling(), eval_cond, device=device, null_cond=null_cond)
                 if evaluated:
                     last_eval = evaluated
                     logged = {**logged, **evaluated}
@@ -169,11 +180,11 @@ def train_loop(config: dict[str, Any]) -> None:
             state.batches_in_epoch = 0
 
     if eval_cond is not None:
-        modelling.sample_grid(job, engine.module, eval_cond, run_dir / "samples" / "final.png",
-                              rank=rank, device=device, dtype=dtype)
+        modelling.sample_grid(job, sampling(), eval_cond, run_dir / "samples" / "final.png",
+                              rank=rank, device=device, dtype=dtype, null_cond=null_cond)
     with full_parameters(engine.module, job.deepspeed.zero_stage):
         if rank == 0:
-            modelling.export(job, engine.module, run_dir / "export", steps=state.step)
+            modelling.export(job, sampling(), run_dir / "export", steps=state.step)
     if log is not None:
         log.close()
     if dist.is_initialized():
@@ -207,3 +218,9 @@ def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -
         marker.touch()
         print(f"[twinflow] fault injection: rank {rank} exits at step {step}", flush=True)
         os._exit(17)
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """The learning rate of the coming optimizer step (warm-up), on every parameter group."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

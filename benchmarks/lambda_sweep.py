@@ -1,0 +1,189 @@
+"""The lambda sweep of issue 11: does TwinFlow hold at every lambda, and where is the optimum?
+
+Each trial fine-tunes a flow-matching base export with TwinFlow (`jobs/<ds>_twinflow.yaml`) for
+`--steps` optimizer steps in one process (`twinflow.train.inprocess`: the same model, objective, teacher
+and data decoding as `twinflow train`, without Ray Train's per-trial start-up, which would cost more
+than the trials themselves on 2 cores), then samples 1 and 2 NFE from its sampling EMA and scores them
+with the dataset's judge (`twinflow.eval`): Frechet distance, adherence, diversity, saturation. The
+training diagnostics (ADV loss, |dv|, cos(dv, -x_g), one-step saturation) are kept per logged step, so a
+run-away shows as a growing ADV loss and saturation.
+
+    .venv/bin/python benchmarks/lambda_sweep.py                 # both datasets, ~35 min on 2 cores
+    .venv/bin/python benchmarks/lambda_sweep.py --stage report  # redraw docs/tuning.md's section
+
+Bases: `runs/<ds>_base_fm/export` (made by `twinflow train jobs/<ds>_base_fm.yaml`, or by the demo for
+MNIST); `--base-<ds>` points elsewhere. Writes benchmarks/results/lambda_sweep.json and the section of
+docs/tuning.md between the LAMBDA_SWEEP markers. Trials run `--parallel` at a time, one thread each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "lambda_sweep.json"
+DOC = ROOT / "docs" / "tuning.md"
+BEGIN, END = "<!-- LAMBDA_SWEEP:BEGIN -->", "<!-- LAMBDA_SWEEP:END -->"
+DATASETS = {"mnist": ("jobs/mnist_twinflow.yaml", "runs/mnist_base_fm/export"),
+            "fashion_mnist": ("jobs/fashion_twinflow.yaml", "runs/fashion_base_fm/export")}
+LAMBDAS = (0.0, 0.15, 1 / 3, 0.5, 0.75)
+KAPPAS = (0.25, 1.0)  # the small kappa axis, at lambda = 1/3
+DIVERGED_SATURATION = 3.0  # a trial whose late one-step saturation exceeds 3x the real images' diverged
+
+
+def trials(datasets: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for ds in datasets:
+        for seed in seeds:
+            for lam in LAMBDAS:
+                out.append({"dataset": ds, "lambda": lam, "kappa": 0.5, "seed": seed})
+            for kappa in KAPPAS:
+                out.append({"dataset": ds, "lambda": 1 / 3, "kappa": kappa, "seed": seed})
+    return out
+
+
+def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    """One fine-tune + its judged samples (runs in a worker process, one thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from twinflow.eval.judges import load_judge
+    from twinflow.eval.metrics import evaluate_generator, real_reference, real_saturation
+    from twinflow.models.text_encoder import TextEncoder
+    from twinflow.train.config import load_job
+    from twinflow.train.inprocess import load_memory_data, train_in_process
+
+    job_yaml = DATASETS[spec["dataset"]][0]
+    job = load_job(ROOT / job_yaml, [f"train.init_from={spec['base']}", f"method.lambda={spec['lambda']}",
+                                     f"method.kappa={spec['kappa']}", f"train.seed={spec['seed']}",
+                                     f"train.steps={spec['steps']}", *spec["overrides"]])
+    job.data.path = str(ROOT / job.data.path)
+    enc = TextEncoder(max_length=job.data.text_max_length)
+    t0 = time.perf_counter()
+    data = load_memory_data(job.data, enc)
+    run = train_in_process(job, data=data, encoder=enc, log_every=25)
+    train_s = time.perf_counter() - t0
+    judge = load_judge(spec["dataset"])
+    m = evaluate_generator(run.sampling_model, list(range(10)), [1, 2], judge, reference=real_reference(judge),
+                           text_encoder=enc, images_per_prompt=spec["per_class"], sampler="few", seed=11)
+    keys = ("loss_adv", "dv_abs", "dv_cos", "sat_onestep", "total")
+    hist = [{"step": int(h["step"]), **{k: h[k] for k in keys if k in h}} for h in run.history]
+    real_sat = real_saturation(spec["dataset"])
+    late = [h for h in hist if h["step"] > spec["steps"] // 2]
+    late_sat = max((h.get("sat_onestep", 0.0) for h in late), default=0.0)
+    adv = [h["loss_adv"] for h in hist if "loss_adv" in h]
+    diverged = (not all(math.isfinite(v) for h in hist for v in h.values())
+                or late_sat > DIVERGED_SATURATION * real_sat
+                or (len(adv) >= 4 and adv[-1] > 1.5 * min(adv)))
+    return {**{k: v for k, v in spec.items() if k not in ("overrides",)}, "metrics": m, "history": hist,
+            "diverged": bool(diverged), "late_max_saturation": late_sat, "real_saturation": real_sat,
+            "train_s": round(train_s, 1)}
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds per (dataset, lambda, kappa)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], round(r["lambda"], 4), r["kappa"]), []).append(r)
+    rows = []
+    for (ds, lam, kappa), rs in sorted(groups.items()):
+        mean = lambda k: sum(r["metrics"][k] for r in rs) / len(rs)  # noqa: E731
+        rows.append({"dataset": ds, "lambda": lam, "kappa": kappa, "seeds": len(rs),
+                     "diverged": sum(r["diverged"] for r in rs),
+                     **{k: mean(f"eval/{k}") for k in ("fd_nfe1", "adherence_nfe1", "diversity_nfe1",
+                                                      "saturation_nfe1", "fd_nfe2", "adherence_nfe2")},
+                     "fd_floor": rs[0]["metrics"]["eval/fd_floor"],
+                     "real_saturation": rs[0]["real_saturation"],
+                     "final_loss_adv": sum(r["history"][-1].get("loss_adv", float("nan")) for r in rs) / len(rs),
+                     "final_dv_cos": sum(r["history"][-1].get("dv_cos", float("nan")) for r in rs) / len(rs)})
+    return {"rows": rows}
+
+
+def write_doc(results: dict[str, Any]) -> None:
+    cfg = results["config"]
+    lines = [BEGIN, "", f"Measured {results['date']} with `{cfg['command']}` ({cfg['steps']} steps per trial, "
+             f"micro-batch {cfg['micro_batch']}, lr {cfg['lr']}, online teacher, w {cfg['enhanced_ratio']}, "
+             f"seeds {cfg['seeds']}, {cfg['per_class']} samples per class from each trial's sampling EMA; "
+             f"{results['wall_s'] / 60:.0f} min wall). Means over seeds; `diverged` counts seeds whose ADV "
+             "loss grew past 1.5x its minimum, whose late one-step saturation passed 3x the real images', or "
+             "that went non-finite.", ""]
+    for ds in cfg["datasets"]:
+        rows = [r for r in results["summary"]["rows"] if r["dataset"] == ds]
+        lines += [f"**{ds}** (real floor: FD {rows[0]['fd_floor']:.2f}, saturation {rows[0]['real_saturation']:.3f})", "",
+                  "| lambda | kappa | diverged | FD 1 NFE | adherence 1 NFE | diversity 1 NFE | saturation 1 NFE "
+                  "| FD 2 NFE | final ADV loss | final cos(dv, -x_g) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['diverged']}/{r['seeds']} | {r['fd_nfe1']:.2f} "
+                         f"| {r['adherence_nfe1']:.1%} | {r['diversity_nfe1']:.2f} | {r['saturation_nfe1']:.3f} "
+                         f"| {r['fd_nfe2']:.2f} | {r['final_loss_adv']:.3f} | {r['final_dv_cos']:+.2f} |")
+        lines.append("")
+    lines.append(END)
+    text = DOC.read_text()
+    block = "\n".join(lines)
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="mnist,fashion_mnist")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--base-mnist", default=None)
+    p.add_argument("--base-fashion_mnist", default=None)
+    p.add_argument("--stage", choices=["all", "report"], default="all")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    if args.stage == "report":
+        write_doc(json.loads(Path(args.out).read_text()))
+        return 0
+    datasets = [d for d in args.datasets.split(",") if d]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    bases = {ds: str(Path(getattr(args, f"base_{ds}") or DATASETS[ds][1]).resolve()) for ds in datasets}
+    for ds, b in bases.items():
+        if not (Path(b) / "twinflow.json").is_file():
+            p.error(f"no base export for {ds} at {b}: run `twinflow train jobs/{ds.split('_')[0]}_base_fm.yaml` "
+                    f"first (or pass --base-{ds})")
+    overrides = ["method.teacher=online", "train.lr=0.0002", "train.micro_batch=32", "train.sample_ema=0.99"]
+    specs = [{**t, "base": bases[t["dataset"]], "steps": args.steps, "per_class": args.per_class,
+              "overrides": overrides} for t in trials(datasets, seeds)]
+    t0 = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(max_workers=args.parallel) as pool:
+        for r in pool.map(run_trial, specs):
+            results.append(r)
+            print(f"[sweep] {r['dataset']} lambda={r['lambda']:.2f} kappa={r['kappa']} seed={r['seed']}: "
+                  f"fd1={r['metrics']['eval/fd_nfe1']:.2f} adh1={r['metrics']['eval/adherence_nfe1']:.1%} "
+                  f"div1={r['metrics']['eval/diversity_nfe1']:.2f} diverged={r['diverged']} ({r['train_s']} s)",
+                  flush=True)
+    from twinflow.train.config import load_job
+
+    probe = load_job(ROOT / DATASETS[datasets[0]][0], overrides)
+    out = {"date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
+           "config": {"datasets": datasets, "seeds": seeds, "steps": args.steps, "per_class": args.per_class,
+                      "lr": probe.train.lr, "micro_batch": probe.train.micro_batch,
+                      "enhanced_ratio": probe.method.enhanced_ratio, "bases": bases,
+                      "command": "python benchmarks/lambda_sweep.py " + " ".join(argv or sys.argv[1:])},
+           "trials": results, "summary": summarize(results)}
+    Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+    write_doc(out)
+    print(f"[sweep] wrote {args.out} and {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Train a job in this process, without Ray or DeepSpeed: recipe search, image-scale regression tests,
+quick looks at a method change.
+
+The same model builder, objective, teacher and shard decoding as the distributed loop (`worker.py`);
+plain torch AdamW with the job's lr, betas, weight decay, warm-up and gradient clipping instead of the
+DeepSpeed engine. The data is decoded once into memory and each distinct caption is encoded once
+(captions repeat per class), so a step costs the model's compute and nothing else.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from twinflow.data.config import DataConfig
+from twinflow.data.local import iter_local_batches
+from twinflow.method.ema import EMA
+from twinflow.train import modelling
+from twinflow.train.config import JobConfig
+from twinflow.train.schedule import lr_factor
+
+
+@dataclass
+class MemoryData:
+    """A split held as tensors: images in [-1, 1], class labels, and per-row caption ids into the
+    encoded distinct captions."""
+
+    images: Tensor
+    labels: Tensor
+    caption_ids: Tensor
+    captions: list[str]
+    states: Tensor
+    masks: Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.caption_ids[idx]
+        return self.images[idx], {"text_states": self.states[c], "text_mask": self.masks[c]}
+
+
+def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -> MemoryData:
+    """Decode a split (local or s3://) with the pipeline's own rules and encode its distinct captions."""
+    images, labels, captions = [], [], []
+    for b in iter_local_batches(data, limit=limit):
+        images.append(torch.as_tensor(b["image"]))
+        labels.append(torch.as_tensor(b["label"]).long() if "label" in b else torch.full((len(b["id"]),), -1))
+        texts = b["instruction"] if data.text_column == "instruction" else b["caption"]
+        captions.extend(str(t) for t in texts)
+    if not images:
+        raise ValueError(f"{data.path} ({data.split}): no usable records")
+    distinct = sorted(set(captions))
+    index = {c: i for i, c in enumerate(distinct)}
+    enc = encoder.encode(distinct)
+    return MemoryData(torch.cat(images).float(), torch.cat(labels), torch.tensor([index[c] for c in captions]),
+                      distinct, enc["text_states"].float(), enc["text_mask"])
+
+
+@dataclass
+class InProcessRun:
+    """What a run leaves: the online model, its teacher, the sampling EMA (when `train.sample_ema` is
+    set) and one metrics dict per logged step (means over the steps since the last log)."""
+
+    model: torch.nn.Module
+    teacher: Any
+    sample_ema: EMA | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def sampling_model(self) -> torch.nn.Module:
+        """The weights a user samples from: the sampling EMA when the job keeps one."""
+        return self.sample_ema.module if self.sample_ema is not None else self.model
+
+
+def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder: Any = None,
+                     model: torch.nn.Module | None = None, steps: int | None = None, log_every: int | None = None,
+                     on_log: Callable[[dict[str, float]], None] | None = None,
+                     on_step: Callable[[int, "InProcessRun"], None] | None = None,
+                     null_cond: Mapping[str, Tensor] | None = None) -> InProcessRun:
+    """Run `job`'s method for `steps` (default `job.train.steps`) optimizer steps of `train.micro_batch`
+    rows. `model` defaults to `modelling.build_model(job)` (with `init_from` and LoRA). `on_log` gets
+    each logged row; `on_step(step, run)` runs after every optimizer step (e.g. to evaluate)."""
+    steps = int(steps if steps is not None else job.train.steps)
+    log_every = int(log_every or job.train.log_every)
+    torch.manual_seed(job.train.seed)
+    if encoder is None and (data is None or null_cond is None):
+        from twinflow.models.text_encoder import TextEncoder
+
+        encoder = TextEncoder(max_length=job.data.text_max_length)
+    if data is None:
+        data = load_memory_data(job.data, encoder)
+    if null_cond is None:
+        null_cond = encoder.null_condition()
+    model = model if model is not None else modelling.build_model(job)
+    model.train()
+    teacher = modelling.build_teacher(job, model)
+    objective = modelling.build_objective(job)
+    sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=job.train.lr, betas=job.train.betas, weight_decay=job.train.weight_decay)
+    gen = torch.Generator().manual_seed(job.train.seed * 100_003)
+    order = torch.Generator().manual_seed(job.train.seed + 17)
+    run = InProcessRun(model, teacher, sample_ema)
+    perm, pos = torch.randperm(len(data), generator=order), 0
+    window: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    B = job.train.micro_batch
+    for step in range(1, steps + 1):
+        if pos + B > len(perm):
+            perm, pos = torch.randperm(len(data), generator=order), 0
+        x, cond = data.rows(perm[pos:pos + B])
+        pos += B
+        for group in opt.param_groups:
+            group["lr"] = job.train.lr * lr_factor(step - 1, job.train.warmup_steps)
+        teacher.update()
+        out = objective(model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if job.deepspeed.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, job.deepspeed.gradient_clipping)
+        opt.step()
+        if sample_ema is not None:
+            sample_ema.update(model)
+        for k, v in out.metrics.items():
+            window.setdefault(k, []).append(float(v))
+        if step % log_every == 0 or step == steps:
+            row = {"step": float(step), "elapsed_s": time.perf_counter() - t0, "lr": opt.param_groups[0]["lr"],
+                   **{k: sum(v) / len(v) for k, v in window.items()}}
+            window.clear()
+            run.history.append(row)
+            if on_log is not None:
+                on_log(row)
+        if on_step is not None:
+            on_step(step, run)
+    model.eval()
+    return run
