@@ -8,7 +8,7 @@ with the dataset's judge (`twinflow.eval`): Frechet distance, adherence, diversi
 training diagnostics (ADV loss, |dv|, cos(dv, -x_g), one-step saturation) are kept per logged step, so a
 run-away shows as a growing ADV loss and saturation.
 
-    .venv/bin/python benchmarks/lambda_sweep.py                 # both datasets, ~35 min on 2 cores
+    .venv/bin/python benchmarks/lambda_sweep.py                 # both datasets, 32 trials, ~40 min on 2 cores
     .venv/bin/python benchmarks/lambda_sweep.py --stage report  # redraw docs/tuning.md's section
 
 Bases: `runs/<ds>_base_fm/export` (made by `twinflow train jobs/<ds>_base_fm.yaml`, or by the demo for
@@ -35,6 +35,7 @@ DATASETS = {"mnist": ("jobs/mnist_twinflow.yaml", "runs/mnist_base_fm/export"),
             "fashion_mnist": ("jobs/fashion_twinflow.yaml", "runs/fashion_base_fm/export")}
 LAMBDAS = (0.0, 0.15, 1 / 3, 0.5, 0.75)
 KAPPAS = (0.25, 1.0)  # the small kappa axis, at lambda = 1/3
+# and the optional fake-branch start (model.fake_branch: mirror) against the default, at lambda = 1/3
 DIVERGED_SATURATION = 3.0  # a trial whose late one-step saturation exceeds 3x the real images' diverged
 
 
@@ -43,9 +44,10 @@ def trials(datasets: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     for ds in datasets:
         for seed in seeds:
             for lam in LAMBDAS:
-                out.append({"dataset": ds, "lambda": lam, "kappa": 0.5, "seed": seed})
+                out.append({"dataset": ds, "lambda": lam, "kappa": 0.5, "seed": seed, "fake_branch": "signed"})
             for kappa in KAPPAS:
-                out.append({"dataset": ds, "lambda": 1 / 3, "kappa": kappa, "seed": seed})
+                out.append({"dataset": ds, "lambda": 1 / 3, "kappa": kappa, "seed": seed, "fake_branch": "signed"})
+            out.append({"dataset": ds, "lambda": 1 / 3, "kappa": 0.5, "seed": seed, "fake_branch": "mirror"})
     return out
 
 
@@ -63,7 +65,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     job_yaml = DATASETS[spec["dataset"]][0]
     job = load_job(ROOT / job_yaml, [f"train.init_from={spec['base']}", f"method.lambda={spec['lambda']}",
                                      f"method.kappa={spec['kappa']}", f"train.seed={spec['seed']}",
-                                     f"train.steps={spec['steps']}", *spec["overrides"]])
+                                     f"train.steps={spec['steps']}", f"model.fake_branch={spec['fake_branch']}",
+                                     *spec["overrides"]])
     job.data.path = str(ROOT / job.data.path)
     enc = TextEncoder(max_length=job.data.text_max_length)
     t0 = time.perf_counter()
@@ -91,11 +94,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds per (dataset, lambda, kappa)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["dataset"], round(r["lambda"], 4), r["kappa"]), []).append(r)
+        groups.setdefault((r["dataset"], round(r["lambda"], 4), r["kappa"], r["fake_branch"]), []).append(r)
     rows = []
-    for (ds, lam, kappa), rs in sorted(groups.items()):
+    for (ds, lam, kappa, branch), rs in sorted(groups.items()):
         mean = lambda k: sum(r["metrics"][k] for r in rs) / len(rs)  # noqa: E731
-        rows.append({"dataset": ds, "lambda": lam, "kappa": kappa, "seeds": len(rs),
+        rows.append({"dataset": ds, "lambda": lam, "kappa": kappa, "fake_branch": branch, "seeds": len(rs),
                      "diverged": sum(r["diverged"] for r in rs),
                      **{k: mean(f"eval/{k}") for k in ("fd_nfe1", "adherence_nfe1", "diversity_nfe1",
                                                       "saturation_nfe1", "fd_nfe2", "adherence_nfe2")},
@@ -117,11 +120,12 @@ def write_doc(results: dict[str, Any]) -> None:
     for ds in cfg["datasets"]:
         rows = [r for r in results["summary"]["rows"] if r["dataset"] == ds]
         lines += [f"**{ds}** (real floor: FD {rows[0]['fd_floor']:.2f}, saturation {rows[0]['real_saturation']:.3f})", "",
-                  "| lambda | kappa | diverged | FD 1 NFE | adherence 1 NFE | diversity 1 NFE | saturation 1 NFE "
-                  "| FD 2 NFE | final ADV loss | final cos(dv, -x_g) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| lambda | kappa | fake branch | diverged | FD 1 NFE | adherence 1 NFE | diversity 1 NFE "
+                  "| saturation 1 NFE | FD 2 NFE | final ADV loss | final cos(dv, -x_g) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['diverged']}/{r['seeds']} | {r['fd_nfe1']:.2f} "
+            lines.append(f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['fake_branch']} | {r['diverged']}/{r['seeds']} "
+                         f"| {r['fd_nfe1']:.2f} "
                          f"| {r['adherence_nfe1']:.1%} | {r['diversity_nfe1']:.2f} | {r['saturation_nfe1']:.3f} "
                          f"| {r['fd_nfe2']:.2f} | {r['final_loss_adv']:.3f} | {r['final_dv_cos']:+.2f} |")
         lines.append("")
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="mnist,fashion_mnist")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--base-mnist", default=None)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(b) / "twinflow.json").is_file():
             p.error(f"no base export for {ds} at {b}: run `twinflow train jobs/{ds.split('_')[0]}_base_fm.yaml` "
                     f"first (or pass --base-{ds})")
-    overrides = ["method.teacher=online", "train.lr=0.0002", "train.micro_batch=32", "train.sample_ema=0.99"]
+    overrides = []  # the shipped TwinFlow job as it is (online teacher, lr 1e-4, micro-batch 32, sampling EMA)
     specs = [{**t, "base": bases[t["dataset"]], "steps": args.steps, "per_class": args.per_class,
               "overrides": overrides} for t in trials(datasets, seeds)]
     t0 = time.perf_counter()

@@ -63,3 +63,24 @@ def test_export_round_trip_keeps_the_fake_branch(tmp_path):
 def test_unknown_fake_branch_is_a_config_error():
     with pytest.raises(ValueError, match="fake_branch"):
         ModelConfig(preset="tiny-28g", fake_branch="flipped")
+
+
+def test_a_mirror_fine_tune_starts_from_a_signed_base(tmp_path):
+    """The usual case: a flow-matching base ("signed", it never saw t < 0) fine-tuned with mirror."""
+    from pathlib import Path
+
+    from twinflow.train import modelling
+    from twinflow.train.config import load_job
+
+    x, t, cond = _inputs()
+    base = _gen("signed")
+    save_generator(base, tmp_path / "base", {"method": "flow_matching"})
+    repo = Path(__file__).resolve().parents[2]
+    job = load_job(repo / "jobs" / "mnist_twinflow.yaml", [f"train.init_from={tmp_path / 'base'}",
+                                                          "model.fake_branch=mirror", "model.text_max_length=8"])
+    model = modelling.build_model(job)
+    assert fake_branch_of(model) == "mirror"
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, t, cond), base(x, t, t, cond), atol=1e-6)
+        assert torch.equal(model(x, -t, -t, cond), model(x, t, t, cond))
+    assert fake_branch_of(load_generator(tmp_path / "base")[0]) == "signed"

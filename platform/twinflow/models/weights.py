@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from twinflow.models.time_embed import E2_PREFIX
+from twinflow.models.time_embed import E2_PREFIX, SIGN_NAME
 
 EXTRA_FILE = "twinflow_extra.safetensors"
 _EXTRA_MODULES = ("text_proj",)
@@ -34,6 +34,9 @@ def load_twin_e2(backbone: nn.Module, directory: str | Path, required: bool = Tr
     directory = Path(directory)
     found = _tensors_with(directory, f".{E2_PREFIX}.")
     expected = {k for k in backbone.state_dict() if f".{E2_PREFIX}." in f".{k}"}
+    if not any(f".{SIGN_NAME}." in k for k in found):
+        # weights of a "signed" model into a "mirror" one: the sign embedding keeps its zero gate
+        expected = {k for k in expected if f".{SIGN_NAME}." not in k}
     if not found:
         if required:
             raise FileNotFoundError(f"{directory}: no second-time-embedder weights ({E2_PREFIX}.*) in the safetensors")
