@@ -138,7 +138,7 @@ def test_search_space_converts_to_tune_domains(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer
 
     p = sweep_file(tmp_path, "  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                             "  method.enhanced_ratio: {uniform: [0.5, 1.5]}\n"
+                             "  method.enhanced_ratio: {uniform: [0.3, 0.9]}\n"
                              "  method.teacher: {choice: [ema, online]}\n"
                              "  method.rollout_order: {randint: [1, 4]}\n"
                              "num_samples: 3\n")

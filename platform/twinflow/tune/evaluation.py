@@ -239,7 +239,7 @@ def judged(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetti
                     x = codec.decode(x)
                 images.append(x.float().cpu())
             m = metrics_from_samples(torch.cat(images), row_classes, judge, ref)
-            for k in ("fd", "adherence", "diversity", "collapse"):
+            for k in ("fd", "adherence", "diversity", "collapse", "saturation"):
                 out[f"eval/{k}_{s.suffix}"] = float(m[k])
     for k, v in ref.floor(row_classes, seed=evaluation.seed).items():
         out[f"eval/{k}_floor"] = float(v)
