@@ -5,6 +5,7 @@ job checkpointing to S3, one machine removed mid-run and a replacement added; pr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -13,20 +14,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.reliability.helpers`
 
 CKPT_EVERY = 4
-STEPS = 20
+STEPS = 12
 REMOVE_AFTER_STEP = 6  # past the first checkpoint (step 4), before the second (step 8)
 
 
 def main(shards: str, out: str, endpoint: str, report: str) -> int:
+    import ray
     from ray.cluster_utils import Cluster
 
     from tests.reliability.helpers import logged_steps, make_job
     from twinflow.data.storage import list_files
-    from twinflow.train.launcher import free_port, run_dir_of, run_job
+    from twinflow.train.launcher import API_SERVER_ENV, free_port, run_dir_of, run_job
 
+    port = free_port()  # the cluster's own state API, named for every process (launcher.ensure_ray)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    address_file = Path(ray._private.utils.get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
         "object_store_memory": 200 * 1024**2})
+    # Cluster records its head in /tmp/ray/ray_current_cluster, and every plain ray.init() on this
+    # machine then tries to join it (and fails with num_cpus): put back what was there.
+    if before is None:
+        address_file.unlink(missing_ok=True)
+    else:
+        address_file.write_text(before)
     machine = dict(num_cpus=2, object_store_memory=150 * 1024**2)
     cluster.add_node(**machine)
     doomed = cluster.add_node(**machine)
@@ -61,11 +73,14 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
         "samples_seen": (result.metrics or {}).get("samples_seen") if result else None,
         "removed_at_step": removed_at, "restored_steps": restored, "logged_steps": logged_steps(run),
         "recovery_s": round(time.time() - t_removed, 1),
-        "remote_checkpoints": sorted({f.split("/")[0] for f in remote if f.startswith("checkpoint_")}),
+        "remote_checkpoints": sorted({f.split("/")[0] for f in remote if f.startswith("checkpoint_") and "/" in f}),
         "checkpoint_every": CKPT_EVERY, "total_steps": STEPS}, indent=1))
+    ray.shutdown()  # disconnect first: removing the head under a connected driver fails the exit
     cluster.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    code = main(*sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)  # the report is written; skip interpreter teardown of the finished cluster's threads

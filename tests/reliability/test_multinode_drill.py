@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def test_losing_a_machine_mid_run_resumes_from_s3(fashion_small, s3_server, bucket, tmp_path):
+    from ray._private.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
     report = tmp_path / "drill.json"
     env = {**_env(), "TWINFLOW_STAGING_DIR": str(tmp_path / "staging")}
     out = subprocess.run([sys.executable, str(HERE / "drill.py"), str(fashion_small), f"s3://{bucket}/runs",
@@ -30,3 +35,5 @@ def test_losing_a_machine_mid_run_resumes_from_s3(fashion_small, s3_server, buck
     assert r["logged_steps"] == list(range(1, r["total_steps"] + 1))  # every step once after the resume
     assert r["samples_seen"] == r["total_steps"] * MICRO * WORLD
     assert r["remote_checkpoints"], "checkpoints did not reach S3"
+    # the drill's cluster must not become the one every plain ray.init() on this machine joins
+    assert (address_file.read_text() if address_file.exists() else None) == before

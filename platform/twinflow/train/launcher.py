@@ -27,6 +27,8 @@ WORKER_ENV = {
 }
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients (the PG cleaner) look first
+
 # S3 endpoint and credentials travel from the driver to the workers (s3:// data, output, init_from).
 FORWARDED_ENV = ("TWINFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -89,11 +91,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 def ensure_ray(job: JobConfig, address: str | None) -> None:
     """Join `address` (or the job's), else start an embedded local cluster sized to never starve Ray Data.
 
-    The local cluster runs its own dashboard on a free 127.0.0.1 port. Ray Train's placement-group
-    cleaner asks the state API (the dashboard's address recorded in GCS) whether the Train controller
-    lives. Without a dashboard that address is the machine-wide default 127.0.0.1:8265: unanswered it
-    logs "Failed to query" forever; answered by ANOTHER Ray cluster's dashboard, our live controller is
-    "not found", read as dead, and its placement group (both workers) is removed mid-run."""
+    The local cluster runs its own dashboard on a free 127.0.0.1 port, and RAY_API_SERVER_ADDRESS
+    (inherited by its raylet, so by every worker) names it. Ray Train's placement-group cleaner asks
+    the state API whether the Train controller lives. Without a dashboard the address it finds is the
+    machine-wide default 127.0.0.1:8265; without the variable it looks the cluster up by scanning for
+    running GCS processes and takes the newest, on a shared machine perhaps another one. Unanswered,
+    it logs "Failed to query" forever; answered by ANOTHER cluster, our live controller is "not
+    found", read as dead, and its placement group (both workers) is removed mid-run."""
     import ray
 
     if ray.is_initialized():
@@ -104,10 +108,12 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     else:
+        port = free_port()
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=job.cluster.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(),
-                 object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
-                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+                 dashboard_port=port, object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
+                 runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
+                 log_to_driver=True)
 
 
 def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:

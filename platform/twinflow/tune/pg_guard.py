@@ -5,7 +5,10 @@ creates the placement group of the worker group. When the scheduler stops the tr
 the trial actor; the controller dies with it, but a placement group lives as long as the *job* that
 created it (the sweep driver), so its CPUs/GPUs stay reserved and the next trial waits forever for
 them. (Ray's own PlacementGroupCleaner asks the state API whether the controller is alive; without a
-dashboard that call fails and it never cleans up.)
+dashboard that call fails and it never cleans up. The local clusters `twinflow train/tune` start now
+run their own dashboard (launcher.ensure_ray, docs/reliability.md), so the cleaner works there; the
+guard stays for clusters joined by address without a dashboard, and it releases as the trial ends
+instead of at the cleaner's next poll.)
 
 The guard has three parts:
 
