@@ -116,12 +116,19 @@ def test_restore_refuses_when_nothing_verifies_and_names_every_checkpoint(tmp_pa
     assert str(c2) in str(err.value) and str(c4) in str(err.value) and engine.loaded is None
 
 
-def test_fresh_start_ignores_stray_directories(tmp_path, monkeypatch):
+def test_a_complete_checkpoint_ray_never_registered_is_still_used(tmp_path, monkeypatch):
+    """The drill's case: a machine died after step 4's checkpoint was in storage but before the
+    controller registered it; the restarted group must not start over."""
     import ray.train
 
-    run, _ = _run_dir_with(tmp_path, [2])
+    run, (c2, c4) = _run_dir_with(tmp_path, [2, 4])
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    assert checkpointing.restore(FakeEngine(), None, str(run)) is None
+    engine = FakeEngine()
+    assert checkpointing.restore(engine, None, str(run)).step == 4 and engine.loaded == c4
+    empty = tmp_path / "fresh"
+    empty.mkdir()
+    assert checkpointing.restore(FakeEngine(), None, str(empty)) is None  # a new (or --fresh) run
+    assert checkpointing.restore(FakeEngine(), None, str(tmp_path / "missing")) is None
 
 
 def test_summary_keeps_every_attempt_and_the_finished_record(tmp_path):

@@ -64,10 +64,10 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
 
 def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list:
     """Checkpoints to try, best first: Ray's latest, then the run's other checkpoint directories
-    newest first (Ray names them by time). Nothing when Ray has none (a fresh start)."""
-    if latest is None:
-        return []
-    out = [latest]
+    newest first (Ray names them by time). The directories count even when Ray registered none: a
+    worker group restarted after losing a machine found no registered checkpoint although step 4's
+    was complete in storage, and started over. (`--fresh` deletes the run's directory.)"""
+    out = [latest] if latest is not None else []
     if run_uri is None:
         return out
     import pyarrow.fs as pafs
@@ -79,7 +79,7 @@ def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
                    and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
-    seen = {str(latest.path).rstrip("/")}
+    seen = {str(latest.path).rstrip("/")} if latest is not None else set()
     out += [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs if d.rstrip("/") not in seen]
     return out
 
