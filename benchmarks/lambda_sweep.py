@@ -118,6 +118,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def _num(v: float, fmt: str) -> str:
+    """'-' where the metric does not exist (lambda = 0 has no ADV or E2E rows)."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
 def write_doc(results: dict[str, Any]) -> None:
     cfg = results["config"]
     lines = [BEGIN, "", f"Measured {results['date']} with " + " and ".join(f"`{c}`" for c in cfg["commands"])
@@ -137,7 +142,7 @@ def write_doc(results: dict[str, Any]) -> None:
             lines.append(f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['fake_branch']} | {r['diverged']}/{r['seeds']} "
                          f"| {r['fd_nfe1']:.2f} "
                          f"| {r['adherence_nfe1']:.1%} | {r['diversity_nfe1']:.2f} | {r['saturation_nfe1']:.3f} "
-                         f"| {r['fd_nfe2']:.2f} | {r['final_loss_adv']:.3f} | {r['final_dv_cos']:+.2f} |")
+                         f"| {r['fd_nfe2']:.2f} | {_num(r['final_loss_adv'], '.3f')} | {_num(r['final_dv_cos'], '+.2f')} |")
         lines.append("")
     lines.append(END)
     text = DOC.read_text()

@@ -72,6 +72,8 @@ def run_training(path: str, overrides: list[str], retrain: bool) -> dict[str, An
     probe = job.model_copy(deep=True)
     if probe.train.init_from and "://" not in probe.train.init_from:
         probe.train.init_from = str(Path(probe.train.init_from).expanduser().resolve())
+    if "://" not in probe.data.path:  # the launcher records the data path resolved for the workers
+        probe.data.path = str(Path(probe.data.path).expanduser().resolve())
     wanted = json.loads(probe.model_dump_json(by_alias=True))
     if not retrain and _reusable(run_dir, wanted):
         info = json.loads((run_dir / "bench_time.json").read_text()) if (run_dir / "bench_time.json").is_file() else {}
