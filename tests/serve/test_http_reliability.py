@@ -93,7 +93,16 @@ def test_slow_bodies_cannot_stall_the_service(serve_app):
         t0 = time.perf_counter()
         h = requests.get(serve_app + "/healthz", timeout=10)
         assert h.status_code == 200 and time.perf_counter() - t0 < 5
+        # While the slow senders hold every body-reader slot, a new request is answered at once (503 with
+        # Retry-After), never queued behind them; once their bodies time out (3 s) it is served.
+        t1 = time.perf_counter()
         g = requests.post(serve_app + "/v1/generate", json={"prompt": "still here", "seed": 3}, timeout=30)
+        assert g.status_code in (200, 503) and time.perf_counter() - t1 < 10
+        retry_until = time.time() + 20
+        while g.status_code == 503 and time.time() < retry_until:
+            assert "retry-after" in {k.lower() for k in g.headers}
+            time.sleep(1.0)
+            g = requests.post(serve_app + "/v1/generate", json={"prompt": "still here", "seed": 3}, timeout=30)
         assert g.status_code == 200
         deadline = time.time() + 15
         for s in slow + unauth:
