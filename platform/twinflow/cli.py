@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="the main demo: MNIST flow-matching base, then TwinFlow fine-tune, "
-                                      "1-NFE vs 50-NFE grids (~15 min on 2 CPU cores)")
+                                      "1-NFE vs 50-NFE grid and judged numbers (~9 min on 2 idle CPU cores)")
     p.add_argument("--fresh", action="store_true", help="start both jobs over instead of resuming")
     p.add_argument("--set-base", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of jobs/mnist_base_fm.yaml (repeatable)")
