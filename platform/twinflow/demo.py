@@ -112,18 +112,16 @@ def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100)
     from twinflow.eval.periodic import dataset_of, periodic_metrics
     from twinflow.method.config import sample_guidance_of
     from twinflow.models.export import load_generator
-    from twinflow.models.text_encoder import TextEncoder
 
     dataset = dataset_of(DATA)
     out: dict[str, Any] = {}
     for name, path, nfe in [("base", base_export, [50, 1]), ("twinflow", twin_export, [1, 2])]:
         model, meta = load_generator(path)
         model.eval()
-        guidance = sample_guidance_of(meta.get("method_config"))
-        null = TextEncoder(max_length=int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
+        # the prompts are encoded inside the evaluation, whose encoder also gives the CFG null condition
         m = periodic_metrics(model, dataset=dataset, prompts=list(range(10)), cond=None, nfe=nfe,
                              method=meta.get("method"), images_per_prompt=images_per_class, seed=11,
-                             guidance=guidance, null_cond=null)
+                             guidance=sample_guidance_of(meta.get("method_config")))
         for k, v in m.items():
             key = k.split("/", 1)[1]
             out[key if key.endswith("floor") else f"{name}_{key}"] = float(v)

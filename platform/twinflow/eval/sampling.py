@@ -86,6 +86,7 @@ def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Ten
     """Images (unit.size, C, H, W) in [-1, 1]: the same noise for a unit at every NFE and sampler.
     Latent models need `codec` (the export's VAE) to decode; `guidance` > 0 (a base's CFG) needs
     `null_cond`."""
+    from twinflow.method.conditioning import cond_to
     from twinflow.method.sampler import sample
 
     device = torch.device(device)
@@ -94,7 +95,7 @@ def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Ten
     dtype = next(model.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(unit.seed + 1)
     if null_cond is not None:
-        null_cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in null_cond.items()}
+        null_cond = cond_to(null_cond, device, dtype)
     out = sample(model, noise.to(device, dtype), dict(cond), settings=settings_for(nfe, sampler, guidance),
                  null_cond=null_cond, generator=gen)
     if getattr(model, "latent", None):

@@ -98,5 +98,7 @@ def mix_cond(cond: Mapping[str, Tensor], null_cond: Mapping[str, Tensor], use_nu
     return out
 
 
-def cond_to(cond: Mapping[str, Tensor], device: torch.device | str) -> Cond:
-    return {k: v.to(device) for k, v in cond.items()}
+def cond_to(cond: Mapping[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+    """`cond` on `device`; floating tensors also cast to `dtype` when given (masks keep theirs)."""
+    return {k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+            for k, v in cond.items()}

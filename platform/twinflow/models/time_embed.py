@@ -78,7 +78,7 @@ class TwoTimeMixin(nn.Module):
 
     def forward(self, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         t_backbone, gap = split_times(timestep)
-        sign = getattr(self.twin_e2, SIGN_NAME, None) if hasattr(self, "twin_e2") else None
+        sign = getattr(self.twin_e2, SIGN_NAME, None)
         if sign is None:
             base = super().forward(t_backbone, *args, **kwargs)
         else:

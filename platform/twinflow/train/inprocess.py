@@ -20,7 +20,7 @@ from twinflow.data.local import iter_local_batches
 from twinflow.method.ema import EMA
 from twinflow.train import modelling
 from twinflow.train.config import JobConfig
-from twinflow.train.schedule import lr_factor
+from twinflow.train.schedule import lr_factor, set_lr
 
 
 @dataclass
@@ -62,18 +62,25 @@ def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -
 
 @dataclass
 class InProcessRun:
-    """What a run leaves: the online model, its teacher, the sampling EMA (when `train.sample_ema` is
-    set) and one metrics dict per logged step (means over the steps since the last log)."""
+    """What a run leaves: the online model, its teacher and sampling EMA (`modelling.Averages`), and one
+    metrics dict per logged step (means over the steps since the last log)."""
 
     model: torch.nn.Module
-    teacher: Any
-    sample_ema: EMA | None
+    averages: modelling.Averages
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def teacher(self) -> Any:
+        return self.averages.teacher
+
+    @property
+    def sample_ema(self) -> EMA | None:
+        return self.averages.sample_ema
 
     @property
     def sampling_model(self) -> torch.nn.Module:
         """The weights a user samples from: the sampling EMA when the job keeps one."""
-        return self.sample_ema.module if self.sample_ema is not None else self.model
+        return self.averages.sampling_module(self.model)
 
 
 def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder: Any = None,
@@ -97,14 +104,14 @@ def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder:
         null_cond = encoder.null_condition()
     model = model if model is not None else modelling.build_model(job)
     model.train()
-    teacher = modelling.build_teacher(job, model)
+    averages = modelling.build_averages(job, model)
+    teacher, sample_ema = averages.teacher, averages.sample_ema
     objective = modelling.build_objective(job)
-    sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=job.train.lr, betas=job.train.betas, weight_decay=job.train.weight_decay)
     gen = torch.Generator().manual_seed(job.train.seed * 100_003)
     order = torch.Generator().manual_seed(job.train.seed + 17)
-    run = InProcessRun(model, teacher, sample_ema)
+    run = InProcessRun(model, averages)
     perm, pos = torch.randperm(len(data), generator=order), 0
     window: dict[str, list[float]] = {}
     t0 = time.perf_counter()
@@ -114,8 +121,7 @@ def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder:
             perm, pos = torch.randperm(len(data), generator=order), 0
         x, cond = data.rows(perm[pos:pos + B])
         pos += B
-        for group in opt.param_groups:
-            group["lr"] = job.train.lr * lr_factor(step - 1, job.train.warmup_steps)
+        set_lr(opt, job.train.lr * lr_factor(step - 1, job.train.warmup_steps))
         teacher.update()
         out = objective(model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False)
         opt.zero_grad(set_to_none=True)

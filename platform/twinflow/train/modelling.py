@@ -8,6 +8,7 @@ import torch
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher, build_objective as _build_objective
 from twinflow.method.ema import EMA
+from twinflow.method.conditioning import cond_to
 from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
 from twinflow.method.sampler import sample, settings_for_method
 from twinflow.models import build_generator
@@ -113,7 +114,7 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
     module.eval()
     guidance = sample_guidance(job)
     if guidance and null_cond is not None:
-        null_cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in null_cond.items()}
+        null_cond = cond_to(null_cond, device, dtype)
     rows = [sample(module, noise, cond, settings=settings_for_method(nfe, job.method.name, guidance),
                    null_cond=null_cond, generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
             for nfe in job.eval.nfe]

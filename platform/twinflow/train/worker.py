@@ -21,7 +21,7 @@ from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.progress import MetricsLog, ProgressLine
-from twinflow.train.schedule import lr_factor
+from twinflow.train.schedule import lr_factor, set_lr
 from twinflow.train import modelling
 
 
@@ -115,7 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
             x = batch["image"].to(device, dtype)
             cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
             if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
-                set_lr(engine, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
+                set_lr(engine.optimizer, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
                 with full_parameters(engine.module, job.deepspeed.zero_stage):
                     teacher.update()
             # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
@@ -218,9 +218,3 @@ def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -
         marker.touch()
         print(f"[twinflow] fault injection: rank {rank} exits at step {step}", flush=True)
         os._exit(17)
-
-
-def set_lr(engine: Any, lr: float) -> None:
-    """The learning rate of the coming optimizer step (warm-up), on every parameter group."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
