@@ -188,7 +188,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "args": vars(args), "runs": {}}
+                     "torch": torch.__version__,
+                     "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": {}}
     for i, name in enumerate(configs):
         print(f"== {name}", flush=True)
         cmd = [sys.executable, __file__, "--one", name, *sum(([f"--{k.replace('_', '-')}", str(v)]

@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                       "enhanced_ratio": probe.method.enhanced_ratio, "bases": bases,
                       "commands": commands},
            "trials": results, "summary": summarize(results)}
+    from _paths import repo_relative  # sibling module benchmarks/_paths.py
+
+    out = repo_relative(out, ROOT)
     Path(args.out).write_text(json.dumps(out, indent=2, default=float))
     write_doc(out)
     print(f"[sweep] wrote {args.out} and {DOC}")

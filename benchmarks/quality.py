@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         res["effective_guidance"] = measure_guidance(ds, trained[ds])
         results["datasets"][ds] = res
     results["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    from _paths import repo_relative  # sibling module benchmarks/_paths.py
+
+    results = repo_relative(results, ROOT)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
