@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,8 +10,15 @@ setup:
 demo: setup
 	$(PY) -m twinflow demo
 
-test: setup
+LINTED := platform tests benchmarks scripts
+
+# Lint and format check first (seconds), then the suite.
+test: setup lint
 	$(PY) -m pytest tests -q
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not integration"

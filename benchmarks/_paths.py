@@ -1,4 +1,5 @@
 """Results files ship in the repo: paths in them are written relative to the checkout, never absolute."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@ ZeRO-2, one process, one thread, on the tiny and small Qwen-Image presets (CPU o
 
     .venv/bin/python benchmarks/deepspeed_overhead.py      # ~2 min on 2 CPU cores; prints one JSON line per preset
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_train_step as steps  # noqa: E402  (same loops as the GPU benchmark)
-from twinflow.method.config import FlowMatchingConfig  # noqa: E402
-from twinflow.models.config import ModelConfig  # noqa: E402
-from twinflow.train.sections import DeepSpeedConfig  # noqa: E402
+import gpu_train_step as steps
+
+from twinflow.method.config import FlowMatchingConfig
+from twinflow.models.config import ModelConfig
+from twinflow.train.sections import DeepSpeedConfig
 
 
 def main() -> int:
@@ -27,7 +29,9 @@ def main() -> int:
         model = ModelConfig(family="qwen_image", preset=preset, text_max_length=16)
         out = {"preset": preset, "plain_s": steps.run_plain(model, fm, 32, n)["step_s"]}
         for zero in (0, 2):
-            out[f"deepspeed_z{zero}_s"] = steps.run_engine(model, fm, DeepSpeedConfig(zero_stage=zero), 32, n)["step_s"]
+            out[f"deepspeed_z{zero}_s"] = steps.run_engine(
+                model, fm, DeepSpeedConfig(zero_stage=zero), 32, n
+            )["step_s"]
         print(json.dumps(out), flush=True)
     return 0
 

@@ -8,6 +8,7 @@ per-step work is the same calls: objective(engine, x, cond) -> engine.backward -
 teacher updated once per step. Text conditions are random (B, L, 384) states: the MiniLM weights are
 not needed to time the backbone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from twinflow.method import Teacher, build_objective  # noqa: E402
-from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig  # noqa: E402
-from twinflow.models import build_generator  # noqa: E402
-from twinflow.models.config import ModelConfig  # noqa: E402
-from twinflow.train.engine import deepspeed_config, full_parameters, init_engine  # noqa: E402
-from twinflow.train.sections import DeepSpeedConfig, TrainConfig  # noqa: E402
+from twinflow.method import Teacher, build_objective
+from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
+from twinflow.models import build_generator
+from twinflow.models.config import ModelConfig
+from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
+from twinflow.train.sections import DeepSpeedConfig, TrainConfig
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script only
 
@@ -61,10 +62,14 @@ def init_dist() -> None:
 def batch(model, micro: int, dtype: torch.dtype, text_len: int = 16):
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.rand((micro, *model.sample_shape), generator=g, device=DEV).mul(2).sub(1).to(dtype)
-    cond = {"text_states": torch.randn((micro, text_len, 384), generator=g, device=DEV).to(dtype),
-            "text_mask": torch.ones((micro, text_len), dtype=torch.int64, device=DEV)}
-    null = {"text_states": torch.zeros((1, text_len, 384), device=DEV, dtype=dtype),
-            "text_mask": torch.ones((1, text_len), dtype=torch.int64, device=DEV)}
+    cond = {
+        "text_states": torch.randn((micro, text_len, 384), generator=g, device=DEV).to(dtype),
+        "text_mask": torch.ones((micro, text_len), dtype=torch.int64, device=DEV),
+    }
+    null = {
+        "text_states": torch.zeros((1, text_len, 384), device=DEV, dtype=dtype),
+        "text_mask": torch.ones((1, text_len), dtype=torch.int64, device=DEV),
+    }
     return x, cond, null
 
 
@@ -79,8 +84,14 @@ def timed_steps(step, n_warm: int, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def run_engine(model_cfg: ModelConfig, method, ds: DeepSpeedConfig, micro: int, steps: int,
-               teacher_mode: str | None = None) -> dict:
+def run_engine(
+    model_cfg: ModelConfig,
+    method,
+    ds: DeepSpeedConfig,
+    micro: int,
+    steps: int,
+    teacher_mode: str | None = None,
+) -> dict:
     reset_mem()
     torch.manual_seed(0)
     t_build = time.perf_counter()
@@ -109,10 +120,16 @@ def run_engine(model_cfg: ModelConfig, method, ds: DeepSpeedConfig, micro: int, 
         losses.append(float(out.loss.detach()))
 
     s = timed_steps(step, 3, steps)
-    res = {"params": params, "step_s": s, "peak_mem_gib": peak_gib(),
-           "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
-           "finite": all(l == l and abs(l) < float("inf") for l in losses)}
-    del engine, model, teacher
+    res = {
+        "params": params,
+        "step_s": s,
+        "peak_mem_gib": peak_gib(),
+        "build_s": build_s,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "finite": all(v == v and abs(v) < float("inf") for v in losses),
+    }
+    engine = model = teacher = None  # free before the next config is measured
     reset_mem()
     return res
 
@@ -144,17 +161,30 @@ def configurations(args) -> dict:
     fm = FlowMatchingConfig(name="flow_matching", loss="mse")
     tiny = ModelConfig(family="qwen_image", preset="tiny-28g", text_max_length=16)
     # Qwen-Image's block width (24 heads x 128 = 3072, joint dim 3584), fewer blocks, RGB pixels.
-    big = ModelConfig(family="qwen_image", preset="small-32rgb", image_size=args.image_size, channels=3, patch=2,
-                      text_max_length=16,
-                      backbone={"num_layers": args.layers, "num_attention_heads": 24, "attention_head_dim": 128,
-                                "axes_dims_rope": [16, 56, 56], "joint_attention_dim": 3584})
+    big = ModelConfig(
+        family="qwen_image",
+        preset="small-32rgb",
+        image_size=args.image_size,
+        channels=3,
+        patch=2,
+        text_max_length=16,
+        backbone={
+            "num_layers": args.layers,
+            "num_attention_heads": 24,
+            "attention_head_dim": 128,
+            "axes_dims_rope": [16, 56, 56],
+            "joint_attention_dim": 3584,
+        },
+    )
     z3 = DeepSpeedConfig(zero_stage=3, precision="bf16")
     z2 = DeepSpeedConfig(zero_stage=2, precision="bf16")
     tw = TwinFlowConfig(name="twinflow", **{"lambda": 0.33}, teacher="online")
     tw_ema = TwinFlowConfig(name="twinflow", **{"lambda": 0.33}, teacher="ema", ema_decay=0.999)
     return {
         "tiny_fm_plain_fp32": lambda: run_plain(tiny, fm, 32, args.tiny_steps),
-        "tiny_fm_deepspeed_z2_fp32": lambda: run_engine(tiny, fm, DeepSpeedConfig(zero_stage=2), 32, args.tiny_steps),
+        "tiny_fm_deepspeed_z2_fp32": lambda: run_engine(
+            tiny, fm, DeepSpeedConfig(zero_stage=2), 32, args.tiny_steps
+        ),
         "big_fm_bf16_z2": lambda: run_engine(big, fm, z2, args.micro, args.steps),
         "big_fm_bf16_z3": lambda: run_engine(big, fm, z3, args.micro, args.steps),
         "big_twinflow_online_bf16_z3": lambda: run_engine(big, tw, z3, args.micro, args.steps),
@@ -165,12 +195,16 @@ def configurations(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_train_step.json")
-    ap.add_argument("--layers", type=int, default=8, help="Qwen-Image-class blocks at width 3072 (the 20B has 60)")
+    ap.add_argument(
+        "--layers", type=int, default=8, help="Qwen-Image-class blocks at width 3072 (the 20B has 60)"
+    )
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tiny-steps", type=int, default=50)
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON on stdout
+    ap.add_argument(
+        "--one", default=None, help=argparse.SUPPRESS
+    )  # internal: one configuration, JSON on stdout
     args = ap.parse_args()
     configs = configurations(args)
     if args.one:  # each configuration in its own process: peak memory is that run's alone
@@ -187,15 +221,32 @@ def main() -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
-                     "torch": torch.__version__,
-                     "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "runs": {},
+    }
     for i, name in enumerate(configs):
         print(f"== {name}", flush=True)
-        cmd = [sys.executable, __file__, "--one", name, *sum(([f"--{k.replace('_', '-')}", str(v)]
-               for k, v in vars(args).items() if k not in ("one", "out")), [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MASTER_PORT": str(29600 + i)})
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            *sum(
+                (
+                    [f"--{k.replace('_', '-')}", str(v)]
+                    for k, v in vars(args).items()
+                    if k not in ("one", "out")
+                ),
+                [],
+            ),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "MASTER_PORT": str(29600 + i)}
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         res = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-1500:]}
         results["runs"][name] = res
         print(json.dumps(res), flush=True)
@@ -204,9 +255,13 @@ def main() -> int:
     if "step_s" in r.get("big_fm_bf16_z3", {}) and "step_s" in r.get("big_twinflow_online_bf16_z3", {}):
         results["twinflow_vs_fm"] = {
             "time": r["big_twinflow_online_bf16_z3"]["step_s"] / r["big_fm_bf16_z3"]["step_s"],
-            "peak_mem": r["big_twinflow_online_bf16_z3"]["peak_mem_gib"] / r["big_fm_bf16_z3"]["peak_mem_gib"]}
+            "peak_mem": r["big_twinflow_online_bf16_z3"]["peak_mem_gib"]
+            / r["big_fm_bf16_z3"]["peak_mem_gib"],
+        }
     if "step_s" in r.get("tiny_fm_plain_fp32", {}) and "step_s" in r.get("tiny_fm_deepspeed_z2_fp32", {}):
-        results["deepspeed_vs_plain_tiny"] = r["tiny_fm_deepspeed_z2_fp32"]["step_s"] / r["tiny_fm_plain_fp32"]["step_s"]
+        results["deepspeed_vs_plain_tiny"] = (
+            r["tiny_fm_deepspeed_z2_fp32"]["step_s"] / r["tiny_fm_plain_fp32"]["step_s"]
+        )
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     return 0

@@ -15,6 +15,7 @@ Bases: `runs/<ds>_base_fm/export` (made by `twinflow train jobs/<ds>_base_fm.yam
 MNIST); `--base-<ds>` points elsewhere. Writes benchmarks/results/lambda_sweep.json and the section of
 docs/tuning.md between the LAMBDA_SWEEP markers. Trials run `--parallel` at a time, one thread each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "lambda_sweep.json"
 DOC = ROOT / "docs" / "tuning.md"
 BEGIN, END = "<!-- LAMBDA_SWEEP:BEGIN -->", "<!-- LAMBDA_SWEEP:END -->"
-DATASETS = {"mnist": ("jobs/mnist_twinflow.yaml", "runs/mnist_base_fm/export"),
-            "fashion_mnist": ("jobs/fashion_twinflow.yaml", "runs/fashion_base_fm/export")}
+DATASETS = {
+    "mnist": ("jobs/mnist_twinflow.yaml", "runs/mnist_base_fm/export"),
+    "fashion_mnist": ("jobs/fashion_twinflow.yaml", "runs/fashion_base_fm/export"),
+}
 LAMBDAS = (0.0, 0.15, 1 / 3, 0.5, 0.75)
 KAPPAS = (0.25, 1.0)  # the small kappa axis, at lambda = 1/3
 # and the optional fake-branch start (model.fake_branch: mirror) against the default, at lambda = 1/3
@@ -46,9 +49,11 @@ def judge_divergence(hist: list[dict[str, float]], late_sat: float, real_sat: fl
     import math
 
     adv = [h["loss_adv"] for h in hist if "loss_adv" in h]
-    return (not all(math.isfinite(v) for h in hist for v in h.values())
-            or late_sat > DIVERGED_SATURATION * real_sat
-            or (len(adv) >= 2 and adv[-1] > DIVERGED_ADV_GROWTH * adv[0]))
+    return (
+        not all(math.isfinite(v) for h in hist for v in h.values())
+        or late_sat > DIVERGED_SATURATION * real_sat
+        or (len(adv) >= 2 and adv[-1] > DIVERGED_ADV_GROWTH * adv[0])
+    )
 
 
 def trials(datasets: list[str], seeds: list[int]) -> list[dict[str, Any]]:
@@ -56,9 +61,13 @@ def trials(datasets: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     for ds in datasets:
         for seed in seeds:
             for lam in LAMBDAS:
-                out.append({"dataset": ds, "lambda": lam, "kappa": 0.5, "seed": seed, "fake_branch": "signed"})
+                out.append(
+                    {"dataset": ds, "lambda": lam, "kappa": 0.5, "seed": seed, "fake_branch": "signed"}
+                )
             for kappa in KAPPAS:
-                out.append({"dataset": ds, "lambda": 1 / 3, "kappa": kappa, "seed": seed, "fake_branch": "signed"})
+                out.append(
+                    {"dataset": ds, "lambda": 1 / 3, "kappa": kappa, "seed": seed, "fake_branch": "signed"}
+                )
             out.append({"dataset": ds, "lambda": 1 / 3, "kappa": 0.5, "seed": seed, "fake_branch": "mirror"})
     return out
 
@@ -75,10 +84,18 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from twinflow.train.inprocess import load_memory_data, train_in_process
 
     job_yaml = DATASETS[spec["dataset"]][0]
-    job = load_job(ROOT / job_yaml, [f"train.init_from={spec['base']}", f"method.lambda={spec['lambda']}",
-                                     f"method.kappa={spec['kappa']}", f"train.seed={spec['seed']}",
-                                     f"train.steps={spec['steps']}", f"model.fake_branch={spec['fake_branch']}",
-                                     *spec["overrides"]])
+    job = load_job(
+        ROOT / job_yaml,
+        [
+            f"train.init_from={spec['base']}",
+            f"method.lambda={spec['lambda']}",
+            f"method.kappa={spec['kappa']}",
+            f"train.seed={spec['seed']}",
+            f"train.steps={spec['steps']}",
+            f"model.fake_branch={spec['fake_branch']}",
+            *spec["overrides"],
+        ],
+    )
     job.data.path = str(ROOT / job.data.path)
     enc = TextEncoder(max_length=job.data.text_max_length)
     t0 = time.perf_counter()
@@ -86,16 +103,31 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     run = train_in_process(job, data=data, encoder=enc, log_every=25)
     train_s = time.perf_counter() - t0
     judge = load_judge(spec["dataset"])
-    m = evaluate_generator(run.sampling_model, list(range(10)), [1, 2], judge, reference=real_reference(judge),
-                           text_encoder=enc, images_per_prompt=spec["per_class"], sampler="few", seed=11)
+    m = evaluate_generator(
+        run.sampling_model,
+        list(range(10)),
+        [1, 2],
+        judge,
+        reference=real_reference(judge),
+        text_encoder=enc,
+        images_per_prompt=spec["per_class"],
+        sampler="few",
+        seed=11,
+    )
     keys = ("loss_adv", "dv_abs", "dv_cos", "sat_onestep", "total")
     hist = [{"step": int(h["step"]), **{k: h[k] for k in keys if k in h}} for h in run.history]
     real_sat = real_saturation(spec["dataset"])
     late_sat = max((h.get("sat_onestep", 0.0) for h in hist if h["step"] > spec["steps"] // 2), default=0.0)
     diverged = judge_divergence(hist, late_sat, real_sat)
-    return {**{k: v for k, v in spec.items() if k not in ("overrides",)}, "metrics": m, "history": hist,
-            "diverged": bool(diverged), "late_max_saturation": late_sat, "real_saturation": real_sat,
-            "train_s": round(train_s, 1)}
+    return {
+        **{k: v for k, v in spec.items() if k not in ("overrides",)},
+        "metrics": m,
+        "history": hist,
+        "diverged": bool(diverged),
+        "late_max_saturation": late_sat,
+        "real_saturation": real_sat,
+        "train_s": round(train_s, 1),
+    }
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,15 +138,35 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         groups.setdefault((r["dataset"], round(r["lambda"], 4), r["kappa"], r["fake_branch"]), []).append(r)
     rows = []
     for (ds, lam, kappa, branch), rs in sorted(groups.items()):
-        mean = lambda k: sum(r["metrics"][k] for r in rs) / len(rs)  # noqa: E731
-        rows.append({"dataset": ds, "lambda": lam, "kappa": kappa, "fake_branch": branch, "seeds": len(rs),
-                     "diverged": sum(r["diverged"] for r in rs),
-                     **{k: mean(f"eval/{k}") for k in ("fd_nfe1", "adherence_nfe1", "diversity_nfe1",
-                                                      "saturation_nfe1", "fd_nfe2", "adherence_nfe2")},
-                     "fd_floor": rs[0]["metrics"]["eval/fd_floor"],
-                     "real_saturation": rs[0]["real_saturation"],
-                     "final_loss_adv": sum(r["history"][-1].get("loss_adv", float("nan")) for r in rs) / len(rs),
-                     "final_dv_cos": sum(r["history"][-1].get("dv_cos", float("nan")) for r in rs) / len(rs)})
+
+        def mean(k, rs=rs):
+            return sum(r["metrics"][k] for r in rs) / len(rs)
+
+        rows.append(
+            {
+                "dataset": ds,
+                "lambda": lam,
+                "kappa": kappa,
+                "fake_branch": branch,
+                "seeds": len(rs),
+                "diverged": sum(r["diverged"] for r in rs),
+                **{
+                    k: mean(f"eval/{k}")
+                    for k in (
+                        "fd_nfe1",
+                        "adherence_nfe1",
+                        "diversity_nfe1",
+                        "saturation_nfe1",
+                        "fd_nfe2",
+                        "adherence_nfe2",
+                    )
+                },
+                "fd_floor": rs[0]["metrics"]["eval/fd_floor"],
+                "real_saturation": rs[0]["real_saturation"],
+                "final_loss_adv": sum(r["history"][-1].get("loss_adv", float("nan")) for r in rs) / len(rs),
+                "final_dv_cos": sum(r["history"][-1].get("dv_cos", float("nan")) for r in rs) / len(rs),
+            }
+        )
     return {"rows": rows}
 
 
@@ -125,30 +177,41 @@ def _num(v: float, fmt: str) -> str:
 
 def write_doc(results: dict[str, Any]) -> None:
     cfg = results["config"]
-    lines = [BEGIN, "", f"Measured {results['date']} with " + " and ".join(f"`{c}`" for c in cfg["commands"])
-             + f" ({cfg['steps']} steps per trial, "
-             f"micro-batch {cfg['micro_batch']}, lr {cfg['lr']}, online teacher, w {cfg['enhanced_ratio']}, "
-             f"seeds {cfg['seeds']}, {cfg['per_class']} samples per class from each trial's sampling EMA; "
-             f"{results['wall_s'] / 60:.0f} min wall). Means over seeds; `diverged` counts seeds whose ADV "
-             "loss ended above 1.5x its first logged value, whose late one-step saturation passed 5x the real images', or "
-             "that went non-finite.", ""]
+    lines = [
+        BEGIN,
+        "",
+        f"Measured {results['date']} with "
+        + " and ".join(f"`{c}`" for c in cfg["commands"])
+        + f" ({cfg['steps']} steps per trial, "
+        f"micro-batch {cfg['micro_batch']}, lr {cfg['lr']}, online teacher, w {cfg['enhanced_ratio']}, "
+        f"seeds {cfg['seeds']}, {cfg['per_class']} samples per class from each trial's sampling EMA; "
+        f"{results['wall_s'] / 60:.0f} min wall). Means over seeds; `diverged` counts seeds whose ADV "
+        "loss ended above 1.5x its first logged value, whose late one-step saturation passed 5x the real images', or "
+        "that went non-finite.",
+        "",
+    ]
     for ds in cfg["datasets"]:
         rows = [r for r in results["summary"]["rows"] if r["dataset"] == ds]
-        lines += [f"**{ds}** (real floor: FD {rows[0]['fd_floor']:.2f}, saturation {rows[0]['real_saturation']:.3f})", "",
-                  "| lambda | kappa | fake branch | diverged | FD 1 NFE | adherence 1 NFE | diversity 1 NFE "
-                  "| saturation 1 NFE | FD 2 NFE | final ADV loss | final cos(dv, -x_g) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{ds}** (real floor: FD {rows[0]['fd_floor']:.2f}, saturation {rows[0]['real_saturation']:.3f})",
+            "",
+            "| lambda | kappa | fake branch | diverged | FD 1 NFE | adherence 1 NFE | diversity 1 NFE "
+            "| saturation 1 NFE | FD 2 NFE | final ADV loss | final cos(dv, -x_g) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['fake_branch']} | {r['diverged']}/{r['seeds']} "
-                         f"| {r['fd_nfe1']:.2f} "
-                         f"| {r['adherence_nfe1']:.1%} | {r['diversity_nfe1']:.2f} | {r['saturation_nfe1']:.3f} "
-                         f"| {r['fd_nfe2']:.2f} | {_num(r['final_loss_adv'], '.3f')} | {_num(r['final_dv_cos'], '+.2f')} |")
+            lines.append(
+                f"| {r['lambda']:.2f} | {r['kappa']:g} | {r['fake_branch']} | {r['diverged']}/{r['seeds']} "
+                f"| {r['fd_nfe1']:.2f} "
+                f"| {r['adherence_nfe1']:.1%} | {r['diversity_nfe1']:.2f} | {r['saturation_nfe1']:.3f} "
+                f"| {r['fd_nfe2']:.2f} | {_num(r['final_loss_adv'], '.3f')} | {_num(r['final_dv_cos'], '+.2f')} |"
+            )
         lines.append("")
     lines.append(END)
     text = DOC.read_text()
     block = "\n".join(lines)
     if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
@@ -178,20 +241,32 @@ def main(argv: list[str] | None = None) -> int:
     bases = {ds: str(Path(getattr(args, f"base_{ds}") or DATASETS[ds][1]).resolve()) for ds in datasets}
     for ds, b in bases.items():
         if not (Path(b) / "twinflow.json").is_file():
-            p.error(f"no base export for {ds} at {b}: run `twinflow train jobs/{ds.split('_')[0]}_base_fm.yaml` "
-                    f"first (or pass --base-{ds})")
+            p.error(
+                f"no base export for {ds} at {b}: run `twinflow train jobs/{ds.split('_')[0]}_base_fm.yaml` "
+                f"first (or pass --base-{ds})"
+            )
     overrides = []  # the shipped TwinFlow job as it is (online teacher, lr 1e-4, micro-batch 32, sampling EMA)
-    specs = [{**t, "base": bases[t["dataset"]], "steps": args.steps, "per_class": args.per_class,
-              "overrides": overrides} for t in trials(datasets, seeds)]
+    specs = [
+        {
+            **t,
+            "base": bases[t["dataset"]],
+            "steps": args.steps,
+            "per_class": args.per_class,
+            "overrides": overrides,
+        }
+        for t in trials(datasets, seeds)
+    ]
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.parallel) as pool:
         for r in pool.map(run_trial, specs):
             results.append(r)
-            print(f"[sweep] {r['dataset']} lambda={r['lambda']:.2f} kappa={r['kappa']} seed={r['seed']}: "
-                  f"fd1={r['metrics']['eval/fd_nfe1']:.2f} adh1={r['metrics']['eval/adherence_nfe1']:.1%} "
-                  f"div1={r['metrics']['eval/diversity_nfe1']:.2f} diverged={r['diverged']} ({r['train_s']} s)",
-                  flush=True)
+            print(
+                f"[sweep] {r['dataset']} lambda={r['lambda']:.2f} kappa={r['kappa']} seed={r['seed']}: "
+                f"fd1={r['metrics']['eval/fd_nfe1']:.2f} adh1={r['metrics']['eval/adherence_nfe1']:.1%} "
+                f"div1={r['metrics']['eval/diversity_nfe1']:.2f} diverged={r['diverged']} ({r['train_s']} s)",
+                flush=True,
+            )
     from twinflow.train.config import load_job
 
     probe = load_job(ROOT / DATASETS[datasets[0]][0], overrides)
@@ -206,12 +281,23 @@ def main(argv: list[str] | None = None) -> int:
             bases = {**old["config"]["bases"], **bases}
             commands = [c for c in old["config"]["commands"] if c not in commands] + commands
     all_ds = [d for d in DATASETS if any(t["dataset"] == d for t in results)]
-    out = {"date": time.strftime("%Y-%m-%d"), "wall_s": wall,
-           "config": {"datasets": all_ds, "seeds": seeds, "steps": args.steps, "per_class": args.per_class,
-                      "lr": probe.train.lr, "micro_batch": probe.train.micro_batch,
-                      "enhanced_ratio": probe.method.enhanced_ratio, "bases": bases,
-                      "commands": commands},
-           "trials": results, "summary": summarize(results)}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_s": wall,
+        "config": {
+            "datasets": all_ds,
+            "seeds": seeds,
+            "steps": args.steps,
+            "per_class": args.per_class,
+            "lr": probe.train.lr,
+            "micro_batch": probe.train.micro_batch,
+            "enhanced_ratio": probe.method.enhanced_ratio,
+            "bases": bases,
+            "commands": commands,
+        },
+        "trials": results,
+        "summary": summarize(results),
+    }
     from _paths import repo_relative  # sibling module benchmarks/_paths.py
 
     out = repo_relative(out, ROOT)

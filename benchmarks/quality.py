@@ -21,6 +21,7 @@ A training run is reused when its run directory already holds a finished export 
 job config (`make demo` leaves exactly such MNIST runs; `--retrain` forces new runs); `--stage train|eval`
 runs one half, `--stage report` only redraws the doc section, plots and grids from the results JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,28 @@ IMG = ROOT / "docs" / "img"
 BEGIN, END = "<!-- QUALITY:BEGIN -->", "<!-- QUALITY:END -->"
 
 DATASETS = {  # the shipped job YAMLs, run as they are
-    "mnist": {"base": "jobs/mnist_base_fm.yaml", "twinflow": "jobs/mnist_twinflow.yaml", "data": "data/mnist_digits"},
-    "fashion_mnist": {"base": "jobs/fashion_base_fm.yaml", "twinflow": "jobs/fashion_twinflow.yaml",
-                      "data": "data/fashion_mnist"},
+    "mnist": {
+        "base": "jobs/mnist_base_fm.yaml",
+        "twinflow": "jobs/mnist_twinflow.yaml",
+        "data": "data/mnist_digits",
+    },
+    "fashion_mnist": {
+        "base": "jobs/fashion_base_fm.yaml",
+        "twinflow": "jobs/fashion_twinflow.yaml",
+        "data": "data/fashion_mnist",
+    },
 }
 ARMS = {  # arm -> (job key, NFE list, label)
     "base": ("base", [1, 2, 4, 50], "flow-matching base"),
     "twinflow": ("twinflow", [1, 2, 4], "TwinFlow fine-tune"),
 }
-TARGETS = {"fd_ratio_max": 1.1, "mnist_adherence_min": 0.95, "diversity_min": 0.9, "saturation_ratio_max": 2.0,
-           "base_adherence_min": {"mnist": 0.95, "fashion_mnist": 0.80}}
+TARGETS = {
+    "fd_ratio_max": 1.1,
+    "mnist_adherence_min": 0.95,
+    "diversity_min": 0.9,
+    "saturation_ratio_max": 2.0,
+    "base_adherence_min": {"mnist": 0.95, "fashion_mnist": 0.80},
+}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -64,8 +77,8 @@ def _reusable(run_dir: Path, job_dict: dict[str, Any]) -> bool:
 
 
 def run_training(path: str, overrides: list[str], retrain: bool) -> dict[str, Any]:
-    from twinflow.train.launcher import run_dir_of, run_job
     from twinflow.train.config import load_job
+    from twinflow.train.launcher import run_dir_of, run_job
 
     job = load_job(ROOT / path, overrides)
     run_dir = run_dir_of(job)
@@ -76,7 +89,11 @@ def run_training(path: str, overrides: list[str], retrain: bool) -> dict[str, An
         probe.data.path = str(Path(probe.data.path).expanduser().resolve())
     wanted = json.loads(probe.model_dump_json(by_alias=True))
     if not retrain and _reusable(run_dir, wanted):
-        info = json.loads((run_dir / "bench_time.json").read_text()) if (run_dir / "bench_time.json").is_file() else {}
+        info = (
+            json.loads((run_dir / "bench_time.json").read_text())
+            if (run_dir / "bench_time.json").is_file()
+            else {}
+        )
         print(f"[quality] reusing {run_dir} (same job config, finished)", flush=True)
         return {"run_dir": str(run_dir), "export": str(run_dir / "export"), "reused": True, **info}
     t0 = time.perf_counter()
@@ -84,10 +101,16 @@ def run_training(path: str, overrides: list[str], retrain: bool) -> dict[str, An
     wall = time.perf_counter() - t0
     if not result.ok:
         raise RuntimeError(f"training {path} {overrides} failed ({result.state}): {result.error}")
-    metrics = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = [
+        json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines() if line
+    ]
     step_s = metrics[-1].get("step_s") if metrics else None
-    info = {"wall_s": round(wall, 1), "steps": result.steps, "step_s": step_s, "command":
-            f"twinflow train {path} " + " ".join(f"--set {o}" for o in overrides)}
+    info = {
+        "wall_s": round(wall, 1),
+        "steps": result.steps,
+        "step_s": step_s,
+        "command": f"twinflow train {path} " + " ".join(f"--set {o}" for o in overrides),
+    }
     (run_dir / "bench_time.json").write_text(json.dumps(info, indent=2))
     return {"run_dir": str(run_dir), "export": str(run_dir / "export"), "reused": False, **info}
 
@@ -109,18 +132,35 @@ def evaluate_all(datasets: list[str], trained: dict, samples_per_class: int, act
     from twinflow.eval.job import EvalRequest, run_eval
 
     out: dict[str, Any] = {ds: {"arms": {}} for ds in datasets}
-    jobs = [([(ds, arm) for ds in datasets for arm in ARMS], [1, 2, 4], "nfe_1_2_4"),
-            ([(ds, arm) for ds in datasets for arm, spec in ARMS.items() if 50 in spec[1]], [50], "nfe_50")]
+    jobs = [
+        ([(ds, arm) for ds in datasets for arm in ARMS], [1, 2, 4], "nfe_1_2_4"),
+        ([(ds, arm) for ds in datasets for arm, spec in ARMS.items() if 50 in spec[1]], [50], "nfe_50"),
+    ]
     for members, nfe, tag in jobs:
-        req = EvalRequest(checkpoints=[trained[ds][arm]["export"] for ds, arm in members], nfe=nfe,
-                          samples_per_class=samples_per_class, actors=actors, seed=seed, grid_per_class=6,
-                          out_dir=str(ROOT / "runs" / "quality_eval" / tag))
+        req = EvalRequest(
+            checkpoints=[trained[ds][arm]["export"] for ds, arm in members],
+            nfe=nfe,
+            samples_per_class=samples_per_class,
+            actors=actors,
+            seed=seed,
+            grid_per_class=6,
+            out_dir=str(ROOT / "runs" / "quality_eval" / tag),
+        )
         report = run_eval(req)
         for (ds, arm), ck in zip(members, report["checkpoints"]):
-            a = out[ds]["arms"].setdefault(arm, {"label": ARMS[arm][2], "sampler": ck["sampler"],
-                                                 "guidance": ck.get("guidance", 0.0), "nfe": {},
-                                                 "samples": {}, "floor": ck["floor"], "checkpoint": ck["checkpoint"],
-                                                 "grids": []})
+            a = out[ds]["arms"].setdefault(
+                arm,
+                {
+                    "label": ARMS[arm][2],
+                    "sampler": ck["sampler"],
+                    "guidance": ck.get("guidance", 0.0),
+                    "nfe": {},
+                    "samples": {},
+                    "floor": ck["floor"],
+                    "checkpoint": ck["checkpoint"],
+                    "grids": [],
+                },
+            )
             a["nfe"].update(ck["nfe"])
             a["samples"].update(ck["samples"])
             a["grids"].append(ck.get("grid"))
@@ -158,15 +198,20 @@ def check_targets(ds: str, res: dict) -> dict[str, Any]:
     base50 = res["base"]["nfe"]["50"]
     tf1 = res["twinflow"]["nfe"]["1"]
     real_sat = res["base"]["floor"].get("saturation")
-    out = {"base_adherence_50nfe": base50["adherence"],
-           "base_adherence_ok": base50["adherence"] >= TARGETS["base_adherence_min"][ds],
-           "fd_ratio_1nfe_vs_base50": tf1["fd"] / base50["fd"],
-           "fd_ok": tf1["fd"] <= TARGETS["fd_ratio_max"] * base50["fd"],
-           "diversity_1nfe": tf1["diversity"], "diversity_ok": tf1["diversity"] >= TARGETS["diversity_min"]}
+    out = {
+        "base_adherence_50nfe": base50["adherence"],
+        "base_adherence_ok": base50["adherence"] >= TARGETS["base_adherence_min"][ds],
+        "fd_ratio_1nfe_vs_base50": tf1["fd"] / base50["fd"],
+        "fd_ok": tf1["fd"] <= TARGETS["fd_ratio_max"] * base50["fd"],
+        "diversity_1nfe": tf1["diversity"],
+        "diversity_ok": tf1["diversity"] >= TARGETS["diversity_min"],
+    }
     if real_sat:
         ratio = tf1["saturation"] / real_sat
-        out.update(saturation_ratio_1nfe=ratio,
-                   saturation_ok=1 / TARGETS["saturation_ratio_max"] <= ratio <= TARGETS["saturation_ratio_max"])
+        out.update(
+            saturation_ratio_1nfe=ratio,
+            saturation_ok=1 / TARGETS["saturation_ratio_max"] <= ratio <= TARGETS["saturation_ratio_max"],
+        )
     if ds == "mnist":
         out["adherence_1nfe"] = tf1["adherence"]
         out["adherence_ok"] = tf1["adherence"] >= TARGETS["mnist_adherence_min"]
@@ -179,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-class", type=int, default=100)
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage", choices=["all", "train", "eval", "report"], default="all",
-                   help="report: only rewrite docs/evaluation.md, plots and grids from the results JSON")
+    p.add_argument(
+        "--stage",
+        choices=["all", "train", "eval", "report"],
+        default="all",
+        help="report: only rewrite docs/evaluation.md, plots and grids from the results JSON",
+    )
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -200,10 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train":
         print(json.dumps(trained, indent=2))
         return 0
-    results = {"date": time.strftime("%Y-%m-%d"), "config": {"jobs": {ds: {k: DATASETS[ds][k] for k in ("base", "twinflow")} for ds in datasets},
-                          "samples_per_class": args.samples_per_class, "seed": args.seed,
-                          "machine": "2-core CPU, no GPU"},
-               "targets": TARGETS, "training": trained, "datasets": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "config": {
+            "jobs": {ds: {k: DATASETS[ds][k] for k in ("base", "twinflow")} for ds in datasets},
+            "samples_per_class": args.samples_per_class,
+            "seed": args.seed,
+            "machine": "2-core CPU, no GPU",
+        },
+        "targets": TARGETS,
+        "training": trained,
+        "datasets": {},
+    }
     evaluated = evaluate_all(datasets, trained, args.samples_per_class, args.actors, args.seed)
     results["eval_wall_s"] = evaluated.pop("_eval_wall_s")
     for ds in datasets:

@@ -1,4 +1,5 @@
 """Tables, plots and grids of benchmarks/quality.py's results into docs/evaluation.md (between markers)."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 SHORT = {"base": "base", "twinflow": "TwinFlow"}
-GRID_BLOCKS = [("base", "1"), ("base", "4"), ("base", "50"), ("twinflow", "1"), ("twinflow", "2"), ("twinflow", "4")]
+GRID_BLOCKS = [
+    ("base", "1"),
+    ("base", "4"),
+    ("base", "50"),
+    ("twinflow", "1"),
+    ("twinflow", "2"),
+    ("twinflow", "4"),
+]
 
 
 def _f(v: float | None, nd: int = 2) -> str:
@@ -20,17 +28,24 @@ def _f(v: float | None, nd: int = 2) -> str:
 def table(ds: str, res: dict[str, Any]) -> str:
     arms = res["arms"]
     floor = arms["base"]["floor"]
-    lines = ["| model | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | saturated pixels "
-             "| collapsed classes |", "|---|---|---|---|---|---|---|---|"]
-    for arm, a in arms.items():
+    lines = [
+        "| model | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | saturated pixels "
+        "| collapsed classes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in arms.values():
         sampler = a["sampler"] + (f", CFG {1 + a['guidance']:g}" if a.get("guidance") else "")
         for nfe, m in a["nfe"].items():
-            lines.append(f"| {a['label']} | {sampler} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
-                         f"{_f(m['diversity'])} | {m.get('saturation', float('nan')):.3f} | {m['collapse']:.0%} |")
+            lines.append(
+                f"| {a['label']} | {sampler} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
+                f"{_f(m['diversity'])} | {m.get('saturation', float('nan')):.3f} | {m['collapse']:.0%} |"
+            )
     acc = res.get("judge_accuracy")
-    lines.append(f"| *real images (floor)* | - | - | {_f(floor['fd'])} | "
-                 f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | "
-                 f"{floor.get('saturation', float('nan')):.3f} | - |")
+    lines.append(
+        f"| *real images (floor)* | - | - | {_f(floor['fd'])} | "
+        f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | "
+        f"{floor.get('saturation', float('nan')):.3f} | - |"
+    )
     return "\n".join(lines)
 
 
@@ -40,24 +55,33 @@ def targets_text(ds: str, res: dict[str, Any], targets: dict[str, float]) -> str
     base50 = arms["base"]["nfe"]["50"]["fd"]
     tf1 = arms["twinflow"]["nfe"]["1"]
     ok = lambda flag: "met" if flag else "missed"  # noqa: E731
-    lines = [f"- Base 50-NFE adherence **{t['base_adherence_50nfe']:.1%}** (target >= "
-             f"{targets['base_adherence_min'][ds]:.0%}): **{ok(t['base_adherence_ok'])}**",
-             f"- TwinFlow 1-NFE Fréchet distance {_f(tf1['fd'])} vs the base's 50-NFE {_f(base50)}: "
-             f"ratio **{t['fd_ratio_1nfe_vs_base50']:.2f}** (target <= {targets['fd_ratio_max']}): "
-             f"**{'met' if t['fd_ok'] else 'missed'}**",
-             f"- TwinFlow 1-NFE diversity **{_f(t['diversity_1nfe'])}** x real (target >= {targets['diversity_min']}): "
-             f"**{'met' if t['diversity_ok'] else 'missed'}**"]
+    lines = [
+        f"- Base 50-NFE adherence **{t['base_adherence_50nfe']:.1%}** (target >= "
+        f"{targets['base_adherence_min'][ds]:.0%}): **{ok(t['base_adherence_ok'])}**",
+        f"- TwinFlow 1-NFE Fréchet distance {_f(tf1['fd'])} vs the base's 50-NFE {_f(base50)}: "
+        f"ratio **{t['fd_ratio_1nfe_vs_base50']:.2f}** (target <= {targets['fd_ratio_max']}): "
+        f"**{'met' if t['fd_ok'] else 'missed'}**",
+        f"- TwinFlow 1-NFE diversity **{_f(t['diversity_1nfe'])}** x real (target >= {targets['diversity_min']}): "
+        f"**{'met' if t['diversity_ok'] else 'missed'}**",
+    ]
     if "saturation_ratio_1nfe" in t:
-        lines.append(f"- TwinFlow 1-NFE saturated pixels **{t['saturation_ratio_1nfe']:.2f}x** real (target within "
-                     f"{targets['saturation_ratio_max']:g}x): **{ok(t['saturation_ok'])}**")
+        lines.append(
+            f"- TwinFlow 1-NFE saturated pixels **{t['saturation_ratio_1nfe']:.2f}x** real (target within "
+            f"{targets['saturation_ratio_max']:g}x): **{ok(t['saturation_ok'])}**"
+        )
     g = res.get("effective_guidance")
     if g:
-        lines.append(f"- Guidance baked in by the fine-tune, against the base on held-out images: scale "
-                     f"**{g['scale']:.2f}** (" + ", ".join(f"t={k[7:]}: {v:.2f}" for k, v in g.items()
-                                                             if k.startswith("scale_t")) + ")")
+        lines.append(
+            f"- Guidance baked in by the fine-tune, against the base on held-out images: scale "
+            f"**{g['scale']:.2f}** ("
+            + ", ".join(f"t={k[7:]}: {v:.2f}" for k, v in g.items() if k.startswith("scale_t"))
+            + ")"
+        )
     if "adherence_1nfe" in t:
-        lines.append(f"- TwinFlow 1-NFE adherence **{t['adherence_1nfe']:.1%}** (target >= "
-                     f"{targets['mnist_adherence_min']:.0%}): **{'met' if t['adherence_ok'] else 'missed'}**")
+        lines.append(
+            f"- TwinFlow 1-NFE adherence **{t['adherence_1nfe']:.1%}** (target >= "
+            f"{targets['mnist_adherence_min']:.0%}): **{'met' if t['adherence_ok'] else 'missed'}**"
+        )
     return "\n".join(lines)
 
 
@@ -70,7 +94,7 @@ def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
     arms = res["arms"]
     floor = arms["base"]["floor"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for arm, a in arms.items():
+    for a in arms.values():
         nfes = [int(n) for n in a["nfe"]]
         for ax, key in zip(axes, ("fd", "adherence", "diversity")):
             ax.plot(nfes, [a["nfe"][str(n)][key] for n in nfes], "o-", label=f"{a['label']} ({a['sampler']})")
@@ -78,7 +102,9 @@ def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
     axes[2].axhline(1.0, color="gray", ls="--", label="real data")
     if res.get("judge_accuracy") is not None:
         axes[1].axhline(res["judge_accuracy"], color="gray", ls="--", label="judge accuracy on real")
-    for ax, title in zip(axes, ("Fréchet distance (judge features) ↓", "prompt adherence ↑", "diversity (real = 1)")):
+    for ax, title in zip(
+        axes, ("Fréchet distance (judge features) ↓", "prompt adherence ↑", "diversity (real = 1)")
+    ):
         ax.set_xscale("log")
         ax.set_xticks([1, 2, 4, 50])
         ax.set_xticklabels(["1", "2", "4", "50"])
@@ -111,33 +137,56 @@ def grid(ds: str, res: dict[str, Any], path: Path, per_class: int = 3) -> Path:
 
 def write_report(results: dict[str, Any], doc: Path, img: Path, begin: str, end: str) -> None:
     cfg = results["config"]
-    jobs = "; ".join(f"{NAMES.get(ds, ds)}: `{j['base']}` then `{j['twinflow']}`" for ds, j in cfg["jobs"].items())
-    parts = [begin, "",
-             f"Measured {results.get('date', '')} by `.venv/bin/python benchmarks/quality.py` (the shipped jobs as "
-             f"they are: {jobs}; {cfg['samples_per_class']} samples per class per NFE, seed {cfg['seed']}, the same "
-             f"noise for every arm); raw numbers in `benchmarks/results/quality.json`; total wall time "
-             f"{results.get('total_wall_s', 0) / 60:.0f} min on {cfg['machine']}"
-             + (" (training runs marked *reused* below ran earlier with identical job configs, e.g. in `make demo`; "
-                "their wall time is not in this total)"
-                if any(v.get("reused") for t in results["training"].values() for v in t.values()) else "") + ".", ""]
+    jobs = "; ".join(
+        f"{NAMES.get(ds, ds)}: `{j['base']}` then `{j['twinflow']}`" for ds, j in cfg["jobs"].items()
+    )
+    parts = [
+        begin,
+        "",
+        f"Measured {results.get('date', '')} by `.venv/bin/python benchmarks/quality.py` (the shipped jobs as "
+        f"they are: {jobs}; {cfg['samples_per_class']} samples per class per NFE, seed {cfg['seed']}, the same "
+        f"noise for every arm); raw numbers in `benchmarks/results/quality.json`; total wall time "
+        f"{results.get('total_wall_s', 0) / 60:.0f} min on {cfg['machine']}"
+        + (
+            " (training runs marked *reused* below ran earlier with identical job configs, e.g. in `make demo`; "
+            "their wall time is not in this total)"
+            if any(v.get("reused") for t in results["training"].values() for v in t.values())
+            else ""
+        )
+        + ".",
+        "",
+    ]
     for ds, res in results["datasets"].items():
         name = NAMES.get(ds, ds)
         p = plot(ds, res, img / f"quality_{ds}.png")
         g = grid(ds, res, img / f"quality_{ds}_grid.png")
         train = results["training"][ds]
-        times = ", ".join(f"{SHORT.get(k, k)} {v['wall_s']} s" + (" (reused)" if v.get("reused") else "")
-                          if v.get("wall_s") is not None else f"{SHORT.get(k, k)}: run by `make demo` (timed there)"
-                          for k, v in train.items())
-        parts += [f"### {name}", "", table(ds, res), "", targets_text(ds, res, results["targets"]), "",
-                  f"Training wall time per job, Ray start-up included (2 Ray Train workers): {times}.", "",
-                  f"![{name} metrics per NFE](img/{p.name})", "",
-                  f"![{name} samples: rows are classes; each block is one model at one NFE, same noise per column]"
-                  f"(img/{g.name})", ""]
+        times = ", ".join(
+            f"{SHORT.get(k, k)} {v['wall_s']} s" + (" (reused)" if v.get("reused") else "")
+            if v.get("wall_s") is not None
+            else f"{SHORT.get(k, k)}: run by `make demo` (timed there)"
+            for k, v in train.items()
+        )
+        parts += [
+            f"### {name}",
+            "",
+            table(ds, res),
+            "",
+            targets_text(ds, res, results["targets"]),
+            "",
+            f"Training wall time per job, Ray start-up included (2 Ray Train workers): {times}.",
+            "",
+            f"![{name} metrics per NFE](img/{p.name})",
+            "",
+            f"![{name} samples: rows are classes; each block is one model at one NFE, same noise per column]"
+            f"(img/{g.name})",
+            "",
+        ]
     parts.append(end)
     section = "\n".join(parts)
     text = doc.read_text() if doc.is_file() else ""
     if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     doc.write_text(text)

@@ -16,6 +16,7 @@ copies of the app on the same checkpoint: `/b` batches (@serve.batch, up to 16 i
 
     nice -n 5 .venv/bin/python benchmarks/serve_bench.py      # -> benchmarks/results/serve_bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,8 +117,12 @@ def echo_app():
 
 
 def _summary(ms: list[float]) -> dict:
-    return {"n": len(ms), "p50_ms": round(_pct(ms, 0.5), 2), "p95_ms": round(_pct(ms, 0.95), 2),
-            "mean_ms": round(statistics.fmean(ms), 2)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(_pct(ms, 0.5), 2),
+        "p95_ms": round(_pct(ms, 0.95), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
 
 
 class InProcess:
@@ -153,15 +158,20 @@ async def _post_timed(session, url: str, body: dict) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-async def _latency(session, base: str, local: InProcess, nfe: int, n: int, warmup: int, block: int = 5) -> dict:
+async def _latency(
+    session, base: str, local: InProcess, nfe: int, n: int, warmup: int, block: int = 5
+) -> dict:
     """In-process, unbatched app and batched app in alternating blocks of `block` requests, so a change
     in the machine's load hits all three alike."""
     ms: dict[str, list[float]] = {"in_process": [], "echo": [], "u": [], "b": [], "u_json": [], "b_json": []}
     for s in range(warmup):
         local.timed(nfe, 900_000 + s)
         for app in ("u", "b"):
-            await _post_timed(session, f"{base}/{app}/v1/generate", {"prompt": PROMPT, "nfe": nfe, "seed": s,
-                                                                   "format": "png"})
+            await _post_timed(
+                session,
+                f"{base}/{app}/v1/generate",
+                {"prompt": PROMPT, "nfe": nfe, "seed": s, "format": "png"},
+            )
     local.cpu_ms.clear()
     pids = serve_processes(("u", "b", "echo"))
     apps = ("echo", "u", "b") if nfe == 1 else ("u", "b")
@@ -175,25 +185,36 @@ async def _latency(session, base: str, local: InProcess, nfe: int, n: int, warmu
                     continue
                 meter = CpuMeter(pids, app) if fmt == "png" else None
                 for s in seeds:
-                    ms[key].append(await _post_timed(session, f"{base}/{app}/v1/generate",
-                                                     {"prompt": PROMPT, "nfe": nfe, "seed": s, "format": fmt}))
+                    ms[key].append(
+                        await _post_timed(
+                            session,
+                            f"{base}/{app}/v1/generate",
+                            {"prompt": PROMPT, "nfe": nfe, "seed": s, "format": fmt},
+                        )
+                    )
                 if meter is not None:
                     for k, v in meter.per_request(1).items():
                         cpu_sum[app][k] = cpu_sum[app].get(k, 0.0) + v
     out = {k: _summary(v) for k, v in ms.items() if v}
-    out["cpu_ms_per_request"] = {"in_process": round(statistics.fmean(local.cpu_ms), 3),
-                                 **{app: {k: round(v / n, 3) for k, v in d.items()} for app, d in cpu_sum.items()}}
+    out["cpu_ms_per_request"] = {
+        "in_process": round(statistics.fmean(local.cpu_ms), 3),
+        **{app: {k: round(v / n, 3) for k, v in d.items()} for app, d in cpu_sum.items()},
+    }
     return out
 
 
-async def _closed_loop(session, url: str, nfe: int, clients: int, per_client: int, pids: dict[str, int],
-                       app: str) -> dict:
+async def _closed_loop(
+    session, url: str, nfe: int, clients: int, per_client: int, pids: dict[str, int], app: str
+) -> dict:
     lat: list[float] = []
 
     async def client(c: int) -> None:
         for i in range(per_client):
-            lat.append(await _post_timed(session, url, {"prompt": PROMPT, "nfe": nfe, "seed": c * 10_000 + i,
-                                                        "format": "png"}))
+            lat.append(
+                await _post_timed(
+                    session, url, {"prompt": PROMPT, "nfe": nfe, "seed": c * 10_000 + i, "format": "png"}
+                )
+            )
 
     await asyncio.gather(*(client(c) for c in range(min(clients, 2))))  # warm-up
     lat.clear()
@@ -203,10 +224,16 @@ async def _closed_loop(session, url: str, nfe: int, clients: int, per_client: in
     wall = time.perf_counter() - t0
     n = clients * per_client
     cpu = meter.per_request(n)
-    return {"clients": clients, "requests": n, "wall_s": round(wall, 3),
-            "req_per_s": round(n / wall, 1), **_summary(lat), "cpu_ms_per_request": cpu,
-            # what the replica could sustain with a whole core to itself
-            "replica_cap_req_per_s": round(1000.0 / cpu["replica"], 1) if cpu.get("replica") else None}
+    return {
+        "clients": clients,
+        "requests": n,
+        "wall_s": round(wall, 3),
+        "req_per_s": round(n / wall, 1),
+        **_summary(lat),
+        "cpu_ms_per_request": cpu,
+        # what the replica could sustain with a whole core to itself
+        "replica_cap_req_per_s": round(1000.0 / cpu["replica"], 1) if cpu.get("replica") else None,
+    }
 
 
 async def measure(base: str, local: InProcess, args) -> dict:
@@ -216,7 +243,9 @@ async def measure(base: str, local: InProcess, args) -> dict:
     conn = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=300)) as session:
         for nfe in args.nfe:
-            out["latency"][str(nfe)] = await _latency(session, base, local, nfe, args.counts[nfe], args.warmup)
+            out["latency"][str(nfe)] = await _latency(
+                session, base, local, nfe, args.counts[nfe], args.warmup
+            )
             print(f"latency {nfe} NFE:", json.dumps(out["latency"][str(nfe)]), flush=True)
         pids = serve_processes(("u", "b"))
         out["serve_processes"] = sorted(pids)
@@ -226,7 +255,9 @@ async def measure(base: str, local: InProcess, args) -> dict:
                 total = args.throughput_requests if nfe < 50 else args.throughput_requests // 5
                 per = max(4 if nfe < 50 else 2, total // c)
                 for app in ("u", "b"):
-                    rows[app].append(await _closed_loop(session, f"{base}/{app}/v1/generate", nfe, c, per, pids, app))
+                    rows[app].append(
+                        await _closed_loop(session, f"{base}/{app}/v1/generate", nfe, c, per, pids, app)
+                    )
             out["throughput"][str(nfe)] = rows
             print(f"throughput {nfe} NFE:", json.dumps(rows), flush=True)
         async with session.get(f"{base}/b/v1/stats") as r:
@@ -242,16 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--throughput-nfe", type=int, nargs="+", default=[1, 4, 50])
-    p.add_argument("--throughput-requests", type=int, default=160,
-                   help="requests per throughput run (bounded; 50+ NFE: a fifth, at least 4 per client)")
+    p.add_argument(
+        "--throughput-requests",
+        type=int,
+        default=160,
+        help="requests per throughput run (bounded; 50+ NFE: a fifth, at least 4 per client)",
+    )
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="as in serve/fashion_demo.yaml")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     args.counts = {n: (max(10, args.requests // 3) if n >= 50 else args.requests) for n in args.nfe}
     args.counts.setdefault(1, args.requests)
     if not (Path(args.export) / "twinflow.json").is_file():
-        print(f"error: {args.export} is no TwinFlow export; run `twinflow train jobs/fashion_twinflow.yaml` "
-              "or pass --export", file=sys.stderr)
+        print(
+            f"error: {args.export} is no TwinFlow export; run `twinflow train jobs/fashion_twinflow.yaml` "
+            "or pass --export",
+            file=sys.stderr,
+        )
         return 1
 
     load_start = os.getloadavg()
@@ -265,11 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        common = {"models": [{"id": "demo", "path": args.export}], "auth_token_env": None,
-                  "limits": {"max_nfe": max(args.nfe + args.throughput_nfe)}}
+        common = {
+            "models": [{"id": "demo", "path": args.export}],
+            "auth_token_env": None,
+            "limits": {"max_nfe": max(args.nfe + args.throughput_nfe)},
+        }
         for name, max_batch in (("u", 1), ("b", 16)):
-            cfg = dict(common, batching={"max_batch_images": max_batch,
-                                         "batch_wait_timeout_s": args.batch_wait_ms / 1e3})
+            cfg = dict(
+                common,
+                batching={"max_batch_images": max_batch, "batch_wait_timeout_s": args.batch_wait_ms / 1e3},
+            )
             serve.run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
         serve.run(echo_app(), name="echo", route_prefix="/echo", blocking=False)
         local = InProcess(args.export)
@@ -279,26 +322,50 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     lat = http["latency"]
-    overhead = {app: {nfe: round(lat[nfe][app]["p50_ms"] - lat[nfe]["in_process"]["p50_ms"], 2) for nfe in lat}
-                for app in ("u", "b")}
+    overhead = {
+        app: {nfe: round(lat[nfe][app]["p50_ms"] - lat[nfe]["in_process"]["p50_ms"], 2) for nfe in lat}
+        for app in ("u", "b")
+    }
     overhead["empty_app_floor"] = {"1": lat["1"]["echo"]["p50_ms"]}
     overhead["u_above_floor"] = {"1": round(overhead["u"]["1"] - lat["1"]["echo"]["p50_ms"], 2)}
     overhead["u_json"] = {"1": round(lat["1"]["u_json"]["p50_ms"] - lat["1"]["in_process"]["p50_ms"], 2)}
     overhead["b_json"] = {"1": round(lat["1"]["b_json"]["p50_ms"] - lat["1"]["in_process"]["p50_ms"], 2)}
-    speedup = {nfe: {str(ru["clients"]): round(rb["req_per_s"] / ru["req_per_s"], 2)
-                     for ru, rb in zip(rows["u"], rows["b"])} for nfe, rows in http["throughput"].items()}
+    speedup = {
+        nfe: {
+            str(ru["clients"]): round(rb["req_per_s"] / ru["req_per_s"], 2)
+            for ru, rb in zip(rows["u"], rows["b"])
+        }
+        for nfe, rows in http["throughput"].items()
+    }
     # the same comparison in CPU time per request (what throughput becomes on a machine of our own)
-    cpu_speedup = {nfe: {str(ru["clients"]): {
-        "replica": round(ru["cpu_ms_per_request"]["replica"] / rb["cpu_ms_per_request"]["replica"], 2),
-        "all_serve_processes": round(ru["cpu_ms_per_request"]["total"] / rb["cpu_ms_per_request"]["total"], 2)}
-        for ru, rb in zip(rows["u"], rows["b"])} for nfe, rows in http["throughput"].items()}
-    cpu_overhead = {nfe: {app: round(lat[nfe]["cpu_ms_per_request"][app]["total"]
-                                     - lat[nfe]["cpu_ms_per_request"]["in_process"], 2) for app in ("u", "b")}
-                    for nfe in lat}
+    cpu_speedup = {
+        nfe: {
+            str(ru["clients"]): {
+                "replica": round(
+                    ru["cpu_ms_per_request"]["replica"] / rb["cpu_ms_per_request"]["replica"], 2
+                ),
+                "all_serve_processes": round(
+                    ru["cpu_ms_per_request"]["total"] / rb["cpu_ms_per_request"]["total"], 2
+                ),
+            }
+            for ru, rb in zip(rows["u"], rows["b"])
+        }
+        for nfe, rows in http["throughput"].items()
+    }
+    cpu_overhead = {
+        nfe: {
+            app: round(
+                lat[nfe]["cpu_ms_per_request"][app]["total"] - lat[nfe]["cpu_ms_per_request"]["in_process"], 2
+            )
+            for app in ("u", "b")
+        }
+        for nfe in lat
+    }
     cpu_overhead["1"]["empty_app_floor"] = lat["1"]["cpu_ms_per_request"]["echo"]["total"]
     result = {
         "command": "nice -n 5 .venv/bin/python benchmarks/serve_bench.py " + " ".join(argv or sys.argv[1:]),
-        "export": os.path.relpath(args.export, ROOT), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "export": os.path.relpath(args.export, ROOT),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
@@ -312,8 +379,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("serve_overhead_p50_ms", "serve_overhead_cpu_ms", "batching_speedup",
-                                             "batching_speedup_cpu")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "serve_overhead_p50_ms",
+                    "serve_overhead_cpu_ms",
+                    "batching_speedup",
+                    "batching_speedup_cpu",
+                )
+            }
+        )
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ the log lines at `--warmup` and at the last step, from each run's own clock (met
 which includes waiting for data). Peak memory: the worker's peak resident set (CPU) at the end of a
 flow-matching and a TwinFlow job of the same size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,19 @@ def plain_loop(job, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     enc = TextEncoder(max_length=job.data.text_max_length)
     pool = []
-    for b in iter_local_batches(job.data, batch_size=job.train.micro_batch, encoder=enc, limit=job.train.micro_batch * 20):
+    for b in iter_local_batches(
+        job.data, batch_size=job.train.micro_batch, encoder=enc, limit=job.train.micro_batch * 20
+    ):
         if len(b["id"]) == job.train.micro_batch:
-            pool.append((torch.as_tensor(b["image"]), {"text_states": torch.as_tensor(b["text_states"]),
-                                                       "text_mask": torch.as_tensor(b["text_mask"])}))
+            pool.append(
+                (
+                    torch.as_tensor(b["image"]),
+                    {
+                        "text_states": torch.as_tensor(b["text_states"]),
+                        "text_mask": torch.as_tensor(b["text_mask"]),
+                    },
+                )
+            )
     model = build_generator(job.model)
     teacher = modelling.build_teacher(job, model)
     objective = modelling.build_objective(job)
@@ -67,11 +77,19 @@ def ray_job(job, steps: int, warmup: int, out_dir: Path) -> dict:
     result = run_job(job, fresh=True)
     if not result.ok:
         raise RuntimeError(f"job {job.name} failed: {result.error}")
-    rows = [json.loads(line) for line in (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     at = {r["step"]: r for r in rows}
     a, b = at[warmup], at[steps]
-    return {"step_s": (b["elapsed_s"] - a["elapsed_s"]) / (steps - warmup), "steps": steps,
-            "data_wait_frac": b["data_wait_frac"], "peak_mem_mb": b["peak_mem_mb"], "final_loss": b["total"]}
+    return {
+        "step_s": (b["elapsed_s"] - a["elapsed_s"]) / (steps - warmup),
+        "steps": steps,
+        "data_wait_frac": b["data_wait_frac"],
+        "peak_mem_mb": b["peak_mem_mb"],
+        "final_loss": b["total"],
+    }
 
 
 def main() -> int:
@@ -87,8 +105,15 @@ def main() -> int:
 
     ensure_shards()
     tmp = Path(tempfile.mkdtemp(prefix="twinflow-overhead-"))
-    common = [f"output.dir={tmp}", "cluster.num_workers=1", "cluster.cpus_per_worker=1", "eval.prompts=[]",
-              "output.tensorboard=false", "train.checkpoint_every=100000", "train.log_every=20"]
+    common = [
+        f"output.dir={tmp}",
+        "cluster.num_workers=1",
+        "cluster.cpus_per_worker=1",
+        "eval.prompts=[]",
+        "output.tensorboard=false",
+        "train.checkpoint_every=100000",
+        "train.log_every=20",
+    ]
     base = REPO / "jobs" / "fashion_base_fm.yaml"
     twin = REPO / "jobs" / "fashion_twinflow.yaml"
     res: dict = {"machine": "2-core CPU", "torch_threads": 1}
@@ -101,19 +126,28 @@ def main() -> int:
     res["overhead"] = res["ray_train_deepspeed"]["step_s"] / res["plain_loop"]["step_s"]
 
     mem = {}
-    for name, path, extra in [("flow_matching", base, []),
-                              ("twinflow_online", twin, ["method.teacher=online", "train.init_from=null"]),
-                              ("twinflow_ema", twin, ["train.init_from=null"])]:
+    for name, path, extra in [
+        ("flow_matching", base, []),
+        ("twinflow_online", twin, ["method.teacher=online", "train.init_from=null"]),
+        ("twinflow_ema", twin, ["train.init_from=null"]),
+    ]:
         j = load_job(path, [*common, f"train.steps={args.mem_steps}", f"name=mem_{name}", *extra])
         mem[name] = ray_job(j, args.mem_steps, args.mem_steps // 2, tmp)
         print(name, mem[name], flush=True)
     res["memory"] = mem
-    res["twinflow_vs_fm_peak_mem"] = {k: mem[k]["peak_mem_mb"] / mem["flow_matching"]["peak_mem_mb"]
-                                      for k in ("twinflow_online", "twinflow_ema")}
-    res["twinflow_vs_fm_step_time"] = {k: mem[k]["step_s"] / mem["flow_matching"]["step_s"]
-                                       for k in ("twinflow_online", "twinflow_ema")}
+    res["twinflow_vs_fm_peak_mem"] = {
+        k: mem[k]["peak_mem_mb"] / mem["flow_matching"]["peak_mem_mb"]
+        for k in ("twinflow_online", "twinflow_ema")
+    }
+    res["twinflow_vs_fm_step_time"] = {
+        k: mem[k]["step_s"] / mem["flow_matching"]["step_s"] for k in ("twinflow_online", "twinflow_ema")
+    }
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("overhead", "twinflow_vs_fm_peak_mem", "twinflow_vs_fm_step_time")}, indent=2))
+    print(
+        json.dumps(
+            {k: res[k] for k in ("overhead", "twinflow_vs_fm_peak_mem", "twinflow_vs_fm_step_time")}, indent=2
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Session fixtures shared by every test area: ONE local Ray cluster and ONE moto S3 server per session."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,13 @@ def ray_cluster():
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                num_cpus=4,
+                include_dashboard=False,
+                object_store_memory=300 * 1024**2,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except Exception:
             ray.shutdown()
             if attempt:
@@ -45,10 +51,16 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                             "TWINFLOW_S3_ENDPOINT")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
-                      TWINFLOW_S3_ENDPOINT=endpoint)
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "TWINFLOW_S3_ENDPOINT")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+        TWINFLOW_S3_ENDPOINT=endpoint,
+    )
     yield endpoint
     for k, v in saved.items():
         if v is None:
@@ -74,7 +86,9 @@ def fashion_small(tmp_path_factory):
     from twinflow.data import build_pipeline, load_pipeline
 
     out = tmp_path_factory.mktemp("fashion") / "shards"
-    cfg = load_pipeline(PIPELINES / "fashion_mnist.yaml",
-                        [f"output={out}", "shard_size=32", "splits.train.count=96", "splits.eval.count=32"])
+    cfg = load_pipeline(
+        PIPELINES / "fashion_mnist.yaml",
+        [f"output={out}", "shard_size=32", "splits.train.count=96", "splits.eval.count=32"],
+    )
     build_pipeline(cfg, progress=False)
     return out

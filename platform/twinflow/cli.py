@@ -1,4 +1,5 @@
 """The `twinflow` command. Subcommands import their heavy modules lazily so `--help` stays instant."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,6 @@ import importlib
 import sys
 
 from twinflow.config import ConfigError
-
 
 # Each area mounts its own subcommands: `add_commands(subparsers)` in its `cli` module.
 COMMAND_MODULES = [
@@ -42,21 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a training job YAML on Ray Train + DeepSpeed")
     p.add_argument("job", help="path to a job YAML, e.g. jobs/fashion_twinflow.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one field, e.g. --set method.lambda=0.33 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: the job's cluster.address, else a local cluster)")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore checkpoints of an earlier run with the same name and start at step 0")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one field, e.g. --set method.lambda=0.33 (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: the job's cluster.address, else a local cluster)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore checkpoints of an earlier run with the same name and start at step 0",
+    )
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("demo", help="the main demo: MNIST flow-matching base, then TwinFlow fine-tune, "
-                                      "1-NFE vs 50-NFE grid and judged numbers (~9 min on 2 idle CPU cores)")
+    p = sub.add_parser(
+        "demo",
+        help="the main demo: MNIST flow-matching base, then TwinFlow fine-tune, "
+        "1-NFE vs 50-NFE grid and judged numbers (~9 min on 2 idle CPU cores)",
+    )
     p.add_argument("--fresh", action="store_true", help="start both jobs over instead of resuming")
-    p.add_argument("--set-base", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of jobs/mnist_base_fm.yaml (repeatable)")
-    p.add_argument("--set-twinflow", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of jobs/mnist_twinflow.yaml (repeatable)")
+    p.add_argument(
+        "--set-base",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of jobs/mnist_base_fm.yaml (repeatable)",
+    )
+    p.add_argument(
+        "--set-twinflow",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of jobs/mnist_twinflow.yaml (repeatable)",
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("toy", help="2-D toy: TwinFlow vs flow matching at 1/2/4 NFE")

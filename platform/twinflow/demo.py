@@ -6,6 +6,7 @@ numbers. Digits make prompt adherence unambiguous (the judge reads 98.9% of real
 Each stage is an ordinary job YAML run through `twinflow train`, so a rerun resumes or skips finished
 work (Ray Train restores each job's last checkpoint); `--fresh` starts both jobs over.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ BASE_JOB = "jobs/mnist_base_fm.yaml"
 TWINFLOW_JOB = "jobs/mnist_twinflow.yaml"
 PIPELINE = "pipelines/mnist_digits.yaml"
 DATA = "data/mnist_digits"
-PROMPTS = [f"a handwritten digit {n}" for n in ("zero", "one", "two", "three", "four", "five", "six", "seven",
-                                                  "eight", "nine")]
+PROMPTS = [
+    f"a handwritten digit {n}"
+    for n in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+]
 
 
 def ensure_shards(pipeline: str = PIPELINE) -> Path:
@@ -37,8 +40,9 @@ def ensure_shards(pipeline: str = PIPELINE) -> Path:
 
 
 @torch.no_grad()
-def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_prompt: int = 2,
-                    seed: int = 7) -> dict[str, Any]:
+def comparison_grid(
+    base_export: Path, twin_export: Path, out_png: Path, *, per_prompt: int = 2, seed: int = 7
+) -> dict[str, Any]:
     """Rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, TwinFlow 2 NFE: same prompts, same noise; the base
     with the CFG its export recommends (`sample_guidance`), TwinFlow at guidance 0 (baked in)."""
     from twinflow.imaging import save_grid
@@ -50,29 +54,50 @@ def comparison_grid(base_export: Path, twin_export: Path, out_png: Path, *, per_
     base, base_meta = load_generator(base_export)
     twin, twin_meta = load_generator(twin_export)
     methods = {"base": base_meta.get("method"), "twinflow": twin_meta.get("method")}
-    guidance = {"base": sample_guidance_of(base_meta.get("method_config")),
-                "twinflow": sample_guidance_of(twin_meta.get("method_config"))}
+    guidance = {
+        "base": sample_guidance_of(base_meta.get("method_config")),
+        "twinflow": sample_guidance_of(twin_meta.get("method_config")),
+    }
     max_len = int(read_metadata(twin_export)["text_encoder"]["max_length"])
     enc = TextEncoder(max_length=max_len)
     cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(PROMPTS).items()}
     null = enc.null_condition()
-    noise = torch.randn((cond["text_states"].shape[0], *twin.sample_shape),
-                        generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(
+        (cond["text_states"].shape[0], *twin.sample_shape), generator=torch.Generator().manual_seed(seed)
+    )
     rows, labels, timings = [], [], {}
-    for name, model, nfe in [("base", base, 50), ("base", base, 1), ("twinflow", twin, 1), ("twinflow", twin, 2)]:
+    for name, model, nfe in [
+        ("base", base, 50),
+        ("base", base, 1),
+        ("twinflow", twin, 1),
+        ("twinflow", twin, 2),
+    ]:
         model.eval()
         t0 = time.perf_counter()
         w = guidance[name]
-        rows.append(sample(model, noise, cond, settings=settings_for_method(nfe, methods[name], w), null_cond=null,
-                           generator=torch.Generator().manual_seed(seed + 1)))
+        rows.append(
+            sample(
+                model,
+                noise,
+                cond,
+                settings=settings_for_method(nfe, methods[name], w),
+                null_cond=null,
+                generator=torch.Generator().manual_seed(seed + 1),
+            )
+        )
         timings[f"{name}_nfe{nfe}_s"] = time.perf_counter() - t0
         labels.append(f"{name} {nfe} NFE" + (f" (CFG {1 + w:g})" if w else ""))
     save_grid(rows, labels, out_png)
     return {"grid": str(out_png), "prompts": PROMPTS, "per_prompt": per_prompt, "sampling_seconds": timings}
 
 
-def run_demo(*, fresh: bool = False, overrides_base: list[str] | None = None,
-             overrides_twinflow: list[str] | None = None, out_dir: str = "runs/demo") -> int:
+def run_demo(
+    *,
+    fresh: bool = False,
+    overrides_base: list[str] | None = None,
+    overrides_twinflow: list[str] | None = None,
+    out_dir: str = "runs/demo",
+) -> int:
     from twinflow.train.launcher import run_job_file
 
     t_start = time.perf_counter()
@@ -81,23 +106,30 @@ def run_demo(*, fresh: bool = False, overrides_base: list[str] | None = None,
     if not base.ok:
         print(f"[demo] the base job failed: {base.error}")
         return 1
-    twin = run_job_file(TWINFLOW_JOB, [f"train.init_from={base.export_dir}", *(overrides_twinflow or [])],
-                        fresh=fresh)
+    twin = run_job_file(
+        TWINFLOW_JOB, [f"train.init_from={base.export_dir}", *(overrides_twinflow or [])], fresh=fresh
+    )
     if not twin.ok:
         print(f"[demo] the TwinFlow job failed: {twin.error}")
         return 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = comparison_grid(Path(base.export_dir), Path(twin.export_dir), out / "base50_vs_twinflow1.png")
-    report.update(base_export=base.export_dir, twinflow_export=twin.export_dir,
-                  base_final_loss=base.metrics.get("total"), twinflow_final_loss=twin.metrics.get("total"),
-                  twinflow_losses={k: v for k, v in twin.metrics.items() if k.startswith("loss_")},
-                  wall_seconds=time.perf_counter() - t_start)
+    report.update(
+        base_export=base.export_dir,
+        twinflow_export=twin.export_dir,
+        base_final_loss=base.metrics.get("total"),
+        twinflow_final_loss=twin.metrics.get("total"),
+        twinflow_losses={k: v for k, v in twin.metrics.items() if k.startswith("loss_")},
+        wall_seconds=time.perf_counter() - t_start,
+    )
     report.update(_evaluation(base.export_dir, twin.export_dir))
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=float))
     print("\n[demo] done in {:.0f} s".format(report["wall_seconds"]))
-    print(f"  comparison grid  {report['grid']}  (rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, 2 NFE; "
-          "one column per digit)")
+    print(
+        f"  comparison grid  {report['grid']}  (rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, 2 NFE; "
+        "one column per digit)"
+    )
     print(f"  base export      {base.export_dir}   final loss {report['base_final_loss']:.4f}")
     print(f"  TwinFlow export  {twin.export_dir}   final loss {report['twinflow_final_loss']:.4f}")
     for k, v in report.get("evaluation", {}).items():
@@ -119,9 +151,17 @@ def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100)
         model, meta = load_generator(path)
         model.eval()
         # the prompts are encoded inside the evaluation, whose encoder also gives the CFG null condition
-        m = periodic_metrics(model, dataset=dataset, prompts=list(range(10)), cond=None, nfe=nfe,
-                             method=meta.get("method"), images_per_prompt=images_per_class, seed=11,
-                             guidance=sample_guidance_of(meta.get("method_config")))
+        m = periodic_metrics(
+            model,
+            dataset=dataset,
+            prompts=list(range(10)),
+            cond=None,
+            nfe=nfe,
+            method=meta.get("method"),
+            images_per_prompt=images_per_class,
+            seed=11,
+            guidance=sample_guidance_of(meta.get("method_config")),
+        )
         for k, v in m.items():
             key = k.split("/", 1)[1]
             out[key if key.endswith("floor") else f"{name}_{key}"] = float(v)

@@ -1,4 +1,5 @@
 """Tensors in [-1, 1] to images: PNG bytes for Serve, labelled sample grids for training and eval."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,13 @@ def png_bytes(x: torch.Tensor) -> list[bytes]:
     return out
 
 
-def save_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str | Path,
-              scale: int = 2, label_width: int = 90) -> Path:
+def save_grid(
+    rows: Sequence[torch.Tensor],
+    labels: Sequence[str],
+    path: str | Path,
+    scale: int = 2,
+    label_width: int = 90,
+) -> Path:
     """One row per tensor (N, C, H, W), each with a text label on the left (e.g. '1 NFE')."""
     if len(rows) != len(labels):
         raise ValueError("one label per row")

@@ -1,4 +1,5 @@
 """Every Ray cluster-launcher YAML in cluster/ passes Ray's own schema and says how to launch it."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """YAML loading: every error names the file and the field; overrides keep their YAML types."""
+
 from __future__ import annotations
 
 import pytest
@@ -56,13 +57,16 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(write(tmp_path, "- 1\n- 2\n"), Outer)
 
 
-@pytest.mark.parametrize("text,path,value", [
-    ("method.lambda=0.33", ["method", "lambda"], 0.33),
-    ("train.steps=10", ["train", "steps"], 10),
-    ("eval.nfe=[1, 2]", ["eval", "nfe"], [1, 2]),
-    ("cluster.address=null", ["cluster", "address"], None),
-    ("name=demo", ["name"], "demo"),
-])
+@pytest.mark.parametrize(
+    "text,path,value",
+    [
+        ("method.lambda=0.33", ["method", "lambda"], 0.33),
+        ("train.steps=10", ["train", "steps"], 10),
+        ("eval.nfe=[1, 2]", ["eval", "nfe"], [1, 2]),
+        ("cluster.address=null", ["cluster", "address"], None),
+        ("name=demo", ["name"], "demo"),
+    ],
+)
 def test_parse_override_types(text, path, value):
     assert parse_override(text) == (path, value)
 

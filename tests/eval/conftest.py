@@ -1,4 +1,5 @@
 """Eval tests: one intra-op thread (shared 2-core box), shared judges and tiny generators."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,14 @@ def tiny_generator(seed: int = 0, text_max_length: int = 8):
     from twinflow.models.config import ModelConfig
 
     torch.manual_seed(seed)
-    return build_generator(ModelConfig(family="qwen_image", preset="tiny-28g", text_max_length=text_max_length,
-                                       backbone={"num_layers": 1})).eval()
+    return build_generator(
+        ModelConfig(
+            family="qwen_image",
+            preset="tiny-28g",
+            text_max_length=text_max_length,
+            backbone={"num_layers": 1},
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Datasets as evaluation sees them: prompt -> class, templates, held-out splits, NFE/sampler checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,9 @@ from twinflow.eval.sampling import check_nfe, plan_units, resolve_sampler, setti
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name, pipeline", [("fashion_mnist", "fashion_mnist.yaml"), ("mnist", "mnist_digits.yaml")])
+@pytest.mark.parametrize(
+    "name, pipeline", [("fashion_mnist", "fashion_mnist.yaml"), ("mnist", "mnist_digits.yaml")]
+)
 def test_templates_are_the_training_captions(name, pipeline):
     cfg = yaml.safe_load((REPO / "pipelines" / pipeline).read_text())
     ds = get_dataset(name)
@@ -24,19 +27,33 @@ def test_templates_are_the_training_captions(name, pipeline):
             assert ds.class_of(ds.prompt(c, i)) == c
 
 
-@pytest.mark.parametrize("prompt, cls", [
-    ("a photo of a t-shirt", 0), ("a photo of a shirt", 6), ("a T shirt", 0), ("a photo of a trouser", 1),
-    ("a pair of trousers on a black background", 1), ("an ankle boot", 9), ("some boots", 9),
-    ("a photo of a sneaker", 7), ("a coat and a jacket", 4),
-    ("a bag next to a dress", None), ("a photo of a cat", None), ("a shirtless man", None)])
+@pytest.mark.parametrize(
+    "prompt, cls",
+    [
+        ("a photo of a t-shirt", 0),
+        ("a photo of a shirt", 6),
+        ("a T shirt", 0),
+        ("a photo of a trouser", 1),
+        ("a pair of trousers on a black background", 1),
+        ("an ankle boot", 9),
+        ("some boots", 9),
+        ("a photo of a sneaker", 7),
+        ("a coat and a jacket", 4),
+        ("a bag next to a dress", None),
+        ("a photo of a cat", None),
+        ("a shirtless man", None),
+    ],
+)
 def test_fashion_prompt_to_class(prompt, cls):
     assert get_dataset("fashion_mnist").class_of(prompt) == cls
 
 
 def test_mnist_prompt_to_class_and_errors():
     ds = get_dataset("mnist")
-    assert [ds.class_of(p) for p in ["a handwritten digit seven", "digit 7", "the number 0", "seventeen",
-                                     "one or two"]] == [7, 7, 0, None, None]
+    assert [
+        ds.class_of(p)
+        for p in ["a handwritten digit seven", "digit 7", "the number 0", "seventeen", "one or two"]
+    ] == [7, 7, 0, None, None]
     with pytest.raises(ValueError, match="does not name exactly one mnist class"):
         ds.classes_of(["a handwritten digit seven", "a cat"])
     with pytest.raises(UnknownDatasetError, match="unknown dataset 'cifar'"):
@@ -53,8 +70,9 @@ def test_mnist_heldout_is_the_pipeline_eval_split(tmp_path):
     assert len(split["eval"]) == 1000 and len(split["train"]) == 9000
     assert not set(split["eval"]) & set(split["train"])
     out = tmp_path / "mnist"
-    build_pipeline(load_pipeline(REPO / "pipelines" / "mnist_digits.yaml", [f"output={out}", "limit=40"]),
-                   progress=False)
+    build_pipeline(
+        load_pipeline(REPO / "pipelines" / "mnist_digits.yaml", [f"output={out}", "limit=40"]), progress=False
+    )
     from twinflow.eval.datasets import _mnist_arrays
 
     offsets = np.cumsum([0] + [len(a) for a in _mnist_arrays()])

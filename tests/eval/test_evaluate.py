@@ -1,4 +1,5 @@
 """evaluate_generator / evaluate_edits on in-memory models, and `twinflow eval` end to end."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from twinflow.eval.metrics import evaluate_edits, evaluate_generator
 from tests.eval.conftest import tiny_generator
+from twinflow.eval.metrics import evaluate_edits, evaluate_generator
 
 KEYS = ("fd", "adherence", "diversity", "collapse", "saturation")
 REPO = Path(__file__).resolve().parents[2]
@@ -21,8 +22,11 @@ def test_evaluate_generator_keys_determinism_and_cond(mnist_judge, mnist_referen
     kw = dict(reference=mnist_reference, images_per_prompt=6, batch_size=5, seed=1)
     a = evaluate_generator(model, prompts, [2, 1], mnist_judge, text_encoder=text_encoder, **kw)
     assert model.training  # mode restored
-    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS for n in (1, 2)} | {"eval/fd_floor", "eval/diversity_floor",
-                                                                           "eval/saturation_floor"}
+    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS for n in (1, 2)} | {
+        "eval/fd_floor",
+        "eval/diversity_floor",
+        "eval/saturation_floor",
+    }
     assert all(v == v for v in a.values())  # no NaN
     assert 0.0 <= a["eval/saturation_nfe1"] <= 1.0 and 0.0 < a["eval/saturation_floor"] < 0.5
     # pre-encoded prompts (the training loop's eval_cond) give the same numbers
@@ -31,8 +35,7 @@ def test_evaluate_generator_keys_determinism_and_cond(mnist_judge, mnist_referen
     assert b == pytest.approx(a, rel=1e-6)
     # a random model neither adheres nor matches the data; another seed gives other samples
     assert a["eval/adherence_nfe1"] <= 0.5 and a["eval/fd_nfe1"] > 20 * a["eval/fd_floor"]
-    c = evaluate_generator(model, prompts, [1], mnist_judge, text_encoder=text_encoder,
-                           **{**kw, "seed": 2})
+    c = evaluate_generator(model, prompts, [1], mnist_judge, text_encoder=text_encoder, **{**kw, "seed": 2})
     assert c["eval/fd_nfe1"] != a["eval/fd_nfe1"]
     with pytest.raises(ValueError, match="does not name exactly one"):
         evaluate_generator(model, ["a cat"], [1], mnist_judge, text_encoder=text_encoder, **kw)
@@ -105,19 +108,46 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
     from twinflow.models.export import load_generator
 
     run = tmp_path / "runs" / "tiny_mnist"
-    save_generator(tiny_generator(seed=3), run / "export", {"method": "flow_matching", "job": "tiny_mnist", "steps": 7})
+    save_generator(
+        tiny_generator(seed=3), run / "export", {"method": "flow_matching", "job": "tiny_mnist", "steps": 7}
+    )
     data = tmp_path / "data" / "mnist_digits"
     data.mkdir(parents=True)
     (data / "manifest.json").write_text(json.dumps({"source": {"type": "mnist_digits"}}))
-    (run / "job.json").write_text(json.dumps({"data": {"path": str(data)}}))  # the dataset is inferred from here
+    (run / "job.json").write_text(
+        json.dumps({"data": {"path": str(data)}})
+    )  # the dataset is inferred from here
     from twinflow.data import build_pipeline, load_pipeline
 
     edits = tmp_path / "mnist_edits"
-    build_pipeline(load_pipeline(REPO / "pipelines" / "mnist_edits.yaml", [f"output={edits}", "limit=6"]), progress=False)
+    build_pipeline(
+        load_pipeline(REPO / "pipelines" / "mnist_edits.yaml", [f"output={edits}", "limit=6"]), progress=False
+    )
     out = tmp_path / "eval"
-    argv = ["eval", str(run), "--nfe", "1,3", "--classes", "1,7", "--samples-per-class", "5", "--batch-size", "4",
-            "--actors", "2", "--actor-cpus", "0.5", "--seed", "5", "--out", str(out), "--grid-per-class", "3",
-            "--edits", str(edits)]
+    argv = [
+        "eval",
+        str(run),
+        "--nfe",
+        "1,3",
+        "--classes",
+        "1,7",
+        "--samples-per-class",
+        "5",
+        "--batch-size",
+        "4",
+        "--actors",
+        "2",
+        "--actor-cpus",
+        "0.5",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--grid-per-class",
+        "3",
+        "--edits",
+        str(edits),
+    ]
     assert _cli(argv) == 0
     report = json.loads((out / "results.json").read_text())
     entry = report["checkpoints"][0]
@@ -127,15 +157,34 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
     model, _ = load_generator(run / "export")
     prompts, classes = sample_plan("mnist", [1, 7], 5)
     assert prompts[5] == "a handwritten digit seven" and classes == [1] * 5 + [7] * 5
-    direct = evaluate_generator(model, prompts, [1, 3], mnist_judge, reference=mnist_reference,
-                                text_encoder=text_encoder, images_per_prompt=1, sampler="ode", seed=5, batch_size=4)
+    direct = evaluate_generator(
+        model,
+        prompts,
+        [1, 3],
+        mnist_judge,
+        reference=mnist_reference,
+        text_encoder=text_encoder,
+        images_per_prompt=1,
+        sampler="ode",
+        seed=5,
+        batch_size=4,
+    )
     for nfe in (1, 3):
         for k in KEYS:
-            assert entry["nfe"][str(nfe)][k] == pytest.approx(direct[f"eval/{k}_nfe{nfe}"], rel=1e-4, abs=1e-6)
+            assert entry["nfe"][str(nfe)][k] == pytest.approx(
+                direct[f"eval/{k}_nfe{nfe}"], rel=1e-4, abs=1e-6
+            )
     assert entry["floor"]["fd"] == pytest.approx(direct["eval/fd_floor"])
     # edit pairs (6 held-out sources x 2 edits): scored against their exact targets
-    assert set(entry["edits"]) >= {"edit_mse_nfe1", "edit_psnr_nfe3", "edit_class_kept_nfe1", "edit_class_kept_floor"}
-    assert 0 < entry["edits"]["edit_mse_nfe1"] <= 4 and "| tiny_mnist | 3 |" in (out / "results.md").read_text()
+    assert set(entry["edits"]) >= {
+        "edit_mse_nfe1",
+        "edit_psnr_nfe3",
+        "edit_class_kept_nfe1",
+        "edit_class_kept_floor",
+    }
+    assert (
+        0 < entry["edits"]["edit_mse_nfe1"] <= 4 and "| tiny_mnist | 3 |" in (out / "results.md").read_text()
+    )
 
 
 def test_periodic_metrics_hook(tmp_path, mnist_judge, mnist_reference, text_encoder):
@@ -148,10 +197,27 @@ def test_periodic_metrics_hook(tmp_path, mnist_judge, mnist_reference, text_enco
     model = tiny_generator(seed=1)
     prompts = ["a handwritten digit zero", "a handwritten digit eight"]
     cond = text_encoder.encode(prompts)
-    got = periodic_metrics(model, dataset="mnist", prompts=prompts, cond=cond, nfe=[1], method="flow_matching",
-                           images_per_prompt=4, seed=9)
-    want = evaluate_generator(model, prompts, [1], mnist_judge, reference=mnist_reference, cond=cond,
-                              images_per_prompt=4, sampler="ode", seed=9)
+    got = periodic_metrics(
+        model,
+        dataset="mnist",
+        prompts=prompts,
+        cond=cond,
+        nfe=[1],
+        method="flow_matching",
+        images_per_prompt=4,
+        seed=9,
+    )
+    want = evaluate_generator(
+        model,
+        prompts,
+        [1],
+        mnist_judge,
+        reference=mnist_reference,
+        cond=cond,
+        images_per_prompt=4,
+        sampler="ode",
+        seed=9,
+    )
     assert got == pytest.approx(want)
     assert periodic_metrics(model, dataset=None, prompts=prompts, cond=cond, nfe=[1], method="twinflow") == {}
     with pytest.raises(ValueError, match="a handwritten cat"):

@@ -36,8 +36,19 @@ def test_recovers_the_guidance_scale_of_a_guided_model(s):
 def test_a_base_that_ignores_the_condition_is_a_clear_error():
     images = torch.randn(2, 1, 4, 4)
     with pytest.raises(ValueError, match="ignores the condition"):
-        effective_guidance(_Guided(2.0), _Guided(0.0), images, {"label": torch.ones(2, dtype=torch.long)},
-                           {"label": torch.zeros(1, dtype=torch.long)})
+        effective_guidance(
+            _Guided(2.0),
+            _Guided(0.0),
+            images,
+            {"label": torch.ones(2, dtype=torch.long)},
+            {"label": torch.zeros(1, dtype=torch.long)},
+        )
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        effective_guidance(_Base(), _Base(), images, {"label": torch.ones(2, dtype=torch.long)},
-                           {"label": torch.zeros(1, dtype=torch.long)}, times=(0.0,))
+        effective_guidance(
+            _Base(),
+            _Base(),
+            images,
+            {"label": torch.ones(2, dtype=torch.long)},
+            {"label": torch.zeros(1, dtype=torch.long)},
+            times=(0.0,),
+        )

@@ -1,4 +1,5 @@
 """The shipped judges: small files, made by the documented command, accurate on their held-out split."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,9 @@ def test_shipped_judge_heldout_accuracy(name):
     # the accuracy recorded in the file is what this machine measures now (same weights, same data)
     assert acc == pytest.approx(judge.meta["heldout"]["accuracy"], abs=2e-3)
     # a judge is not a constant: it is far worse on shuffled labels and on noise
-    shuffled = torch.from_numpy(held.labels)[torch.randperm(len(held.labels), generator=torch.Generator().manual_seed(0))]
+    shuffled = torch.from_numpy(held.labels)[
+        torch.randperm(len(held.labels), generator=torch.Generator().manual_seed(0))
+    ]
     assert float((pred == shuffled).float().mean()) < 0.2
 
 

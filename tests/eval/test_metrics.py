@@ -1,4 +1,5 @@
 """The metric maths: Fréchet distance, diversity/collapse, adherence, PSNR; no Ray, no generator."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from twinflow.eval.metrics import (adherence, diversity, feature_stats, frechet_distance,
-                                   frechet_distance_features, mean_pairwise_distance, mse_psnr,
-                                   metrics_from_samples, per_class_spread)
+from twinflow.eval.metrics import (
+    adherence,
+    diversity,
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+    mean_pairwise_distance,
+    metrics_from_samples,
+    mse_psnr,
+    per_class_spread,
+)
 
 
 def test_fd_of_identical_sets_is_zero():
@@ -78,8 +87,8 @@ def test_adherence_counts_argmax_hits():
 def test_psnr_maths():
     x = torch.zeros(3, 1, 4, 4)
     y = x.clone()
-    y[0] += 0.1                 # MSE 0.01 -> 10 log10(4 / 0.01) = 26.0206 dB
-    y[1, :, :2] = 1.0           # half the pixels off by 1: MSE 0.5 -> 10 log10(8) = 9.0309 dB
+    y[0] += 0.1  # MSE 0.01 -> 10 log10(4 / 0.01) = 26.0206 dB
+    y[1, :, :2] = 1.0  # half the pixels off by 1: MSE 0.5 -> 10 log10(8) = 9.0309 dB
     mse, psnr = mse_psnr(y, x)
     assert mse[:2].tolist() == pytest.approx([0.01, 0.5])
     assert psnr[:2].tolist() == pytest.approx([10 * math.log10(400), 10 * math.log10(8)])
@@ -101,8 +110,17 @@ def test_real_heldout_images_score_like_the_judge(mnist_judge, mnist_reference):
     assert m["fd"] == pytest.approx(0.0, abs=1e-6)
     assert m["diversity"] == pytest.approx(1.0, abs=1e-9) and m["collapse"] == 0.0
     floor = mnist_reference.floor(held.labels.tolist())
-    assert 0 < floor["fd"] < 0.1 * metrics_from_samples(torch.zeros_like(x[:200]) - 1 + 0.01 * torch.randn_like(x[:200]),
-                                                        held.labels[:200], mnist_judge, mnist_reference)["fd"]
+    assert (
+        0
+        < floor["fd"]
+        < 0.1
+        * metrics_from_samples(
+            torch.zeros_like(x[:200]) - 1 + 0.01 * torch.randn_like(x[:200]),
+            held.labels[:200],
+            mnist_judge,
+            mnist_reference,
+        )["fd"]
+    )
     # mode collapse of real data (each class one image repeated) is flagged
     first = {c: int(np.flatnonzero(held.labels == c)[0]) for c in range(10)}
     rep = x[[first[int(c)] for c in held.labels]]

@@ -1,4 +1,5 @@
 """Small analytic velocity models shared by the method tests."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -17,9 +18,16 @@ class Recorder(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         out = self.inner(x, t, r, cond)
-        self.calls.append({"x": x.detach().clone(), "t": t.clone(), "r": r.clone(),
-                           "cond": {k: v.clone() for k, v in cond.items()}, "out": out,
-                           "grad": torch.is_grad_enabled()})
+        self.calls.append(
+            {
+                "x": x.detach().clone(),
+                "t": t.clone(),
+                "r": r.clone(),
+                "cond": {k: v.clone() for k, v in cond.items()},
+                "out": out,
+                "grad": torch.is_grad_enabled(),
+            }
+        )
         return out
 
 
@@ -33,7 +41,9 @@ class LinearVelocity(nn.Module):
         self.b = nn.Parameter(0.1 * torch.randn(dim, generator=g))
         self.c = nn.Parameter(0.2 * torch.randn(dim, generator=g))
         self.d = nn.Parameter(0.2 * torch.randn(dim, generator=g))
-        self.label = nn.Parameter(0.5 * torch.randn(num_classes + 1, dim, generator=g)) if num_classes else None
+        self.label = (
+            nn.Parameter(0.5 * torch.randn(num_classes + 1, dim, generator=g)) if num_classes else None
+        )
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         out = x @ self.A.T + self.b + t[:, None] * self.c + r[:, None] * self.d

@@ -1,4 +1,5 @@
 """Method tests run on one thread: the machine is shared and the models are tiny."""
+
 import pytest
 import torch
 

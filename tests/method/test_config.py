@@ -32,14 +32,17 @@ def test_group_weights_instead_of_lambda():
         TwinFlowConfig.model_validate({"group_weights": {"e2e": 0, "mul": 0, "any": 0, "adv": 0}})
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"lambda": 1.5}, "lambda"),
-    ({"lamda": 0.3}, "lamda"),
-    ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
-    ({"rollout_order": 0}, "rollout_order"),
-    ({"teacher": "swa"}, "teacher"),
-    ({"loss": "l1"}, "loss"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"lambda": 1.5}, "lambda"),
+        ({"lamda": 0.3}, "lamda"),
+        ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
+        ({"rollout_order": 0}, "rollout_order"),
+        ({"teacher": "swa"}, "teacher"),
+        ({"loss": "l1"}, "loss"),
+    ],
+)
 def test_invalid_fields_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=rf"job.yaml: {field}"):
         validate(TwinFlowConfig, bad, "job.yaml")
@@ -59,6 +62,11 @@ def test_method_section_is_a_tagged_union():
 def test_self_referential_guidance_needs_w_below_one():
     """With an online or EMA teacher the baked-in CFG scale is ~1/(1 - w): w >= 1 has no fixed point."""
     for teacher in ("online", "ema"):
-        with pytest.raises(ConfigError, match=r"job.yaml.*enhanced_ratio 1.5 >= 1 with the (online|ema) teacher"):
+        with pytest.raises(
+            ConfigError, match=r"job.yaml.*enhanced_ratio 1.5 >= 1 with the (online|ema) teacher"
+        ):
             validate(TwinFlowConfig, {"teacher": teacher, "enhanced_ratio": 1.5}, "job.yaml")
-    assert validate(TwinFlowConfig, {"teacher": "frozen", "enhanced_ratio": 4.0}, "job.yaml").enhanced_ratio == 4.0
+    assert (
+        validate(TwinFlowConfig, {"teacher": "frozen", "enhanced_ratio": 4.0}, "job.yaml").enhanced_ratio
+        == 4.0
+    )

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from twinflow.method.ema import EMA, Teacher, next_decay
+
 from .analytic import LinearVelocity
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from twinflow.method import FlowMatchingConfig, FlowMatchingObjective, NonFiniteLossError
+
 from .analytic import LinearVelocity, Recorder
 
 
@@ -21,8 +22,14 @@ def test_condition_dropout_uses_the_null_condition():
     rec = Recorder(LinearVelocity(num_classes=3))
     obj = FlowMatchingObjective(FlowMatchingConfig(cond_dropout=0.5))
     cond = {"label": torch.zeros(400, dtype=torch.long)}
-    obj(rec, torch.randn(400, 2), cond, teacher=None, null_cond={"label": torch.tensor([3])},
-        generator=torch.Generator().manual_seed(0))
+    obj(
+        rec,
+        torch.randn(400, 2),
+        cond,
+        teacher=None,
+        null_cond={"label": torch.tensor([3])},
+        generator=torch.Generator().manual_seed(0),
+    )
     labels = rec.calls[0]["cond"]["label"]
     assert set(labels.tolist()) == {0, 3} and 150 < int((labels == 3).sum()) < 250
     with pytest.raises(ValueError, match="null_cond"):

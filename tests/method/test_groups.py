@@ -32,7 +32,7 @@ def test_lambda_splits(lam, B):
 def test_reference_quarters_and_extremes():
     assert split_groups(8, lambda_=0.5).as_dict() == {"e2e": 2, "mul": 2, "any": 2, "adv": 2}
     assert split_groups(4, lambda_=0.5).sizes == (1, 1, 1, 1)
-    assert split_groups(7, lambda_=0.5).sizes == (2, 2, 2, 1)   # reference rounding, rest to last
+    assert split_groups(7, lambda_=0.5).sizes == (2, 2, 2, 1)  # reference rounding, rest to last
     assert split_groups(5, lambda_=0.5).sizes == (1, 1, 1, 2)
     # The reference gives (2, 2, 2, 0) at B=6: the ADV group would silently vanish. We keep it.
     assert split_groups(6, lambda_=0.5).sizes == (1, 2, 2, 1)

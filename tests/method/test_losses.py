@@ -10,11 +10,11 @@ def test_time_weight_values():
     t = torch.tensor([1.0, 0.5, 0.5, -0.3, 0.7])
     r = torch.tensor([0.0, 0.5, 0.0, -0.3, 0.2])
     w = time_weight(t, r)
-    assert w[0] == pytest.approx(1.0, abs=1e-6)                       # full jump
+    assert w[0] == pytest.approx(1.0, abs=1e-6)  # full jump
     assert w[1] == pytest.approx(1 + math.tan(0.4 * math.pi), rel=1e-6)  # instantaneous: ~4.078
     assert w[1] == pytest.approx(4.0777, abs=1e-3)
     assert w[2] == pytest.approx(1 + math.tan(0.2 * math.pi), rel=1e-6)
-    assert w[3] == pytest.approx(w[1].item())                        # |t| - |r| = 0 for signed rows too
+    assert w[3] == pytest.approx(w[1].item())  # |t| - |r| = 0 for signed rows too
     assert w[4] == pytest.approx(1 + math.tan(0.4 * math.pi * 0.5), rel=1e-6)
 
 

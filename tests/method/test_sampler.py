@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from twinflow.method.sampler import SamplerSettings, preset, sample, sample_nfe, time_grid
+
 from .analytic import DiracFlow, LinearVelocity, Recorder
 
 
@@ -17,7 +18,9 @@ def test_reference_grids():
 
 
 def test_grid_gap_and_warp():
-    assert torch.allclose(time_grid(4, g0=0.0, g1=0.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    assert torch.allclose(
+        time_grid(4, g0=0.0, g1=0.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    )
     warped = time_grid(3, g0=0.0, g1=0.0, warp=(2.0, 1.0, 1.0))
     u = torch.tensor([0.0, 1 / 3, 2 / 3], dtype=torch.float64)
     assert torch.allclose(warped[:-1], 1 - u**2)
@@ -41,8 +44,7 @@ def test_exact_model_samples_the_data_point_in_every_style():
     x_star = torch.tensor([0.3, -0.7])
     model = DiracFlow(x_star)
     noise = torch.randn(16, 2)
-    for settings in (preset(1), preset(4), preset("multistep"),
-                     SamplerSettings(nfe=3, style="any", rho=0.5)):
+    for settings in (preset(1), preset(4), preset("multistep"), SamplerSettings(nfe=3, style="any", rho=0.5)):
         out = sample(model, noise, settings=settings, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(out, x_star.expand(16, 2), atol=1e-4), settings
 
@@ -64,8 +66,12 @@ def test_fresh_noise_is_seeded():
     a = sample(model, noise, settings=preset(4), generator=torch.Generator().manual_seed(1))
     b = sample(model, noise, settings=preset(4), generator=torch.Generator().manual_seed(1))
     c = sample(model, noise, settings=preset(4), generator=torch.Generator().manual_seed(2))
-    d = sample(model, noise, settings=SamplerSettings(nfe=4, rho=0.0), generator=torch.Generator().manual_seed(2))
-    e = sample(model, noise, settings=SamplerSettings(nfe=4, rho=0.0), generator=torch.Generator().manual_seed(3))
+    d = sample(
+        model, noise, settings=SamplerSettings(nfe=4, rho=0.0), generator=torch.Generator().manual_seed(2)
+    )
+    e = sample(
+        model, noise, settings=SamplerSettings(nfe=4, rho=0.0), generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a, b) and not torch.allclose(a, c) and torch.equal(d, e)
 
 

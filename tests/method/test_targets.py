@@ -8,6 +8,7 @@ from twinflow.method.targets import (
     rollout_times,
     teacher_rollout,
 )
+
 from .analytic import DiracFlow
 
 

@@ -19,7 +19,7 @@ def test_r_equals_t_reproduces_the_pretrained_base_when_e2_is_a_copy():
         off_diag_copy = model(x, t, r)
     assert torch.equal(before, base) and torch.equal(after, base)
     assert not torch.allclose(off_diag_copy, off_diag_random)  # E2 really changed
-    assert not torch.allclose(off_diag_copy, base)              # and r != t is a different query
+    assert not torch.allclose(off_diag_copy, base)  # and r != t is a different query
 
 
 def test_distances_separate_distributions():
@@ -33,8 +33,12 @@ def test_distances_separate_distributions():
 def test_twinflow_one_step_beats_flow_matching_one_step_at_equal_budget():
     steps, batch = 200, 256
     fm = train_toy(FlowMatchingObjective(FlowMatchingConfig()), steps=steps, seed=0, batch=batch)
-    tf = train_toy(TwinFlowObjective(TwinFlowConfig(loss="mse", teacher="ema", ema_decay=0.99)),
-                   steps=steps, seed=0, batch=batch)
+    tf = train_toy(
+        TwinFlowObjective(TwinFlowConfig(loss="mse", teacher="ema", ema_decay=0.99)),
+        steps=steps,
+        seed=0,
+        batch=batch,
+    )
     g = torch.Generator().manual_seed(123)
     data, noise = ring_data(1500, generator=g), torch.randn(1500, 2, generator=g)
     euler_1 = SamplerSettings(nfe=1, style="mul", rho=0.0, g0=0.0, g1=0.0)

@@ -6,6 +6,7 @@ import torch
 from twinflow.method import NonFiniteLossError, Teacher, TwinFlowConfig, TwinFlowObjective
 from twinflow.method.losses import barron_loss, mse_loss
 from twinflow.method.targets import noisy, rectify_loss, velocity_gap
+
 from .analytic import LinearVelocity, Recorder, TwinGaussians
 
 
@@ -74,11 +75,11 @@ def test_gradient_equals_the_hand_computed_one():
 
     x_fake = c0["x"][:2] - c0["out"][:2]
     s = -t[V]
-    v_adv = (x_t[V] - x_fake) / s[:, None]                # eps - x_fake, eps recovered from x_s
+    v_adv = (x_t[V] - x_fake) / s[:, None]  # eps - x_fake, eps recovered from x_s
     assert torch.allclose(x_t[V], (1 - s)[:, None] * x_fake + s[:, None] * (v_adv + x_fake), atol=1e-5)
-    v = (x_t[base] - x0[base]) / t[base][:, None]          # eps - x0 from x_t = (1-t) x0 + t eps
-    assert torch.allclose(x_t[E], c0["x"][2:4])            # E2E rows: x_t = eps, same noise as stage A
-    assert torch.allclose(c0["out"][2:4], G[E].detach())   # the stage-A one-step values ARE G_e
+    v = (x_t[base] - x0[base]) / t[base][:, None]  # eps - x0 from x_t = (1-t) x0 + t eps
+    assert torch.allclose(x_t[E], c0["x"][2:4])  # E2E rows: x_t = eps, same noise as stage A
+    assert torch.allclose(c0["out"][2:4], G[E].detach())  # the stage-A one-step values ARE G_e
 
     assert torch.allclose(c1["t"][4:], torch.maximum(t[base] - delta, r[base]))
     assert torch.allclose(c1["x"][4:], x_t[base] - delta * v, atol=1e-5)
@@ -117,7 +118,7 @@ def test_dv_sign_on_1d_gaussians_moves_samples_toward_the_real_mean():
     n = 20000
     critic = TwinGaussians(fake_mean=1.5)
     for loss_fn in (mse_loss, barron_loss):
-        b = torch.tensor(1.5, requires_grad=True)           # one-step generator: x_g = eps - G_e, G_e = -b
+        b = torch.tensor(1.5, requires_grad=True)  # one-step generator: x_g = eps - G_e, G_e = -b
         eps = torch.randn(n, 1, generator=g)
         G_e = (-b).expand(n, 1)
         x_g = (eps - G_e).detach()
@@ -232,8 +233,14 @@ def test_bf16_autocast_keeps_targets_in_float32():
     x0 = torch.randn(16, 2)
     cond = {"label": torch.randint(0, 4, (16,))}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = obj(model, x0, cond, teacher=teacher, null_cond=model.null_cond(),
-                  generator=torch.Generator().manual_seed(0))
+        out = obj(
+            model,
+            x0,
+            cond,
+            teacher=teacher,
+            null_cond=model.null_cond(),
+            generator=torch.Generator().manual_seed(0),
+        )
     assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -244,7 +251,7 @@ def test_frozen_teacher_answers_the_cfg_pair_and_the_online_model_the_rollout():
     online model (no grad); only the CFG pair (r = t) comes from the frozen copy."""
     out, rec, _, teacher = _run(_cfg(teacher="frozen"), B=16, conditional=True)
     frozen_calls = teacher.module.calls
-    assert len(frozen_calls) == 1 and frozen_calls[0]["x"].shape[0] == 16          # CFG pair, 2 x 8 rows
+    assert len(frozen_calls) == 1 and frozen_calls[0]["x"].shape[0] == 16  # CFG pair, 2 x 8 rows
     assert torch.equal(frozen_calls[0]["t"], frozen_calls[0]["r"])
     rollout_rows = [c for c in rec.calls if not c["grad"] and torch.any(c["r"] < c["t"])]
     assert rollout_rows, "the rollout (r < t) must run on the online model"
@@ -280,10 +287,17 @@ def test_rectify_push_per_e2e_row_does_not_depend_on_lambda(monkeypatch, loss):
         cfg = _cfg(teacher="online", loss=loss, kappa=kappa, **{"lambda": lam})
         per_lambda = []
         for scale in (1.0, 0.0):  # the same draws with and without the rectify term
-            monkeypatch.setattr(tw, "rectify_loss", lambda G_e, dv, fn, s=scale: s * real_rectify(G_e, dv, fn))
+            monkeypatch.setattr(
+                tw, "rectify_loss", lambda G_e, dv, fn, s=scale: s * real_rectify(G_e, dv, fn)
+            )
             rec = Recorder(_SignVelocity())
-            out = TwinFlowObjective(cfg)(rec, torch.randn(B, 2, generator=torch.Generator().manual_seed(1)), {},
-                                         teacher=None, generator=torch.Generator().manual_seed(2))
+            out = TwinFlowObjective(cfg)(
+                rec,
+                torch.randn(B, 2, generator=torch.Generator().manual_seed(1)),
+                {},
+                teacher=None,
+                generator=torch.Generator().manual_seed(2),
+            )
             G = rec.calls[-1]["out"]
             per_lambda.append(torch.autograd.grad(out.loss, G)[0])
         nE = cfg.split(B).size("e2e")
@@ -304,7 +318,7 @@ def test_onestep_diagnostics_show_an_outward_push_and_saturation():
     from twinflow.method.twinflow import onestep_diagnostics
 
     x_g = torch.tensor([[0.95, -0.5, 0.2, 1.2]])
-    out = onestep_diagnostics(x_g, 0.1 * x_g)          # dv along +x_g: outward, cos(dv, -x_g) = -1
+    out = onestep_diagnostics(x_g, 0.1 * x_g)  # dv along +x_g: outward, cos(dv, -x_g) = -1
     assert out["dv_cos"].item() == pytest.approx(-1.0) and out["sat_onestep"].item() == pytest.approx(0.5)
     assert onestep_diagnostics(x_g, -0.1 * x_g)["dv_cos"].item() == pytest.approx(1.0)
     metrics = _run(_cfg(teacher="online"), conditional=False)[0].metrics

@@ -16,7 +16,7 @@ def make_generator(family: str, preset: str = "tiny-28g", **overrides):
 def random_cond(b: int, length: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(b, length, dtype=torch.int64)
-    mask[:, length // 2:] = 0
+    mask[:, length // 2 :] = 0
     return {"text_states": torch.randn(b, length, 384, generator=g) * mask[..., None], "text_mask": mask}
 
 

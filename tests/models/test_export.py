@@ -1,16 +1,16 @@
 """Export / load round trips, and the pretrained + VAE path through the real diffusers loading code."""
+
 import copy
 import json
 
 import pytest
 import torch
-
 from conftest import make_generator, random_cond
-from twinflow.models.config import ModelConfig
+
+from twinflow.models.config import LoraSettings, ModelConfig
 from twinflow.models.export import load_export_codec, load_generator, save_generator
 from twinflow.models.generator import build_generator
 from twinflow.models.lora import apply_lora, lora_state_dict
-from twinflow.models.config import LoraSettings
 
 
 def _train(g, steps=2):
@@ -33,7 +33,11 @@ def test_round_trip_is_exact(family, tmp_path):
     g = make_generator(family, "tiny-32rgb", e2_init="random")
     _train(g)
     out = save_generator(g, tmp_path / "export", {"method": "twinflow", "step": 2})
-    assert sorted(p.name for p in out.iterdir()) == ["transformer", "twinflow.json", "twinflow_extra.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "transformer",
+        "twinflow.json",
+        "twinflow_extra.safetensors",
+    ]
     loaded, meta = load_generator(out)
     assert not loaded.training
     assert meta["method"] == "twinflow" and meta["step"] == 2 and meta["family"] == family
@@ -84,7 +88,9 @@ def test_lora_export_merged_plus_adapter(family, tmp_path):
     from safetensors.torch import load_file
 
     apply_lora(base, LoraSettings(rank=4))
-    set_peft_model_state_dict(base.backbone, load_file(str(tmp_path / "e" / "lora" / "adapter_model.safetensors")))
+    set_peft_model_state_dict(
+        base.backbone, load_file(str(tmp_path / "e" / "lora" / "adapter_model.safetensors"))
+    )
     for name in ("text_proj",):
         getattr(base, name).load_state_dict(getattr(g, name).state_dict())
     e2 = {k: v for k, v in g.state_dict().items() if ".twin_e2." in k}
@@ -111,12 +117,25 @@ def _tiny_vae(kind: str):
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
     if kind == "qwen":
-        return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
-                                      temperal_downsample=[False], latents_mean=[0.1, 0.2, -0.1, 0.0],
-                                      latents_std=[1.5, 2.0, 1.0, 0.5])
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                         layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)
+        return AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.1, 0.2, -0.1, 0.0],
+            latents_std=[1.5, 2.0, 1.0, 0.5],
+        )
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
 
 
 def _tiny_backbone(family: str, latent_channels: int):
@@ -157,14 +176,20 @@ def test_pretrained_and_vae_through_real_loaders(family, vae_kind, tmp_path):
         raw = vae.encode(raw_in).latent_dist.mode()
         raw = raw.squeeze(2) if vae_kind == "qwen" else raw
     if vae_kind == "qwen":
-        want = (raw - torch.tensor([0.1, 0.2, -0.1, 0.0]).view(1, 4, 1, 1)) / torch.tensor([1.5, 2.0, 1.0, 0.5]).view(1, 4, 1, 1)
+        want = (raw - torch.tensor([0.1, 0.2, -0.1, 0.0]).view(1, 4, 1, 1)) / torch.tensor(
+            [1.5, 2.0, 1.0, 0.5]
+        ).view(1, 4, 1, 1)
     else:
         want = (raw - 0.1) * 0.5
     torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         raw_dec = vae.decode(raw.unsqueeze(2) if vae_kind == "qwen" else raw).sample
-    torch.testing.assert_close(codec.decode(z), (raw_dec.squeeze(2) if vae_kind == "qwen" else raw_dec).clamp(-1, 1),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        codec.decode(z),
+        (raw_dec.squeeze(2) if vae_kind == "qwen" else raw_dec).clamp(-1, 1),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
     # Export with the codec, load back, and fine-tune from the export (keeps trained E2 + projection).
     _train(g)
@@ -176,8 +201,14 @@ def test_pretrained_and_vae_through_real_loaders(family, vae_kind, tmp_path):
         assert torch.equal(loaded(x, t, r, cond), g(x, t, r, cond))
     codec2 = load_export_codec(tmp_path / "export")
     torch.testing.assert_close(codec2.encode(images), z, atol=0, rtol=0)
-    again = build_generator(ModelConfig(family=family, pretrained_path=str(tmp_path / "export"),
-                                        vae_path=str(tmp_path / "export"), image_size=32))
+    again = build_generator(
+        ModelConfig(
+            family=family,
+            pretrained_path=str(tmp_path / "export"),
+            vae_path=str(tmp_path / "export"),
+            image_size=32,
+        )
+    )
     again.eval()
     with torch.no_grad():
         assert torch.equal(again(x, t, r, cond), g(x, t, r, cond))
@@ -186,17 +217,29 @@ def test_pretrained_and_vae_through_real_loaders(family, vae_kind, tmp_path):
 def test_pretrained_errors_name_the_problem(tmp_path):
     sana = _tiny_backbone("sana", 4)
     sana.save_pretrained(str(tmp_path / "s"))
-    with pytest.raises(ValueError, match="holds a SanaTransformer2DModel, but model family 'qwen_image' needs"):
+    with pytest.raises(
+        ValueError, match="holds a SanaTransformer2DModel, but model family 'qwen_image' needs"
+    ):
         build_generator(ModelConfig(family="qwen_image", pretrained_path=str(tmp_path / "s"), image_size=16))
     with pytest.raises(ValueError, match="models 4 channels but the pixel state has 3"):
-        build_generator(ModelConfig(family="sana", pretrained_path=str(tmp_path / "s"), image_size=16, channels=3))
+        build_generator(
+            ModelConfig(family="sana", pretrained_path=str(tmp_path / "s"), image_size=16, channels=3)
+        )
     with pytest.raises(FileNotFoundError, match="no diffusers transformer"):
         build_generator(ModelConfig(family="sana", pretrained_path=str(tmp_path), image_size=16))
     _tiny_vae("kl").save_pretrained(str(tmp_path / "v"))
     with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 2"):
-        build_generator(ModelConfig(family="sana", pretrained_path=str(tmp_path / "s"), vae_path=str(tmp_path / "v"),
-                                    image_size=33))
-    g = build_generator(ModelConfig(family="sana", pretrained_path=str(tmp_path / "s"), image_size=16, channels=4))
+        build_generator(
+            ModelConfig(
+                family="sana",
+                pretrained_path=str(tmp_path / "s"),
+                vae_path=str(tmp_path / "v"),
+                image_size=33,
+            )
+        )
+    g = build_generator(
+        ModelConfig(family="sana", pretrained_path=str(tmp_path / "s"), image_size=16, channels=4)
+    )
     assert g.sample_shape == (4, 16, 16)
 
 

@@ -1,4 +1,5 @@
 """`model.fake_branch: mirror`: the negative-time branch starts as an exact copy of the positive one."""
+
 import pytest
 import torch
 
@@ -10,14 +11,18 @@ from twinflow.models.time_embed import fake_branch_of
 
 def _gen(fake_branch, family="qwen_image"):
     torch.manual_seed(0)
-    return build_generator(ModelConfig(family=family, preset="tiny-28g", fake_branch=fake_branch,
-                                       text_max_length=8))
+    return build_generator(
+        ModelConfig(family=family, preset="tiny-28g", fake_branch=fake_branch, text_max_length=8)
+    )
 
 
 def _inputs(b=3):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, 1, 28, 28, generator=g)
-    cond = {"text_states": torch.randn(b, 8, 384, generator=g), "text_mask": torch.ones(b, 8, dtype=torch.long)}
+    cond = {
+        "text_states": torch.randn(b, 8, 384, generator=g),
+        "text_mask": torch.ones(b, 8, dtype=torch.long),
+    }
     return x, torch.rand(b, generator=g) * 0.9 + 0.05, cond
 
 
@@ -76,8 +81,10 @@ def test_a_mirror_fine_tune_starts_from_a_signed_base(tmp_path):
     base = _gen("signed")
     save_generator(base, tmp_path / "base", {"method": "flow_matching"})
     repo = Path(__file__).resolve().parents[2]
-    job = load_job(repo / "jobs" / "mnist_twinflow.yaml", [f"train.init_from={tmp_path / 'base'}",
-                                                          "model.fake_branch=mirror", "model.text_max_length=8"])
+    job = load_job(
+        repo / "jobs" / "mnist_twinflow.yaml",
+        [f"train.init_from={tmp_path / 'base'}", "model.fake_branch=mirror", "model.text_max_length=8"],
+    )
     model = modelling.build_model(job)
     assert fake_branch_of(model) == "mirror"
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The velocity-model contract: shapes, conditioning forms, editing references, bad input."""
+
 import pytest
 import torch
-
 from conftest import make_generator, random_cond
 
 
@@ -29,8 +29,10 @@ def test_text_mask_hides_padding(family):
     g = make_generator(family)
     x, t = torch.randn(2, 1, 28, 28), torch.full((2,), 0.5)
     cond = random_cond(2)
-    noisy = {"text_states": cond["text_states"] + (1 - cond["text_mask"])[..., None] * 5.0,
-             "text_mask": cond["text_mask"]}
+    noisy = {
+        "text_states": cond["text_states"] + (1 - cond["text_mask"])[..., None] * 5.0,
+        "text_mask": cond["text_mask"],
+    }
     with torch.no_grad():
         torch.testing.assert_close(g(x, t, t, cond), g(x, t, t, noisy), atol=1e-5, rtol=1e-5)
 

@@ -1,10 +1,11 @@
 """LoRA: the trainable set, a bit-identical frozen base, and the adapters-off teacher view."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import make_generator, random_cond
+
 from twinflow.models.config import LoraSettings
 from twinflow.models.lora import apply_lora, disable_adapters, lora_state_dict, merged_copy, trainable_names
 
@@ -79,8 +80,9 @@ def test_merged_copy_matches_and_leaves_original(family):
     _step(g, x, t, r, cond)
     merged = merged_copy(g)
     assert not any(".lora_" in n or "base_layer" in n for n, _ in merged.named_parameters())
-    assert set(merged.backbone.state_dict()) == {k.replace(".base_layer", "") for k in g.backbone.state_dict()
-                                                 if ".lora_" not in k}
+    assert set(merged.backbone.state_dict()) == {
+        k.replace(".base_layer", "") for k in g.backbone.state_dict() if ".lora_" not in k
+    }
     with torch.no_grad():
         torch.testing.assert_close(merged(x, t, r, cond), g(x, t, r, cond), atol=1e-5, rtol=1e-5)
     assert any(".lora_" in n for n, _ in g.named_parameters())

@@ -1,4 +1,5 @@
 """Family/preset registry and the `model:` config section: bad input gets an error naming it."""
+
 import pytest
 
 from twinflow.config import ConfigError
@@ -53,8 +54,10 @@ def test_config_validation_does_not_import_diffusers():
     import subprocess
     import sys
 
-    code = ("import sys; from twinflow.models.config import ModelConfig; "
-            "ModelConfig(family='sana', preset='tiny-28g'); print('diffusers' in sys.modules)")
+    code = (
+        "import sys; from twinflow.models.config import ModelConfig; "
+        "ModelConfig(family='sana', preset='tiny-28g'); print('diffusers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -62,7 +65,10 @@ def test_config_validation_does_not_import_diffusers():
 def test_unknown_backbone_override_is_named():
     from twinflow.models.generator import build_generator
 
-    with pytest.raises(ValueError, match=r"model family 'qwen_image': unknown QwenImageTransformer2DModel option\(s\) \['num_layer'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model family 'qwen_image': unknown QwenImageTransformer2DModel option\(s\) \['num_layer'\]",
+    ):
         build_generator(ModelConfig(preset="tiny-28g", backbone={"num_layer": 1}))
 
 
@@ -85,5 +91,9 @@ def test_unsupported_backbone_options_are_rejected():
     with pytest.raises(ValueError, match="axes_dims_rope"):
         get_family("qwen_image").preset_config(
             get_preset("qwen_image", "tiny-28g").__class__(
-                "bad", 28, 1, 4, {**get_preset("qwen_image", "tiny-28g").dims, "axes_dims_rope": (4, 4, 4)}),
-            1, 4, 28)
+                "bad", 28, 1, 4, {**get_preset("qwen_image", "tiny-28g").dims, "axes_dims_rope": (4, 4, 4)}
+            ),
+            1,
+            4,
+            28,
+        )

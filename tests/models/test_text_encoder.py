@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from twinflow.models.text_encoder import TEXT_DIM, TextEncoder, default_model_dir
 

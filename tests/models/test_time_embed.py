@@ -1,10 +1,11 @@
 """The two-time embedder: r = t is the base model exactly; r enters through E2 with factor (t - r)."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import make_generator, random_cond
+
 from twinflow.models.registry import get_family
 from twinflow.models.time_embed import TwoTimeMixin, e2_parameters, install_two_time, pack_times, split_times
 
@@ -52,8 +53,11 @@ def test_embedding_is_e1_plus_gap_times_e2(family):
     t, r = torch.tensor([0.9, -0.4]), torch.tensor([0.2, -0.4])
     s = gen.time_scale
     args = (torch.zeros(2, 3),) if family == "qwen_image" else ()
-    kwargs = {} if family == "qwen_image" else {"resolution": None, "aspect_ratio": None, "batch_size": 2,
-                                               "hidden_dtype": torch.float32}
+    kwargs = (
+        {}
+        if family == "qwen_image"
+        else {"resolution": None, "aspect_ratio": None, "batch_size": 2, "hidden_dtype": torch.float32}
+    )
     with torch.no_grad():
         got = emb(pack_times(t, r, s), *args, **kwargs)
         e1 = super(TwoTimeMixin, emb).forward(t * s, *args, **kwargs)
@@ -93,8 +97,11 @@ def test_plain_timestep_runs_e1_only(family):
     base_emb, _ = gen.family.time_embedder(base)
     t = torch.tensor([0.3, 0.7]) * gen.time_scale
     args = (torch.zeros(2, 3),) if family == "qwen_image" else ()
-    kwargs = {} if family == "qwen_image" else {"resolution": None, "aspect_ratio": None, "batch_size": 2,
-                                               "hidden_dtype": torch.float32}
+    kwargs = (
+        {}
+        if family == "qwen_image"
+        else {"resolution": None, "aspect_ratio": None, "batch_size": 2, "hidden_dtype": torch.float32}
+    )
     with torch.no_grad():
         assert torch.equal(emb(t, *args, **kwargs), base_emb(t, *args, **kwargs))
 

@@ -1,5 +1,6 @@
 """The two-time embedder under a real DeepSpeed ZeRO-3 engine (one gloo rank, in a subprocess so the
 process group never leaks into the test session)."""
+
 import subprocess
 import sys
 import textwrap

@@ -2,6 +2,7 @@
 job checkpointing to S3, one machine removed mid-run and a replacement added; prints a JSON report.
 
 `python drill.py <shards> <s3://bucket/prefix> <endpoint> <report.json>` (run by test_multinode_drill.py)."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,16 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     address_file = Path(ray._private.utils.get_ray_address_file(None))
     before = address_file.read_text() if address_file.exists() else None
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        "object_store_memory": 200 * 1024**2})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            "object_store_memory": 200 * 1024**2,
+        },
+    )
     # Cluster records its head in /tmp/ray/ray_current_cluster, and every plain ray.init() on this
     # machine then tries to join it (and fails with num_cpus): put back what was there.
     if before is None:
@@ -45,9 +53,18 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
     cluster.wait_for_nodes()
     cluster.connect()
     # 2 CPUs per worker: the 1-CPU head fits none, so each worker lands on its own machine
-    job = make_job(shards, out, "drill", f"train.steps={STEPS}", f"train.checkpoint_every={CKPT_EVERY}",
-                   "train.keep_checkpoints=2", "cluster.cpus_per_worker=2", "data.decode_num_cpus=0.25",
-                   "data.embed_num_cpus=0.25", f"output.s3_endpoint={endpoint}")
+    job = make_job(
+        shards,
+        out,
+        "drill",
+        f"train.steps={STEPS}",
+        f"train.checkpoint_every={CKPT_EVERY}",
+        "train.keep_checkpoints=2",
+        "cluster.cpus_per_worker=2",
+        "data.decode_num_cpus=0.25",
+        "data.embed_num_cpus=0.25",
+        f"output.s3_endpoint={endpoint}",
+    )
     run = run_dir_of(job)
     holder: dict = {}
     t = threading.Thread(target=lambda: holder.update(result=run_job(job, fresh=True)), daemon=True)
@@ -64,17 +81,34 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
     cluster.add_node(**machine)  # its replacement joins
     t.join(timeout=600)
     result = holder.get("result")
-    notes = (run / "logs" / "checkpoints.log").read_text() if (run / "logs" / "checkpoints.log").exists() else ""
-    restored = [int(line.rsplit("(step ", 1)[1].rstrip(")")) for line in notes.splitlines() if "(step " in line]
+    notes = (
+        (run / "logs" / "checkpoints.log").read_text() if (run / "logs" / "checkpoints.log").exists() else ""
+    )
+    restored = [
+        int(line.rsplit("(step ", 1)[1].rstrip(")")) for line in notes.splitlines() if "(step " in line
+    ]
     remote = list_files(out.rstrip("/") + "/drill", endpoint)
-    Path(report).write_text(json.dumps({
-        "ok": bool(result and result.ok), "error": result.error if result else "no result",
-        "state": result.state if result else None, "steps": result.steps if result else None,
-        "samples_seen": (result.metrics or {}).get("samples_seen") if result else None,
-        "removed_at_step": removed_at, "restored_steps": restored, "logged_steps": logged_steps(run),
-        "recovery_s": round(time.time() - t_removed, 1),
-        "remote_checkpoints": sorted({f.split("/")[0] for f in remote if f.startswith("checkpoint_") and "/" in f}),
-        "checkpoint_every": CKPT_EVERY, "total_steps": STEPS}, indent=1))
+    Path(report).write_text(
+        json.dumps(
+            {
+                "ok": bool(result and result.ok),
+                "error": result.error if result else "no result",
+                "state": result.state if result else None,
+                "steps": result.steps if result else None,
+                "samples_seen": (result.metrics or {}).get("samples_seen") if result else None,
+                "removed_at_step": removed_at,
+                "restored_steps": restored,
+                "logged_steps": logged_steps(run),
+                "recovery_s": round(time.time() - t_removed, 1),
+                "remote_checkpoints": sorted(
+                    {f.split("/")[0] for f in remote if f.startswith("checkpoint_") and "/" in f}
+                ),
+                "checkpoint_every": CKPT_EVERY,
+                "total_steps": STEPS,
+            },
+            indent=1,
+        )
+    )
     ray.shutdown()  # disconnect first: removing the head under a connected driver fails the exit
     cluster.shutdown()
     return 0

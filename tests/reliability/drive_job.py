@@ -2,6 +2,7 @@
 starts it) or that get killed: `python drive_job.py <shards> <out dir> <name> [FIELD=VALUE ...]`.
 
 Prints `SESSION <ray session dir>` once Ray is up, then the job's JobResult as JSON."""
+
 from __future__ import annotations
 
 import sys

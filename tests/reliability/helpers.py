@@ -1,4 +1,5 @@
 """Small jobs for the reliability tests: the tiny Fashion-MNIST job of tests/train, a few steps."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,22 @@ WORLD = 2
 
 def make_job(shards, out, name: str, *extra: str):
     """2 workers x 8 rows, a checkpoint every 2 steps, no eval prompts (nothing but training)."""
-    return load_job(JOBS / "fashion_base_fm.yaml", [
-        f"name={name}", f"data.path={shards}", f"output.dir={out}", "data.shuffle_buffer=32",
-        f"train.micro_batch={MICRO}", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-        "eval.prompts=[]", "output.tensorboard=false", *extra])
+    return load_job(
+        JOBS / "fashion_base_fm.yaml",
+        [
+            f"name={name}",
+            f"data.path={shards}",
+            f"output.dir={out}",
+            "data.shuffle_buffer=32",
+            f"train.micro_batch={MICRO}",
+            "train.steps=4",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "eval.prompts=[]",
+            "output.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def logged_steps(run_dir: Path) -> list[int]:

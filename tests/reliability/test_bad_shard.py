@@ -1,6 +1,7 @@
 """Defect 8 (data): a shard garbled inside, footer intact, failed Ray Data's read with a raw "ZSTD
 decompression failed" (after a wasted restart) and was never counted. Reading is now row group by
 row group (twinflow.data.safe_read): what cannot be read is a counted bad record, per shard."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 from twinflow.data import DataConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/data's helpers
-from data.helpers import cache_embedding, cached_row, write_dataset  # noqa: E402
+from data.helpers import cache_embedding, cached_row, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def garble_column(path: Path, column: str) -> None:
     start = (chunk.dictionary_page_offset or chunk.data_page_offset) + 16
     size = chunk.total_compressed_size - 32
     raw = bytearray(path.read_bytes())
-    raw[start:start + size] = os.urandom(size)
+    raw[start : start + size] = os.urandom(size)
     path.write_bytes(bytes(raw))
 
 
@@ -39,7 +40,9 @@ def consume(ds, cfg) -> list[str]:
 def test_a_garbled_shard_is_counted_not_fatal(ray_cluster, tmp_path):
     from twinflow.data.streaming import bad_record_report, build_train_dataset
 
-    m = write_dataset(tmp_path, [cached_row(i) for i in range(40)], shard_size=10, embedding=cache_embedding())
+    m = write_dataset(
+        tmp_path, [cached_row(i) for i in range(40)], shard_size=10, embedding=cache_embedding()
+    )
     victim = m.splits["train"].shards[1].path
     garble_column(tmp_path / victim, "image")
     assert pq.read_schema(tmp_path / victim)  # the footer still reads: the up-front check passes it

@@ -1,5 +1,6 @@
 """Defects 1 and 2 end to end: a real 2-worker DeepSpeed run whose newest checkpoints are damaged
 resumes from the newest good one, logs every step once, and exports finite weights."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def test_damaged_newest_checkpoints_are_skipped_and_the_run_falls_back(ray_clust
     victim.write_bytes(data[: len(data) // 2])  # newest: truncated
     damaged = sorted((c4 / "ckpt").glob("*.pt"))[0]
     raw = bytearray(damaged.read_bytes())
-    raw[len(raw) // 2: len(raw) // 2 + 4096] = os.urandom(4096)  # next: 4 KB of random bytes inside
+    raw[len(raw) // 2 : len(raw) // 2 + 4096] = os.urandom(4096)  # next: 4 KB of random bytes inside
     damaged.write_bytes(bytes(raw))
 
     second = run_job(make_job(fashion_small, tmp_path, "ckfall", "train.steps=8", "train.keep_checkpoints=3"))

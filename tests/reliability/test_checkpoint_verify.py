@@ -1,5 +1,6 @@
 """Defects 1 and 2: a corrupted checkpoint was restored silently; a truncated one failed without
 naming a file and never fell back. Checkpoints now carry per-rank manifests checked before a restore."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def make_checkpoint(root: Path, step: int, world: int = 2) -> Path:
     for rank in range(world):
         part = root / f".rank{rank}"
         (part / "ckpt").mkdir(parents=True)
-        torch.save({"w": torch.full((64, 64), float(step + rank))}, part / "ckpt" / f"zero_rank{rank}_states.pt")
+        torch.save(
+            {"w": torch.full((64, 64), float(step + rank))}, part / "ckpt" / f"zero_rank{rank}_states.pt"
+        )
         if rank == 0:
             (part / "latest").write_text("ckpt")
         manifest.write_manifest(part, rank, world, step)
@@ -32,7 +35,7 @@ def make_checkpoint(root: Path, step: int, world: int = 2) -> Path:
 
 def corrupt(path: Path, offset: int = 200, n: int = 4096) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + n] = os.urandom(min(n, len(data) - offset))
+    data[offset : offset + n] = os.urandom(min(n, len(data) - offset))
     path.write_bytes(bytes(data))
 
 
@@ -78,12 +81,16 @@ class FakeEngine:
     def load_checkpoint(self, d, tag):
         self.loaded = Path(d)
         step = manifest.manifest_step(d)
-        return str(d), {"train_state": {"step": step, "epoch": 0, "batches_in_epoch": step, "samples_seen": step}}
+        return str(d), {
+            "train_state": {"step": step, "epoch": 0, "batches_in_epoch": step, "samples_seen": step}
+        }
 
 
 def _run_dir_with(tmp_path: Path, steps: list[int]) -> tuple[Path, list[Path]]:
     run = tmp_path / "run"
-    dirs = [make_checkpoint(run / f"checkpoint_2026-11-30_00-00-{i:02d}.000000", s) for i, s in enumerate(steps)]
+    dirs = [
+        make_checkpoint(run / f"checkpoint_2026-11-30_00-00-{i:02d}.000000", s) for i, s in enumerate(steps)
+    ]
     return run, dirs
 
 

@@ -1,8 +1,8 @@
 """Defect 8 (driver death): a SIGKILLed driver left its workers training ~20 more steps and Ray helper
 processes alive. Workers now watch their driver (twinflow.train.lifeline) and exit within a second."""
+
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -43,9 +43,21 @@ def _session_processes(session: str) -> list[str]:
 
 def test_workers_end_promptly_when_the_driver_is_killed(fashion_small, tmp_path):
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, str(HERE / "drive_job.py"), str(fashion_small), str(tmp_path), "orphan",
-                               "train.steps=5000", "train.checkpoint_every=5000"],
-                              env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "drive_job.py"),
+            str(fashion_small),
+            str(tmp_path),
+            "orphan",
+            "train.steps=5000",
+            "train.checkpoint_every=5000",
+        ],
+        env=_env(),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     run = tmp_path / "orphan"
     try:
         deadline = time.time() + 240
@@ -56,8 +68,11 @@ def test_workers_end_promptly_when_the_driver_is_killed(fashion_small, tmp_path)
             time.sleep(0.5)
         pids = [int(p.read_text()) for p in sorted((run / "logs" / "workers").glob("rank*.pid"))]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
-        session = next(line.split(" ", 1)[1].strip() for line in (tmp_path / "driver.log").read_text().splitlines()
-                       if line.startswith("SESSION "))
+        session = next(
+            line.split(" ", 1)[1].strip()
+            for line in (tmp_path / "driver.log").read_text().splitlines()
+            if line.startswith("SESSION ")
+        )
         session = Path(session).name
         driver.send_signal(signal.SIGKILL)
         driver.wait()

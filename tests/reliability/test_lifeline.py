@@ -1,5 +1,6 @@
 """The driver watch's decisions (twinflow.train.lifeline), without Ray: a dead or zombie driver on the
 same node is dead; on another node only Ray's job table decides, and doubt never kills a worker."""
+
 from __future__ import annotations
 
 import os

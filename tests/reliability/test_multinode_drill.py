@@ -2,6 +2,7 @@
 this machine (ray.cluster_utils.Cluster), a 2-worker DeepSpeed job, one worker per "machine",
 checkpoints on the S3 test server; one machine is removed after the first checkpoint and a
 replacement joins. The job must resume from S3 and lose at most one checkpoint interval."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,21 @@ def test_losing_a_machine_mid_run_resumes_from_s3(fashion_small, s3_server, buck
     before = address_file.read_text() if address_file.exists() else None
     report = tmp_path / "drill.json"
     env = {**_env(), "TWINFLOW_STAGING_DIR": str(tmp_path / "staging")}
-    out = subprocess.run([sys.executable, str(HERE / "drill.py"), str(fashion_small), f"s3://{bucket}/runs",
-                          s3_server, str(report)], env=env, cwd=REPO, capture_output=True, text=True, timeout=840)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "drill.py"),
+            str(fashion_small),
+            f"s3://{bucket}/runs",
+            s3_server,
+            str(report),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert out.returncode == 0 and report.exists(), (out.stdout[-3000:], out.stderr[-4000:])
     r = json.loads(report.read_text())
     assert r["ok"] and r["state"] == "FINISHED" and r["steps"] == r["total_steps"], r

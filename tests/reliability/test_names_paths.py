@@ -1,4 +1,5 @@
 """Defect 3: `name: ..` (or `.`) passed validation and `--fresh` then deleted outside the run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,13 @@ def test_job_and_sweep_names_are_plain_identifiers(name):
     with pytest.raises(ConfigError, match="name"):
         load_job(REPO / "jobs" / "fashion_base_fm.yaml", [f"name={name!r}"])
     with pytest.raises(Exception, match="name"):
-        SweepConfig.model_validate({"name": name, "base_job": "jobs/fashion_base_fm.yaml",
-                                    "search_space": {"train.lr": {"grid": [1e-3]}}})
+        SweepConfig.model_validate(
+            {
+                "name": name,
+                "base_job": "jobs/fashion_base_fm.yaml",
+                "search_space": {"train.lr": {"grid": [1e-3]}},
+            }
+        )
 
 
 def test_good_names_still_load():
@@ -65,8 +71,10 @@ def test_fresh_refuses_a_symlinked_run_dir_and_a_foreign_folder(tmp_path):
 
 def test_fresh_deletes_its_own_run_and_only_it(tmp_path, fashion_small):
     runs = tmp_path / "runs"
-    job = load_job(REPO / "jobs" / "fashion_base_fm.yaml",
-                   ["name=mine", f"output.dir={runs}", f"data.path={fashion_small}", "eval.prompts=[]"])
+    job = load_job(
+        REPO / "jobs" / "fashion_base_fm.yaml",
+        ["name=mine", f"output.dir={runs}", f"data.path={fashion_small}", "eval.prompts=[]"],
+    )
     run = prepare_run(job)
     (run / "stale.txt").write_text("old")
     (runs / "other").mkdir()
@@ -83,14 +91,18 @@ def test_output_dir_symlink_to_elsewhere_is_refused_by_fresh(tmp_path, fashion_s
     runs.mkdir()
     (target / "job.json").write_text("{}")
     (runs / "j").symlink_to(target, target_is_directory=True)
-    job = load_job(REPO / "jobs" / "fashion_base_fm.yaml",
-                   ["name=j", f"output.dir={runs}", f"data.path={fashion_small}", "eval.prompts=[]"])
+    job = load_job(
+        REPO / "jobs" / "fashion_base_fm.yaml",
+        ["name=j", f"output.dir={runs}", f"data.path={fashion_small}", "eval.prompts=[]"],
+    )
     with pytest.raises(UnsafePathError):
         prepare_run(job, fresh=True)
     assert (target / "job.json").is_file()
 
 
-@pytest.mark.parametrize("uri", ["s3://", "s3://bucket", "s3://bucket/..", "s3://bucket//x", "s3://b/./x", "/local"])
+@pytest.mark.parametrize(
+    "uri", ["s3://", "s3://bucket", "s3://bucket/..", "s3://bucket//x", "s3://b/./x", "/local"]
+)
 def test_remote_deletes_need_a_bucket_and_a_plain_run_prefix(uri):
     with pytest.raises(UnsafePathError):
         check_remote_run(uri)

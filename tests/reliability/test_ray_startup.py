@@ -3,6 +3,7 @@ state-API query went to the machine-wide default 127.0.0.1:8265, where another c
 (or nothing) answered; an actor unknown there reads as dead. `twinflow train` now starts Ray with its
 own dashboard on a free port, so the cleaner asks the right cluster. Runs in a child process: the
 test session's own Ray is already up."""
+
 from __future__ import annotations
 
 import json
@@ -51,27 +52,48 @@ def _env() -> dict[str, str]:
 
 def test_the_cleaner_asks_this_clusters_own_state_api(ray_cluster, fashion_small, tmp_path):
     """Asked from a worker while the session's own Ray also runs on this machine."""
-    out = subprocess.run([sys.executable, "-c", PROBE, str(fashion_small), str(tmp_path)], env=_env(), cwd=REPO,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(fashion_small), str(tmp_path)],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["dashboard"] and probe["api"] == "http://" + probe["dashboard"]  # its own, not a guess
     assert probe["alive"] is True  # a live actor is seen alive: the check the cleaner makes
-    assert not probe["unknown"]    # and an unknown one is not (what another cluster says of ours)
+    assert not probe["unknown"]  # and an unknown one is not (what another cluster says of ours)
 
 
 def test_a_job_under_cpu_contention_sees_no_cleaner_misfire(ray_cluster, fashion_small, tmp_path):
     """The session's own Ray runs meanwhile, so the child is never the only cluster on the machine."""
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])]  # a busy core beside the job
     try:
-        out = subprocess.run([sys.executable, str(HERE / "drive_job.py"), str(fashion_small), str(tmp_path), "pgjob",
-                              "train.steps=2"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=540)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "drive_job.py"),
+                str(fashion_small),
+                str(tmp_path),
+                "pgjob",
+                "train.steps=2",
+            ],
+            env=_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
     finally:
         for h in hogs:
             h.kill()
             h.wait()
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
-    session = Path(next(line.split(" ", 1)[1] for line in out.stdout.splitlines() if line.startswith("SESSION ")))
+    session = Path(
+        next(line.split(" ", 1)[1] for line in out.stdout.splitlines() if line.startswith("SESSION "))
+    )
     logs = "".join(p.read_text(errors="replace") for p in (session / "logs").glob("*") if p.is_file())
     logs += out.stdout + out.stderr
     assert "Failed to query Ray Train Controller actor state" not in logs

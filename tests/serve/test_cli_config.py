@@ -1,4 +1,5 @@
 """`twinflow serve --check`, and the shipped Serve config and KubeRay manifest (no Ray started)."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def test_kuberay_manifest_embeds_the_demo_app():
 
 def test_cli_check_on_a_config_and_an_export(tiny_exports, tmp_path, capsys):
     cfg = yaml.safe_load(DEMO.read_text())
-    cfg["applications"][0]["args"]["models"] = [{"id": "a", "path": str(tiny_exports["tiny"])},
-                                                {"id": "b", "path": str(tiny_exports["tiny-edit"])}]
+    cfg["applications"][0]["args"]["models"] = [
+        {"id": "a", "path": str(tiny_exports["tiny"])},
+        {"id": "b", "path": str(tiny_exports["tiny-edit"])},
+    ]
     cfg["applications"][0]["args"]["default_model"] = "b"
     f = tmp_path / "app.yaml"
     f.write_text(yaml.safe_dump(cfg))
@@ -89,8 +92,10 @@ def test_cli_errors_name_the_problem(tiny_exports, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (REPO / "runs/fashion_twinflow/export/twinflow.json").is_file(),
-                    reason="the demo checkpoint is made by `twinflow train jobs/fashion_twinflow.yaml`")
+@pytest.mark.skipif(
+    not (REPO / "runs/fashion_twinflow/export/twinflow.json").is_file(),
+    reason="the demo checkpoint is made by `twinflow train jobs/fashion_twinflow.yaml`",
+)
 def test_demo_config_finds_the_demo_checkpoints(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     if not (REPO / "runs/fashion_base_fm/export/twinflow.json").is_file():

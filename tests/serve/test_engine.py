@@ -1,5 +1,6 @@
 """The model side without Ray: determinism per seed independent of batch mates, sampler fidelity, caches,
 image decoding, schemas and config."""
+
 from __future__ import annotations
 
 import base64
@@ -37,7 +38,11 @@ def test_batched_sampling_equals_sample_nfe_per_request(served, nfe, guidance):
     m = models["tiny"]
     fn = m.model_fn(False)
     shape = tuple(m.generator.sample_shape)
-    prompts, counts, seeds = ["a photo of a bag", "a photo of a dress", "a photo of a bag"], [2, 1, 3], [5, 6, 7]
+    prompts, counts, seeds = (
+        ["a photo of a bag", "a photo of a dress", "a photo of a bag"],
+        [2, 1, 3],
+        [5, 6, 7],
+    )
     null = enc.get(TEXT_LEN).null_condition()
 
     def noise_and_gen(seed, n):
@@ -47,14 +52,28 @@ def test_batched_sampling_equals_sample_nfe_per_request(served, nfe, guidance):
     pairs = [noise_and_gen(s, n) for s, n in zip(seeds, counts)]
     cond = _cond(enc, prompts, counts)
     nulls = {k: v.expand(sum(counts), *v.shape[1:]) for k, v in null.items()}
-    batched = sample_items(fn, [p[0] for p in pairs], [p[1] for p in pairs], cond, nfe,
-                           guidance=guidance, null_cond=nulls if guidance else None)
+    batched = sample_items(
+        fn,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        cond,
+        nfe,
+        guidance=guidance,
+        null_cond=nulls if guidance else None,
+    )
     start = 0
     for prompt, n, seed in zip(prompts, counts, seeds):
         noise, g = noise_and_gen(seed, n)
-        alone = sample_nfe(fn, noise, nfe, _cond(enc, [prompt], [n]), generator=g, guidance=guidance,
-                           null_cond=null if guidance else None)
-        assert torch.equal(batched[start:start + n], alone), (prompt, seed)
+        alone = sample_nfe(
+            fn,
+            noise,
+            nfe,
+            _cond(enc, [prompt], [n]),
+            generator=g,
+            guidance=guidance,
+            null_cond=null if guidance else None,
+        )
+        assert torch.equal(batched[start : start + n], alone), (prompt, seed)
         start += n
 
 
@@ -64,8 +83,13 @@ def test_image_never_depends_on_batch_mates(served):
     models, enc = served
     target = Item("tiny", "a photo of a sneaker", nfe=2, seed=123, num_images=2)
     alone = run_items(models, enc, [target])[0]
-    mates = [Item("tiny", "a photo of a coat", 2, 1, 3), target, Item("tiny", "a photo of a bag", 2, 9, 1),
-             Item("tiny", "a photo of a bag", 1, 4, 2), Item("tiny-edit", "a photo of a sneaker", 2, 123, 2)]
+    mates = [
+        Item("tiny", "a photo of a coat", 2, 1, 3),
+        target,
+        Item("tiny", "a photo of a bag", 2, 9, 1),
+        Item("tiny", "a photo of a bag", 1, 4, 2),
+        Item("tiny-edit", "a photo of a sneaker", 2, 123, 2),
+    ]
     together = run_items(models, enc, mates)
     assert together[1].pngs == alone.pngs
     assert together[1].batch_requests == 5 and together[1].group_requests == 3
@@ -92,8 +116,11 @@ def test_edit_rows_use_the_reference_image(served):
     b = np.full((28, 28, 1), 255, np.uint8)
     ra = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 3, 1, image=a)])[0]
     rb = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 3, 1, image=b)])[0]
-    ra2 = run_items(models, enc, [Item("tiny-edit", "flip it", 1, 8, 1, image=b),
-                                  Item("tiny-edit", "flip it", 1, 3, 1, image=a)])[1]
+    ra2 = run_items(
+        models,
+        enc,
+        [Item("tiny-edit", "flip it", 1, 8, 1, image=b), Item("tiny-edit", "flip it", 1, 3, 1, image=a)],
+    )[1]
     assert ra.pngs != rb.pngs and ra2.pngs == ra.pngs
 
 
@@ -106,7 +133,9 @@ def test_text_embeddings_are_cached(served):
     out = enc.encode(["a photo of a dress", "a photo of a dress"], TEXT_LEN)
     after = enc.cache_info()
     assert after["hits"] - before["hits"] == 2 and after["misses"] == before["misses"] == 2
-    assert out["text_states"].shape == (2, TEXT_LEN, 384) and torch.equal(out["text_states"][0], out["text_states"][1])
+    assert out["text_states"].shape == (2, TEXT_LEN, 384) and torch.equal(
+        out["text_states"][0], out["text_states"][1]
+    )
 
 
 def _png(size=(28, 28), mode="L") -> str:
@@ -127,9 +156,11 @@ def test_decode_image_bounds():
         decode_image(base64.b64encode(b"GIF89a garbage").decode(), max_bytes=10_000, max_side=64)
     with pytest.raises(ValueError, match="decoded"):  # truncated PNG
         noisy = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(noisy, "PNG")
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(
+            noisy, "PNG"
+        )
         raw = noisy.getvalue()
-        decode_image(base64.b64encode(raw[:len(raw) // 2]).decode(), max_bytes=10_000, max_side=64)
+        decode_image(base64.b64encode(raw[: len(raw) // 2]).decode(), max_bytes=10_000, max_side=64)
     with pytest.raises(OverflowError, match="65x28"):
         decode_image(_png((65, 28)), max_bytes=10_000, max_side=64)
     with pytest.raises(OverflowError, match="bytes"):
@@ -144,14 +175,23 @@ def test_schemas_are_strict_and_limits_named():
 
     req = GenerateRequest.model_validate({"prompt": "x", "nfe": 2, "guidance": 1})
     assert req.format == "base64-json" and req.guidance == 1.0
-    for bad in ({"prompt": "x", "colour": "red"}, {"prompt": "x", "nfe": "2"}, {"prompt": 3},
-                {"prompt": "x", "nfe": 1.5}, {"prompt": "x", "seed": -1}, {"nfe": 1}, {"prompt": "x", "format": "jpg"}):
+    for bad in (
+        {"prompt": "x", "colour": "red"},
+        {"prompt": "x", "nfe": "2"},
+        {"prompt": 3},
+        {"prompt": "x", "nfe": 1.5},
+        {"prompt": "x", "seed": -1},
+        {"nfe": 1},
+        {"prompt": "x", "format": "jpg"},
+    ):
         with pytest.raises(ValidationError):
             GenerateRequest.model_validate(bad)
     limits = Limits(max_nfe=8, max_images=4, max_prompt_chars=10)
     check_limits(GenerateRequest(prompt="short", nfe=8, num_images=4), "short", limits)
     with pytest.raises(ApiError) as e:
-        check_limits(GenerateRequest(prompt="far too long", nfe=9, num_images=5, format="png"), "far too long", limits)
+        check_limits(
+            GenerateRequest(prompt="far too long", nfe=9, num_images=5, format="png"), "far too long", limits
+        )
     assert e.value.status == 422
     assert {d["loc"][0] for d in e.value.details} == {"nfe", "num_images", "prompt", "format"}
 

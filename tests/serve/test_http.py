@@ -1,4 +1,5 @@
 """The Serve app on a real local Ray cluster, called over HTTP on 127.0.0.1."""
+
 from __future__ import annotations
 
 import base64
@@ -60,7 +61,9 @@ def test_same_seed_same_image_over_http_and_in_process(serve_app, served):
     # no seed: a random one is chosen and returned, and replays exactly
     r = post(serve_app, "/v1/generate", {"prompt": "a photo of a bag", "num_images": 3}).json()
     assert len(r["images"]) == 3 and isinstance(r["seed"], int)
-    again = post(serve_app, "/v1/generate", {"prompt": "a photo of a bag", "num_images": 3, "seed": r["seed"]}).json()
+    again = post(
+        serve_app, "/v1/generate", {"prompt": "a photo of a bag", "num_images": 3, "seed": r["seed"]}
+    ).json()
     assert [i["data"] for i in again["images"]] == [i["data"] for i in r["images"]]
     arr = np.asarray(Image.open(io.BytesIO(base64.b64decode(r["images"][0]["data"]))))
     assert arr.shape == (28, 28) and arr.std() > 0
@@ -69,8 +72,10 @@ def test_same_seed_same_image_over_http_and_in_process(serve_app, served):
 def test_concurrent_requests_are_batched_and_unchanged_by_it(serve_app):
     """12 simultaneous requests (NFE 1 and 2 mixed) share @serve.batch calls; every image equals the one
     the same request gets alone."""
-    reqs = [{"prompt": f"a photo of a {w}", "seed": 100 + i, "nfe": 1 + i % 2, "num_images": 1 + i % 2}
-            for i, w in enumerate(["dress", "bag", "coat", "shirt"] * 3)]
+    reqs = [
+        {"prompt": f"a photo of a {w}", "seed": 100 + i, "nfe": 1 + i % 2, "num_images": 1 + i % 2}
+        for i, w in enumerate(["dress", "bag", "coat", "shirt"] * 3)
+    ]
     before = requests.get(serve_app + "/v1/stats", timeout=10).json()["batches"]
     barrier = threading.Barrier(len(reqs))
     out: list = [None] * len(reqs)
@@ -103,7 +108,10 @@ def test_repeated_prompts_hit_the_text_cache(serve_app):
     post(serve_app, "/v1/generate", {"prompt": "a photo of a cached sandal", "seed": 1})
     before = info()
     for s in range(3):
-        assert post(serve_app, "/v1/generate", {"prompt": "a photo of a cached sandal", "seed": s}).status_code == 200
+        assert (
+            post(serve_app, "/v1/generate", {"prompt": "a photo of a cached sandal", "seed": s}).status_code
+            == 200
+        )
     after = info()
     assert after["hits"] - before["hits"] >= 3 and after["misses"] == before["misses"]
 
@@ -112,7 +120,7 @@ BIG = "x" * 101
 BAD = [
     ("malformed json", "/v1/generate", None, b'{"prompt": "a", ', 400, "malformed_json"),
     ("not an object", "/v1/generate", None, b'["a photo"]', 400, "malformed_json"),
-    ("not utf-8", "/v1/generate", None, b'\xff\xfe{', 400, "malformed_json"),
+    ("not utf-8", "/v1/generate", None, b"\xff\xfe{", 400, "malformed_json"),
     ("unknown field", "/v1/generate", {"prompt": "a", "colour": "red"}, None, 422, "invalid_request"),
     ("wrong type", "/v1/generate", {"prompt": "a", "nfe": "2"}, None, 422, "invalid_request"),
     ("missing prompt", "/v1/generate", {"nfe": 1}, None, 422, "invalid_request"),
@@ -121,23 +129,72 @@ BAD = [
     ("too many images", "/v1/generate", {"prompt": "a", "num_images": 5}, None, 422, "invalid_request"),
     ("negative seed", "/v1/generate", {"prompt": "a", "seed": -3}, None, 422, "invalid_request"),
     ("prompt too long", "/v1/generate", {"prompt": BIG}, None, 422, "invalid_request"),
-    ("png with 2 images", "/v1/generate", {"prompt": "a", "num_images": 2, "format": "png"}, None, 422,
-     "invalid_request"),
+    (
+        "png with 2 images",
+        "/v1/generate",
+        {"prompt": "a", "num_images": 2, "format": "png"},
+        None,
+        422,
+        "invalid_request",
+    ),
     ("unknown model", "/v1/generate", {"prompt": "a", "model": "nope"}, None, 404, "unknown_model"),
-    ("edit: unknown field", "/v1/edit", {"image": "", "instruction": "a", "strength": 1}, None, 422,
-     "invalid_request"),
+    (
+        "edit: unknown field",
+        "/v1/edit",
+        {"image": "", "instruction": "a", "strength": 1},
+        None,
+        422,
+        "invalid_request",
+    ),
     ("edit: not base64", "/v1/edit", {"image": "@@@", "instruction": "a"}, None, 400, "bad_image"),
-    ("edit: undecodable", "/v1/edit", {"image": base64.b64encode(b"\x89PNG garbage").decode(), "instruction": "a"},
-     None, 400, "bad_image"),
-    ("edit: image bytes", "/v1/edit", {"image": base64.b64encode(b"\0" * 70_000).decode(), "instruction": "a"},
-     None, 413, "image_too_large"),
-    ("edit: image side", "/v1/edit", {"image": b64_png((300, 8)), "instruction": "a"}, None, 413, "image_too_large"),
-    ("edit: body too large", "/v1/edit", {"image": "A" * 200_000, "instruction": "a"}, None, 413,
-     "payload_too_large"),
-    ("edit: instruction too long", "/v1/edit", {"image": b64_png(), "instruction": BIG}, None, 422,
-     "invalid_request"),
-    ("edit: model cannot edit", "/v1/edit", {"image": b64_png(), "instruction": "flip it"}, None, 501,
-     "not_implemented"),
+    (
+        "edit: undecodable",
+        "/v1/edit",
+        {"image": base64.b64encode(b"\x89PNG garbage").decode(), "instruction": "a"},
+        None,
+        400,
+        "bad_image",
+    ),
+    (
+        "edit: image bytes",
+        "/v1/edit",
+        {"image": base64.b64encode(b"\0" * 70_000).decode(), "instruction": "a"},
+        None,
+        413,
+        "image_too_large",
+    ),
+    (
+        "edit: image side",
+        "/v1/edit",
+        {"image": b64_png((300, 8)), "instruction": "a"},
+        None,
+        413,
+        "image_too_large",
+    ),
+    (
+        "edit: body too large",
+        "/v1/edit",
+        {"image": "A" * 200_000, "instruction": "a"},
+        None,
+        413,
+        "payload_too_large",
+    ),
+    (
+        "edit: instruction too long",
+        "/v1/edit",
+        {"image": b64_png(), "instruction": BIG},
+        None,
+        422,
+        "invalid_request",
+    ),
+    (
+        "edit: model cannot edit",
+        "/v1/edit",
+        {"image": b64_png(), "instruction": "flip it"},
+        None,
+        501,
+        "not_implemented",
+    ),
 ]
 
 
@@ -150,26 +207,50 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_up(serve_app):
         assert err["type"] == kind and err["message"], (name, err)
     r = requests.get(serve_app + "/v1/nothing-here", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
-    details = post(serve_app, "/v1/generate", {"prompt": "a", "nfe": 9, "colour": 1}).json()["error"]["details"]
+    details = post(serve_app, "/v1/generate", {"prompt": "a", "nfe": 9, "colour": 1}).json()["error"][
+        "details"
+    ]
     assert ["colour"] in [d["loc"] for d in details]
-    mismatch = post(serve_app, "/v1/generate", {"prompt": "a", "model": "tiny"},
-                    headers={"serve_multiplexed_model_id": "tiny-edit"})
+    mismatch = post(
+        serve_app,
+        "/v1/generate",
+        {"prompt": "a", "model": "tiny"},
+        headers={"serve_multiplexed_model_id": "tiny-edit"},
+    )
     assert mismatch.status_code == 400 and mismatch.json()["error"]["type"] == "model_mismatch"
     assert requests.get(serve_app + "/healthz", timeout=10).status_code == 200
     assert post(serve_app, "/v1/generate", {"prompt": "still up", "seed": 1}).status_code == 200
     # the multiplexing header alone picks the model (and lets Serve route to a replica holding it)
-    by_header = post(serve_app, "/v1/generate", {"prompt": "a", "seed": 1},
-                     headers={"serve_multiplexed_model_id": "tiny-edit"})
+    by_header = post(
+        serve_app,
+        "/v1/generate",
+        {"prompt": "a", "seed": 1},
+        headers={"serve_multiplexed_model_id": "tiny-edit"},
+    )
     assert by_header.status_code == 200 and by_header.json()["model"] == "tiny-edit"
 
 
 def test_edit_on_an_edit_capable_model(serve_app):
-    dark = post(serve_app, "/v1/edit", {"model": "tiny-edit", "image": b64_png(value=0), "instruction": "invert it",
-                                        "seed": 5}).json()
-    light = post(serve_app, "/v1/edit", {"model": "tiny-edit", "image": "data:image/png;base64," + b64_png(value=255),
-                                         "instruction": "invert it", "seed": 5}).json()
-    again = post(serve_app, "/v1/edit", {"model": "tiny-edit", "image": b64_png((64, 64), "RGB", 0),
-                                         "instruction": "invert it", "seed": 5}).json()
+    dark = post(
+        serve_app,
+        "/v1/edit",
+        {"model": "tiny-edit", "image": b64_png(value=0), "instruction": "invert it", "seed": 5},
+    ).json()
+    light = post(
+        serve_app,
+        "/v1/edit",
+        {
+            "model": "tiny-edit",
+            "image": "data:image/png;base64," + b64_png(value=255),
+            "instruction": "invert it",
+            "seed": 5,
+        },
+    ).json()
+    again = post(
+        serve_app,
+        "/v1/edit",
+        {"model": "tiny-edit", "image": b64_png((64, 64), "RGB", 0), "instruction": "invert it", "seed": 5},
+    ).json()
     assert dark["task"] == "edit" and len(dark["images"]) == 1
     assert dark["images"][0]["data"] != light["images"][0]["data"]
     assert again["images"][0]["data"] == dark["images"][0]["data"]  # resized/converted to the model's 28x28x1
@@ -181,8 +262,14 @@ def test_bearer_token(serve_app):
     r = requests.get(secure + "/v1/models", timeout=10)
     assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
     assert r.headers["www-authenticate"] == "Bearer"
-    assert requests.get(secure + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
-    assert requests.get(secure + "/v1/models", headers={"Authorization": "s3cret-token"}, timeout=10).status_code == 401
+    assert (
+        requests.get(secure + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code
+        == 401
+    )
+    assert (
+        requests.get(secure + "/v1/models", headers={"Authorization": "s3cret-token"}, timeout=10).status_code
+        == 401
+    )
     assert post(secure, "/v1/generate", {"prompt": "a"}).status_code == 401
     ok = post(secure, "/v1/generate", {"prompt": "a", "seed": 1}, headers=TOKEN)
     assert ok.status_code == 200 and ok.json()["model"] == "tiny"

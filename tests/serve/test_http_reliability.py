@@ -1,5 +1,6 @@
 """Issue 15 over HTTP: bad requests fail alone and as JSON (defects 5, 6, the 413 and model-id items)
 and slow request bodies cannot stall the service (defect 7)."""
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,9 @@ TOKEN = {"Authorization": "Bearer s3cret-token"}
 
 
 def raw_post(base: str, path: str, raw: bytes, headers=None):
-    return requests.post(base + path, data=raw, headers={"Content-Type": "application/json", **(headers or {})},
-                         timeout=60)
+    return requests.post(
+        base + path, data=raw, headers={"Content-Type": "application/json", **(headers or {})}, timeout=60
+    )
 
 
 def assert_json_error(r, status: int, kind: str | None = None):
@@ -39,27 +41,41 @@ def test_a_lone_surrogate_fails_alone_among_concurrent_requests(serve_app):
     assert [r.status_code for r in results[1:]] == [200] * 12
 
 
-@pytest.mark.parametrize("raw,status", [
-    (b'{"prompt": "a", "guidance": 1e309}', 422),
-    (b'{"prompt": "a", "guidance": Infinity}', 400),
-    (b'{"prompt": "a", "guidance": NaN}', 400),
-    (b'[' * 60_000 + b']' * 60_000, 400),  # under the body limit, far over the depth limit
-    (b'{"prompt": "a", "model": ""}', 422),
-])
+@pytest.mark.parametrize(
+    "raw,status",
+    [
+        (b'{"prompt": "a", "guidance": 1e309}', 422),
+        (b'{"prompt": "a", "guidance": Infinity}', 400),
+        (b'{"prompt": "a", "guidance": NaN}', 400),
+        (b"[" * 60_000 + b"]" * 60_000, 400),  # under the body limit, far over the depth limit
+        (b'{"prompt": "a", "model": ""}', 422),
+    ],
+)
 def test_every_error_is_the_json_model(serve_app, raw, status):
     assert_json_error(raw_post(serve_app, "/v1/generate", raw), status)
 
 
 def png_header(width: int, height: int) -> bytes:
     """A tiny PNG file whose header claims width x height (the pixels are never there)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_a_huge_image_header_is_413(serve_app):
-    body = {"model": "tiny-edit", "image": base64.b64encode(png_header(20000, 20000)).decode(), "instruction": "x"}
+    body = {
+        "model": "tiny-edit",
+        "image": base64.b64encode(png_header(20000, 20000)).decode(),
+        "instruction": "x",
+    }
     r = requests.post(serve_app + "/v1/edit", json=body, timeout=60)
     assert_json_error(r, 413, "image_too_large")
 
@@ -69,8 +85,10 @@ def _slow_client(base: str, path: str, headers: dict[str, str]) -> socket.socket
     url = urlparse(base)
     s = socket.create_connection((url.hostname, url.port), timeout=30)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: 1000\r\n{head}\r\n{{".encode())
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: 1000\r\n{head}\r\n{{".encode()
+    )
     return s
 
 
@@ -102,7 +120,9 @@ def test_slow_bodies_cannot_stall_the_service(serve_app):
         while g.status_code == 503 and time.time() < retry_until:
             assert "retry-after" in {k.lower() for k in g.headers}
             time.sleep(1.0)
-            g = requests.post(serve_app + "/v1/generate", json={"prompt": "still here", "seed": 3}, timeout=30)
+            g = requests.post(
+                serve_app + "/v1/generate", json={"prompt": "still here", "seed": 3}, timeout=30
+            )
         assert g.status_code == 200
         deadline = time.time() + 15
         for s in slow + unauth:

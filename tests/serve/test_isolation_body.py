@@ -1,5 +1,6 @@
 """Serve reliability without Ray: a failing request fails alone inside its batch (defect 5); request
 bodies are bounded in time, concurrency and nesting, and strict about JSON (defects 6 and 7)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,12 +57,15 @@ def test_one_bad_request_fails_alone_in_its_batch(monkeypatch):
     assert {p: r.pngs[0] for p, r in outcomes.items()} == {p: p.encode() for p in "abcd"}
 
 
-@pytest.mark.parametrize("raw,kind", [
-    (b'{"prompt": "a", "guidance": Infinity}', "malformed_json"),
-    (b'{"prompt": "a", "guidance": NaN}', "malformed_json"),
-    (b'[' * 100_000 + b']' * 100_000, "malformed_json"),
-    (b'{"a": ' * 50_000 + b'1' + b'}' * 50_000, "malformed_json"),
-])
+@pytest.mark.parametrize(
+    "raw,kind",
+    [
+        (b'{"prompt": "a", "guidance": Infinity}', "malformed_json"),
+        (b'{"prompt": "a", "guidance": NaN}', "malformed_json"),
+        (b"[" * 100_000 + b"]" * 100_000, "malformed_json"),
+        (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "malformed_json"),
+    ],
+)
 def test_non_finite_constants_and_deep_nesting_are_400(raw, kind):
     with pytest.raises(ApiError) as err:
         parse_json(raw, max_depth=32)
@@ -75,11 +79,14 @@ def test_depth_scan_ignores_brackets_in_strings_and_passes_normal_bodies():
     assert parse_json(body, max_depth=4)["prompt"] == "[" * 500
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"prompt": "a\ud800b"}, "prompt"),
-    ({"prompt": "a", "guidance": 1e309}, "guidance"),
-    ({"prompt": "a", "model": ""}, "model"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"prompt": "a\ud800b"}, "prompt"),
+        ({"prompt": "a", "guidance": 1e309}, "guidance"),
+        ({"prompt": "a", "model": ""}, "model"),
+    ],
+)
 def test_values_that_cannot_round_trip_are_422_with_a_json_body(body, field):
     from pydantic import ValidationError
 

@@ -1,4 +1,5 @@
 """The playground in a real headless browser: Debian chromium + chromedriver (scripts/setup.sh), via selenium."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,15 @@ def browser():
         pytest.skip("chromium / chromium-driver are not installed: run scripts/setup.sh")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1000,900", "--disable-extensions", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1000,900",
+        "--disable-extensions",
+        "--no-first-run",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # explicit driver: no download
     driver.set_page_load_timeout(60)
@@ -48,23 +56,33 @@ def test_playground_generates_in_a_real_browser(serve_app, browser):
     prompt = d.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("a photo of a dress")
-    d.execute_script("const s = document.getElementById('nfe'); s.value = 2;"
-                     "s.dispatchEvent(new Event('input'));")
+    d.execute_script(
+        "const s = document.getElementById('nfe'); s.value = 2;s.dispatchEvent(new Event('input'));"
+    )
     assert d.find_element(By.ID, "nfe-value").text == "2"
     for field, value in (("seed", "7"), ("num-images", "2")):
         el = d.find_element(By.ID, field)
         el.clear()
         el.send_keys(value)
     d.find_element(By.ID, "generate").click()
-    wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 2
-               and "ms round trip" in drv.find_element(By.ID, "latency").text)
+    wait.until(
+        lambda drv: (
+            len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 2
+            and "ms round trip" in drv.find_element(By.ID, "latency").text
+        )
+    )
     imgs = d.find_elements(By.CSS_SELECTOR, "#images img")
-    assert all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 28 for i in imgs)
+    assert all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 28 for i in imgs
+    )
     latency = d.find_element(By.ID, "latency").text
     assert "2 NFE" in latency and "seed 7" in latency and d.find_element(By.ID, "error").text == ""
     # the browser shows exactly what the API returns for the same request
-    api = requests.post(serve_app + "/v1/generate", json={"prompt": "a photo of a dress", "nfe": 2, "seed": 7,
-                                                          "num_images": 2, "model": "tiny"}, timeout=60).json()
+    api = requests.post(
+        serve_app + "/v1/generate",
+        json={"prompt": "a photo of a dress", "nfe": 2, "seed": 7, "num_images": 2, "model": "tiny"},
+        timeout=60,
+    ).json()
     assert [i.get_attribute("src").split(",", 1)[1] for i in imgs] == [im["data"] for im in api["images"]]
 
     # a request the server rejects shows its JSON error in the page, and the page keeps working

@@ -1,4 +1,5 @@
 """Every shipped job YAML validates; bad job files fail with the file and field named."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 One local Ray cluster for the session (tests/conftest.py). Every job trains the tiny Qwen-Image
 backbone on 96 real Fashion-MNIST records.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,25 @@ WORLD = 2
 
 
 def make_job(shards: Path, out: Path, name: str, *extra: str, base: str = "fashion_base_fm.yaml"):
-    return load_job(JOBS / base, [
-        f"name={name}", f"data.path={shards}", f"output.dir={out}", "data.shuffle_buffer=32",
-        f"train.micro_batch={MICRO}", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-        "eval.prompts=[a photo of a sneaker, a photo of a bag]", "eval.nfe=[1, 2]",
-        "eval.images_per_prompt=2", "eval.metric_images_per_prompt=8", "output.tensorboard=false", *extra])
+    return load_job(
+        JOBS / base,
+        [
+            f"name={name}",
+            f"data.path={shards}",
+            f"output.dir={out}",
+            "data.shuffle_buffer=32",
+            f"train.micro_batch={MICRO}",
+            "train.steps=4",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "eval.prompts=[a photo of a sneaker, a photo of a bag]",
+            "eval.nfe=[1, 2]",
+            "eval.images_per_prompt=2",
+            "eval.metric_images_per_prompt=8",
+            "output.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -61,8 +76,16 @@ def test_zero2_full_parameters_then_lora_finetune(ray_cluster, fashion_small, tm
     assert all(torch.isfinite(p).all() for p in gen.parameters())
 
     # LoRA (peft) under DeepSpeed, fine-tuning the export above with the TwinFlow objective
-    lora = run_job(make_job(fashion_small, tmp_path, "z2_lora", f"train.init_from={run / 'export'}",
-                            "model.lora.rank=4", base="fashion_twinflow.yaml"))
+    lora = run_job(
+        make_job(
+            fashion_small,
+            tmp_path,
+            "z2_lora",
+            f"train.init_from={run / 'export'}",
+            "model.lora.rank=4",
+            base="fashion_twinflow.yaml",
+        )
+    )
     lrun = check_finished(lora, 4)
     tuned, tmeta = load_generator(lrun / "export")
     assert tmeta["method"] == "twinflow"
@@ -74,8 +97,16 @@ def test_zero2_full_parameters_then_lora_finetune(ray_cluster, fashion_small, tm
 
 
 def test_zero3_full_parameters(ray_cluster, fashion_small, tmp_path):
-    result = run_job(make_job(fashion_small, tmp_path, "z3", "deepspeed.zero_stage=3",
-                              "method.cond_dropout=0.0", "method.sample_guidance=0.0"))
+    result = run_job(
+        make_job(
+            fashion_small,
+            tmp_path,
+            "z3",
+            "deepspeed.zero_stage=3",
+            "method.cond_dropout=0.0",
+            "method.sample_guidance=0.0",
+        )
+    )
     run = check_finished(result, 4)
     gen, _ = load_generator(run / "export")  # ZeRO-3 shards gathered into a whole model
     assert sum(p.numel() for p in gen.parameters()) > 100_000
@@ -83,7 +114,9 @@ def test_zero3_full_parameters(ray_cluster, fashion_small, tmp_path):
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, fashion_small, tmp_path):
     """Rank 1 exits for real at step 3; Ray Train restarts the group from the step-2 checkpoint."""
-    result = run_job(make_job(fashion_small, tmp_path, "kill", "train.fail_at_step=3", "train.max_failures=1"))
+    result = run_job(
+        make_job(fashion_small, tmp_path, "kill", "train.fail_at_step=3", "train.max_failures=1")
+    )
     run = check_finished(result, 4)
     assert (run / ".injected_failure_step3").exists()  # the process really died once
 
@@ -104,8 +137,9 @@ def test_stopped_job_resumes_on_rerun(ray_cluster, fashion_small, tmp_path):
     assert third.ok and third.steps == 2 and third.metrics["samples_seen"] == 2 * MICRO * WORLD
 
 
-def test_output_on_s3_then_finetune_from_the_s3_export(ray_cluster, fashion_small, tmp_path, s3_server, bucket,
-                                                      monkeypatch):
+def test_output_on_s3_then_finetune_from_the_s3_export(
+    ray_cluster, fashion_small, tmp_path, s3_server, bucket, monkeypatch
+):
     """output.dir on s3://: checkpoints through Ray Train's S3 storage, the rest uploaded at the end."""
     from twinflow.data.storage import list_files
 
@@ -119,6 +153,7 @@ def test_output_on_s3_then_finetune_from_the_s3_export(ray_cluster, fashion_smal
     assert any(n.startswith("checkpoint_") for n in names)  # Ray Train wrote its checkpoints to S3
     assert any(n.startswith("export/transformer/") for n in names)
 
-    tuned = run_job(make_job(fashion_small, tmp_path, "from_s3", f"train.init_from={result.export_dir}",
-                             "train.steps=2"))
+    tuned = run_job(
+        make_job(fashion_small, tmp_path, "from_s3", f"train.init_from={result.export_dir}", "train.steps=2")
+    )
     assert tuned.ok, tuned.error

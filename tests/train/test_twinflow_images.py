@@ -15,6 +15,7 @@ about -0.2 at step 200) in healthy runs too, so it does not separate them from r
 `test_the_old_rectify_scaling_runs_away` replays the old per-row strength (kappa * B / (4 nE) = 2 at
 B = 32, lambda 0.15) through the same code, so the test proves it can fail.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ from twinflow.train.inprocess import load_memory_data, train_in_process
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "tests" / "fixtures" / "fashion_base"
 STEPS, MICRO, LAMBDA, KAPPA = 200, 32, 0.15, 0.5
-REAL_SATURATION = 0.022  # share of Fashion-MNIST held-out pixels above 0.9 (twinflow.eval.metrics.real_saturation)
+REAL_SATURATION = (
+    0.022  # share of Fashion-MNIST held-out pixels above 0.9 (twinflow.eval.metrics.real_saturation)
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,13 @@ def shards(tmp_path_factory):
     from twinflow.data import build_pipeline, load_pipeline
 
     out = tmp_path_factory.mktemp("fashion_regression") / "shards"
-    build_pipeline(load_pipeline(REPO / "pipelines" / "fashion_mnist.yaml",
-                                 [f"output={out}", "shard_size=2000", "splits.train.count=2000",
-                                  "splits.eval.count=32"]), progress=False)
+    build_pipeline(
+        load_pipeline(
+            REPO / "pipelines" / "fashion_mnist.yaml",
+            [f"output={out}", "shard_size=2000", "splits.train.count=2000", "splits.eval.count=32"],
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -52,10 +59,21 @@ def data_and_encoder(shards):
 
 
 def _job(shards, kappa):
-    return load_job(REPO / "jobs" / "fashion_twinflow.yaml", [
-        f"data.path={shards}", f"train.init_from={BASE}", f"method.lambda={LAMBDA}", f"method.kappa={kappa}",
-        "method.teacher=online", "method.enhanced_ratio=0.5", "train.lr=0.0002", f"train.micro_batch={MICRO}",
-        "train.sample_ema=null", "train.seed=0"])
+    return load_job(
+        REPO / "jobs" / "fashion_twinflow.yaml",
+        [
+            f"data.path={shards}",
+            f"train.init_from={BASE}",
+            f"method.lambda={LAMBDA}",
+            f"method.kappa={kappa}",
+            "method.teacher=online",
+            "method.enhanced_ratio=0.5",
+            "train.lr=0.0002",
+            f"train.micro_batch={MICRO}",
+            "train.sample_ema=null",
+            "train.seed=0",
+        ],
+    )
 
 
 def _fine_tune(shards, data_and_encoder, kappa):
@@ -63,7 +81,9 @@ def _fine_tune(shards, data_and_encoder, kappa):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_in_process(_job(shards, kappa), data=data, encoder=enc, steps=STEPS, log_every=25).history
+        return train_in_process(
+            _job(shards, kappa), data=data, encoder=enc, steps=STEPS, log_every=25
+        ).history
     finally:
         torch.set_num_threads(threads)
 
@@ -76,7 +96,7 @@ def test_twinflow_at_lambda_015_holds_on_real_images(shards, data_and_encoder):
     hist = _fine_tune(shards, data_and_encoder, KAPPA)
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in hist)
     adv = [h["loss_adv"] for h in hist]
-    assert max(_late(hist, "loss_adv")) <= 1.2 * adv[0], adv            # the ADV loss stays bounded
+    assert max(_late(hist, "loss_adv")) <= 1.2 * adv[0], adv  # the ADV loss stays bounded
     # measured 2026-11-30: <= 0.05 late with the fix; 0.2-0.29 with the old scaling (real images: 0.022)
     assert max(_late(hist, "sat_onestep")) <= 4 * REAL_SATURATION, _late(hist, "sat_onestep")
 
@@ -87,5 +107,7 @@ def test_the_old_rectify_scaling_runs_away(shards, data_and_encoder):
 
     n_e = TwinFlowConfig.model_validate({"lambda": LAMBDA}).split(MICRO).size("e2e")
     hist = _fine_tune(shards, data_and_encoder, KAPPA * MICRO / (4 * n_e))
-    assert max(_late(hist, "sat_onestep")) > 4 * REAL_SATURATION or \
-        max(_late(hist, "loss_adv")) > 1.2 * hist[0]["loss_adv"]
+    assert (
+        max(_late(hist, "sat_onestep")) > 4 * REAL_SATURATION
+        or max(_late(hist, "loss_adv")) > 1.2 * hist[0]["loss_adv"]
+    )

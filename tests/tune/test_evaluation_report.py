@@ -1,5 +1,6 @@
 """The builtin evaluation (pixel-PCA Fréchet distance, nearest-centroid adherence) and the sweep report,
 without Ray: real Fashion-MNIST images stand in for a perfect generator, noise for a broken one."""
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,10 @@ def fashion_eval(tmp_path_factory):
     from twinflow.data import build_pipeline, load_pipeline
 
     out = tmp_path_factory.mktemp("fashion_eval") / "shards"
-    cfg = load_pipeline(REPO / "pipelines" / "fashion_mnist.yaml",
-                        [f"output={out}", "shard_size=600", "splits.train.count=8", "splits.eval.count=600"])
+    cfg = load_pipeline(
+        REPO / "pipelines" / "fashion_mnist.yaml",
+        [f"output={out}", "shard_size=600", "splits.train.count=8", "splits.eval.count=600"],
+    )
     build_pipeline(cfg, progress=False)
     return out
 
@@ -67,11 +70,21 @@ def test_builtin_scores_real_images_as_real_and_noise_as_noise(fashion_eval, mon
     out = {}
     for kind in ("real", "wrong_class", "noise"):
         mode["kind"] = kind
-        out[kind] = ev.builtin(None, job=job, evaluation=evaluation, settings=[EvalSetting(1, "few", 1.0)],
-                               device=torch.device("cpu"))
+        out[kind] = ev.builtin(
+            None,
+            job=job,
+            evaluation=evaluation,
+            settings=[EvalSetting(1, "few", 1.0)],
+            device=torch.device("cpu"),
+        )
     real, wrong, noise = out["real"], out["wrong_class"], out["noise"]
-    assert real["eval/pcafd_nfe1"] == pytest.approx(real["eval/pcafd_floor"])  # held-out real images are the floor
-    assert real["eval/pcaadh_nfe1"] == pytest.approx(real["eval/pcaadh_floor"]) and real["eval/pcaadh_nfe1"] > 0.5
+    assert real["eval/pcafd_nfe1"] == pytest.approx(
+        real["eval/pcafd_floor"]
+    )  # held-out real images are the floor
+    assert (
+        real["eval/pcaadh_nfe1"] == pytest.approx(real["eval/pcaadh_floor"])
+        and real["eval/pcaadh_nfe1"] > 0.5
+    )
     assert noise["eval/pcafd_nfe1"] > 5 * real["eval/pcafd_nfe1"]
     assert wrong["eval/pcaadh_nfe1"] < 0.3  # realistic images of the wrong class: adherence drops
 
@@ -105,8 +118,9 @@ def test_judged_evaluator_uses_the_judges(fashion_eval, monkeypatch):
     out = {}
     for kind in ("real", "noise"):
         mode["kind"], pos["row"] = kind, 0
-        out[kind] = ev.judged(model, job=job, evaluation=evaluation, settings=evaluation.settings(),
-                              device=torch.device("cpu"))
+        out[kind] = ev.judged(
+            model, job=job, evaluation=evaluation, settings=evaluation.settings(), device=torch.device("cpu")
+        )
     assert set(out["real"]) == evaluation.metric_names()
     assert (2, "any", 1.0) in seen and (1, "few", 1.0) in seen
     r, n = out["real"], out["noise"]
@@ -142,8 +156,12 @@ def test_generate_uses_common_random_numbers():
             seen.append(x.clone())
             return torch.zeros_like(x)  # zero velocity: 1 NFE returns the initial noise itself
 
-    enc = SimpleNamespace(encode=lambda caps: {"text_states": torch.zeros(len(caps), 2, 3),
-                                                 "text_mask": torch.ones(len(caps), 2, dtype=torch.int64)})
+    enc = SimpleNamespace(
+        encode=lambda caps: {
+            "text_states": torch.zeros(len(caps), 2, 3),
+            "text_mask": torch.ones(len(caps), 2, dtype=torch.int64),
+        }
+    )
     kw = dict(job=SimpleNamespace(), seed=3, device=torch.device("cpu"), encoder=enc)
     a = ev.generate(Model(), ["x"] * 5, EvalSetting(1, "few", 1.0), batch_size=2, **kw)
     b = ev.generate(Model(), ["x"] * 5, EvalSetting(1, "few", 1.0), batch_size=4, **kw)
@@ -157,16 +175,19 @@ def test_generate_uses_common_random_numbers():
 # ---- report -------------------------------------------------------------------------------------
 def _sweep(tmp_path):
     p = tmp_path / "s.yaml"
-    p.write_text(f"name: rep\nbase_job: {REPO / 'jobs' / 'fashion_twinflow.yaml'}\n"
-                 "search_space:\n  method.lambda: {grid: [0.0, 0.33, 0.5]}\n"
-                 f"evaluation: {{nfe: [1, 2]}}\nstorage: {tmp_path / 'st'}\n")
+    p.write_text(
+        f"name: rep\nbase_job: {REPO / 'jobs' / 'fashion_twinflow.yaml'}\n"
+        "search_space:\n  method.lambda: {grid: [0.0, 0.33, 0.5]}\n"
+        f"evaluation: {{nfe: [1, 2]}}\nstorage: {tmp_path / 'st'}\n"
+    )
     return load_sweep(p)
 
 
 def _result(trial_id, lam, metrics, error=None):
     base = {"trial_id": trial_id, "step": 300, "total": 0.5}
-    return SimpleNamespace(config={"method.lambda": lam}, metrics={**base, **metrics}, error=error,
-                           path=f"/x/{trial_id}")
+    return SimpleNamespace(
+        config={"method.lambda": lam}, metrics={**base, **metrics}, error=error, path=f"/x/{trial_id}"
+    )
 
 
 def test_report_table_plot_and_best(tmp_path):
@@ -174,10 +195,32 @@ def test_report_table_plot_and_best(tmp_path):
 
     sweep = _sweep(tmp_path)
     results = [
-        _result("t2", 0.5, {"evaluated": 1, "eval/fd_nfe1": 30.0, "eval/fd_nfe2": 25.0, "eval/fd_floor": 5.0,
-                            "eval/adherence_nfe1": 0.7, "eval/adherence_nfe2": 0.75, "train_s": 60.0}),
-        _result("t0", 0.0, {"evaluated": 1, "eval/fd_nfe1": 40.0, "eval/fd_nfe2": 20.0, "eval/fd_floor": 5.0,
-                            "eval/adherence_nfe1": 0.6, "eval/adherence_nfe2": 0.8, "train_s": 61.0}),
+        _result(
+            "t2",
+            0.5,
+            {
+                "evaluated": 1,
+                "eval/fd_nfe1": 30.0,
+                "eval/fd_nfe2": 25.0,
+                "eval/fd_floor": 5.0,
+                "eval/adherence_nfe1": 0.7,
+                "eval/adherence_nfe2": 0.75,
+                "train_s": 60.0,
+            },
+        ),
+        _result(
+            "t0",
+            0.0,
+            {
+                "evaluated": 1,
+                "eval/fd_nfe1": 40.0,
+                "eval/fd_nfe2": 20.0,
+                "eval/fd_floor": 5.0,
+                "eval/adherence_nfe1": 0.6,
+                "eval/adherence_nfe2": 0.8,
+                "train_s": 61.0,
+            },
+        ),
         _result("t1", 0.33, {"step": 100, "done": True}),  # stopped early by the scheduler: no evaluation
     ]
     # the best trial's run dir holds an export and its grid
@@ -190,16 +233,23 @@ def test_report_table_plot_and_best(tmp_path):
     out = write_report(sweep, results, tmp_path / "report")
     md = (tmp_path / "report" / "results.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0] == ("| trial | method.lambda | status | loss | FD 1 NFE | FD 2 NFE | adh. 1 NFE | adh. 2 NFE "
-                        "| div. 1 NFE | div. 2 NFE | train s |")
+    assert lines[0] == (
+        "| trial | method.lambda | status | loss | FD 1 NFE | FD 2 NFE | adh. 1 NFE | adh. 2 NFE "
+        "| div. 1 NFE | div. 2 NFE | train s |"
+    )
     assert [line.split(" | ")[1] for line in lines[1:]] == ["0", "0.33", "0.5"]  # sorted by the plot axis
     assert "| stopped at step 100 |" in md and "**t2**" in md and "FD of real images" in md
     rows = list(csv.DictReader((tmp_path / "report" / "results.csv").open()))
     assert len(rows) == 3 * 2 and {r["status"] for r in rows} == {"finished", "stopped at step 100"}
     assert out.best["trial_id"] == "t2" and out.best["value"] == 30.0
     meta = json.loads((tmp_path / "report" / "best" / "export" / "twinflow.json").read_text())
-    assert meta["sweep"] == {"name": "rep", "trial_id": "t2", "params": {"method.lambda": 0.5},
-                             "metric": "eval/fd_nfe1", "value": 30.0}
+    assert meta["sweep"] == {
+        "name": "rep",
+        "trial_id": "t2",
+        "params": {"method.lambda": 0.5},
+        "metric": "eval/fd_nfe1",
+        "value": 30.0,
+    }
     assert (tmp_path / "report" / "best" / "samples.png").read_bytes() == b"png"
     assert (tmp_path / "report" / "fd_vs_method_lambda.png").stat().st_size > 5000
 
@@ -208,9 +258,14 @@ def test_report_without_finished_trials_has_no_best(tmp_path):
     from twinflow.tune.report import write_report
 
     sweep = _sweep(tmp_path)
-    out = write_report(sweep, [_result("t0", 0.0, {}, error=RuntimeError("boom")),
-                               _result("t1", 0.5, {"step": 150})],  # interrupted: resuming continues it
-                       tmp_path / "report")
+    out = write_report(
+        sweep,
+        [
+            _result("t0", 0.0, {}, error=RuntimeError("boom")),
+            _result("t1", 0.5, {"step": 150}),
+        ],  # interrupted: resuming continues it
+        tmp_path / "report",
+    )
     assert out.best is None and not (tmp_path / "report" / "best.json").exists()
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| errored |" in md and "| unfinished at step 150 |" in md

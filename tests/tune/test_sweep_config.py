@@ -1,5 +1,6 @@
 """The sweep YAML model: shipped sweeps validate; bad files fail naming the file and field; search
 spaces convert to Ray Tune; trial jobs are built from the base job with their own name and paths."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,7 +54,9 @@ def test_small_sweep_is_lambda_by_nfe_on_one_worker(monkeypatch):
     cfg = sweep.config
     assert list(cfg.search_space) == ["method.lambda"] and cfg.search_space["method.lambda"].grid_size >= 4
     assert cfg.evaluation.nfe == [1, 2, 4] and cfg.metric == "eval/fd_nfe1"
-    assert cfg.evaluation.evaluator == "twinflow.eval" and "eval/diversity_nfe1" in cfg.evaluation.metric_names()
+    assert (
+        cfg.evaluation.evaluator == "twinflow.eval" and "eval/diversity_nfe1" in cfg.evaluation.metric_names()
+    )
     assert sweep.base_job().cluster.num_workers == 1 and cfg.max_concurrent_trials == 1
 
 
@@ -76,40 +79,53 @@ def test_unknown_axis_field_fails_naming_file_and_axis(tmp_path):
 
 
 def test_axis_value_refused_by_the_job_fails(tmp_path):
-    p = sweep_file(tmp_path, "  train.lr: {loguniform: [1.0e-5, 2.0]}\n  train.micro_batch: {choice: [8, 0]}\n")
+    p = sweep_file(
+        tmp_path, "  train.lr: {loguniform: [1.0e-5, 2.0]}\n  train.micro_batch: {choice: [8, 0]}\n"
+    )
     with pytest.raises(ConfigError, match=r"search_space\.train\.micro_batch=0: train\.micro_batch"):
         load_sweep(p)
 
 
 def test_axis_on_a_field_of_the_other_method_fails(tmp_path):
     p = sweep_file(tmp_path, job=str(REPO / "jobs" / "fashion_base_fm.yaml"))  # flow matching: no lambda
-    with pytest.raises(ConfigError, match=r"search_space\.method\.lambda=0\.0: method\.flow_matching\.lambda"):
+    with pytest.raises(
+        ConfigError, match=r"search_space\.method\.lambda=0\.0: method\.flow_matching\.lambda"
+    ):
         load_sweep(p)
 
 
-@pytest.mark.parametrize("extra, field", [
-    ("  train.lr: {uniform: [0.1]}\n", "search_space.train.lr.uniform"),
-    ("  train.lr: {uniform: [0.2, 0.1]}\n", "search_space.train.lr: Value error, uniform: need low < high"),
-    ("  train.lr: {grid: [0.1], choice: [0.2]}\n", "exactly one of"),
-    ("  train.lr: {loguniform: [0.0, 0.1]}\n", "low must be > 0"),
-    ("  train.lr: {grid: []}\n", "search_space.train.lr.grid"),
-    ("evaluation: {nfe: [1, 1]}\n", "evaluation.nfe"),
-    ("evaluation: {style: [fast]}\n", "evaluation.style.0"),
-    ("evaluation: {rho: [1.5]}\n", "evaluation.rho"),
-    ("evaluation: {evaluator: 'not a module'}\n", "evaluation.evaluator"),
-    ("scheduler: {type: hyperband}\n", "scheduler.type"),
-    ("trial_resources: {CPU: 0}\n", "trial_resources"),
-    ("metric: eval/fd_nfe3\n", "metric: 'eval/fd_nfe3' is not produced"),
-    ("evaluation: {evaluator: builtin}\n", "metric: 'eval/fd_nfe1' is not produced"),  # builtin: eval/pcafd_*
-    ("metric: totall\n", "metric: 'totall' is neither"),
-    ("scheduler: {type: asha, metric: loss_e2e, max_t: 400}\n", "scheduler.max_t: 400 must exceed"),
-    ("overrides: {method.lambda: 0.2}\n", "both swept and overridden"),
-    ("overrides: {output.dir: /x}\n", "set per trial by the sweep"),
-    ("overrides: {train.stepz: 3}\n", "train.stepz: unknown field"),
-    ("plot_axis: train.lr\n", "plot_axis"),
-    ("max_concurrent_trials: 0\n", "max_concurrent_trials"),
-    ("search_spac: {}\n", "search_spac: unknown field"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ("  train.lr: {uniform: [0.1]}\n", "search_space.train.lr.uniform"),
+        (
+            "  train.lr: {uniform: [0.2, 0.1]}\n",
+            "search_space.train.lr: Value error, uniform: need low < high",
+        ),
+        ("  train.lr: {grid: [0.1], choice: [0.2]}\n", "exactly one of"),
+        ("  train.lr: {loguniform: [0.0, 0.1]}\n", "low must be > 0"),
+        ("  train.lr: {grid: []}\n", "search_space.train.lr.grid"),
+        ("evaluation: {nfe: [1, 1]}\n", "evaluation.nfe"),
+        ("evaluation: {style: [fast]}\n", "evaluation.style.0"),
+        ("evaluation: {rho: [1.5]}\n", "evaluation.rho"),
+        ("evaluation: {evaluator: 'not a module'}\n", "evaluation.evaluator"),
+        ("scheduler: {type: hyperband}\n", "scheduler.type"),
+        ("trial_resources: {CPU: 0}\n", "trial_resources"),
+        ("metric: eval/fd_nfe3\n", "metric: 'eval/fd_nfe3' is not produced"),
+        (
+            "evaluation: {evaluator: builtin}\n",
+            "metric: 'eval/fd_nfe1' is not produced",
+        ),  # builtin: eval/pcafd_*
+        ("metric: totall\n", "metric: 'totall' is neither"),
+        ("scheduler: {type: asha, metric: loss_e2e, max_t: 400}\n", "scheduler.max_t: 400 must exceed"),
+        ("overrides: {method.lambda: 0.2}\n", "both swept and overridden"),
+        ("overrides: {output.dir: /x}\n", "set per trial by the sweep"),
+        ("overrides: {train.stepz: 3}\n", "train.stepz: unknown field"),
+        ("plot_axis: train.lr\n", "plot_axis"),
+        ("max_concurrent_trials: 0\n", "max_concurrent_trials"),
+        ("search_spac: {}\n", "search_spac: unknown field"),
+    ],
+)
 def test_invalid_sweeps_name_the_field(tmp_path, extra, field):
     p = sweep_file(tmp_path, extra)
     with pytest.raises(ConfigError) as exc:
@@ -137,20 +153,35 @@ def test_search_space_converts_to_tune_domains(tmp_path):
     from ray import tune
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    p = sweep_file(tmp_path, "  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                             "  method.enhanced_ratio: {uniform: [0.3, 0.9]}\n"
-                             "  method.teacher: {choice: [ema, online]}\n"
-                             "  method.rollout_order: {randint: [1, 4]}\n"
-                             "num_samples: 3\n")
+    p = sweep_file(
+        tmp_path,
+        "  train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        "  method.enhanced_ratio: {uniform: [0.3, 0.9]}\n"
+        "  method.teacher: {choice: [ema, online]}\n"
+        "  method.rollout_order: {randint: [1, 4]}\n"
+        "num_samples: 3\n",
+    )
     cfg = load_sweep(p).config
     space = cfg.param_space()
     assert space["method.lambda"] == tune.grid_search([0.0, 0.5])
     lr = space["train.lr"]
-    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-4, 1e-2) and type(lr.sampler).__name__.lstrip("_") == "LogUniform"
-    assert isinstance(space["method.enhanced_ratio"], Float) and type(space["method.enhanced_ratio"].sampler).__name__.lstrip("_") == "Uniform"
-    assert isinstance(space["method.teacher"], Categorical) and space["method.teacher"].categories == ["ema", "online"]
-    assert isinstance(space["method.rollout_order"], Integer) and (space["method.rollout_order"].lower,
-                                                                    space["method.rollout_order"].upper) == (1, 4)
+    assert (
+        isinstance(lr, Float)
+        and (lr.lower, lr.upper) == (1e-4, 1e-2)
+        and type(lr.sampler).__name__.lstrip("_") == "LogUniform"
+    )
+    assert (
+        isinstance(space["method.enhanced_ratio"], Float)
+        and type(space["method.enhanced_ratio"].sampler).__name__.lstrip("_") == "Uniform"
+    )
+    assert isinstance(space["method.teacher"], Categorical) and space["method.teacher"].categories == [
+        "ema",
+        "online",
+    ]
+    assert isinstance(space["method.rollout_order"], Integer) and (
+        space["method.rollout_order"].lower,
+        space["method.rollout_order"].upper,
+    ) == (1, 4)
     assert cfg.trial_count() == 3 * 2  # grid size x num_samples
 
 
@@ -168,8 +199,13 @@ def test_tune_expands_the_grid_into_trials(tmp_path):
 def test_trial_job_has_its_own_name_dir_and_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     sweep = load_sweep("tune/fashion_lambda_nfe.yaml")
-    job = trial_job(sweep.base, {"method.lambda": 0.15}, name="fashion_lambda_nfe-abc_00001",
-                    output_dir=str(tmp_path / "trials"), cwd=tmp_path)
+    job = trial_job(
+        sweep.base,
+        {"method.lambda": 0.15},
+        name="fashion_lambda_nfe-abc_00001",
+        output_dir=str(tmp_path / "trials"),
+        cwd=tmp_path,
+    )
     assert job.name == "fashion_lambda_nfe-abc_00001" and job.output.dir == str(tmp_path / "trials")
     assert job.method.lambda_ == 0.15 and job.train.steps == sweep.base["train"]["steps"]
     # relative paths of the base job were made absolute against the driver's cwd (trials run elsewhere)
@@ -199,8 +235,11 @@ def test_cli_dry_run_and_error(capsys, monkeypatch, tmp_path):
 
 def test_job_set_overrides_every_trial(monkeypatch):
     monkeypatch.chdir(REPO)
-    sweep = load_sweep("tune/fashion_lambda_nfe.yaml", ["num_samples=2"],
-                       job_overrides=["train.steps=7", "train.init_from=/x/export"])
+    sweep = load_sweep(
+        "tune/fashion_lambda_nfe.yaml",
+        ["num_samples=2"],
+        job_overrides=["train.steps=7", "train.init_from=/x/export"],
+    )
     assert sweep.config.num_samples == 2 and sweep.base["train"]["steps"] == 7
     assert sweep.base["train"]["init_from"] == "/x/export"
     with pytest.raises(ConfigError, match=r"train\.stepz: unknown field"):

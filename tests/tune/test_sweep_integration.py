@@ -1,5 +1,6 @@
 """Real sweeps on the session's local Ray cluster: each trial a 1-worker Ray Train job (DeepSpeed, gloo)
 on 96 Fashion-MNIST records, 4 steps, evaluated at 1 and 2 NFE on 16 samples."""
+
 from __future__ import annotations
 
 import csv
@@ -28,18 +29,38 @@ def embed_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("embed_cache")
 
 
-def make_sweep(tmp_path: Path, shards: Path, name: str, search_space: dict, *, overrides: dict | None = None,
-               cache: Path, **top) -> Path:
+def make_sweep(
+    tmp_path: Path,
+    shards: Path,
+    name: str,
+    search_space: dict,
+    *,
+    overrides: dict | None = None,
+    cache: Path,
+    **top,
+) -> Path:
     spec = {
         "name": name,
         "base_job": str(REPO / "jobs" / "fashion_twinflow.yaml"),
         "overrides": {
-            "data.path": str(shards), "data.shuffle_buffer": 32, "cluster.num_workers": 1,
-            "data.embed_cache": True, "data.embed_cache_path": str(cache),
-            "method.teacher": "online", "train.steps": STEPS, "train.micro_batch": 8,
-            "train.checkpoint_every": 2, "train.log_every": 1, "train.init_from": None,
-            "eval.prompts": ["a photo of a sneaker", "a photo of a bag"], "eval.images_per_prompt": 2,
-            "eval.nfe": [1], "eval.metrics": False, "output.tensorboard": False, **(overrides or {})},
+            "data.path": str(shards),
+            "data.shuffle_buffer": 32,
+            "cluster.num_workers": 1,
+            "data.embed_cache": True,
+            "data.embed_cache_path": str(cache),
+            "method.teacher": "online",
+            "train.steps": STEPS,
+            "train.micro_batch": 8,
+            "train.checkpoint_every": 2,
+            "train.log_every": 1,
+            "train.init_from": None,
+            "eval.prompts": ["a photo of a sneaker", "a photo of a bag"],
+            "eval.images_per_prompt": 2,
+            "eval.nfe": [1],
+            "eval.metrics": False,
+            "output.tensorboard": False,
+            **(overrides or {}),
+        },
         "search_space": search_space,
         "evaluation": {"nfe": [1, 2], "samples": 16, "reference": 16, "grid_images_per_prompt": 2},
         "metric": "eval/fd_nfe1",
@@ -63,19 +84,30 @@ class SignalAfterResult(Callback):
         self.param, self.value, self.at_step, self.marker = param, value, at_step, str(marker)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if (trial.config.get(self.param) == self.value and result.get("step", 0) >= self.at_step
-                and not os.path.exists(self.marker)):
+        if (
+            trial.config.get(self.param) == self.value
+            and result.get("step", 0) >= self.at_step
+            and not os.path.exists(self.marker)
+        ):
             Path(self.marker).write_text(trial.trial_id)
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @pytest.mark.timeout(900)
-def test_two_trial_sweep_end_to_end_interrupted_and_resumed(ray_cluster, fashion_small, embed_cache, tmp_path):
+def test_two_trial_sweep_end_to_end_interrupted_and_resumed(
+    ray_cluster, fashion_small, embed_cache, tmp_path
+):
     """A 2-trial lambda sweep, interrupted (SIGUSR1: Tune's Ctrl-C path) while trial B trains, then run
     again: finished trial A is not rerun, B continues from its Ray Train checkpoint, and the outputs
     (table over trials x NFE, lambda plot, best trial's samples and export) are complete."""
-    path = make_sweep(tmp_path, fashion_small, "e2e", {"method.lambda": {"grid": [0.0, 0.5]}},
-                      overrides={"train.steps": 6}, cache=embed_cache)
+    path = make_sweep(
+        tmp_path,
+        fashion_small,
+        "e2e",
+        {"method.lambda": {"grid": [0.0, 0.5]}},
+        overrides={"train.steps": 6},
+        cache=embed_cache,
+    )
     sweep = load_sweep(path)
     marker = tmp_path / "interrupted"
     first = run_sweep(sweep, extra_callbacks=[SignalAfterResult("method.lambda", 0.5, 2, marker)])
@@ -105,13 +137,21 @@ def test_two_trial_sweep_end_to_end_interrupted_and_resumed(ray_cluster, fashion
     # ---- outputs ----
     report = Path(result.report_dir)
     table = list(csv.DictReader((report / "results.csv").open()))
-    assert sorted((float(r["method.lambda"]), int(r["nfe"])) for r in table) == [(0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)]
+    assert sorted((float(r["method.lambda"]), int(r["nfe"])) for r in table) == [
+        (0.0, 1),
+        (0.0, 2),
+        (0.5, 1),
+        (0.5, 2),
+    ]
     assert {r["status"] for r in table} == {"finished"}
     fd = [float(r["fd"]) for r in table]
     # a 6-step model from random init is far from real images; held-out real images are not
     assert all(v > 0 for v in fd) and float(table[0]["fd_floor"]) < min(fd)
     md = (report / "results.md").read_text()
-    assert "| trial | method.lambda | status | loss | FD 1 NFE | FD 2 NFE |" in md and md.count("| finished |") == 2
+    assert (
+        "| trial | method.lambda | status | loss | FD 1 NFE | FD 2 NFE |" in md
+        and md.count("| finished |") == 2
+    )
     assert (report / "fd_vs_method_lambda.png").stat().st_size > 5000
 
     # one Ray Train run per trial, named <sweep>-<trial id>, under the sweep's storage
@@ -166,8 +206,10 @@ class WatchForLeak(Callback):
             pgs = ray.get(get_registry(self.registry).pgs.remote(stopped_id))
             states = {h: placement_group_table(_pg(h))["state"] for h in pgs}
             step = trial3.last_result.get("step")  # None until trial 3 reports a training step
-            lines.append(f"{time.monotonic() - t0:5.0f} s: stopped trial's groups {states}; trial 3 at step "
-                         f"{step}; free CPUs {ray.available_resources().get('CPU', 0):.2f}")
+            lines.append(
+                f"{time.monotonic() - t0:5.0f} s: stopped trial's groups {states}; trial 3 at step "
+                f"{step}; free CPUs {ray.available_resources().get('CPU', 0):.2f}"
+            )
             if step is not None:
                 break
         Path(self.out).write_text("\n".join(lines) + "\n")
@@ -186,10 +228,16 @@ def test_early_stopped_trial_does_not_hang_the_next(ray_cluster, fashion_small, 
 
     # model_calls per step: 4 at rollout_order 2, 5 at 3 (online teacher): trial 2 is worse at step 2
     path = make_sweep(
-        tmp_path, fashion_small, "asha", {"method.rollout_order": {"grid": [2, 3, 2]}},
+        tmp_path,
+        fashion_small,
+        "asha",
+        {"method.rollout_order": {"grid": [2, 3, 2]}},
         overrides={"cluster.cpus_per_worker": 2},
-        cache=embed_cache, metric="model_calls", scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
-        release_placement_groups=not REPRODUCE_54305)
+        cache=embed_cache,
+        metric="model_calls",
+        scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        release_placement_groups=not REPRODUCE_54305,
+    )
     sweep = load_sweep(path)
     watch = [WatchForLeak(registry_name("asha"), tmp_path / "leak.txt")] if REPRODUCE_54305 else []
     t0 = time.monotonic()

@@ -3,6 +3,7 @@
 Every YAML kind (job, pipeline, sweep) goes through `load_config`, so a user sees the same error shape
 whatever they got wrong: ``jobs/x.yaml: train.lr: Input should be greater than 0``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

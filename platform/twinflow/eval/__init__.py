@@ -12,6 +12,7 @@
 
 Importing `twinflow.eval` (or `.metrics`, `.judges`) imports neither Ray nor diffusers.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -2,6 +2,7 @@
 
 Heavy modules (torch, Ray, diffusers) are imported inside the handlers so `twinflow --help` stays instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,28 @@ import sys
 
 def _eval(args: argparse.Namespace) -> int:
     from twinflow.config import ConfigError
-    from twinflow.eval.job import EvalRequest, EvalInputError, run_eval
+    from twinflow.eval.job import EvalInputError, EvalRequest, run_eval
 
     try:
-        req = EvalRequest(checkpoints=args.checkpoints, dataset=args.dataset, nfe=args.nfe, sampler=args.sampler,
-                          samples_per_class=args.samples_per_class, classes=args.classes, actors=args.actors,
-                          actor_cpus=args.actor_cpus, batch_size=args.batch_size, seed=args.seed,
-                          out_dir=args.out, grid_per_class=args.grid_per_class, s3_endpoint=args.s3_endpoint,
-                          edits=args.edits, edit_limit=args.edit_limit, address=args.address, device=args.device)
+        req = EvalRequest(
+            checkpoints=args.checkpoints,
+            dataset=args.dataset,
+            nfe=args.nfe,
+            sampler=args.sampler,
+            samples_per_class=args.samples_per_class,
+            classes=args.classes,
+            actors=args.actors,
+            actor_cpus=args.actor_cpus,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            out_dir=args.out,
+            grid_per_class=args.grid_per_class,
+            s3_endpoint=args.s3_endpoint,
+            edits=args.edits,
+            edit_limit=args.edit_limit,
+            address=args.address,
+            device=args.device,
+        )
     except ValueError as exc:  # pydantic ValidationError is a ValueError
         raise ConfigError(f"twinflow eval: {_short(exc)}") from None
     try:
@@ -44,9 +59,16 @@ def _judges_train(args: argparse.Namespace) -> int:
 
     from twinflow.eval.judges import train_judge
 
-    path, meta = train_judge(args.dataset, out=Path(args.out) if args.out else None, seed=args.seed,
-                             epochs=args.epochs, threads=args.threads)
-    print(f"[twinflow judges] wrote {path} ({path.stat().st_size / 1024:.0f} KiB); held-out {meta['heldout']}")
+    path, meta = train_judge(
+        args.dataset,
+        out=Path(args.out) if args.out else None,
+        seed=args.seed,
+        epochs=args.epochs,
+        threads=args.threads,
+    )
+    print(
+        f"[twinflow judges] wrote {path} ({path.stat().st_size / 1024:.0f} KiB); held-out {meta['heldout']}"
+    )
     return 0
 
 
@@ -57,23 +79,40 @@ def _judges_accuracy(args: argparse.Namespace) -> int:
     for name in args.datasets:
         judge = load_judge(name)
         measured = heldout_metrics(judge)
-        out[judge.name] = {"measured": measured, "shipped": judge.meta.get("heldout"),
-                           "weights": judge.meta["path"], "sha256": judge.meta["sha256"][:16]}
+        out[judge.name] = {
+            "measured": measured,
+            "shipped": judge.meta.get("heldout"),
+            "weights": judge.meta["path"],
+            "sha256": judge.meta["sha256"][:16],
+        }
     print(json.dumps(out, indent=2))
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("eval", help="score checkpoints per NFE: adherence, Fréchet distance, diversity (Ray Data sampling)",
-                       description="Sample each checkpoint at each NFE on a Ray Data actor pool, judge the images, "
-                                   "and write results.json, results.md and sample grids.")
-    p.add_argument("checkpoints", nargs="+",
-                   help="export directories (runs/<job>/export, or the run dir runs/<job>), local or s3://")
+    p = sub.add_parser(
+        "eval",
+        help="score checkpoints per NFE: adherence, Fréchet distance, diversity (Ray Data sampling)",
+        description="Sample each checkpoint at each NFE on a Ray Data actor pool, judge the images, "
+        "and write results.json, results.md and sample grids.",
+    )
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="export directories (runs/<job>/export, or the run dir runs/<job>), local or s3://",
+    )
     p.add_argument("--nfe", default="1,2,4", help="comma-separated NFE list (default 1,2,4)")
-    p.add_argument("--dataset", default=None,
-                   help="fashion_mnist | mnist | emoji (default: inferred from the run's job.json)")
-    p.add_argument("--sampler", default="auto", choices=["auto", "few", "ode"],
-                   help="few = TwinFlow presets, ode = Euler steps at r=t; auto: ode for flow-matching exports")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="fashion_mnist | mnist | emoji (default: inferred from the run's job.json)",
+    )
+    p.add_argument(
+        "--sampler",
+        default="auto",
+        choices=["auto", "few", "ode"],
+        help="few = TwinFlow presets, ode = Euler steps at r=t; auto: ode for flow-matching exports",
+    )
     p.add_argument("--samples-per-class", type=int, default=100)
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: all)")
     p.add_argument("--actors", type=int, default=1, help="sampling actors (Ray Data actor pool size)")
@@ -96,7 +135,11 @@ def add_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--out", default=None, help="weights file (default: the shipped platform/twinflow/eval/weights/<dataset>.safetensors)")
+    t.add_argument(
+        "--out",
+        default=None,
+        help="weights file (default: the shipped platform/twinflow/eval/weights/<dataset>.safetensors)",
+    )
     t.set_defaults(func=_judges_train)
     a = jsub.add_parser("accuracy", help="measure the shipped judges on their held-out splits")
     a.add_argument("datasets", nargs="*", default=["fashion_mnist", "mnist"])

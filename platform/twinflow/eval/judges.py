@@ -15,6 +15,7 @@ The emoji "judge" is a feature extractor: it is trained to tell the train glyphs
 augmentation (shift, scale, blur, noise, colour jitter), one class per glyph; its features serve the
 Fréchet distance and diversity, its logits adherence for prompts naming a train glyph.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,15 +40,29 @@ FORMAT = "twinflow-judge-v1"
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, feature_dim: int = FEATURE_DIM) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int = 16, feature_dim: int = FEATURE_DIM
+    ) -> None:
         super().__init__()
         w = width
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
-        self.body = nn.Sequential(*block(in_channels, w), nn.MaxPool2d(2), *block(w, 2 * w), nn.MaxPool2d(2),
-                                  *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            *block(in_channels, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.embed = nn.Sequential(nn.Linear(4 * w, feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -80,12 +95,14 @@ class Judge:
     def prepare(self, images: Tensor) -> Tensor:
         """Images (N, C, H, W) in [-1, 1] of any size and 1 or 3 channels -> the judge's input."""
         if images.ndim != 4:
-            raise ValueError(f"judge {self.name}: expected images (N, C, H, W), got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"judge {self.name}: expected images (N, C, H, W), got shape {tuple(images.shape)}"
+            )
         x = images.float()
         c, h, w = self.input_shape
         if x.shape[1] != c:
             if x.shape[1] == 3 and c == 1:
-                x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+                x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
             elif x.shape[1] == 1 and c == 3:
                 x = x.expand(-1, 3, -1, -1)
             else:
@@ -101,7 +118,7 @@ class Judge:
         dev = next(self.net.parameters()).device
         logits, feats = [], []
         for i in range(0, images.shape[0], batch_size):
-            lo, fe = self.net(self.prepare(images[i:i + batch_size]).to(dev))
+            lo, fe = self.net(self.prepare(images[i : i + batch_size]).to(dev))
             logits.append(lo.float().cpu())
             feats.append(fe.float().cpu())
         if not logits:
@@ -133,11 +150,21 @@ def save_judge(net: JudgeNet, dataset: str, path: Path, meta: dict[str, Any]) ->
 
     ds = get_dataset(dataset)
     store = torch.float16 if meta.get("store") == "float16" else torch.float32
-    state = {k: (v.detach().cpu().to(store) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    info = {"format": FORMAT, "dataset": ds.name, "in_channels": ds.image_shape[0],
-            "num_classes": ds.num_classes, "width": net.body[0].out_channels, "feature_dim": FEATURE_DIM,
-            "image_shape": list(ds.image_shape), **meta}
+    state = {
+        k: (v.detach().cpu().to(store) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in net.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    info = {
+        "format": FORMAT,
+        "dataset": ds.name,
+        "in_channels": ds.image_shape[0],
+        "num_classes": ds.num_classes,
+        "width": net.body[0].out_channels,
+        "feature_dim": FEATURE_DIM,
+        "image_shape": list(ds.image_shape),
+        **meta,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"twinflow_judge": json.dumps(info, sort_keys=True)})
     path.chmod(0o644)
@@ -169,11 +196,14 @@ def _load_judge(key: str, device: str) -> Judge:
     if meta["num_classes"] != ds.num_classes:
         raise ValueError(f"{path}: {meta['num_classes']} classes, dataset {ds.name} has {ds.num_classes}")
     net = JudgeNet(meta["in_channels"], meta["num_classes"], meta["width"], meta["feature_dim"])
-    missing, unexpected = net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                               for k, v in load_file(str(path)).items()}, strict=False)
+    missing, unexpected = net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}, strict=False
+    )
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the judge net (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{path}: weights do not fit the judge net (missing {missing}, unexpected {unexpected})"
+        )
     meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     meta["path"] = str(path)
     return Judge(ds, net.to(device).eval(), meta)
@@ -185,7 +215,14 @@ def _load_judge(key: str, device: str) -> Judge:
 RECIPES: dict[str, dict[str, Any]] = {
     "fashion_mnist": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "width": 16, "augment": "shift"},
     "mnist": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "width": 16, "augment": "shift"},
-    "emoji": {"epochs": 60, "batch_size": 128, "lr": 3e-3, "width": 24, "augment": "emoji", "store": "float16"},
+    "emoji": {
+        "epochs": 60,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "width": 24,
+        "augment": "emoji",
+        "store": "float16",
+    },
 }
 
 
@@ -212,7 +249,9 @@ def augment_emoji(x: Tensor, gen: torch.Generator) -> Tensor:
     grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
     out = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
     # outside the glyph: white background (x+1 = 2 at white); zeros padding gave -1 (black): fill with 1
-    inside = F.grid_sample(torch.ones(n, 1, h, w), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(
+        torch.ones(n, 1, h, w), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
     out = out * inside + (1 - inside)
     blur = torch.rand(n, generator=gen) < 0.3
     if blur.any():
@@ -225,8 +264,15 @@ def augment_emoji(x: Tensor, gen: torch.Generator) -> Tensor:
     return out.clamp(-1, 1)
 
 
-def train_judge(dataset: str, *, out: Path | None = None, seed: int = 0, epochs: int | None = None,
-                threads: int = 1, log=print) -> tuple[Path, dict[str, Any]]:
+def train_judge(
+    dataset: str,
+    *,
+    out: Path | None = None,
+    seed: int = 0,
+    epochs: int | None = None,
+    threads: int = 1,
+    log=print,
+) -> tuple[Path, dict[str, Any]]:
     """Train a judge on the dataset's `train` split, measure it on `heldout`, save it (see module doc)."""
     ds = get_dataset(dataset)
     recipe = dict(RECIPES[ds.name])
@@ -249,7 +295,7 @@ def train_judge(dataset: str, *, out: Path | None = None, seed: int = 0, epochs:
         perm = torch.randperm(len(y_train), generator=gen)
         seen, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(perm), recipe["batch_size"]):
-            idx = perm[i:i + recipe["batch_size"]]
+            idx = perm[i : i + recipe["batch_size"]]
             xb, yb = x_train[idx], y_train[idx]
             xb = augment_emoji(xb, gen) if recipe["augment"] == "emoji" else _shift(xb, gen)
             logits, _ = net(xb)
@@ -261,8 +307,10 @@ def train_judge(dataset: str, *, out: Path | None = None, seed: int = 0, epochs:
             seen += len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             loss_sum += float(loss.detach()) * len(yb)
-        log(f"[judge {ds.name}] epoch {epoch + 1}/{recipe['epochs']}: loss {loss_sum / seen:.4f}, "
-            f"train acc {correct / seen:.4f} ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"[judge {ds.name}] epoch {epoch + 1}/{recipe['epochs']}: loss {loss_sum / seen:.4f}, "
+            f"train acc {correct / seen:.4f} ({time.perf_counter() - t0:.0f} s)"
+        )
     net.eval()
     if recipe.get("store") == "float16":  # measure exactly what ships
         with torch.no_grad():
@@ -272,11 +320,19 @@ def train_judge(dataset: str, *, out: Path | None = None, seed: int = 0, epochs:
     judge = Judge(ds, net, {})
     metrics = heldout_metrics(judge, seed=seed)
     log(f"[judge {ds.name}] held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    meta = {"seed": seed, **recipe, "train_images": int(len(y_train)), "train_split": train.description,
-            "heldout_split": held.description, "heldout": metrics, "train_seconds": round(time.perf_counter() - t0, 1),
-            "command": f"twinflow judges train {ds.name}" + (f" --seed {seed}" if seed else "")
-                       + (f" --epochs {epochs}" if epochs is not None else ""),
-            "torch": torch.__version__}
+    meta = {
+        "seed": seed,
+        **recipe,
+        "train_images": int(len(y_train)),
+        "train_split": train.description,
+        "heldout_split": held.description,
+        "heldout": metrics,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "command": f"twinflow judges train {ds.name}"
+        + (f" --seed {seed}" if seed else "")
+        + (f" --epochs {epochs}" if epochs is not None else ""),
+        "torch": torch.__version__,
+    }
     path = save_judge(net, ds.name, out or weights_path(ds.name), meta)
     _load_judge.cache_clear()
     return path, meta

@@ -15,6 +15,7 @@
 (training's periodic eval); `twinflow eval` computes the very same numbers from samples drawn on a Ray
 Data actor pool (`twinflow.eval.job`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     eigendecompositions in float64: no complex parts, no sqrtm iterations."""
     mu1, mu2, s1, s2 = (torch.as_tensor(a).double() for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"shape mismatch: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+        raise ValueError(
+            f"shape mismatch: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+            f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}"
+        )
     r1 = _sqrt_psd(s1)
     cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
     fd = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross
@@ -94,16 +97,24 @@ def per_class_spread(features: Tensor, classes: Tensor | Sequence[int]) -> dict[
     return {int(c): mean_pairwise_distance(features[classes == c]) for c in classes.unique().tolist()}
 
 
-def diversity(features: Tensor, classes: Tensor | Sequence[int], real_spread: Mapping[int, float]) -> dict[str, Any]:
+def diversity(
+    features: Tensor, classes: Tensor | Sequence[int], real_spread: Mapping[int, float]
+) -> dict[str, Any]:
     """Within-class spread of generated features relative to real data (see module doc)."""
     gen = per_class_spread(features, classes)
-    ratios = {c: gen[c] / real_spread[c] for c in gen
-              if c in real_spread and real_spread[c] > 0 and np.isfinite(gen[c])}
+    ratios = {
+        c: gen[c] / real_spread[c]
+        for c in gen
+        if c in real_spread and real_spread[c] > 0 and np.isfinite(gen[c])
+    }
     if not ratios:
         return {"diversity": float("nan"), "collapse": float("nan"), "per_class": {}}
     values = np.array(list(ratios.values()))
-    return {"diversity": float(values.mean()), "collapse": float((values < COLLAPSE_RATIO).mean()),
-            "per_class": {int(c): float(v) for c, v in sorted(ratios.items())}}
+    return {
+        "diversity": float(values.mean()),
+        "collapse": float((values < COLLAPSE_RATIO).mean()),
+        "per_class": {int(c): float(v) for c, v in sorted(ratios.items())},
+    }
 
 
 def mse_psnr(output: Tensor, target: Tensor, data_range: float = 2.0) -> tuple[Tensor, Tensor]:
@@ -136,9 +147,15 @@ class RealReference:
         """Mean and covariance of the held-out features of `classes` (all when None)."""
         key = tuple(sorted(set(int(c) for c in classes))) if classes is not None else ()
         if key not in self._stats:
-            mask = torch.isin(self.heldout_labels, torch.tensor(key)) if key else torch.ones_like(self.heldout_labels, dtype=torch.bool)
+            mask = (
+                torch.isin(self.heldout_labels, torch.tensor(key))
+                if key
+                else torch.ones_like(self.heldout_labels, dtype=torch.bool)
+            )
             if int(mask.sum()) < 2:
-                raise ValueError(f"{self.dataset}: the held-out split has fewer than 2 images of classes {list(key)}")
+                raise ValueError(
+                    f"{self.dataset}: the held-out split has fewer than 2 images of classes {list(key)}"
+                )
             self._stats[key] = feature_stats(self.heldout_features[mask])
         return self._stats[key]
 
@@ -162,7 +179,7 @@ class RealReference:
             if len(pool) == 0:
                 raise ValueError(f"{self.dataset}: no training images of class {c} for the floor")
             if len(pool) >= len(rows):
-                pick = pool[torch.randperm(len(pool), generator=gen)[:len(rows)]]
+                pick = pool[torch.randperm(len(pool), generator=gen)[: len(rows)]]
             else:
                 pick = pool[torch.randint(len(pool), (len(rows),), generator=gen)]
             out[rows] = self.train_features[pick]
@@ -172,9 +189,11 @@ class RealReference:
         """What real training images score, with the same class list (fd, diversity), and the share of
         saturated pixels in the real held-out images of those classes."""
         feats, cls = self.real_sample(classes, seed)
-        return {"fd": frechet_distance(*feature_stats(feats), *self.stats(cls.tolist())),
-                "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"],
-                "saturation": real_saturation(self.dataset, sorted(set(cls.tolist())))}
+        return {
+            "fd": frechet_distance(*feature_stats(feats), *self.stats(cls.tolist())),
+            "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"],
+            "saturation": real_saturation(self.dataset, sorted(set(cls.tolist()))),
+        }
 
 
 def saturation(images: Tensor, level: float = SATURATION_LEVEL) -> float:
@@ -211,8 +230,14 @@ def real_reference(judge: Judge, max_train: int = 20_000, use_disk: bool = True)
     if use_disk and judge.fingerprint != "unsaved" and path.is_file():
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
-            ref = RealReference(judge.name, judge.fingerprint, d["heldout_features"], d["heldout_labels"],
-                                d["train_features"], d["train_labels"])
+            ref = RealReference(
+                judge.name,
+                judge.fingerprint,
+                d["heldout_features"],
+                d["heldout_labels"],
+                d["train_features"],
+                d["train_labels"],
+            )
             _REFERENCES[key] = ref
             return ref
         except Exception:  # a corrupt or foreign cache file: recompute
@@ -222,15 +247,27 @@ def real_reference(judge: Judge, max_train: int = 20_000, use_disk: bool = True)
     idx = np.arange(len(train.labels))
     if len(idx) > max_train:
         idx = np.sort(np.random.default_rng(0).permutation(len(idx))[:max_train])
-    ref = RealReference(judge.name, judge.fingerprint, judge.features(held.as_float()),
-                        torch.from_numpy(held.labels), judge.features(train.as_float(idx)),
-                        torch.from_numpy(train.labels[idx]))
+    ref = RealReference(
+        judge.name,
+        judge.fingerprint,
+        judge.features(held.as_float()),
+        torch.from_numpy(held.labels),
+        judge.features(train.as_float(idx)),
+        torch.from_numpy(train.labels[idx]),
+    )
     if use_disk and judge.fingerprint != "unsaved":
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"heldout_features": ref.heldout_features, "heldout_labels": ref.heldout_labels,
-                        "train_features": ref.train_features, "train_labels": ref.train_labels}, tmp)
+            torch.save(
+                {
+                    "heldout_features": ref.heldout_features,
+                    "heldout_labels": ref.heldout_labels,
+                    "train_features": ref.train_features,
+                    "train_labels": ref.train_labels,
+                },
+                tmp,
+            )
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: the in-memory cache still holds it
@@ -241,8 +278,9 @@ def real_reference(judge: Judge, max_train: int = 20_000, use_disk: bool = True)
 # ----------------------------------------------------------------------------------- from samples
 
 
-def metrics_from_samples(images: Tensor, classes: Sequence[int] | Tensor, judge: Judge,
-                         reference: RealReference | None = None) -> dict[str, Any]:
+def metrics_from_samples(
+    images: Tensor, classes: Sequence[int] | Tensor, judge: Judge, reference: RealReference | None = None
+) -> dict[str, Any]:
     """All sample metrics for one (checkpoint, NFE): images (N, C, H, W) in [-1, 1], the class each
     was prompted with. Returns fd, adherence, diversity, collapse, n and per-class breakdowns."""
     classes = torch.as_tensor(classes, dtype=torch.long)
@@ -258,19 +296,34 @@ def metrics_from_samples(images: Tensor, classes: Sequence[int] | Tensor, judge:
     div = diversity(feats, classes, ref.spreads(classes.tolist()))
     hits = logits.argmax(1) == classes
     per_class = {int(c): float(hits[classes == c].float().mean()) for c in classes.unique().tolist()}
-    return {"fd": fd, "adherence": float(hits.float().mean()), "diversity": div["diversity"],
-            "saturation": saturation(images),
-            "collapse": div["collapse"], "n": int(len(classes)),
-            "per_class_adherence": per_class, "per_class_diversity": div["per_class"]}
+    return {
+        "fd": fd,
+        "adherence": float(hits.float().mean()),
+        "diversity": div["diversity"],
+        "saturation": saturation(images),
+        "collapse": div["collapse"],
+        "n": int(len(classes)),
+        "per_class_adherence": per_class,
+        "per_class_diversity": div["per_class"],
+    }
 
 
-def flat_metrics(per_nfe: Mapping[Any, Mapping[str, Any]], floor: Mapping[str, float] | None = None,
-                 prefix: str = "eval/") -> dict[str, float]:
+def flat_metrics(
+    per_nfe: Mapping[Any, Mapping[str, Any]], floor: Mapping[str, float] | None = None, prefix: str = "eval/"
+) -> dict[str, float]:
     """{nfe: metrics} -> {"eval/fd_nfe1": ..., "eval/adherence_nfe1": ..., ...} (scalars only)."""
     out: dict[str, float] = {}
     for nfe, m in per_nfe.items():
-        for k in ("fd", "adherence", "diversity", "collapse", "saturation", "edit_mse", "edit_psnr",
-                  "edit_class_kept"):
+        for k in (
+            "fd",
+            "adherence",
+            "diversity",
+            "collapse",
+            "saturation",
+            "edit_mse",
+            "edit_psnr",
+            "edit_class_kept",
+        ):
             if k in m:
                 out[f"{prefix}{k}_nfe{nfe}"] = float(m[k])
     for k, v in (floor or {}).items():
@@ -281,13 +334,26 @@ def flat_metrics(per_nfe: Mapping[Any, Mapping[str, Any]], floor: Mapping[str, f
 # --------------------------------------------------------------------------- in-process generator eval
 
 
-def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence[int], nfe_list: Sequence[int],
-                       judge: Judge, *, reference: RealReference | None = None,
-                       cond: Mapping[str, Tensor] | None = None, text_encoder: Any = None,
-                       images_per_prompt: int = 16, sampler: str = "few", seed: int = 0,
-                       device: str | torch.device | None = None, batch_size: int = 128,
-                       codec: Any = None, prefix: str = "eval/", details: dict | None = None,
-                       guidance: float = 0.0, null_cond: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+def evaluate_generator(
+    model: torch.nn.Module,
+    prompts: Sequence[str] | Sequence[int],
+    nfe_list: Sequence[int],
+    judge: Judge,
+    *,
+    reference: RealReference | None = None,
+    cond: Mapping[str, Tensor] | None = None,
+    text_encoder: Any = None,
+    images_per_prompt: int = 16,
+    sampler: str = "few",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int = 128,
+    codec: Any = None,
+    prefix: str = "eval/",
+    details: dict | None = None,
+    guidance: float = 0.0,
+    null_cond: Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
     """Sample `model` at each NFE and score the images with `judge`: the metrics of training's periodic eval.
 
     - `prompts`: strings (their class comes from `judge.dataset.class_of`) or class indices (then the
@@ -353,21 +419,43 @@ def evaluate_generator(model: torch.nn.Module, prompts: Sequence[str] | Sequence
             imgs = []
             for unit in units:
                 c = {k: v.to(device) for k, v in encode(list(range(unit.start, unit.stop))).items()}
-                imgs.append(sample_unit(model, SampleUnit(unit.start, unit.stop, unit.seed), c, nfe, sampler,
-                                        device=device, codec=codec, guidance=guidance, null_cond=null_cond).cpu())
+                imgs.append(
+                    sample_unit(
+                        model,
+                        SampleUnit(unit.start, unit.stop, unit.seed),
+                        c,
+                        nfe,
+                        sampler,
+                        device=device,
+                        codec=codec,
+                        guidance=guidance,
+                        null_cond=null_cond,
+                    ).cpu()
+                )
             per_nfe[nfe] = metrics_from_samples(torch.cat(imgs), row_classes, judge, ref)
     finally:
         model.train(was_training)
     floor = ref.floor(row_classes, seed=seed)
     if details is not None:
-        details.update({"per_nfe": per_nfe, "floor": floor, "classes": sorted(set(row_classes)), "sampler": sampler})
+        details.update(
+            {"per_nfe": per_nfe, "floor": floor, "classes": sorted(set(row_classes)), "sampler": sampler}
+        )
     return flat_metrics(per_nfe, floor, prefix)
 
 
-def evaluate_edits(model: torch.nn.Module, batches: Any, nfe_list: Sequence[int], judge: Judge, *,
-                   text_encoder: Any = None, sampler: str = "few", seed: int = 0,
-                   device: str | torch.device | None = None, limit: int | None = None,
-                   prefix: str = "eval/") -> dict[str, float]:
+def evaluate_edits(
+    model: torch.nn.Module,
+    batches: Any,
+    nfe_list: Sequence[int],
+    judge: Judge,
+    *,
+    text_encoder: Any = None,
+    sampler: str = "few",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+    prefix: str = "eval/",
+) -> dict[str, float]:
     """Edit pairs: sample `model` with `ref_image` = the source image and the instruction as text, at
     each NFE; MSE/PSNR against the exact target and the judge's class agreement with the target.
 
@@ -392,13 +480,15 @@ def evaluate_edits(model: torch.nn.Module, batches: Any, nfe_list: Sequence[int]
             src = torch.as_tensor(batch["source_image"]).float()
             tgt = torch.as_tensor(batch["image"]).float()
             if limit is not None:
-                src, tgt = src[:limit - seen], tgt[:limit - seen]
+                src, tgt = src[: limit - seen], tgt[: limit - seen]
             n = src.shape[0]
             if n == 0:
                 break
             if "text_states" in batch:
-                cond = {"text_states": torch.as_tensor(batch["text_states"])[:n].float(),
-                        "text_mask": torch.as_tensor(batch["text_mask"])[:n]}
+                cond = {
+                    "text_states": torch.as_tensor(batch["text_states"])[:n].float(),
+                    "text_mask": torch.as_tensor(batch["text_mask"])[:n],
+                }
             else:
                 if text_encoder is None:
                     from twinflow.models.text_encoder import TextEncoder
@@ -426,8 +516,11 @@ def evaluate_edits(model: torch.nn.Module, batches: Any, nfe_list: Sequence[int]
     for nfe in nfe_list:
         out = torch.cat(outs[nfe])
         mse, psnr = mse_psnr(out.clamp(-1, 1), target)
-        per_nfe[nfe] = {"edit_mse": float(mse.mean()), "edit_psnr": float(psnr.clamp(max=100).mean()),
-                        "edit_class_kept": float((judge.classify(out) == target_cls).float().mean())}
+        per_nfe[nfe] = {
+            "edit_mse": float(mse.mean()),
+            "edit_psnr": float(psnr.clamp(max=100).mean()),
+            "edit_class_kept": float((judge.classify(out) == target_cls).float().mean()),
+        }
     floor = {}
     if labels:
         lab = torch.cat(labels)

@@ -12,6 +12,7 @@ Costs, for the tiny 28x28 model on one CPU core: the judge and the real referenc
 process (reference features cached on disk after the first job, ~0.1 s to read); sampling is
 prompts x images_per_prompt x sum(NFE) model forwards; judging 1,000 images takes ~0.1 s.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -23,9 +24,9 @@ from twinflow.eval.datasets import SOURCE_TYPES
 
 def dataset_of(data_path: str, s3_endpoint: str | None = None) -> str | None:
     """The judge dataset of a shard folder (its manifest's source type), or None when no judge fits."""
-    from twinflow.data import storage
-
     import json
+
+    from twinflow.data import storage
 
     try:
         manifest = json.loads(storage.read_bytes(storage.join(data_path, "manifest.json"), s3_endpoint))
@@ -39,11 +40,21 @@ def sampler_for(method: str | None) -> str:
     return "ode" if method == "flow_matching" else "few"
 
 
-def periodic_metrics(module: torch.nn.Module, *, dataset: str | None, prompts: Sequence[str],
-                     cond: Mapping[str, torch.Tensor] | None, nfe: Sequence[int], method: str | None,
-                     images_per_prompt: int = 32, seed: int = 1234, device: Any = None,
-                     batch_size: int = 128, guidance: float = 0.0,
-                     null_cond: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+def periodic_metrics(
+    module: torch.nn.Module,
+    *,
+    dataset: str | None,
+    prompts: Sequence[str],
+    cond: Mapping[str, torch.Tensor] | None,
+    nfe: Sequence[int],
+    method: str | None,
+    images_per_prompt: int = 32,
+    seed: int = 1234,
+    device: Any = None,
+    batch_size: int = 128,
+    guidance: float = 0.0,
+    null_cond: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """`evaluate_generator` with the judge and cached real reference of `dataset` ({} when None).
     Every rank must call it under ZeRO-3 (the forwards gather parameters); all ranks get the same numbers."""
     if dataset is None or not prompts:
@@ -55,9 +66,21 @@ def periodic_metrics(module: torch.nn.Module, *, dataset: str | None, prompts: S
     dtype = next(module.parameters()).dtype
     if cond is not None:
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
-    return evaluate_generator(module, list(prompts), list(nfe), judge, reference=real_reference(judge), cond=cond,
-                              images_per_prompt=images_per_prompt, sampler=sampler_for(method), seed=seed,
-                              device=device, batch_size=batch_size, guidance=guidance, null_cond=null_cond)
+    return evaluate_generator(
+        module,
+        list(prompts),
+        list(nfe),
+        judge,
+        reference=real_reference(judge),
+        cond=cond,
+        images_per_prompt=images_per_prompt,
+        sampler=sampler_for(method),
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        guidance=guidance,
+        null_cond=null_cond,
+    )
 
 
 def check_prompts(dataset: str | None, prompts: Sequence[str]) -> None:

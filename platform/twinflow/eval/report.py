@@ -1,4 +1,5 @@
 """Eval outputs: results.json, results.md (one table), sample grids (PNG), samples (npz, uint8)."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,11 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 def pick_per_class(classes: np.ndarray, k: int) -> np.ndarray:
     """Indices of the first k rows of each class, class by class."""
     classes = np.asarray(classes)
-    return np.concatenate([np.flatnonzero(classes == c)[:k] for c in sorted(set(classes.tolist()))]) if k else np.zeros(0, int)
+    return (
+        np.concatenate([np.flatnonzero(classes == c)[:k] for c in sorted(set(classes.tolist()))])
+        if k
+        else np.zeros(0, int)
+    )
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -50,37 +55,55 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = ["| checkpoint | dataset | method | sampler | NFE | FD (lower is better) | FD floor | "
-             "adherence | diversity (real = 1) | collapsed classes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| checkpoint | dataset | method | sampler | NFE | FD (lower is better) | FD floor | "
+        "adherence | diversity (real = 1) | collapsed classes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in report["checkpoints"]:
         method = e.get("method") or "?"
         if e.get("lambda") is not None and method == "twinflow":
             method += f" (lambda {e['lambda']:g})"
         for nfe, m in e["nfe"].items():
-            lines.append(f"| {e['name']} | {e['dataset']} | {method} | {e['sampler']} | {nfe} | {fmt(m['fd'])} | "
-                         f"{fmt(e['floor']['fd'])} | {m['adherence']:.1%} | {fmt(m['diversity'])} | "
-                         f"{m['collapse']:.0%} |")
+            lines.append(
+                f"| {e['name']} | {e['dataset']} | {method} | {e['sampler']} | {nfe} | {fmt(m['fd'])} | "
+                f"{fmt(e['floor']['fd'])} | {m['adherence']:.1%} | {fmt(m['diversity'])} | "
+                f"{m['collapse']:.0%} |"
+            )
     for ds, d in report["datasets"].items():
         judge = d["judge"]
         acc = (judge.get("heldout") or {}).get("accuracy")
         floor = d.get("floor") or {}
-        lines.append(f"| *real train images* | {ds} | - | - | - | {fmt(floor.get('fd'))} | {fmt(floor.get('fd'))} | "
-                     f"{fmt(acc) if acc is None else f'{acc:.1%}'} (judge held-out acc.) | "
-                     f"{fmt(floor.get('diversity'))} | - |")
+        lines.append(
+            f"| *real train images* | {ds} | - | - | - | {fmt(floor.get('fd'))} | {fmt(floor.get('fd'))} | "
+            f"{fmt(acc) if acc is None else f'{acc:.1%}'} (judge held-out acc.) | "
+            f"{fmt(floor.get('diversity'))} | - |"
+        )
     edits = [(e["name"], e["edits"]) for e in report["checkpoints"] if e.get("edits")]
     if edits:
-        lines += ["", "| checkpoint | NFE | edit MSE | edit PSNR (dB) | class kept |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| checkpoint | NFE | edit MSE | edit PSNR (dB) | class kept |",
+            "|---|---|---|---|---|",
+        ]
         for name, ed in edits:
             for key in sorted(k for k in ed if k.startswith("edit_mse_nfe")):
                 n = key.rsplit("nfe", 1)[1]
-                lines.append(f"| {name} | {n} | {fmt(ed[key], 4)} | {fmt(ed.get(f'edit_psnr_nfe{n}'), 2)} | "
-                             f"{ed.get(f'edit_class_kept_nfe{n}', float('nan')):.1%} |")
+                lines.append(
+                    f"| {name} | {n} | {fmt(ed[key], 4)} | {fmt(ed.get(f'edit_psnr_nfe{n}'), 2)} | "
+                    f"{ed.get(f'edit_class_kept_nfe{n}', float('nan')):.1%} |"
+                )
     return "\n".join(lines) + "\n"
 
 
-def class_grid(blocks: Sequence[tuple[str, torch.Tensor, np.ndarray]], class_names: Sequence[str], per_class: int,
-               path: str | Path, scale: int = 2, label_width: int = 110) -> Path:
+def class_grid(
+    blocks: Sequence[tuple[str, torch.Tensor, np.ndarray]],
+    class_names: Sequence[str],
+    per_class: int,
+    path: str | Path,
+    scale: int = 2,
+    label_width: int = 110,
+) -> Path:
     """One row per class; one block of `per_class` columns per (title, images, classes), e.g. per NFE.
     Column j of every block holds the class's j-th sample, so blocks with the same noise line up."""
     from PIL import Image, ImageDraw
@@ -93,7 +116,9 @@ def class_grid(blocks: Sequence[tuple[str, torch.Tensor, np.ndarray]], class_nam
     h, w = prepared[0][1].shape[1] * scale, prepared[0][1].shape[2] * scale
     pad, gap, head = 2, 10, 16
     block_w = per_class * (w + pad)
-    canvas = Image.new("RGB", (label_width + len(prepared) * (block_w + gap), head + len(present) * (h + pad)), "white")
+    canvas = Image.new(
+        "RGB", (label_width + len(prepared) * (block_w + gap), head + len(present) * (h + pad)), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for b, (title, imgs, classes) in enumerate(prepared):
         x0 = label_width + b * (block_w + gap)
@@ -102,8 +127,15 @@ def class_grid(blocks: Sequence[tuple[str, torch.Tensor, np.ndarray]], class_nam
             idx = np.flatnonzero(classes == c)[:per_class]
             for j, i in enumerate(idx):
                 img = imgs[i]
-                tile = (Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img, mode="RGB"))
-                canvas.paste(tile.convert("RGB").resize((w, h), Image.NEAREST), (x0 + j * (w + pad), head + r * (h + pad)))
+                tile = (
+                    Image.fromarray(img[..., 0], mode="L")
+                    if img.shape[-1] == 1
+                    else Image.fromarray(img, mode="RGB")
+                )
+                canvas.paste(
+                    tile.convert("RGB").resize((w, h), Image.NEAREST),
+                    (x0 + j * (w + pad), head + r * (h + pad)),
+                )
     for r, c in enumerate(present):
         name = class_names[c] if c < len(class_names) else str(c)
         draw.text((4, head + r * (h + pad) + h // 2 - 6), name[:18], fill="black")
@@ -137,6 +169,10 @@ def write_reports(report: dict[str, Any], out_dir: Path, grid_per_class: int) ->
                 grids.append(str(g))
     md = markdown_table(report)
     report["markdown"] = md
-    report["files"] = {"json": str(out_dir / "results.json"), "markdown": str(out_dir / "results.md"), "grids": grids}
+    report["files"] = {
+        "json": str(out_dir / "results.json"),
+        "markdown": str(out_dir / "results.md"),
+        "grids": grids,
+    }
     (out_dir / "results.md").write_text(md)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))

@@ -10,6 +10,7 @@ Samplers:
   a flow-matching base's own sampler, and its best use of K NFE. K = 50 is `preset("multistep")`.
 - `auto`: `ode` for checkpoints whose export says `method: flow_matching`, else `few`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ def check_nfe(nfe_list: Sequence[Any]) -> list[int]:
             if str(n).strip() != str(v) and not isinstance(n, int):
                 raise ValueError
         except (TypeError, ValueError):
-            raise ValueError(f"bad NFE {n!r}: each NFE is a whole number of model evaluations, e.g. 1,2,4,50") from None
+            raise ValueError(
+                f"bad NFE {n!r}: each NFE is a whole number of model evaluations, e.g. 1,2,4,50"
+            ) from None
         if isinstance(n, bool) or not 1 <= v <= MAX_NFE:
             raise ValueError(f"bad NFE {n!r}: must be between 1 and {MAX_NFE}")
         out.append(v)
@@ -75,14 +78,25 @@ def plan_units(n: int, batch_size: int, seed: int) -> list[SampleUnit]:
     """Chunks of `batch_size` rows; each unit's seed depends only on `seed` and its index."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    return [SampleUnit(s, min(s + batch_size, n), seed * 1_000_003 + i)
-            for i, s in enumerate(range(0, n, batch_size))]
+    return [
+        SampleUnit(s, min(s + batch_size, n), seed * 1_000_003 + i)
+        for i, s in enumerate(range(0, n, batch_size))
+    ]
 
 
 @torch.no_grad()
-def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Tensor], nfe: int, sampler: str,
-                *, device: torch.device | str = "cpu", codec: Any = None, guidance: float = 0.0,
-                null_cond: Mapping[str, Tensor] | None = None) -> Tensor:
+def sample_unit(
+    model: torch.nn.Module,
+    unit: SampleUnit,
+    cond: Mapping[str, Tensor],
+    nfe: int,
+    sampler: str,
+    *,
+    device: torch.device | str = "cpu",
+    codec: Any = None,
+    guidance: float = 0.0,
+    null_cond: Mapping[str, Tensor] | None = None,
+) -> Tensor:
     """Images (unit.size, C, H, W) in [-1, 1]: the same noise for a unit at every NFE and sampler.
     Latent models need `codec` (the export's VAE) to decode; `guidance` > 0 (a base's CFG) needs
     `null_cond`."""
@@ -96,8 +110,14 @@ def sample_unit(model: torch.nn.Module, unit: SampleUnit, cond: Mapping[str, Ten
     gen = torch.Generator(device=device).manual_seed(unit.seed + 1)
     if null_cond is not None:
         null_cond = cond_to(null_cond, device, dtype)
-    out = sample(model, noise.to(device, dtype), dict(cond), settings=settings_for(nfe, sampler, guidance),
-                 null_cond=null_cond, generator=gen)
+    out = sample(
+        model,
+        noise.to(device, dtype),
+        dict(cond),
+        settings=settings_for(nfe, sampler, guidance),
+        null_cond=null_cond,
+        generator=gen,
+    )
     if getattr(model, "latent", None):
         if codec is None:
             raise ValueError("this generator works in a VAE latent space; pass the export's codec to decode")

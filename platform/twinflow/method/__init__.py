@@ -2,6 +2,7 @@
 
 Models are callables `model(x, t, r, cond) -> velocity` (docs/architecture.md). No Ray or DeepSpeed.
 """
+
 from twinflow.method.conditioning import cat_cond, cond_batch_size, expand_cond, mix_cond, take_cond
 from twinflow.method.config import (
     FlowMatchingConfig,
@@ -21,10 +22,37 @@ from twinflow.method.times import sample_times
 from twinflow.method.twinflow import TwinFlowObjective
 
 __all__ = [
-    "EMA", "GROUP_NAMES", "FlowMatchingConfig", "FlowMatchingObjective", "GroupSplit", "GroupWeights",
-    "MethodConfig", "NonFiniteLossError", "ObjectiveOutput", "SamplerSettings", "Teacher",
-    "TwinFlowConfig", "TwinFlowObjective", "barron_loss", "build_objective", "cat_cond",
-    "cond_batch_size", "enhance_velocity", "expand_cond", "mix_cond", "mse_loss", "next_decay",
-    "preset", "rcgm_target", "row_loss", "sample", "sample_nfe", "sample_times", "split_groups",
-    "take_cond", "time_grid", "time_weight", "weights_from_lambda",
+    "EMA",
+    "GROUP_NAMES",
+    "FlowMatchingConfig",
+    "FlowMatchingObjective",
+    "GroupSplit",
+    "GroupWeights",
+    "MethodConfig",
+    "NonFiniteLossError",
+    "ObjectiveOutput",
+    "SamplerSettings",
+    "Teacher",
+    "TwinFlowConfig",
+    "TwinFlowObjective",
+    "barron_loss",
+    "build_objective",
+    "cat_cond",
+    "cond_batch_size",
+    "enhance_velocity",
+    "expand_cond",
+    "mix_cond",
+    "mse_loss",
+    "next_decay",
+    "preset",
+    "rcgm_target",
+    "row_loss",
+    "sample",
+    "sample_nfe",
+    "sample_times",
+    "split_groups",
+    "take_cond",
+    "time_grid",
+    "time_weight",
+    "weights_from_lambda",
 ]

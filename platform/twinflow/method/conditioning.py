@@ -6,6 +6,7 @@ When the same key has different trailing shapes (a 1-token null prompt next to 7
 shorter tensors are zero-padded: for a `(text_states, text_mask)` pair that is exactly padding with
 masked-out tokens.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -40,14 +41,18 @@ def _common_trailing_shapes(conds: Sequence[Mapping[str, Tensor]]) -> dict[str, 
     shapes: dict[str, tuple[int, ...]] = {}
     for i, c in enumerate(conds):
         if set(c) != keys:
-            raise ValueError(f"cannot combine cond dicts with different keys: {sorted(keys)} vs {sorted(c)} (#{i})")
+            raise ValueError(
+                f"cannot combine cond dicts with different keys: {sorted(keys)} vs {sorted(c)} (#{i})"
+            )
         for k, v in c.items():
             tail = tuple(v.shape[1:])
             if k not in shapes:
                 shapes[k] = tail
                 continue
             if len(tail) != len(shapes[k]):
-                raise ValueError(f"cond[{k!r}] has rank {v.dim()} in one dict and {len(shapes[k]) + 1} in another")
+                raise ValueError(
+                    f"cond[{k!r}] has rank {v.dim()} in one dict and {len(shapes[k]) + 1} in another"
+                )
             shapes[k] = tuple(max(a, b) for a, b in zip(shapes[k], tail))
     return shapes
 
@@ -100,5 +105,7 @@ def mix_cond(cond: Mapping[str, Tensor], null_cond: Mapping[str, Tensor], use_nu
 
 def cond_to(cond: Mapping[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
     """`cond` on `device`; floating tensors also cast to `dtype` when given (masks keep theirs)."""
-    return {k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
-            for k, v in cond.items()}
+    return {
+        k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+        for k, v in cond.items()
+    }

@@ -1,15 +1,16 @@
 """The `method:` section of a job YAML: TwinFlow or plain flow matching, chosen by `name`.
 
-    method:
-      name: twinflow
-      lambda: 0.33          # share of rows for the TwinFlow groups (E2E + ADV)
-      enhanced_ratio: 0.8   # w: CFG baked into targets (scale 1 + w with a frozen teacher, ~1/(1 - w) online/EMA)
-      teacher: ema
-      ema_decay: 0.99
+method:
+  name: twinflow
+  lambda: 0.33          # share of rows for the TwinFlow groups (E2E + ADV)
+  enhanced_ratio: 0.8   # w: CFG baked into targets (scale 1 + w with a frozen teacher, ~1/(1 - w) online/EMA)
+  teacher: ema
+  ema_decay: 0.99
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -30,7 +31,7 @@ class GroupWeights(StrictModel):
     adv: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _positive_sum(self) -> "GroupWeights":
+    def _positive_sum(self) -> GroupWeights:
         if self.e2e + self.mul + self.any + self.adv <= 0:
             raise ValueError("at least one group weight must be positive")
         return self
@@ -38,16 +39,31 @@ class GroupWeights(StrictModel):
 
 class TwinFlowConfig(StrictModel):
     name: Literal["twinflow"] = "twinflow"
-    lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
-                           description="fraction of rows for E2E+ADV; 0.5 = reference quarters, 0 = base only")
+    lambda_: float = Field(
+        0.5,
+        alias="lambda",
+        ge=0,
+        le=1,
+        description="fraction of rows for E2E+ADV; 0.5 = reference quarters, 0 = base only",
+    )
     group_weights: GroupWeights | None = Field(None, description="set the four group shares directly")
-    kappa: float = Field(0.5, ge=0, description=(
-        "rectify (self-adversarial) loss coefficient, per E2E row as in the reference at lambda 0.5: each "
-        "E2E row adds kappa * 4/B * its rectify loss, so the push per row does not change with lambda"))
-    enhanced_ratio: float = Field(0.8, ge=0, description=(
-        "w: CFG baked into MUL/ANY targets. The guidance scale it trains is 1 + w with a frozen teacher, "
-        "and about 1 / (1 - w) with an online or EMA teacher (the target refers to the model itself): "
-        "5 at w = 0.8, 2 at w = 0.5; it must stay below 1 there, where that fixed point does not exist"))
+    kappa: float = Field(
+        0.5,
+        ge=0,
+        description=(
+            "rectify (self-adversarial) loss coefficient, per E2E row as in the reference at lambda 0.5: each "
+            "E2E row adds kappa * 4/B * its rectify loss, so the push per row does not change with lambda"
+        ),
+    )
+    enhanced_ratio: float = Field(
+        0.8,
+        ge=0,
+        description=(
+            "w: CFG baked into MUL/ANY targets. The guidance scale it trains is 1 + w with a frozen teacher, "
+            "and about 1 / (1 - w) with an online or EMA teacher (the target refers to the model itself): "
+            "5 at w = 0.8, 2 at w = 0.5; it must stay below 1 there, where that fixed point does not exist"
+        ),
+    )
     cfg_interval: tuple[float, float] = Field((0.0, 1.0), description="CFG applies where lo < t < hi")
     rollout_order: int = Field(2, ge=1, le=16, description="N teacher sub-steps in the RCGM rollout")
     delta: float = Field(0.01, gt=0, lt=1, description="RCGM exact step on the true path")
@@ -57,7 +73,8 @@ class TwinFlowConfig(StrictModel):
     teacher: Literal["ema", "online", "frozen"] = "online"
     ema_decay: float = Field(0.99, gt=0, lt=1)
     on_nonfinite: Literal["raise", "report"] = Field(
-        "raise", description="raise NonFiniteLossError, or return the loss with metrics['nonfinite'] = 1")
+        "raise", description="raise NonFiniteLossError, or return the loss with metrics['nonfinite'] = 1"
+    )
 
     @field_validator("cfg_interval")
     @classmethod
@@ -68,17 +85,18 @@ class TwinFlowConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _one_split_rule(self) -> "TwinFlowConfig":
+    def _one_split_rule(self) -> TwinFlowConfig:
         if self.group_weights is not None and "lambda_" in self.model_fields_set:
             raise ValueError("set either lambda or group_weights, not both")
         return self
 
     @model_validator(mode="after")
-    def _self_guidance_converges(self) -> "TwinFlowConfig":
+    def _self_guidance_converges(self) -> TwinFlowConfig:
         if self.teacher != "frozen" and self.enhanced_ratio >= 1:
             raise ValueError(
                 f"enhanced_ratio {self.enhanced_ratio} >= 1 with the {self.teacher} teacher: the self-referential "
-                "CFG target has no fixed point (scale ~1/(1 - w)); use w < 1, or teacher: frozen (scale 1 + w)")
+                "CFG target has no fixed point (scale ~1/(1 - w)); use w < 1, or teacher: frozen (scale 1 + w)"
+            )
         return self
 
     def split(self, batch_size: int) -> GroupSplit:
@@ -94,19 +112,30 @@ class FlowMatchingConfig(StrictModel):
     name: Literal["flow_matching"] = "flow_matching"
     loss: Literal["barron", "mse"] = "mse"
     barron_c: float = Field(1e-3, gt=0)
-    cond_dropout: float = Field(0.0, ge=0, lt=1,
-                                description="rows trained on the null condition, so CFG and TwinFlow's "
-                                            "baked-in CFG have a meaningful unconditional branch")
-    sample_guidance: float = Field(0.0, ge=0, description=(
-        "CFG w used when this model is sampled (grids, judge metrics, the export's recommended setting): "
-        "F = F_c + w (F_c - F_null), i.e. scale 1 + w; needs cond_dropout > 0"))
+    cond_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="rows trained on the null condition, so CFG and TwinFlow's "
+        "baked-in CFG have a meaningful unconditional branch",
+    )
+    sample_guidance: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "CFG w used when this model is sampled (grids, judge metrics, the export's recommended setting): "
+            "F = F_c + w (F_c - F_null), i.e. scale 1 + w; needs cond_dropout > 0"
+        ),
+    )
     on_nonfinite: Literal["raise", "report"] = "raise"
 
     @model_validator(mode="after")
-    def _guidance_needs_dropout(self) -> "FlowMatchingConfig":
+    def _guidance_needs_dropout(self) -> FlowMatchingConfig:
         if self.sample_guidance > 0 and self.cond_dropout == 0:
-            raise ValueError("sample_guidance > 0 needs cond_dropout > 0: without null-condition rows the "
-                             "model has no trained unconditional branch to guide against")
+            raise ValueError(
+                "sample_guidance > 0 needs cond_dropout > 0: without null-condition rows the "
+                "model has no trained unconditional branch to guide against"
+            )
         return self
 
 
@@ -117,10 +146,12 @@ def sample_guidance_of(method_config: dict | None) -> float:
     return float(method_config.get("sample_guidance", 0.0))
 
 
-MethodConfig = Annotated[Union[TwinFlowConfig, FlowMatchingConfig], Field(discriminator="name")]
+MethodConfig = Annotated[TwinFlowConfig | FlowMatchingConfig, Field(discriminator="name")]
 
 
-def build_objective(config: TwinFlowConfig | FlowMatchingConfig) -> "TwinFlowObjective | FlowMatchingObjective":
+def build_objective(
+    config: TwinFlowConfig | FlowMatchingConfig,
+) -> TwinFlowObjective | FlowMatchingObjective:
     from twinflow.method.flow_matching import FlowMatchingObjective
     from twinflow.method.twinflow import TwinFlowObjective
 

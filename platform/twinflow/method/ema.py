@@ -4,6 +4,7 @@ EMA warm-up (reference behaviour): the k-th update uses decay d_k with d_0 = 0 (
 the online weights) and d_{k+1} = d_k + 0.5 (1 - d_k)(d - d_k), so the decay climbs smoothly to d
 instead of averaging in the random early weights for hundreds of steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,12 @@ class EMA:
         self.current_decay = next_decay(self.current_decay, self.decay)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "current_decay": self.current_decay, "num_updates": self.num_updates,
-                "module": self.module.state_dict()}
+        return {
+            "decay": self.decay,
+            "current_decay": self.current_decay,
+            "num_updates": self.num_updates,
+            "module": self.module.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decay = float(state["decay"])
@@ -71,8 +76,14 @@ class Teacher:
       peft "adapters disabled" context) it is the online module with adapters off: no copy either.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "online", *, decay: float = 0.99,
-                 adapters_off: Callable[[], ContextManager[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "online",
+        *,
+        decay: float = 0.99,
+        adapters_off: Callable[[], ContextManager[Any]] | None = None,
+    ) -> None:
         if mode not in TEACHER_MODES:
             raise ValueError(f"unknown teacher mode {mode!r}; choose one of {list(TEACHER_MODES)}")
         if adapters_off is not None and mode != "frozen":

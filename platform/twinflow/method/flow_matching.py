@@ -2,6 +2,7 @@
 
 x_t = (1 - t) x + t eps, t ~ U(0, 1), target v = eps - x, queried at r = t (instantaneous velocity).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -30,9 +31,17 @@ class FlowMatchingObjective:
             return barron_loss(pred, target, self.config.barron_c)
         return mse_loss(pred, target)
 
-    def __call__(self, model: VelocityModel, x0: Tensor, cond: Mapping[str, Tensor] | None = None, *,
-                 teacher: Any = None, null_cond: Mapping[str, Tensor] | None = None,
-                 generator: torch.Generator | None = None, update_teacher: bool = True) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: VelocityModel,
+        x0: Tensor,
+        cond: Mapping[str, Tensor] | None = None,
+        *,
+        teacher: Any = None,
+        null_cond: Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        update_teacher: bool = True,
+    ) -> ObjectiveOutput:
         cfg = self.config
         cond = dict(cond or {})
         B, dev = int(x0.shape[0]), x0.device
@@ -52,6 +61,9 @@ class FlowMatchingObjective:
         log = CallLog(input_dtype=x0.dtype if x0.is_floating_point() else torch.float32)
         (G,) = log.run(model, [Query(x_t, t, t, cond)], grad=True)
         loss = self.row_loss(G, eps - x).mean()
-        metrics = finalize_metrics({"loss_fm": loss, "total": loss}, on_nonfinite=cfg.on_nonfinite,
-                                   extra={"model_calls": 1.0, "nograd_rows": 0.0})
+        metrics = finalize_metrics(
+            {"loss_fm": loss, "total": loss},
+            on_nonfinite=cfg.on_nonfinite,
+            extra={"model_calls": 1.0, "nograd_rows": 0.0},
+        )
         return ObjectiveOutput(loss=loss, metrics=metrics, model_calls=log.calls, nograd_rows=0)

@@ -3,6 +3,7 @@
 Contiguous groups keep every per-group operation a slice (no gathers, no data-dependent shapes), and
 the order e2e, mul, any, adv puts the rows that need the RCGM target (e2e, mul, any) first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Per-row losses and the time weight. Everything is computed in float32 whatever the model dtype."""
+
 from __future__ import annotations
 
 import math

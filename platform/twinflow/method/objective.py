@@ -1,4 +1,5 @@
 """What every objective returns, the non-finite guard, and the batched, counted model calls."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ class NonFiniteLossError(FloatingPointError):
     """The loss (or a per-group loss) is NaN/inf: stop before the optimizer step spreads it."""
 
 
-def finalize_metrics(named: dict[str, Tensor], *, on_nonfinite: str,
-                     extra: Mapping[str, float] | None = None) -> dict[str, float]:
+def finalize_metrics(
+    named: dict[str, Tensor], *, on_nonfinite: str, extra: Mapping[str, float] | None = None
+) -> dict[str, float]:
     """Turn scalar tensors into floats with one device sync, and apply the non-finite policy."""
     names = list(named)
     values = torch.stack([named[k].detach().float().reshape(()) for k in names]).tolist() if names else []

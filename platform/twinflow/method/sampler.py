@@ -5,6 +5,7 @@ u <- (1 - (1 - u^a)^b)^c, t_k = 1 - u_k, then t = 0 appended. Step k queries F =
 r_k = 0 ("few"), t_{k+1} ("any") or t_k ("mul", an Euler ODE step), and re-noises the clean estimate:
 x <- (1 - t_{k+1}) x_hat + t_{k+1} (sqrt(1 - rho) eps_hat + sqrt(rho) xi).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ Style = Literal["few", "any", "mul"]
 STYLES: tuple[str, ...] = ("few", "any", "mul")
 
 
-def time_grid(nfe: int, *, g0: float = 0.001, g1: float = 0.5,
-              warp: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
+def time_grid(
+    nfe: int, *, g0: float = 0.001, g1: float = 0.5, warp: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> Tensor:
     """The nfe + 1 times t_0 > ... > t_{nfe} = 0 (float64)."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
@@ -62,23 +64,38 @@ def preset(nfe: int | str) -> SamplerSettings:
     return SamplerSettings(nfe=nfe, style="few", rho=1.0, g0=0.001, g1=0.6 if nfe == 2 else 0.5)
 
 
-def _guided(model: VelocityModel, x: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor],
-            null_cond: Mapping[str, Tensor] | None, guidance: float) -> Tensor:
+def _guided(
+    model: VelocityModel,
+    x: Tensor,
+    t: Tensor,
+    r: Tensor,
+    cond: Mapping[str, Tensor],
+    null_cond: Mapping[str, Tensor] | None,
+    guidance: float,
+) -> Tensor:
     if guidance == 0.0:
         return model(x, t, r, dict(cond))
     if null_cond is None or not cond:
         raise ValueError("guidance > 0 needs a conditional model and null_cond")
     B = x.shape[0]
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([r, r]),
-                cat_cond([cond, expand_cond(null_cond, B)]))
+    out = model(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([r, r]), cat_cond([cond, expand_cond(null_cond, B)])
+    )
     f_c, f_u = out[:B], out[B:]
     return f_c + guidance * (f_c - f_u)
 
 
 @torch.no_grad()
-def sample(model: VelocityModel, noise: Tensor, cond: Mapping[str, Tensor] | None = None, *,
-           settings: SamplerSettings | None = None, null_cond: Mapping[str, Tensor] | None = None,
-           generator: torch.Generator | None = None, grid: Tensor | None = None) -> Tensor:
+def sample(
+    model: VelocityModel,
+    noise: Tensor,
+    cond: Mapping[str, Tensor] | None = None,
+    *,
+    settings: SamplerSettings | None = None,
+    null_cond: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    grid: Tensor | None = None,
+) -> Tensor:
     """Samples from initial noise (B, ...); returns the last clean estimate x_hat (float32).
     `guidance` w: F = F_c + w (F_c - F_null); 0 by default since CFG is baked in by training."""
     s = settings or SamplerSettings()
@@ -108,8 +125,9 @@ def sample(model: VelocityModel, noise: Tensor, cond: Mapping[str, Tensor] | Non
     return x_hat
 
 
-def sample_nfe(model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mapping[str, Tensor] | None = None,
-               **kwargs) -> Tensor:
+def sample_nfe(
+    model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mapping[str, Tensor] | None = None, **kwargs
+) -> Tensor:
     """`sample` with the reference preset for `nfe` (1, 2, 4, ... or "multistep")."""
     settings = preset(nfe)
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SamplerSettings.__dataclass_fields__}

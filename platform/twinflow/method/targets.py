@@ -8,6 +8,7 @@ The RCGM target for a query (x_t, t, r) with true velocity v:
   R = G - v                                 otherwise          (ordinary flow matching)
   T = sg(G) - clip(R, -1, 1)
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping
@@ -42,8 +43,9 @@ def rollout_step(y: Tensor, s: Tensor, s_next: Tensor, g: Tensor) -> tuple[Tenso
 
 
 @torch.no_grad()
-def teacher_rollout(teacher: VelocityFn, x_start: Tensor, times: list[Tensor],
-                    cond: Mapping[str, Tensor]) -> Tensor:
+def teacher_rollout(
+    teacher: VelocityFn, x_start: Tensor, times: list[Tensor], cond: Mapping[str, Tensor]
+) -> Tensor:
     """D = total displacement of the teacher's N-step rollout along `times` (unbatched helper)."""
     y, total = x_start, torch.zeros_like(x_start)
     for s, s_next in zip(times[:-1], times[1:]):
@@ -69,8 +71,18 @@ def rcgm_target_from_residual(G: Tensor, R: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def rcgm_target(G: Tensor, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, cond: Mapping[str, Tensor],
-                teacher: VelocityFn, *, delta: float = 0.01, order: int = 2) -> Tensor:
+def rcgm_target(
+    G: Tensor,
+    x_t: Tensor,
+    v: Tensor,
+    t: Tensor,
+    r: Tensor,
+    cond: Mapping[str, Tensor],
+    teacher: VelocityFn,
+    *,
+    delta: float = 0.01,
+    order: int = 2,
+) -> Tensor:
     """The whole RCGM target in one function (the objective batches the same steps differently)."""
     x_start, t_start = rollout_start(x_t, v, t, r, delta)
     D = teacher_rollout(teacher, x_start, rollout_times(t_start, r, order), cond)
@@ -84,8 +96,9 @@ def cfg_mask(t: Tensor, interval: tuple[float, float]) -> Tensor:
 
 
 @torch.no_grad()
-def enhance_velocity(v: Tensor, t: Tensor, pred_cond: Tensor, pred_null: Tensor, ratio: float,
-                     interval: tuple[float, float]) -> Tensor:
+def enhance_velocity(
+    v: Tensor, t: Tensor, pred_cond: Tensor, pred_null: Tensor, ratio: float, interval: tuple[float, float]
+) -> Tensor:
     """v + w (G_hat(x_t,t,t|c) - G_hat(x_t,t,t|null)) on rows with lo < t < hi; others unchanged.
     Baking CFG into the target makes the trained model guided at guidance 0 (scale 1 + w)."""
     mask = _rows(cfg_mask(t, interval).to(v.dtype), v)

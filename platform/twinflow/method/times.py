@@ -1,4 +1,5 @@
 """Random draws for one step: per-group (t, r) and noise, all reproducible from one torch.Generator."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,24 +12,35 @@ from twinflow.method.groups import GroupSplit
 MUL_MAX_GAP = 0.05  # MUL rows: r = t - u * 0.05 * t, a near-instantaneous query
 
 
-def uniform(shape: Sequence[int], *, device: torch.device | str, generator: torch.Generator | None = None,
-            dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform(
+    shape: Sequence[int],
+    *,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """U(0, 1) drawn on the generator's device (so a CPU generator also seeds CUDA runs)."""
     if generator is None:
         return torch.rand(tuple(shape), device=device, dtype=dtype)
     return torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def normal(shape: Sequence[int], *, device: torch.device | str, generator: torch.Generator | None = None,
-           dtype: torch.dtype = torch.float32) -> Tensor:
+def normal(
+    shape: Sequence[int],
+    *,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """N(0, I), like `uniform`."""
     if generator is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def sample_times(split: GroupSplit, *, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_times(
+    split: GroupSplit, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """(t, r), shape (B,) float32, per group:
     E2E t=1, r=0; MUL t~U, r=t-u*0.05t; ANY t~U, r~U(0,t); ADV t=r=-s, s~U."""
     parts_t: list[Tensor] = []

@@ -3,6 +3,7 @@ flow-matching-vs-TwinFlow comparison at an equal budget (same steps, batch and o
 
     python -m twinflow.method.toy [--steps 600] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,13 @@ class ToyVelocityMLP(nn.Module):
     Optional class conditioning: cond = {"label": LongTensor (B,)}; label `num_classes` is the null
     class (use `null_cond()`)."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0,
-                 e2_init: str = "random") -> None:
+    def __init__(
+        self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0, e2_init: str = "random"
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.time_embed = TimeEmbedder(hidden)      # E1
-        self.time_embed_r = TimeEmbedder(hidden)    # E2
+        self.time_embed = TimeEmbedder(hidden)  # E1
+        self.time_embed_r = TimeEmbedder(hidden)  # E2
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, dim)
@@ -83,8 +85,15 @@ class ToyVelocityMLP(nn.Module):
         return self.features(x, self.time_embed(t), cond or {}).to(x.dtype)
 
 
-def ring_data(n: int, *, modes: int = 8, radius: float = 2.0, std: float = 0.15,
-              generator: torch.Generator | None = None, return_labels: bool = False):
+def ring_data(
+    n: int,
+    *,
+    modes: int = 8,
+    radius: float = 2.0,
+    std: float = 0.15,
+    generator: torch.Generator | None = None,
+    return_labels: bool = False,
+):
     """Points from `modes` Gaussians evenly spaced on a circle (labels = mode index)."""
     labels = torch.randint(0, modes, (n,), generator=generator)
     angle = labels.float() * (2 * math.pi / modes)
@@ -110,8 +119,17 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float = 0.5) -> float:
     return float(k(x, x) + k(y, y) - 2 * k(x, y))
 
 
-def train_toy(objective, *, steps: int, seed: int, batch: int = 256, lr: float = 1e-3, hidden: int = 128,
-              depth: int = 3, model: ToyVelocityMLP | None = None) -> ToyVelocityMLP:
+def train_toy(
+    objective,
+    *,
+    steps: int,
+    seed: int,
+    batch: int = 256,
+    lr: float = 1e-3,
+    hidden: int = 128,
+    depth: int = 3,
+    model: ToyVelocityMLP | None = None,
+) -> ToyVelocityMLP:
     """Adam at a constant LR; the objective's own teacher (if any) is built from the model."""
     torch.manual_seed(seed)
     model = model if model is not None else ToyVelocityMLP(hidden=hidden, depth=depth)
@@ -128,8 +146,9 @@ def train_toy(objective, *, steps: int, seed: int, batch: int = 256, lr: float =
     return model
 
 
-def evaluate(model: nn.Module, settings: Mapping[str, SamplerSettings], *, n: int = 2000,
-             seed: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, settings: Mapping[str, SamplerSettings], *, n: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """Energy distance to fresh data for each sampler setting (same noise for all)."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     data = ring_data(n, generator=gen)
@@ -150,8 +169,15 @@ FM_SETTINGS = {  # flow matching's best use of K NFE: uniform Euler steps on its
 TWINFLOW_SETTINGS = {"1": preset(1), "2": preset(2), "4": preset(4), "50": preset("multistep")}
 
 
-def toy_demo(steps: int = 600, seed: int = 0, *, batch: int = 256, lr: float = 1e-3, n_eval: int = 2000,
-             twinflow: TwinFlowConfig | None = None) -> dict:
+def toy_demo(
+    steps: int = 600,
+    seed: int = 0,
+    *,
+    batch: int = 256,
+    lr: float = 1e-3,
+    n_eval: int = 2000,
+    twinflow: TwinFlowConfig | None = None,
+) -> dict:
     """Train flow matching and TwinFlow from the same init for the same steps; energy distances
     (lower is better) per NFE, plus the data-vs-data floor."""
     fm = train_toy(FlowMatchingObjective(FlowMatchingConfig()), steps=steps, seed=seed, batch=batch, lr=lr)
@@ -160,7 +186,9 @@ def toy_demo(steps: int = 600, seed: int = 0, *, batch: int = 256, lr: float = 1
     gen = torch.Generator().manual_seed(30_000 + seed)
     floor = energy_distance(ring_data(n_eval, generator=gen), ring_data(n_eval, generator=gen))
     return {
-        "steps": steps, "batch": batch, "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
         "flow_matching": evaluate(fm, FM_SETTINGS, n=n_eval, seed=seed),
         "twinflow": evaluate(tf, TWINFLOW_SETTINGS, n=n_eval, seed=seed),
         "data_floor": floor,
@@ -169,9 +197,11 @@ def toy_demo(steps: int = 600, seed: int = 0, *, batch: int = 256, lr: float = 1
 
 def format_table(result: Mapping) -> str:
     cols = ["1", "2", "4", "50"]
-    lines = [f"2-D ring, {result['steps']} steps x batch {result['batch']}, seed {result['seed']}: "
-             "energy distance to data (lower is better)",
-             f"{'NFE':<16}" + "".join(f"{c:>10}" for c in cols)]
+    lines = [
+        f"2-D ring, {result['steps']} steps x batch {result['batch']}, seed {result['seed']}: "
+        "energy distance to data (lower is better)",
+        f"{'NFE':<16}" + "".join(f"{c:>10}" for c in cols),
+    ]
     for name in ("flow_matching", "twinflow"):
         lines.append(f"{name:<16}" + "".join(f"{result[name][c]:>10.4f}" for c in cols))
     lines.append(f"{'data vs data':<16}{result['data_floor']:>10.4f}")
@@ -179,7 +209,9 @@ def format_table(result: Mapping) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twinflow.method.toy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m twinflow.method.toy", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256)

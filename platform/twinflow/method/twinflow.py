@@ -24,6 +24,7 @@ relative to the base loss (a mean over B rows) fixed when lambda moves rows betw
 mean over the E2E rows would make it 2 kappa / lambda per row (8 at lambda 0.15), which makes the
 one-step samples run away while the fake branch is still untrained.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -77,18 +78,32 @@ class TwinFlowObjective:
             return barron_loss(pred, target, self.config.barron_c)
         return mse_loss(pred, target)
 
-    def _stage(self, log: CallLog, model: VelocityModel, teacher: VelocityModel | None,
-               online_q: list[Query], teacher_q: list[Query]) -> tuple[list[Tensor], list[Tensor]]:
+    def _stage(
+        self,
+        log: CallLog,
+        model: VelocityModel,
+        teacher: VelocityModel | None,
+        online_q: list[Query],
+        teacher_q: list[Query],
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Online and teacher queries of one dependency stage: one call when the teacher is the online
         model (`None`)."""
         if teacher is None:
             outs = log.run(model, online_q + teacher_q)
-            return outs[: len(online_q)], outs[len(online_q):]
+            return outs[: len(online_q)], outs[len(online_q) :]
         return log.run(model, online_q), log.run(teacher, teacher_q)
 
-    def __call__(self, model: VelocityModel, x0: Tensor, cond: Mapping[str, Tensor] | None = None, *,
-                 teacher: Teacher | None, null_cond: Mapping[str, Tensor] | None = None,
-                 generator: torch.Generator | None = None, update_teacher: bool = True) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: VelocityModel,
+        x0: Tensor,
+        cond: Mapping[str, Tensor] | None = None,
+        *,
+        teacher: Teacher | None,
+        null_cond: Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        update_teacher: bool = True,
+    ) -> ObjectiveOutput:
         """One training step's loss. `teacher=None` means the online model under no_grad.
         `update_teacher=False` on all but the first micro-batch of an accumulated step keeps the EMA
         at one update per optimizer step."""
@@ -104,13 +119,16 @@ class TwinFlowObjective:
         rectify = nE > 0 and cfg.kappa > 0
         use_cfg = cfg.enhanced_ratio > 0 and nC > 0 and bool(cond)
         if use_cfg and null_cond is None:
-            raise ValueError("a conditional model needs null_cond for the baked-in CFG "
-                             "(or set enhanced_ratio: 0)")
+            raise ValueError(
+                "a conditional model needs null_cond for the baked-in CFG (or set enhanced_ratio: 0)"
+            )
         if teacher is not None and update_teacher:
             teacher.update()
         # Who answers the CFG pair and who the rollout (None = the online model, batched with its calls).
         cfg_fn: VelocityModel | None = None if teacher is None or teacher.is_online else teacher
-        rollout_fn: VelocityModel | None = None if teacher is None or teacher.mode in ("online", "frozen") else teacher
+        rollout_fn: VelocityModel | None = (
+            None if teacher is None or teacher.mode in ("online", "frozen") else teacher
+        )
 
         log = CallLog(input_dtype=x0.dtype if x0.is_floating_point() else torch.float32)
         g = generator
@@ -141,8 +159,10 @@ class TwinFlowObjective:
         v = eps - x_clean  # ADV rows: exactly their flow-matching target eps - x_fake
         v_base = v[base]
         if use_cfg:
-            v_c = enhance_velocity(v[C], t_c, out_teacher[0], out_teacher[1], cfg.enhanced_ratio, cfg.cfg_interval)
-            v_base = torch.cat([v[E], v_c, v[C.stop:nB]])
+            v_c = enhance_velocity(
+                v[C], t_c, out_teacher[0], out_teacher[1], cfg.enhanced_ratio, cfg.cfg_interval
+            )
+            v_base = torch.cat([v[E], v_c, v[C.stop : nB]])
 
         # Stage B: rectify pair (online) + first rollout sub-step (teacher).
         online_q = []
@@ -160,7 +180,9 @@ class TwinFlowObjective:
         if nB:
             y, D = rollout_step(x_start, times[0], times[1], out_teacher[0])
             for k in range(1, cfg.rollout_order):
-                _, (g_k,) = self._stage(log, model, rollout_fn, [], [Query(y, times[k], times[k + 1], cond_b)])
+                _, (g_k,) = self._stage(
+                    log, model, rollout_fn, [], [Query(y, times[k], times[k + 1], cond_b)]
+                )
                 y, disp = rollout_step(y, times[k], times[k + 1], g_k)
                 D = D + disp
 
@@ -168,7 +190,8 @@ class TwinFlowObjective:
         (G,) = log.run(model, [Query(x_t, t, r, cond)], grad=True)
         with torch.no_grad():
             T_base = rcgm_target_from_residual(
-                G[base], rcgm_residual(G[base], v_base, D, t[base], r[base], cfg.delta))
+                G[base], rcgm_residual(G[base], v_base, D, t[base], r[base], cfg.delta)
+            )
             target = torch.cat([T_base, v[V]])
             weight = time_weight(t, r) if cfg.time_weighting else torch.ones_like(t)
             weight[V] = 1.0
@@ -184,8 +207,11 @@ class TwinFlowObjective:
             named["loss_rect"] = rect_rows.mean()
             named.update(onestep_diagnostics(x_g, dv))
         named["total"] = loss
-        metrics = finalize_metrics(named, on_nonfinite=cfg.on_nonfinite,
-                                   extra={"model_calls": float(log.calls), "nograd_rows": float(log.nograd_rows)})
+        metrics = finalize_metrics(
+            named,
+            on_nonfinite=cfg.on_nonfinite,
+            extra={"model_calls": float(log.calls), "nograd_rows": float(log.nograd_rows)},
+        )
         return ObjectiveOutput(loss=loss, metrics=metrics, model_calls=log.calls, nograd_rows=log.nograd_rows)
 
 
@@ -196,5 +222,8 @@ def onestep_diagnostics(x_g: Tensor, dv: Tensor) -> dict[str, Tensor]:
     and the share of saturated one-step pixels."""
     flat_dv, flat_x = dv.flatten(1).float(), x_g.flatten(1).float()
     cos = torch.nn.functional.cosine_similarity(flat_dv, -flat_x, dim=1, eps=1e-12)
-    return {"dv_abs": dv.abs().mean(), "dv_cos": cos.mean(),
-            "sat_onestep": (flat_x > SATURATION_LEVEL).float().mean()}
+    return {
+        "dv_abs": dv.abs().mean(),
+        "dv_cos": cos.mean(),
+        "sat_onestep": (flat_x > SATURATION_LEVEL).float().mean(),
+    }

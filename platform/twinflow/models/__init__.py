@@ -3,6 +3,7 @@
 Names are imported lazily: `twinflow.models.config` (the job YAML's `model:` section) must stay cheap
 to import, while the generator pulls in diffusers and peft (seconds).
 """
+
 from __future__ import annotations
 
 import importlib

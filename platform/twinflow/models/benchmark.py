@@ -4,6 +4,7 @@
 
 Timings are medians over a few repeats after warm-up; they go into docs/models.md, never into tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ def measure(family: str, preset: str, batch: int, repeats: int, patch: int | Non
     c, h, w = gen.sample_shape
     x = torch.randn(batch, c, h, w)
     t, r = torch.rand(batch), torch.rand(batch) * 0.5
-    cond = {"text_states": torch.randn(batch, gen.text_max_length, gen.text_dim),
-            "text_mask": torch.ones(batch, gen.text_max_length, dtype=torch.int64)}
+    cond = {
+        "text_states": torch.randn(batch, gen.text_max_length, gen.text_dim),
+        "text_mask": torch.ones(batch, gen.text_max_length, dtype=torch.int64),
+    }
     cond["text_mask"][:, 10:] = 0
     params = sum(p.numel() for p in gen.parameters())
 
@@ -64,7 +67,9 @@ def main() -> None:
     for family in args.family or sorted(PRESETS):
         for preset in args.preset or sorted(PRESETS[family]):
             m = measure(family, preset, args.batch, args.repeats)
-            print(f"{family:<11} {preset:<12} {m['params']:>10,} {m['fwd_bwd_ms']:>11.1f} {m['fwd_nograd_ms']:>8.1f}")
+            print(
+                f"{family:<11} {preset:<12} {m['params']:>10,} {m['fwd_bwd_ms']:>11.1f} {m['fwd_nograd_ms']:>8.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Layout of `out_dir`:
 Parameters must be whole on this process (after ZeRO-3, gather first or load the consolidated state
 dict into a fresh `build_generator` result).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,23 @@ from twinflow.models.weights import load_extras, load_twin_e2, save_extras
 
 META_FILE = "twinflow.json"
 FORMAT_VERSION = 1
-_RESERVED = ("format_version", "family", "backbone_class", "sample_shape", "patch", "time_scale",
-             "text_dim", "text_encoder", "image_size", "pixel_channels", "latent", "model_config", "lora",
-             "e2_init", "fake_branch")
+_RESERVED = (
+    "format_version",
+    "family",
+    "backbone_class",
+    "sample_shape",
+    "patch",
+    "time_scale",
+    "text_dim",
+    "text_encoder",
+    "image_size",
+    "pixel_channels",
+    "latent",
+    "model_config",
+    "lora",
+    "e2_init",
+    "fake_branch",
+)
 
 
 def _json_default(v: Any) -> Any:
@@ -45,15 +60,24 @@ def _json_default(v: Any) -> Any:
 
 def check_finite(generator: torch.nn.Module) -> None:
     """Refuse to export NaN/Inf weights (a corrupted restore or a diverged run makes black images)."""
-    bad = [name for name, t in generator.state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in generator.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
-        raise ValueError(f"refusing to export: {len(bad)} tensor(s) hold NaN or Inf values, first: "
-                         f"{', '.join(bad[:5])}")
+        raise ValueError(
+            f"refusing to export: {len(bad)} tensor(s) hold NaN or Inf values, first: {', '.join(bad[:5])}"
+        )
 
 
-def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: dict[str, Any] | None = None,
-                   codec: Any = None, dtype: torch.dtype | None = None) -> Path:
+def save_generator(
+    generator: TwinFlowGenerator,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    codec: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write the export (see module docstring); replaces `out_dir` atomically when it is local."""
     from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
 
@@ -77,19 +101,32 @@ def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: 
             save_file(sd, str(lora_dir / "adapter_model.safetensors"))
             peft_cfg = generator.backbone.peft_config["default"]
             (lora_dir / "adapter_config.json").write_text(
-                json.dumps(peft_cfg.to_dict(), indent=2, default=_json_default, sort_keys=True))
-            lora_info = {"merged": True, "rank": peft_cfg.r, "alpha": peft_cfg.lora_alpha,
-                         "target_modules": (peft_cfg.target_modules if isinstance(peft_cfg.target_modules, str)
-                                            else sorted(peft_cfg.target_modules)),
-                         "adapter_dir": "lora"}
+                json.dumps(peft_cfg.to_dict(), indent=2, default=_json_default, sort_keys=True)
+            )
+            lora_info = {
+                "merged": True,
+                "rank": peft_cfg.r,
+                "alpha": peft_cfg.lora_alpha,
+                "target_modules": (
+                    peft_cfg.target_modules
+                    if isinstance(peft_cfg.target_modules, str)
+                    else sorted(peft_cfg.target_modules)
+                ),
+                "adapter_dir": "lora",
+            }
             model = merged_copy(generator)
         backbone = model.backbone
         if dtype is not None:
             backbone = backbone.to(dtype) if model is not generator else _cast_copy(backbone, dtype)
         backbone.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
-        info = {"family": generator.family.name, "patch": generator.patch, "channels": generator.channels,
-                "sample_size": generator.sample_size, "time_scale": generator.time_scale,
-                "text_dim": generator.text_dim}
+        info = {
+            "family": generator.family.name,
+            "patch": generator.patch,
+            "channels": generator.channels,
+            "sample_size": generator.sample_size,
+            "time_scale": generator.time_scale,
+            "text_dim": generator.text_dim,
+        }
         save_extras(model, tmp, info, dtype)
         if codec is not None:
             codec.save_pretrained(tmp / "vae")
@@ -102,12 +139,18 @@ def save_generator(generator: TwinFlowGenerator, out_dir: str | Path, metadata: 
             "patch": generator.patch,
             "time_scale": generator.time_scale,
             "text_dim": generator.text_dim,
-            "text_encoder": {"name": generator.text_encoder, "max_length": generator.text_max_length,
-                             "dim": generator.text_dim},
+            "text_encoder": {
+                "name": generator.text_encoder,
+                "max_length": generator.text_max_length,
+                "dim": generator.text_dim,
+            },
             "image_size": generator.image_size,
             "pixel_channels": generator.pixel_channels,
-            "latent": (dict(generator.latent, vae_dir="vae" if codec is not None else None)
-                       if generator.latent else None),
+            "latent": (
+                dict(generator.latent, vae_dir="vae" if codec is not None else None)
+                if generator.latent
+                else None
+            ),
             "model_config": cfg.model_dump(mode="json") if cfg is not None else None,
             "e2_init": generator.e2_init,
             "fake_branch": getattr(generator, "fake_branch", "signed"),
@@ -141,21 +184,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: not a TwinFlow export (no {META_FILE})")
     meta = json.loads(f.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{f}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"{f}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
     return meta
 
 
-def load_generator(path: str | Path, torch_dtype: torch.dtype | None = None) -> tuple[TwinFlowGenerator, dict[str, Any]]:
+def load_generator(
+    path: str | Path, torch_dtype: torch.dtype | None = None
+) -> tuple[TwinFlowGenerator, dict[str, Any]]:
     """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved model."""
     path = Path(path)
     meta = read_metadata(path)
     family = get_family(meta["family"])
     backbone = family.load_backbone(path / "transformer", torch_dtype=torch_dtype)
     text = meta["text_encoder"]
-    gen = TwinFlowGenerator(family, backbone, sample_size=int(meta["sample_shape"][1]),
-                            text_dim=int(meta["text_dim"]), e2_init="copy",
-                            text_max_length=int(text["max_length"]), text_encoder=text["name"],
-                            fake_branch=meta.get("fake_branch", "signed"))
+    gen = TwinFlowGenerator(
+        family,
+        backbone,
+        sample_size=int(meta["sample_shape"][1]),
+        text_dim=int(meta["text_dim"]),
+        e2_init="copy",
+        text_max_length=int(text["max_length"]),
+        text_encoder=text["name"],
+        fake_branch=meta.get("fake_branch", "signed"),
+    )
     load_twin_e2(gen.backbone, path / "transformer", required=True)
     load_extras(gen, path, required=True)
     if torch_dtype is not None:

@@ -5,6 +5,7 @@ caption states to the backbone's text width, and the family's packing of the sta
 t and r are signed, in [-1, 1], shape (B,); the output is the average velocity over [r, t] with x's
 shape and dtype.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,15 +44,23 @@ class TwinFlowGenerator(nn.Module):
         self.backbone = backbone
         e1, twin_cls = fam.time_embedder(backbone)
         width = [m.out_features for m in e1.modules() if isinstance(m, nn.Linear)][-1]
-        install_two_time(e1, twin_cls, e2_init=e2_init, time_scale=fam.time_scale(backbone),
-                         fake_branch=fake_branch, width=width)
+        install_two_time(
+            e1,
+            twin_cls,
+            e2_init=e2_init,
+            time_scale=fam.time_scale(backbone),
+            fake_branch=fake_branch,
+            width=width,
+        )
         self.fake_branch = fake_branch
         self.text_proj = nn.Linear(text_dim, fam.text_dim(backbone))
         self.channels = fam.channels(backbone)
         self.patch = fam.patch(backbone)
         self.time_scale = fam.time_scale(backbone)
         if sample_size % self.patch:
-            raise ValueError(f"sample size {sample_size} is not divisible by the backbone's patch size {self.patch}")
+            raise ValueError(
+                f"sample size {sample_size} is not divisible by the backbone's patch size {self.patch}"
+            )
         self.sample_size = int(sample_size)
         self.text_dim = int(text_dim)
         self.text_max_length = int(text_max_length)
@@ -64,8 +73,14 @@ class TwinFlowGenerator(nn.Module):
         self.pixel_channels = self.channels
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int | None = None, vae_path: str | None = None,
-                        **model_fields: Any) -> "TwinFlowGenerator":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        image_size: int | None = None,
+        vae_path: str | None = None,
+        **model_fields: Any,
+    ) -> TwinFlowGenerator:
         """One of our exports (exactly as saved), or a diffusers pipeline/transformer directory.
 
         For a plain diffusers directory the family comes from its config's class name; `image_size`
@@ -73,7 +88,12 @@ class TwinFlowGenerator(nn.Module):
         (e2_init, lora, text_max_length, ...) pass through.
         """
         root = Path(path)
-        if (root / "twinflow.json").is_file() and not model_fields and image_size is None and vae_path is None:
+        if (
+            (root / "twinflow.json").is_file()
+            and not model_fields
+            and image_size is None
+            and vae_path is None
+        ):
             from twinflow.models.export import load_generator
 
             return load_generator(root)[0]
@@ -92,8 +112,9 @@ class TwinFlowGenerator(nn.Module):
 
                 factor = vae_geometry(vae_path)[2]
             image_size = int(sample) * factor
-        cfg = ModelConfig(family=family, pretrained_path=str(root), vae_path=vae_path, image_size=image_size,
-                          **model_fields)
+        cfg = ModelConfig(
+            family=family, pretrained_path=str(root), vae_path=vae_path, image_size=image_size, **model_fields
+        )
         return build_generator(cfg)
 
     @property
@@ -102,8 +123,10 @@ class TwinFlowGenerator(nn.Module):
         return (self.channels, self.sample_size, self.sample_size)
 
     def extra_repr(self) -> str:
-        return (f"family={self.family.name}, sample_shape={self.sample_shape}, patch={self.patch}, "
-                f"text_dim={self.text_dim}")
+        return (
+            f"family={self.family.name}, sample_shape={self.sample_shape}, patch={self.patch}, "
+            f"text_dim={self.text_dim}"
+        )
 
     def _batch_times(self, v: torch.Tensor | float, b: int, name: str, device: torch.device) -> torch.Tensor:
         v = torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -113,8 +136,9 @@ class TwinFlowGenerator(nn.Module):
             raise ValueError(f"{name} must have shape ({b},) to match x, got {tuple(v.shape)}")
         return v.float()
 
-    def _text(self, cond: Mapping[str, torch.Tensor], b: int, device: torch.device,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text(
+        self, cond: Mapping[str, torch.Tensor], b: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         states = cond.get("text_states")
         if states is None:
             # Unconditional use: one constant token (the projection's bias) keeps every backbone happy.
@@ -122,20 +146,29 @@ class TwinFlowGenerator(nn.Module):
             mask = torch.ones(b, 1, dtype=torch.int64, device=device)
         else:
             if states.ndim != 3 or states.shape[-1] != self.text_dim:
-                raise ValueError(f"cond['text_states'] must be (B, L, {self.text_dim}), got {tuple(states.shape)}")
+                raise ValueError(
+                    f"cond['text_states'] must be (B, L, {self.text_dim}), got {tuple(states.shape)}"
+                )
             mask = cond.get("text_mask")
             if mask is None:
                 mask = torch.ones(states.shape[:2], dtype=torch.int64, device=states.device)
             if mask.shape != states.shape[:2]:
-                raise ValueError(f"cond['text_mask'] {tuple(mask.shape)} must match text_states {tuple(states.shape[:2])}")
+                raise ValueError(
+                    f"cond['text_mask'] {tuple(mask.shape)} must match text_states {tuple(states.shape[:2])}"
+                )
             if states.shape[0] == 1 and b > 1:  # the CFG null condition comes with batch 1
                 states, mask = states.expand(b, -1, -1), mask.expand(b, -1)
             elif states.shape[0] != b:
                 raise ValueError(f"cond['text_states'] has batch {states.shape[0]}, x has {b}")
         return self.text_proj(states.to(device=device, dtype=dtype)), mask.to(device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, r: torch.Tensor | float,
-                cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        r: torch.Tensor | float,
+        cond: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
@@ -151,14 +184,18 @@ class TwinFlowGenerator(nn.Module):
         ref = cond.get("ref_image")
         if ref is not None:
             if ref.ndim != 4 or ref.shape[1] != c or ref.shape[-2] % self.patch or ref.shape[-1] % self.patch:
-                raise ValueError(f"cond['ref_image'] must be (B, {c}, H', W') with sides divisible by "
-                                 f"{self.patch}, got {tuple(ref.shape)}")
+                raise ValueError(
+                    f"cond['ref_image'] must be (B, {c}, H', W') with sides divisible by "
+                    f"{self.patch}, got {tuple(ref.shape)}"
+                )
             if ref.shape[0] == 1 and b > 1:
                 ref = ref.expand(b, -1, -1, -1)
             elif ref.shape[0] != b:
                 raise ValueError(f"cond['ref_image'] has batch {ref.shape[0]}, x has {b}")
             ref = ref.to(dtype)
-        out = self.family.forward(self.backbone, x.to(dtype), pack_times(t, r, self.time_scale), text, mask, ref)
+        out = self.family.forward(
+            self.backbone, x.to(dtype), pack_times(t, r, self.time_scale), text, mask, ref
+        )
         return out.to(x.dtype)
 
 
@@ -169,13 +206,25 @@ def _state_geometry(cfg: ModelConfig, preset_size: int | None, preset_channels: 
     image_size = cfg.image_size or preset_size
     if cfg.vae_path is None:
         channels = cfg.channels or preset_channels
-        return {"image_size": image_size, "pixel_channels": channels, "state_size": image_size,
-                "state_channels": channels, "latent": None}
+        return {
+            "image_size": image_size,
+            "pixel_channels": channels,
+            "state_size": image_size,
+            "state_channels": channels,
+            "latent": None,
+        }
     pix, lat, factor = vae_geometry(cfg.vae_path)
     if image_size % factor:
-        raise ValueError(f"model.image_size {image_size} is not divisible by the VAE's downsampling factor {factor}")
-    return {"image_size": image_size, "pixel_channels": pix, "state_size": image_size // factor,
-            "state_channels": lat, "latent": {"vae_path": str(cfg.vae_path), "factor": factor, "channels": lat}}
+        raise ValueError(
+            f"model.image_size {image_size} is not divisible by the VAE's downsampling factor {factor}"
+        )
+    return {
+        "image_size": image_size,
+        "pixel_channels": pix,
+        "state_size": image_size // factor,
+        "state_channels": lat,
+        "latent": {"vae_path": str(cfg.vae_path), "factor": factor, "channels": lat},
+    }
 
 
 def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
@@ -189,7 +238,10 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
         patch = cfg.patch or preset.patch
         if geo["state_size"] % patch:
             raise ValueError(f"state size {geo['state_size']} is not divisible by patch {patch}")
-        config = {**family.preset_config(preset, geo["state_channels"], patch, geo["state_size"]), **cfg.backbone}
+        config = {
+            **family.preset_config(preset, geo["state_channels"], patch, geo["state_size"]),
+            **cfg.backbone,
+        }
         backbone = family.build_backbone(config)
     else:
         geo = _state_geometry(cfg, None, None)
@@ -197,10 +249,18 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
         have = family.channels(backbone)
         if have != geo["state_channels"]:
             space = "latent" if cfg.vae_path else "pixel"
-            raise ValueError(f"{cfg.pretrained_path}: the backbone models {have} channels but the {space} "
-                             f"state has {geo['state_channels']}")
-    gen = TwinFlowGenerator(family, backbone, sample_size=geo["state_size"], e2_init=cfg.e2_init,
-                            text_max_length=cfg.text_max_length, fake_branch=cfg.fake_branch)
+            raise ValueError(
+                f"{cfg.pretrained_path}: the backbone models {have} channels but the {space} "
+                f"state has {geo['state_channels']}"
+            )
+    gen = TwinFlowGenerator(
+        family,
+        backbone,
+        sample_size=geo["state_size"],
+        e2_init=cfg.e2_init,
+        text_max_length=cfg.text_max_length,
+        fake_branch=cfg.fake_branch,
+    )
     if cfg.pretrained_path is not None:
         _adopt_twinflow_export(gen, cfg.pretrained_path)
     if cfg.gradient_checkpointing:

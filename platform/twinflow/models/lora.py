@@ -4,6 +4,7 @@ Trainable after `apply_lora`: the lora_* matrices, E2 (trained in full, never ad
 is new to the base model, and a frozen base copy at r != t is not the base model's behaviour
 anyway) and the text projection. Everything else keeps requires_grad False and stays bit-identical.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,9 @@ def apply_lora(generator: nn.Module, settings: LoraSettings) -> None:
     try:
         generator.backbone.add_adapter(config, adapter_name=ADAPTER)
     except ValueError as exc:
-        raise ValueError(f"LoRA for model family {generator.family.name!r}: {exc} "
-                         f"(target_modules={targets})") from None
+        raise ValueError(
+            f"LoRA for model family {generator.family.name!r}: {exc} (target_modules={targets})"
+        ) from None
     for name, p in generator.named_parameters():
         p.requires_grad_(_is_lora(name) or _is_e2(name) or name.startswith("text_proj."))
 

@@ -7,6 +7,7 @@ same way and appended after the target tokens as a second entry of `img_shapes`;
 sliced back to the target tokens. Timesteps: the embedder scales by 1000 itself, so t in [-1, 1] goes
 in unscaled.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,9 +44,22 @@ def unpack_patches(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor
 class QwenImageFamily(Family):
     name = "qwen_image"
     lora_targets = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-        "img_mod.1", "txt_mod.1", "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+        "img_mod.1",
+        "txt_mod.1",
+        "timestep_embedder.linear_1",
+        "timestep_embedder.linear_2",
     )
 
     def backbone_class(self) -> type[nn.Module]:
@@ -55,10 +69,17 @@ class QwenImageFamily(Family):
         dims = dict(preset.dims)
         rope = tuple(dims.pop("axes_dims_rope"))
         if sum(rope) != dims["attention_head_dim"]:
-            raise ValueError(f"qwen_image preset {preset.name!r}: axes_dims_rope {rope} must sum to "
-                             f"attention_head_dim {dims['attention_head_dim']}")
-        return {"patch_size": patch, "in_channels": channels * patch * patch, "out_channels": channels,
-                "axes_dims_rope": rope, **dims}
+            raise ValueError(
+                f"qwen_image preset {preset.name!r}: axes_dims_rope {rope} must sum to "
+                f"attention_head_dim {dims['attention_head_dim']}"
+            )
+        return {
+            "patch_size": patch,
+            "in_channels": channels * patch * patch,
+            "out_channels": channels,
+            "axes_dims_rope": rope,
+            **dims,
+        }
 
     def time_embedder(self, backbone: nn.Module) -> tuple[nn.Module, type]:
         return backbone.time_text_embed, TwoTimeQwenTimestepProjEmbeddings
@@ -79,15 +100,26 @@ class QwenImageFamily(Family):
         cfg = backbone.config
         p, c = int(cfg.patch_size), int(backbone.out_channels)
         if int(cfg.in_channels) != c * p * p:
-            raise ValueError(f"qwen_image: in_channels={cfg.in_channels} must equal out_channels*patch^2 "
-                             f"= {c}*{p}^2 = {c * p * p} (one patch of the state per token)")
+            raise ValueError(
+                f"qwen_image: in_channels={cfg.in_channels} must equal out_channels*patch^2 "
+                f"= {c}*{p}^2 = {c * p * p} (one patch of the state per token)"
+            )
         if cfg.guidance_embeds:
-            raise ValueError("qwen_image: guidance_embeds=True is not supported (TwinFlow bakes CFG into training)")
+            raise ValueError(
+                "qwen_image: guidance_embeds=True is not supported (TwinFlow bakes CFG into training)"
+            )
         if getattr(cfg, "use_additional_t_cond", False):
             raise ValueError("qwen_image: use_additional_t_cond=True is not supported")
 
-    def forward(self, backbone: nn.Module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        backbone: nn.Module,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref: torch.Tensor | None,
+    ) -> torch.Tensor:
         b, _, h, w = x.shape
         p = self.patch(backbone)
         tokens = pack_patches(x, p)

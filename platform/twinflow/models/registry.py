@@ -6,6 +6,7 @@ tokens and back, and how text conditioning enters. Everything else (the generato
 is family-agnostic. Family modules are imported on first use: diffusers takes seconds to import and
 config validation must not pay for it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -64,12 +65,20 @@ class Family(ABC):
         """Channels of the (B, C, H, W) state the backbone models."""
 
     @abstractmethod
-    def forward(self, backbone: nn.Module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        backbone: nn.Module,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Velocity with x's shape; `ref` (same shape as x) is a clean reference image for editing."""
 
     def check_backbone(self, backbone: nn.Module) -> None:
-        """Raise on backbone options this family wrapper does not support."""
+        """Raise on backbone options this family wrapper does not support (default: none)."""
+        return None
 
     # -- shared helpers -------------------------------------------------------------------------
 
@@ -78,8 +87,10 @@ class Family(ABC):
         allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(config) - allowed)
         if unknown:
-            raise ValueError(f"model family {self.name!r}: unknown {cls.__name__} option(s) {unknown}; "
-                             f"valid options: {', '.join(sorted(allowed))}")
+            raise ValueError(
+                f"model family {self.name!r}: unknown {cls.__name__} option(s) {unknown}; "
+                f"valid options: {', '.join(sorted(allowed))}"
+            )
         backbone = cls.from_config(dict(config))
         self.check_backbone(backbone)
         return backbone
@@ -123,7 +134,9 @@ def transformer_dir(path: str | Path) -> Path:
         return root / "transformer"
     if (root / "config.json").is_file():
         return root
-    raise FileNotFoundError(f"{root}: no diffusers transformer here (expected config.json or transformer/config.json)")
+    raise FileNotFoundError(
+        f"{root}: no diffusers transformer here (expected config.json or transformer/config.json)"
+    )
 
 
 def family_of(path: str | Path) -> str:
@@ -131,8 +144,10 @@ def family_of(path: str | Path) -> str:
     root = transformer_dir(path)
     cls = json.loads((root / "config.json").read_text()).get("_class_name")
     if cls not in _FAMILY_OF_CLASS:
-        raise ValueError(f"{root}: {cls!r} is not a supported backbone; supported: "
-                         f"{', '.join(f'{c} ({f})' for c, f in sorted(_FAMILY_OF_CLASS.items()))}")
+        raise ValueError(
+            f"{root}: {cls!r} is not a supported backbone; supported: "
+            f"{', '.join(f'{c} ({f})' for c, f in sorted(_FAMILY_OF_CLASS.items()))}"
+        )
     return _FAMILY_OF_CLASS[cls]
 
 

@@ -8,6 +8,7 @@ the right of the target (in-context, width-concatenated) and the output is cropp
 patch embedding and convolutional FFN work on a 2-D grid, so side-by-side is the natural way to show
 it a second image.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,15 +23,24 @@ from twinflow.models.registry import Family
 from twinflow.models.time_embed import TwoTimeMixin
 
 
-class TwoTimePixArtAlphaCombinedTimestepSizeEmbeddings(TwoTimeMixin, PixArtAlphaCombinedTimestepSizeEmbeddings):
+class TwoTimePixArtAlphaCombinedTimestepSizeEmbeddings(
+    TwoTimeMixin, PixArtAlphaCombinedTimestepSizeEmbeddings
+):
     """SANA's timestep embedder with E2 added (see time_embed.py)."""
 
 
 class SanaFamily(Family):
     name = "sana"
     lora_targets = (
-        "to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted", "ff.conv_point",
-        "time_embed.linear", "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.conv_inverted",
+        "ff.conv_point",
+        "time_embed.linear",
+        "timestep_embedder.linear_1",
+        "timestep_embedder.linear_2",
     )
 
     def backbone_class(self) -> type[nn.Module]:
@@ -39,8 +49,14 @@ class SanaFamily(Family):
     def preset_config(self, preset: Preset, channels: int, patch: int, image_size: int) -> dict[str, Any]:
         dims = dict(preset.dims)
         inner = dims["num_attention_heads"] * dims["attention_head_dim"]
-        return {"in_channels": channels, "out_channels": channels, "patch_size": patch,
-                "sample_size": image_size, "cross_attention_dim": inner, **dims}
+        return {
+            "in_channels": channels,
+            "out_channels": channels,
+            "patch_size": patch,
+            "sample_size": image_size,
+            "cross_attention_dim": inner,
+            **dims,
+        }
 
     def time_embedder(self, backbone: nn.Module) -> tuple[nn.Module, type]:
         return backbone.time_embed.emb, TwoTimePixArtAlphaCombinedTimestepSizeEmbeddings
@@ -62,11 +78,20 @@ class SanaFamily(Family):
         if cfg.guidance_embeds:
             raise ValueError("sana: guidance_embeds=True is not supported (TwinFlow bakes CFG into training)")
         if (cfg.out_channels or cfg.in_channels) != cfg.in_channels:
-            raise ValueError(f"sana: in_channels={cfg.in_channels} and out_channels={cfg.out_channels} must match "
-                             "(the output is a velocity of the input state)")
+            raise ValueError(
+                f"sana: in_channels={cfg.in_channels} and out_channels={cfg.out_channels} must match "
+                "(the output is a velocity of the input state)"
+            )
 
-    def forward(self, backbone: nn.Module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        backbone: nn.Module,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref: torch.Tensor | None,
+    ) -> torch.Tensor:
         w = x.shape[-1]
         if ref is not None:
             x = torch.cat([x, ref], dim=-1)

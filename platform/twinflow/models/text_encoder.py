@@ -5,6 +5,7 @@ mates, so rows from different batches concatenate, and a per-caption cache retur
 fresh encode would. Padded positions are zeroed so a consumer that ignores the mask still sees
 nothing there.
 """
+
 from __future__ import annotations
 
 import os
@@ -144,8 +145,12 @@ class TextEncoder:
     def cache_info(self) -> dict[str, int]:
         """Hits and misses count distinct captions per encode() call."""
         with self._lock:
-            return {"size": len(self._cache), "capacity": self.cache_size,
-                    "hits": self.cache_hits, "misses": self.cache_misses}
+            return {
+                "size": len(self._cache),
+                "capacity": self.cache_size,
+                "hits": self.cache_hits,
+                "misses": self.cache_misses,
+            }
 
     def clear_cache(self) -> None:
         with self._lock:

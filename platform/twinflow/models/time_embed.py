@@ -22,6 +22,7 @@ gate live inside E2 (`twin_e2.twin_sign`) so they are saved and loaded with E2.
 Units: `t - r` multiplies E2 in our units (t in [-1, 1]); E2 sees r in the backbone's own units
 (`r * scale`, e.g. 0..1000 for SANA), exactly like E1 sees t.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,7 +64,9 @@ def split_times(timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
         return timestep, None
     if timestep.ndim == 2 and timestep.shape[-1] == 2:
         return timestep[:, 0], timestep[:, 1]
-    raise ValueError(f"two-time embedder: timestep must have shape (B,) or (B, 2), got {tuple(timestep.shape)}")
+    raise ValueError(
+        f"two-time embedder: timestep must have shape (B,) or (B, 2), got {tuple(timestep.shape)}"
+    )
 
 
 class TwoTimeMixin(nn.Module):
@@ -82,7 +85,7 @@ class TwoTimeMixin(nn.Module):
         if sign is None:
             base = super().forward(t_backbone, *args, **kwargs)
         else:
-            negative = (t_backbone < 0)
+            negative = t_backbone < 0
             t_abs = t_backbone.abs()
             base = super().forward(t_abs, *args, **kwargs)
             base = base + negative.to(base.dtype)[:, None] * sign(t_abs, *args, **kwargs)
@@ -106,8 +109,15 @@ def _init_small_random(module: nn.Module, std: float = 0.02) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def install_two_time(module: nn.Module, twin_cls: type, *, e2_init: E2Init, time_scale: float,
-                     fake_branch: FakeBranch = "signed", width: int | None = None) -> nn.Module:
+def install_two_time(
+    module: nn.Module,
+    twin_cls: type,
+    *,
+    e2_init: E2Init,
+    time_scale: float,
+    fake_branch: FakeBranch = "signed",
+    width: int | None = None,
+) -> nn.Module:
     """Turn the embedding module E1 into E1 + (t - r) E2 in place (plus the sign embedding for
     `fake_branch="mirror"`, whose gate has `width` = the embedding width); returns it."""
     if isinstance(module, TwoTimeMixin):
@@ -134,7 +144,7 @@ def install_two_time(module: nn.Module, twin_cls: type, *, e2_init: E2Init, time
 
 
 def fake_branch_of(model: nn.Module) -> FakeBranch:
-    """"mirror" when the model's time embedder has a sign embedding, else "signed"."""
+    """ "mirror" when the model's time embedder has a sign embedding, else "signed"."""
     return "mirror" if any(hasattr(m.twin_e2, SIGN_NAME) for _, m in two_time_modules(model)) else "signed"
 
 

@@ -4,6 +4,7 @@ Normalisation follows each pipeline: per-channel `latents_mean/std` when the VAE
 (Qwen-Image), else `(z - shift_factor) * scaling_factor` (SD/SANA). Qwen-Image's VAE is a video VAE
 taking (B, C, T, H, W): a single frame is added and removed here so callers always see 4-D tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,18 +68,21 @@ class LatentCodec(nn.Module):
             m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
             s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
             if m.shape[1] != self.latent_channels or s.shape[1] != self.latent_channels:
-                raise ValueError(f"VAE latents_mean/std have {m.shape[1]}/{s.shape[1]} entries, "
-                                 f"expected {self.latent_channels}")
+                raise ValueError(
+                    f"VAE latents_mean/std have {m.shape[1]}/{s.shape[1]} entries, "
+                    f"expected {self.latent_channels}"
+                )
             self.register_buffer("shift", m, persistent=False)
             self.register_buffer("scale", 1.0 / s, persistent=False)
         else:
             shift = float(cfg.get("shift_factor") or 0.0)
             self.register_buffer("shift", torch.full((1, 1, 1, 1), shift), persistent=False)
-            self.register_buffer("scale", torch.full((1, 1, 1, 1), float(cfg.get("scaling_factor", 1.0))),
-                                 persistent=False)
+            self.register_buffer(
+                "scale", torch.full((1, 1, 1, 1), float(cfg.get("scaling_factor", 1.0))), persistent=False
+            )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None) -> "LatentCodec":
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None) -> LatentCodec:
         import diffusers
 
         root = vae_dir(path)
@@ -90,12 +94,17 @@ class LatentCodec(nn.Module):
         return cls(getattr(diffusers, name).from_pretrained(str(root), **kwargs))
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         if images.ndim != 4:
-            raise ValueError(f"encode expects (B, C, H, W) images in [-1, 1], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"encode expects (B, C, H, W) images in [-1, 1], got shape {tuple(images.shape)}"
+            )
         if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} must be divisible by the VAE factor {self.factor}")
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} must be divisible by the VAE factor {self.factor}"
+            )
         dtype = next(self.vae.parameters()).dtype
         x = images.to(dtype)
         if self.is_video:
@@ -108,12 +117,14 @@ class LatentCodec(nn.Module):
             z = out.latent
         if self.is_video:
             z = z.squeeze(2)
-        return ((z.float() - self.shift) * self.scale)
+        return (z.float() - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"decode expects (B, {self.latent_channels}, h, w) latents, got {tuple(latents.shape)}")
+            raise ValueError(
+                f"decode expects (B, {self.latent_channels}, h, w) latents, got {tuple(latents.shape)}"
+            )
         dtype = next(self.vae.parameters()).dtype
         z = (latents.float() / self.scale + self.shift).to(dtype)
         if self.is_video:

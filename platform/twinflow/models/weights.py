@@ -4,6 +4,7 @@ E2 is saved inside `transformer/` (under `*.twin_e2.*` keys, which plain diffuse
 `from_pretrained` has loaded E1 and the rest, E2 is read back here from the same safetensors files
 (sharded or not). The text projection goes to `twinflow_extra.safetensors` beside `transformer/`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,12 +40,16 @@ def load_twin_e2(backbone: nn.Module, directory: str | Path, required: bool = Tr
         expected = {k for k in expected if f".{SIGN_NAME}." not in k}
     if not found:
         if required:
-            raise FileNotFoundError(f"{directory}: no second-time-embedder weights ({E2_PREFIX}.*) in the safetensors")
+            raise FileNotFoundError(
+                f"{directory}: no second-time-embedder weights ({E2_PREFIX}.*) in the safetensors"
+            )
         return 0
     if set(found) != expected:
         missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
-        raise ValueError(f"{directory}: E2 weights do not match the backbone (missing {missing[:4]}, "
-                         f"unexpected {extra[:4]})")
+        raise ValueError(
+            f"{directory}: E2 weights do not match the backbone (missing {missing[:4]}, "
+            f"unexpected {extra[:4]})"
+        )
     params = dict(backbone.named_parameters())
     with torch.no_grad():
         for k, v in found.items():
@@ -52,12 +57,16 @@ def load_twin_e2(backbone: nn.Module, directory: str | Path, required: bool = Tr
     return len(found)
 
 
-def save_extras(generator: nn.Module, out_dir: str | Path, info: dict[str, str], dtype: torch.dtype | None) -> Path:
+def save_extras(
+    generator: nn.Module, out_dir: str | Path, info: dict[str, str], dtype: torch.dtype | None
+) -> Path:
     tensors = {}
     for mod in _EXTRA_MODULES:
         for k, v in getattr(generator, mod).state_dict().items():
             v = v.detach().cpu()
-            tensors[f"{mod}.{k}"] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            tensors[f"{mod}.{k}"] = (
+                v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            ).contiguous()
     path = Path(out_dir) / EXTRA_FILE
     save_file(tensors, str(path), metadata={k: str(v) for k, v in info.items()})
     return path
@@ -73,11 +82,13 @@ def load_extras(generator: nn.Module, directory: str | Path, required: bool = Tr
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     for mod in _EXTRA_MODULES:
         module = getattr(generator, mod)
-        part = {k[len(mod) + 1:]: v for k, v in tensors.items() if k.startswith(mod + ".")}
+        part = {k[len(mod) + 1 :]: v for k, v in tensors.items() if k.startswith(mod + ".")}
         want = module.state_dict()
         if set(part) != set(want) or any(part[k].shape != want[k].shape for k in want):
-            raise ValueError(f"{path}: {mod} weights do not fit this generator "
-                             f"(saved {[(k, tuple(v.shape)) for k, v in part.items()]}, "
-                             f"expected {[(k, tuple(v.shape)) for k, v in want.items()]})")
+            raise ValueError(
+                f"{path}: {mod} weights do not fit this generator "
+                f"(saved {[(k, tuple(v.shape)) for k, v in part.items()]}, "
+                f"expected {[(k, tuple(v.shape)) for k, v in want.items()]})"
+            )
         module.load_state_dict({k: v.to(want[k].dtype) for k, v in part.items()})
     return True

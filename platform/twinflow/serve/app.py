@@ -32,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,14 +96,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Whatever slipped through still answers with the JSON error model, never plain text."""
-    return JSONResponse({"error": {"type": "internal_error", "message": f"{type(exc).__name__} while handling "
-                                                                        "the request"}}, status_code=500)
+    return JSONResponse(
+        {"error": {"type": "internal_error", "message": f"{type(exc).__name__} while handling the request"}},
+        status_code=500,
+    )
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"error": {"type": "invalid_request", "message": "request does not match the schema",
-                                   "details": validation_details(exc)}}, status_code=422)
+    return JSONResponse(
+        {
+            "error": {
+                "type": "invalid_request",
+                "message": "request does not match the schema",
+                "details": validation_details(exc),
+            }
+        },
+        status_code=422,
+    )
 
 
 def _ms(t0: float) -> float:
@@ -115,7 +125,7 @@ def _ms(t0: float) -> float:
 class TwinFlow:
     """HTTP API v1, the playground, and the checkpoints (multiplexed by id) with batched sampling."""
 
-    def __init__(self, config: dict[str, Any], infos: list[dict[str, Any]], token: Optional[str]) -> None:
+    def __init__(self, config: dict[str, Any], infos: list[dict[str, Any]], token: str | None) -> None:
         import torch
 
         self.cfg = parse_args(config)
@@ -124,14 +134,15 @@ class TwinFlow:
         self.token = token or (os.environ.get(env) if env else None) or None
         self.limits = self.cfg.limits
         self.max_batch = self.cfg.batching.max_batch_images
-        self.readers = BodyReaders(self.limits.max_body_readers, self.limits.body_timeout_s,
-                                   self.limits.max_body_bytes)
+        self.readers = BodyReaders(
+            self.limits.max_body_readers, self.limits.body_timeout_s, self.limits.max_body_bytes
+        )
         from PIL import Image
 
         # Image.open raised DecompressionBombError (a 400) on a 20000x20000 header before decode_image's
         # side check (413) ran; that check bounds the pixels instead (max_image_side <= 16384).
         Image.MAX_IMAGE_PIXELS = None
-        self._page: Optional[str] = None
+        self._page: str | None = None
         # model side
         torch.set_num_threads(self.cfg.threads)
         # The torch thread holds the GIL through Python-heavy forwards; a short switch interval lets the
@@ -156,11 +167,19 @@ class TwinFlow:
             wrapper.max_num_models_per_replica = self.cfg.max_models_per_replica
         self.loads.append(model_id)
         return await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: load_served_model(model_id, self.sources[model_id], cache_dir=self.cfg.cache_dir,
-                                                 max_rows=self.max_rows, row_stable=self.cfg.batching.row_stable))
+            self.pool,
+            lambda: load_served_model(
+                model_id,
+                self.sources[model_id],
+                cache_dir=self.cfg.cache_dir,
+                max_rows=self.max_rows,
+                row_stable=self.cfg.batching.row_stable,
+            ),
+        )
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, batch_size_fn=_item_weight,
-                 max_concurrent_batches=16)
+    @serve.batch(
+        max_batch_size=16, batch_wait_timeout_s=0.002, batch_size_fn=_item_weight, max_concurrent_batches=16
+    )
     async def generate_batch(self, items: list[Item]) -> list[Result]:
         """Serve hands over the requests that arrived together. Serve forms a batch as soon as its wait
         ends, so during a long forward the next arrivals become many small batches (measured: mostly
@@ -202,7 +221,9 @@ class TwinFlow:
     async def _sample(self, take: list) -> None:
         batch = [it for it, _ in take]
         models = {mid: await self.get_model(mid) for mid in dict.fromkeys(it.model_id for it in batch)}
-        results = await asyncio.get_running_loop().run_in_executor(self.pool, run_items, models, self.encoders, batch)
+        results = await asyncio.get_running_loop().run_in_executor(
+            self.pool, run_items, models, self.encoders, batch
+        )
         for (_, f), r in zip(take, results):
             if not f.done():
                 f.set_result(r)
@@ -214,8 +235,12 @@ class TwinFlow:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     async def _body(self, request: Request, schema):
         raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
@@ -223,14 +248,18 @@ class TwinFlow:
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
-            raise ApiError(422, "invalid_request", "request does not match the schema",
-                           validation_details(exc)) from None
+            raise ApiError(
+                422, "invalid_request", "request does not match the schema", validation_details(exc)
+            ) from None
 
-    def _model(self, model_id: Optional[str]) -> ModelInfo:
+    def _model(self, model_id: str | None) -> ModelInfo:
         header = serve.get_multiplexed_model_id()
         if model_id and header and model_id != header:
-            raise ApiError(400, "model_mismatch", f"body names model {model_id!r}, the "
-                                                  f"serve_multiplexed_model_id header {header!r}")
+            raise ApiError(
+                400,
+                "model_mismatch",
+                f"body names model {model_id!r}, the serve_multiplexed_model_id header {header!r}",
+            )
         mid = model_id or header or self.cfg.default_id
         info = self.infos.get(mid)
         if info is None:
@@ -239,32 +268,64 @@ class TwinFlow:
 
     async def _run(self, t0: float, info: ModelInfo, req, text: str, task: str, image=None) -> Response:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        item = Item(info.id, text, req.nfe, seed, req.num_images, float(req.guidance), image,
-                    weight=min(req.num_images, self.max_batch))
+        item = Item(
+            info.id,
+            text,
+            req.nfe,
+            seed,
+            req.num_images,
+            float(req.guidance),
+            image,
+            weight=min(req.num_images, self.max_batch),
+        )
         try:
             result: Result = await self.generate_batch(item)
         except Exception as exc:  # loading or sampling failed: answer 500 and stay up
-            raise ApiError(500, "model_error", f"{type(exc).__name__} while generating: "
-                                               f"{str(exc).splitlines()[-1] if str(exc) else ''}") from None
+            raise ApiError(
+                500,
+                "model_error",
+                f"{type(exc).__name__} while generating: {str(exc).splitlines()[-1] if str(exc) else ''}",
+            ) from None
         total = _ms(t0)
         if req.format == "png":
-            headers = {"X-TwinFlow-Model": info.id, "X-TwinFlow-Seed": str(seed), "X-TwinFlow-NFE": str(req.nfe),
-                       "X-TwinFlow-Batch-Requests": str(result.batch_requests),
-                       "X-TwinFlow-Total-Ms": str(total), "X-TwinFlow-Model-Ms": str(round(result.model_ms, 3))}
+            headers = {
+                "X-TwinFlow-Model": info.id,
+                "X-TwinFlow-Seed": str(seed),
+                "X-TwinFlow-NFE": str(req.nfe),
+                "X-TwinFlow-Batch-Requests": str(result.batch_requests),
+                "X-TwinFlow-Total-Ms": str(total),
+                "X-TwinFlow-Model-Ms": str(round(result.model_ms, 3)),
+            }
             return Response(result.pngs[0], media_type="image/png", headers=headers)
         out = GenerateResponse(
-            id=uuid.uuid4().hex, model=info.id, task=task, nfe=req.nfe, seed=seed, num_images=req.num_images,
+            id=uuid.uuid4().hex,
+            model=info.id,
+            task=task,
+            nfe=req.nfe,
+            seed=seed,
+            num_images=req.num_images,
             guidance=float(req.guidance),
             images=[ImageOut(index=i, data=base64.b64encode(p).decode()) for i, p in enumerate(result.pngs)],
             timings=Timings(total_ms=total, model_ms=round(result.model_ms, 3)),
-            batch=BatchInfo(requests=result.batch_requests, images=result.batch_images,
-                            group_requests=result.group_requests))
+            batch=BatchInfo(
+                requests=result.batch_requests,
+                images=result.batch_images,
+                group_requests=result.group_requests,
+            ),
+        )
         return Response(out.model_dump_json(), media_type="application/json")
 
     # ---------------------------------------------------------------- routes
-    @api.post("/v1/generate", response_model=GenerateResponse,
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": GenerateRequest.model_json_schema()}}, "required": True}})
+    @api.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+                "required": True,
+            }
+        },
+    )
     async def generate(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._auth(request)
@@ -273,9 +334,16 @@ class TwinFlow:
         check_limits(req, req.prompt, self.limits)
         return await self._run(t0, info, req, req.prompt, "generate")
 
-    @api.post("/v1/edit", response_model=GenerateResponse,
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": EditRequest.model_json_schema()}}, "required": True}})
+    @api.post(
+        "/v1/edit",
+        response_model=GenerateResponse,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": EditRequest.model_json_schema()}},
+                "required": True,
+            }
+        },
+    )
     async def edit(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._auth(request)
@@ -283,14 +351,19 @@ class TwinFlow:
         info = self._model(req.model)
         check_limits(req, req.instruction, self.limits)
         try:
-            img = decode_image(req.image, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side)
+            img = decode_image(
+                req.image, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side
+            )
         except OverflowError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "bad_image", str(exc)) from None
         if EDIT_TASK not in info.tasks:
-            raise ApiError(501, "not_implemented", f"model {info.id!r} does not support editing "
-                                                   f"(its tasks: {info.tasks})")
+            raise ApiError(
+                501,
+                "not_implemented",
+                f"model {info.id!r} does not support editing (its tasks: {info.tasks})",
+            )
         image = image_to_model(img, info.channels, info.image_size)
         return await self._run(t0, info, req, req.instruction, "edit", image)
 
@@ -303,9 +376,12 @@ class TwinFlow:
     async def stats(self, request: Request) -> dict[str, Any]:
         """Counters of the replica that answers (batch calls by size, text-embedding cache, loads)."""
         self._auth(request)
-        return {"batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "text_cache": self.encoders.cache_info(), "model_loads": list(self.loads),
-                "max_batch_images": self.max_batch}
+        return {
+            "batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "text_cache": self.encoders.cache_info(),
+            "model_loads": list(self.loads),
+            "max_batch_images": self.max_batch,
+        }
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -327,14 +403,27 @@ class TwinFlow:
 def model_info(entry, meta: dict[str, Any], cfg: ServeAppConfig) -> dict[str, Any]:
     shape = [int(v) for v in meta["sample_shape"]]
     return ModelInfo(
-        id=entry.id, default=entry.id == cfg.default_id, method=meta.get("method"), job=meta.get("job"),
-        steps=meta.get("steps"), family=meta["family"], sample_shape=shape,
-        image_size=int(meta["image_size"]), channels=int(meta["pixel_channels"]),
-        latent=bool(meta.get("latent")), lora=bool(meta.get("lora")), tasks=tasks_of(meta),
-        nfe={"min": cfg.limits.min_nfe, "max": cfg.limits.max_nfe,
-             "default": max(cfg.limits.min_nfe, 1 if meta.get("method") != "flow_matching" else 4)},
-        text_max_length=int(meta["text_encoder"]["max_length"]), description=entry.description,
-        source=entry.path).model_dump()
+        id=entry.id,
+        default=entry.id == cfg.default_id,
+        method=meta.get("method"),
+        job=meta.get("job"),
+        steps=meta.get("steps"),
+        family=meta["family"],
+        sample_shape=shape,
+        image_size=int(meta["image_size"]),
+        channels=int(meta["pixel_channels"]),
+        latent=bool(meta.get("latent")),
+        lora=bool(meta.get("lora")),
+        tasks=tasks_of(meta),
+        nfe={
+            "min": cfg.limits.min_nfe,
+            "max": cfg.limits.max_nfe,
+            "default": max(cfg.limits.min_nfe, 1 if meta.get("method") != "flow_matching" else 4),
+        },
+        text_max_length=int(meta["text_encoder"]["max_length"]),
+        description=entry.description,
+        source=entry.path,
+    ).model_dump()
 
 
 def describe(cfg: ServeAppConfig) -> list[dict[str, Any]]:
@@ -349,8 +438,9 @@ def build_app(args: dict[str, Any]):
     return build_application(args)
 
 
-def build_application(args: dict[str, Any] | None = None,
-                      deployment_options: dict[str, dict[str, Any]] | None = None):
+def build_application(
+    args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None
+):
     """`build_app` for callers outside a Serve config (`twinflow serve`, tests, benchmarks):
     `deployment_options` ({deployment name: .options() kwargs}) does what a config's `deployments:` does."""
     cfg = parse_args(args).resolved()
@@ -360,6 +450,8 @@ def build_application(args: dict[str, Any] | None = None,
     opts = dict(deployment_options or {})
     unknown = sorted(set(opts) - {DEPLOYMENT})
     if unknown:
-        raise ValueError(f"deployment options for unknown deployments {unknown}; the deployment is {DEPLOYMENT}")
+        raise ValueError(
+            f"deployment options for unknown deployments {unknown}; the deployment is {DEPLOYMENT}"
+        )
     dep = TwinFlow.options(**opts[DEPLOYMENT]) if opts.get(DEPLOYMENT) else TwinFlow
     return dep.bind(config, infos, token or None)

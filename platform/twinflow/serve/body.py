@@ -3,6 +3,7 @@
 A client sending one byte at a time held a replica slot for as long as it liked (600 of them starved
 `/healthz`), and 100k nested brackets raised RecursionError inside json.loads (a plain-text 500).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,14 +66,19 @@ class BodyReaders:
         if content_length is not None and content_length.isdigit() and int(content_length) > self.max_bytes:
             raise ApiError(413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes")
         if self.active >= self.max_readers:
-            raise ApiError(503, "busy", f"{self.max_readers} request bodies are being received; retry shortly",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "busy",
+                f"{self.max_readers} request bodies are being received; retry shortly",
+                headers={"Retry-After": "1"},
+            )
         self.active += 1
         try:
             return await asyncio.wait_for(self._collect(stream), self.timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, "request_timeout", f"the request body did not arrive within "
-                                                   f"{self.timeout_s:g} s") from None
+            raise ApiError(
+                408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s"
+            ) from None
         finally:
             self.active -= 1
 
@@ -81,5 +87,7 @@ class BodyReaders:
         async for chunk in stream:  # read no further than the limit, whatever the headers say
             buf += chunk
             if len(buf) > self.max_bytes:
-                raise ApiError(413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes")
+                raise ApiError(
+                    413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes"
+                )
         return bytes(buf)

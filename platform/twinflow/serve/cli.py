@@ -7,6 +7,7 @@
 It binds 127.0.0.1 unless --host (or the YAML's http_options.host) says otherwise. `--check` only
 validates and prints the models (no Ray). Mounted by `twinflow.cli` through `add_commands`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,38 @@ APP_IMPORT_PATH = "twinflow.serve.app:build_app"
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve checkpoints over HTTP (Ray Serve) with a browser playground",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="a TwinFlow export dir, or a Serve config YAML such as serve/fashion_demo.yaml")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or the YAML's http_options.host)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8000, or the YAML's http_options.port)")
-    p.add_argument("--id", default=None, help="model id for an export dir (default: its job name, else the dir name)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an app arg, e.g. --set batching.max_batch_images=1 (repeatable)")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve checkpoints over HTTP (Ray Serve) with a browser playground",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "target", help="a TwinFlow export dir, or a Serve config YAML such as serve/fashion_demo.yaml"
+    )
+    p.add_argument(
+        "--host", default=None, help="bind address (default 127.0.0.1, or the YAML's http_options.host)"
+    )
+    p.add_argument(
+        "--port", type=int, default=None, help="port (default 8000, or the YAML's http_options.port)"
+    )
+    p.add_argument(
+        "--id", default=None, help="model id for an export dir (default: its job name, else the dir name)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override an app arg, e.g. --set batching.max_batch_images=1 (repeatable)",
+    )
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--check", action="store_true", help="validate, print the models as JSON and exit (no Ray)")
-    p.add_argument("--non-blocking", action="store_true", help="deploy and return instead of serving until Ctrl-C")
+    p.add_argument(
+        "--check", action="store_true", help="validate, print the models as JSON and exit (no Ray)"
+    )
+    p.add_argument(
+        "--non-blocking", action="store_true", help="deploy and return instead of serving until Ctrl-C"
+    )
     p.set_defaults(func=run_command)
 
 
@@ -42,9 +64,19 @@ def _export_plan(path: Path, model_id: str | None) -> dict[str, Any]:
     mid = model_id or str(meta.get("job") or path.resolve().name)
     if not MODEL_ID_RE.match(mid):
         mid = "model"
-    return {"http_options": {}, "proxy_location": None,
-            "applications": [{"name": "twinflow", "route_prefix": "/", "import_path": APP_IMPORT_PATH,
-                              "args": {"models": [{"id": mid, "path": str(path)}]}, "deployments": []}]}
+    return {
+        "http_options": {},
+        "proxy_location": None,
+        "applications": [
+            {
+                "name": "twinflow",
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": {"models": [{"id": mid, "path": str(path)}]},
+                "deployments": [],
+            }
+        ],
+    }
 
 
 def load_plan(target: str, model_id: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -64,17 +96,31 @@ def load_plan(target: str, model_id: str | None = None, overrides: list[str] | N
             raise ConfigError(f"{target}: not valid YAML: {exc}") from None
         if not isinstance(data, dict) or not data.get("applications"):
             raise ConfigError(f"{target}: expected a Serve config with an 'applications:' list")
-        plan = {"http_options": dict(data.get("http_options") or {}), "proxy_location": data.get("proxy_location"),
-                "applications": []}
+        plan = {
+            "http_options": dict(data.get("http_options") or {}),
+            "proxy_location": data.get("proxy_location"),
+            "applications": [],
+        }
         for app in data["applications"]:
             if app.get("import_path") != APP_IMPORT_PATH:
-                raise ConfigError(f"{target}: application {app.get('name')!r} imports {app.get('import_path')!r}; "
-                                  f"twinflow serve runs {APP_IMPORT_PATH} (use `serve run` for others)")
-            plan["applications"].append({"name": app.get("name", "default"), "route_prefix": app.get("route_prefix", "/"),
-                                         "args": app.get("args") or {}, "deployments": app.get("deployments") or []})
+                raise ConfigError(
+                    f"{target}: application {app.get('name')!r} imports {app.get('import_path')!r}; "
+                    f"twinflow serve runs {APP_IMPORT_PATH} (use `serve run` for others)"
+                )
+            plan["applications"].append(
+                {
+                    "name": app.get("name", "default"),
+                    "route_prefix": app.get("route_prefix", "/"),
+                    "args": app.get("args") or {},
+                    "deployments": app.get("deployments") or [],
+                }
+            )
             if app.get("runtime_env"):
-                print(f"warning: {target}: twinflow serve ignores runtime_env of {app.get('name')!r} "
-                      "(use `serve run` for it)", file=sys.stderr)
+                print(
+                    f"warning: {target}: twinflow serve ignores runtime_env of {app.get('name')!r} "
+                    "(use `serve run` for it)",
+                    file=sys.stderr,
+                )
     else:
         raise ConfigError(f"{target}: no such export dir or config file")
     for app in plan["applications"]:
@@ -99,7 +145,9 @@ def run_command(args: argparse.Namespace) -> int:
             out = {a["name"]: describe(parse_args(a["args"]).resolved()) for a in plan["applications"]}
             print(json.dumps(out, indent=2))
             return 0
-        return serve_plan(plan, host=args.host, port=args.port, address=args.address, block=not args.non_blocking)
+        return serve_plan(
+            plan, host=args.host, port=args.port, address=args.address, block=not args.non_blocking
+        )
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError) as exc:
@@ -107,8 +155,14 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def serve_plan(plan: dict[str, Any], *, host: str | None = None, port: int | None = None,
-               address: str | None = None, block: bool = True) -> int:
+def serve_plan(
+    plan: dict[str, Any],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    address: str | None = None,
+    block: bool = True,
+) -> int:
     import ray
     from ray import serve
 
@@ -125,10 +179,17 @@ def serve_plan(plan: dict[str, Any], *, host: str | None = None, port: int | Non
     serve.start(**start_kwargs)
     for app in plan["applications"]:
         options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
-        serve.run(build_application(app["args"], deployment_options=options), name=app["name"],
-                  route_prefix=app["route_prefix"], blocking=False)
-        print(f"twinflow serve: {app['name']} at http://{http['host']}:{http['port']}{app['route_prefix']} "
-              f"(playground), API under {app['route_prefix'].rstrip('/')}/v1/", flush=True)
+        serve.run(
+            build_application(app["args"], deployment_options=options),
+            name=app["name"],
+            route_prefix=app["route_prefix"],
+            blocking=False,
+        )
+        print(
+            f"twinflow serve: {app['name']} at http://{http['host']}:{http['port']}{app['route_prefix']} "
+            f"(playground), API under {app['route_prefix'].rstrip('/')}/v1/",
+            flush=True,
+        )
     if not block:
         return 0
     try:

@@ -4,6 +4,7 @@ Cheap to import (pydantic only): the CLI and the builder validate a config befor
 Deployment options (replicas, autoscaling, CPUs) are not here: they belong to the Serve config's
 `deployments:` section, which overrides the defaults of the `TwinFlow` deployment by name.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,15 +27,19 @@ class ModelEntry(_Strict):
     """One checkpoint behind the deployment, chosen per request by `id`."""
 
     id: str = Field(description="model id used in requests (letters, digits, . _ -)")
-    path: str = Field(description="a TwinFlow export dir (local path or s3://bucket/prefix); a LoRA export "
-                                  "is served like any export (its transformer/ holds the merged adapter)")
+    path: str = Field(
+        description="a TwinFlow export dir (local path or s3://bucket/prefix); a LoRA export "
+        "is served like any export (its transformer/ holds the merged adapter)"
+    )
     description: str = ""
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
         if not MODEL_ID_RE.match(v):
-            raise ValueError(f"model id {v!r}: use 1-64 letters, digits, '.', '_' or '-' (first a letter or digit)")
+            raise ValueError(
+                f"model id {v!r}: use 1-64 letters, digits, '.', '_' or '-' (first a letter or digit)"
+            )
         return v
 
 
@@ -47,17 +52,29 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(500, ge=1, le=100_000)
     max_guidance: float = Field(20.0, ge=0.0)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="decoded size of an uploaded image")
-    max_image_side: int = Field(2048, ge=8, le=16384, description="width and height of an uploaded image "
-                                                                 "(also the decompression-bomb bound)")
+    max_image_side: int = Field(
+        2048,
+        ge=8,
+        le=16384,
+        description="width and height of an uploaded image (also the decompression-bomb bound)",
+    )
     max_json_depth: int = Field(32, ge=2, le=1000, description="nesting of arrays/objects in a request body")
-    body_timeout_s: float = Field(10.0, gt=0, le=600, description="a request body must arrive within this "
-                                                                 "(408 otherwise): slow senders cannot hold slots")
-    max_body_readers: int = Field(64, ge=1, le=100_000,
-                                  description="request bodies read at once per replica; more get 503 at once, "
-                                              "so slow senders never fill max_ongoing_requests")
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="a request body must arrive within this (408 otherwise): slow senders cannot hold slots",
+    )
+    max_body_readers: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="request bodies read at once per replica; more get 503 at once, "
+        "so slow senders never fill max_ongoing_requests",
+    )
 
     @model_validator(mode="after")
-    def _order(self) -> "Limits":
+    def _order(self) -> Limits:
         if self.min_nfe > self.max_nfe:
             raise ValueError(f"min_nfe {self.min_nfe} > max_nfe {self.max_nfe}")
         return self
@@ -69,36 +86,53 @@ class Limits(_Strict):
 
 
 class Batching(_Strict):
-    max_batch_images: int = Field(16, ge=1, le=1024,
-                                  description="images per @serve.batch call (1 turns batching off); a "
-                                              "request with more images runs alone")
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=10.0,
-                                        description="how long a batch waits for more requests after its first")
+    max_batch_images: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="images per @serve.batch call (1 turns batching off); a "
+        "request with more images runs alone",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0.0, le=10.0, description="how long a batch waits for more requests after its first"
+    )
     row_stable: bool | int = Field(
-        True, description="pad model calls to batch sizes whose rows are bit-identical to any other batch "
-                          "size (checked once per model at load), so an image never depends on its batch "
-                          "mates; false: no padding; an int: pad every call to at least that many rows")
+        True,
+        description="pad model calls to batch sizes whose rows are bit-identical to any other batch "
+        "size (checked once per model at load), so an image never depends on its batch "
+        "mates; false: no padding; an int: pad every call to at least that many rows",
+    )
 
 
 class ServeAppConfig(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
-    default_model: str | None = Field(None, description="model id used when a request names none (default: the first)")
+    default_model: str | None = Field(
+        None, description="model id used when a request names none (default: the first)"
+    )
     limits: Limits = Field(default_factory=Limits)
     batching: Batching = Field(default_factory=Batching)
-    text_cache_size: int = Field(4096, ge=0, description="prompts whose text embeddings stay cached per replica")
+    text_cache_size: int = Field(
+        4096, ge=0, description="prompts whose text embeddings stay cached per replica"
+    )
     max_models_per_replica: int = Field(4, ge=1, description="@serve.multiplexed LRU size")
     threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
     switch_interval_ms: float = Field(
-        0.5, gt=0.0, le=100.0, description="the replica's sys.setswitchinterval: how long the torch thread may "
-                                           "hold the GIL before the request-taking event loop gets a turn")
+        0.5,
+        gt=0.0,
+        le=100.0,
+        description="the replica's sys.setswitchinterval: how long the torch thread may "
+        "hold the GIL before the request-taking event loop gets a turn",
+    )
     auth_token_env: str | None = Field(
-        DEFAULT_TOKEN_ENV, description="environment variable holding a bearer token; unset or empty: no auth")
-    cache_dir: str | None = Field(None, description="where s3:// checkpoints are downloaded "
-                                                    "(default ~/.cache/twinflow/serve)")
+        DEFAULT_TOKEN_ENV, description="environment variable holding a bearer token; unset or empty: no auth"
+    )
+    cache_dir: str | None = Field(
+        None, description="where s3:// checkpoints are downloaded (default ~/.cache/twinflow/serve)"
+    )
     playground: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeAppConfig":
+    def _check(self) -> ServeAppConfig:
         ids = [m.id for m in self.models]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
@@ -111,7 +145,7 @@ class ServeAppConfig(_Strict):
     def default_id(self) -> str:
         return self.default_model or self.models[0].id
 
-    def resolved(self, base: str | os.PathLike | None = None) -> "ServeAppConfig":
+    def resolved(self, base: str | os.PathLike | None = None) -> ServeAppConfig:
         """A copy with relative local model paths made absolute (against `base`, default the cwd):
         replicas may run in another directory."""
         root = Path(base) if base is not None else Path.cwd()
@@ -119,7 +153,7 @@ class ServeAppConfig(_Strict):
         for m in self.models:
             p = m.path
             if not p.startswith("s3://"):
-                p = p[len("file://"):] if p.startswith("file://") else p
+                p = p[len("file://") :] if p.startswith("file://") else p
                 p = str((root / Path(p).expanduser()).resolve())
             models.append(m.model_copy(update={"path": p}))
         return self.model_copy(update={"models": models})

@@ -11,6 +11,7 @@ guidance, image), never on the requests it is batched with. Three things make th
   rows differ from larger ones by ~1e-6). `RowStableModel` finds, once per model, the batch sizes
   whose rows are bit-identical to every other such size and pads every call up to one of them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,7 +45,7 @@ class Item:
     num_images: int = 1
     guidance: float = 0.0
     image: np.ndarray | None = None  # edit: (H, W, C) uint8 at the model's pixel size
-    weight: int = 1                  # counted by @serve.batch's batch_size_fn
+    weight: int = 1  # counted by @serve.batch's batch_size_fn
 
     @property
     def task(self) -> str:
@@ -149,7 +150,9 @@ class RowStableModel:
         return torch.cat(outs)
 
 
-def stable_sizes(generator, max_rows: int, *, text_len: int, with_ref: bool = False, seed: int = 0) -> list[int]:
+def stable_sizes(
+    generator, max_rows: int, *, text_len: int, with_ref: bool = False, seed: int = 0
+) -> list[int]:
     """Batch sizes n <= max_rows whose rows are bit-identical to the same rows in a max_rows batch,
     wherever they sit in it. Kernel choice depends on shapes, not values, so one random input per
     shape tells. max_rows itself is always included."""
@@ -162,9 +165,11 @@ def stable_sizes(generator, max_rows: int, *, text_len: int, with_ref: bool = Fa
     t = torch.rand(B, generator=g) * 0.98 + 0.01
     r = t * torch.rand(B, generator=g)
     mask = torch.ones(B, text_len, dtype=torch.int64)
-    mask[:, text_len // 2:] = (torch.rand(B, text_len - text_len // 2, generator=g) < 0.5).long()
-    cond = {"text_states": torch.randn(B, text_len, generator.text_dim, generator=g) * mask[..., None],
-            "text_mask": mask}
+    mask[:, text_len // 2 :] = (torch.rand(B, text_len - text_len // 2, generator=g) < 0.5).long()
+    cond = {
+        "text_states": torch.randn(B, text_len, generator.text_dim, generator=g) * mask[..., None],
+        "text_mask": mask,
+    }
     if with_ref:
         cond["ref_image"] = torch.randn(B, C, H, W, generator=g)
     sizes = []
@@ -183,8 +188,16 @@ def stable_sizes(generator, max_rows: int, *, text_len: int, with_ref: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def sample_items(model, noises: Sequence[Any], generators: Sequence[Any], cond: Mapping[str, Any], nfe: int,
-                 *, guidance: float = 0.0, null_cond: Mapping[str, Any] | None = None):
+def sample_items(
+    model,
+    noises: Sequence[Any],
+    generators: Sequence[Any],
+    cond: Mapping[str, Any],
+    nfe: int,
+    *,
+    guidance: float = 0.0,
+    null_cond: Mapping[str, Any] | None = None,
+):
     """`twinflow.method.sampler.sample_nfe` for several requests in one batch: request i starts from
     noises[i] (n_i rows) and draws its fresh noise from generators[i], so each request's rows are what
     `sample_nfe(model, noises[i], nfe, cond_i, generator=generators[i])` returns on its own."""
@@ -208,7 +221,9 @@ def sample_items(model, noises: Sequence[Any], generators: Sequence[Any], cond: 
             F = model(x.to(dtype), t_vec, r_vec, dict(cond)).float()
         else:
             both = {k: torch.cat([cond[k], null_cond[k]]) for k in cond}
-            out = model(torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]), torch.cat([r_vec, r_vec]), both)
+            out = model(
+                torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]), torch.cat([r_vec, r_vec]), both
+            )
             f_c, f_u = out[:B], out[B:]
             F = (f_c + guidance * (f_c - f_u)).float()
         x_hat = x - t_cur * F
@@ -292,14 +307,21 @@ class ServedModel:
                 lo = min(max(1, self.row_stable), self.max_rows)
                 sizes = list(range(lo, self.max_rows + 1))
             else:
-                sizes = stable_sizes(self.generator, self.max_rows, text_len=self.text_max_length,
-                                     with_ref=with_ref)
+                sizes = stable_sizes(
+                    self.generator, self.max_rows, text_len=self.text_max_length, with_ref=with_ref
+                )
             self.stable[with_ref] = RowStableModel(self.generator, self.max_rows, sizes)
         return self.stable[with_ref]
 
 
-def load_served_model(model_id: str, source: str, *, cache_dir: str | None = None, max_rows: int = 16,
-                      row_stable: bool | int = True) -> ServedModel:
+def load_served_model(
+    model_id: str,
+    source: str,
+    *,
+    cache_dir: str | None = None,
+    max_rows: int = 16,
+    row_stable: bool | int = True,
+) -> ServedModel:
     from twinflow.models.export import load_export_codec, load_generator
 
     local = local_export(source, cache_dir)
@@ -374,14 +396,21 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
         if null is not None:
             null["ref_image"] = cond["ref_image"]
     with torch.no_grad():
-        x = sample_items(model.model_fn(task == EDIT_TASK), noises, generators, cond, nfe,
-                         guidance=guidance, null_cond=null)
+        x = sample_items(
+            model.model_fn(task == EDIT_TASK),
+            noises,
+            generators,
+            cond,
+            nfe,
+            guidance=guidance,
+            null_cond=null,
+        )
         if model.codec is not None:
             x = model.codec.decode(x)
     pngs = png_bytes(x)
     out, start = [], 0
     for c in counts:
-        out.append(pngs[start:start + c])
+        out.append(pngs[start : start + c])
         start += c
     return out
 
@@ -396,7 +425,9 @@ def _ref_tensor(model: ServedModel, image: np.ndarray):
     return t
 
 
-def run_items(models: Mapping[str, ServedModel], encoders: TextEncoders, items: Sequence[Item]) -> list[Result]:
+def run_items(
+    models: Mapping[str, ServedModel], encoders: TextEncoders, items: Sequence[Item]
+) -> list[Result]:
     """Group a batch by (model, NFE, guidance, task) and sample each group in one go (in-process,
     what one compute turn of the deployment's batch does; also the benchmark's in-process baseline)."""
     groups: dict[tuple, list[int]] = {}

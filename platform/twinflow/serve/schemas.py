@@ -7,6 +7,7 @@ the same error shape. Every error body is `{"error": {"type", "message", "detail
 always encodable: numbers must be finite and text valid Unicode (a lone surrogate or 1e309 once
 reached the encoder and came back as a plain-text 500).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ MAX_SEED = 2**63 - 1
 class ApiError(Exception):
     """An error answered as JSON with `status`; `type` is a stable machine-readable code."""
 
-    def __init__(self, status: int, type: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, type: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.details = status, type, message, details
         self.headers = headers
@@ -69,16 +71,24 @@ ModelId = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: ModelId | None = Field(None,
-                               description="model id (GET /v1/models); omit it (not \"\") for the default")
+    model: ModelId | None = Field(
+        None, description='model id (GET /v1/models); omit it (not "") for the default'
+    )
     nfe: int = Field(1, description="function evaluations: 1, 2, 4, ... (the any-step knob)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed and inputs give the same image; "
-                                                                 "default: random (returned)")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="same seed and inputs give the same image; default: random (returned)",
+    )
     num_images: int = Field(1, description="images from this seed (one noise draw of shape (n, C, H, W))")
-    guidance: float = Field(0.0, ge=0.0, allow_inf_nan=False,
-                            description="extra CFG weight; 0: the baked-in CFG of training")
+    guidance: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="extra CFG weight; 0: the baked-in CFG of training"
+    )
     format: Literal["png", "base64-json"] = Field(
-        "base64-json", description="png: the image itself (num_images must be 1); base64-json: JSON with base64 PNGs")
+        "base64-json",
+        description="png: the image itself (num_images must be 1); base64-json: JSON with base64 PNGs",
+    )
 
 
 class GenerateRequest(_Request):
@@ -149,25 +159,48 @@ def check_limits(req: _Request, text: str, limits: Limits) -> None:
     """Config-dependent bounds; raises ApiError 422 naming the field."""
     problems = []
     if not limits.min_nfe <= req.nfe <= limits.max_nfe:
-        problems.append({"loc": ["nfe"], "msg": f"must be between {limits.min_nfe} and {limits.max_nfe}",
-                         "input": req.nfe})
+        problems.append(
+            {
+                "loc": ["nfe"],
+                "msg": f"must be between {limits.min_nfe} and {limits.max_nfe}",
+                "input": req.nfe,
+            }
+        )
     if not 1 <= req.num_images <= limits.max_images:
-        problems.append({"loc": ["num_images"], "msg": f"must be between 1 and {limits.max_images}",
-                         "input": req.num_images})
+        problems.append(
+            {
+                "loc": ["num_images"],
+                "msg": f"must be between 1 and {limits.max_images}",
+                "input": req.num_images,
+            }
+        )
     field = "prompt" if isinstance(req, GenerateRequest) else "instruction"
     if len(text) > limits.max_prompt_chars:
-        problems.append({"loc": [field], "msg": f"at most {limits.max_prompt_chars} characters",
-                         "input_length": len(text)})
+        problems.append(
+            {
+                "loc": [field],
+                "msg": f"at most {limits.max_prompt_chars} characters",
+                "input_length": len(text),
+            }
+        )
     if req.guidance > limits.max_guidance:
         problems.append({"loc": ["guidance"], "msg": f"at most {limits.max_guidance}", "input": req.guidance})
     if req.format == "png" and req.num_images != 1:
-        problems.append({"loc": ["format"], "msg": "format 'png' returns one image: use num_images 1 "
-                                                   "or format 'base64-json'"})
+        problems.append(
+            {
+                "loc": ["format"],
+                "msg": "format 'png' returns one image: use num_images 1 or format 'base64-json'",
+            }
+        )
     if problems:
         raise ApiError(422, "invalid_request", "request values are out of bounds", problems)
 
 
 def validation_details(exc: Any) -> list[dict[str, Any]]:
     """pydantic ValidationError -> JSON-safe list of {loc, msg, type}."""
-    return json_safe([{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                      for e in exc.errors()])
+    return json_safe(
+        [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+    )

@@ -6,6 +6,7 @@ Every rank also writes a manifest of its files (twinflow.train.manifest). A rest
 skips a corrupted or truncated checkpoint, with a line naming it and the bad file, falling back to
 the newest checkpoint of the run that verifies.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -37,13 +38,20 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "samples_seen": self.samples_seen, "extra": self.extra}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "samples_seen": self.samples_seen,
+            "extra": self.extra,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
-        return cls(**{k: d[k] for k in ("step", "epoch", "batches_in_epoch", "samples_seen") if k in d},
-                   extra=d.get("extra", {}))
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(
+            **{k: d[k] for k in ("step", "epoch", "batches_in_epoch", "samples_seen") if k in d},
+            extra=d.get("extra", {}),
+        )
 
 
 def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:
@@ -77,15 +85,22 @@ def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list
 
     fs, base = open_filesystem(run_uri, endpoint)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    dirs = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
     seen = {str(latest.path).rstrip("/")} if latest is not None else set()
     out += [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs if d.rstrip("/") not in seen]
     return out
 
 
-def restore(engine, teacher, run_uri: str | None = None, endpoint: str | None = None,
-            log_file: Path | None = None) -> TrainState | None:
+def restore(
+    engine, teacher, run_uri: str | None = None, endpoint: str | None = None, log_file: Path | None = None
+) -> TrainState | None:
     """Load the newest checkpoint that verifies into the engine and teacher; None on a fresh start.
 
     `run_uri` (the run's storage directory) lets a restore fall back past a bad latest checkpoint;
@@ -120,5 +135,8 @@ def restore(engine, teacher, run_uri: str | None = None, endpoint: str | None = 
             state = TrainState.from_dict(client["train_state"])
             note(f"{'fell back to' if skipped else 'restored'} checkpoint {ckpt.path} (step {state.step})")
         return state
-    raise CheckpointError("no checkpoint of this run verifies:\n  " + "\n  ".join(skipped)
-                          + "\nrerun with --fresh to start over (this deletes them)")
+    raise CheckpointError(
+        "no checkpoint of this run verifies:\n  "
+        + "\n  ".join(skipped)
+        + "\nrerun with --fresh to start over (this deletes them)"
+    )

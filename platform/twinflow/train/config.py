@@ -3,6 +3,7 @@
 The data, model and method sections are owned by their packages; this module only composes them
 and adds the sections that belong to distributed training (cluster, deepspeed, train, eval, output).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +22,12 @@ from twinflow.train.sections import ClusterConfig, DeepSpeedConfig, EvalConfig, 
 class JobConfig(StrictModel):
     """A training job. Every shipped `jobs/*.yaml` validates against this model in the tests."""
 
-    name: str = Field(..., pattern=NAME_PATTERN,
-                      description="the run directory's name under output.dir: a letter or digit, then letters, "
-                                  "digits, '_', '.' or '-' (never '.' or '..': --fresh deletes <output.dir>/<name>)")
+    name: str = Field(
+        ...,
+        pattern=NAME_PATTERN,
+        description="the run directory's name under output.dir: a letter or digit, then letters, "
+        "digits, '_', '.' or '-' (never '.' or '..': --fresh deletes <output.dir>/<name>)",
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     data: DataConfig
     model: ModelConfig

@@ -3,6 +3,7 @@
 Kept apart from the model and the method (torchtitan-style): the worker loop hands a plain nn.Module
 and its trainable parameters here and gets back an engine that forwards like the module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from twinflow.train.sections import DeepSpeedConfig, TrainConfig
 
 
-def deepspeed_config(ds: "DeepSpeedConfig", train: "TrainConfig", world_size: int) -> dict[str, Any]:
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -68,7 +69,9 @@ def init_engine(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], ds
 
 
 @contextlib.contextmanager
-def full_parameters(module: torch.nn.Module, zero_stage: int, modifier_rank: int | None = None) -> Iterator[None]:
+def full_parameters(
+    module: torch.nn.Module, zero_stage: int, modifier_rank: int | None = None
+) -> Iterator[None]:
     """Under ZeRO-3 parameters are sharded: gather them (on every rank) for EMA, export or sampling."""
     if zero_stage != 3:
         yield

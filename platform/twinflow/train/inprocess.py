@@ -6,6 +6,7 @@ plain torch AdamW with the job's lr, betas, weight decay, warm-up and gradient c
 DeepSpeed engine. The data is decoded once into memory and each distinct caption is encoded once
 (captions repeat per class), so a step costs the model's compute and nothing else.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,8 +57,14 @@ def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -
     distinct = sorted(set(captions))
     index = {c: i for i, c in enumerate(distinct)}
     enc = encoder.encode(distinct)
-    return MemoryData(torch.cat(images).float(), torch.cat(labels), torch.tensor([index[c] for c in captions]),
-                      distinct, enc["text_states"].float(), enc["text_mask"])
+    return MemoryData(
+        torch.cat(images).float(),
+        torch.cat(labels),
+        torch.tensor([index[c] for c in captions]),
+        distinct,
+        enc["text_states"].float(),
+        enc["text_mask"],
+    )
 
 
 @dataclass
@@ -83,11 +90,18 @@ class InProcessRun:
         return self.averages.sampling_module(self.model)
 
 
-def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder: Any = None,
-                     model: torch.nn.Module | None = None, steps: int | None = None, log_every: int | None = None,
-                     on_log: Callable[[dict[str, float]], None] | None = None,
-                     on_step: Callable[[int, "InProcessRun"], None] | None = None,
-                     null_cond: Mapping[str, Tensor] | None = None) -> InProcessRun:
+def train_in_process(
+    job: JobConfig,
+    *,
+    data: MemoryData | None = None,
+    encoder: Any = None,
+    model: torch.nn.Module | None = None,
+    steps: int | None = None,
+    log_every: int | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[int, InProcessRun], None] | None = None,
+    null_cond: Mapping[str, Tensor] | None = None,
+) -> InProcessRun:
     """Run `job`'s method for `steps` (default `job.train.steps`) optimizer steps of `train.micro_batch`
     rows. `model` defaults to `modelling.build_model(job)` (with `init_from` and LoRA). `on_log` gets
     each logged row; `on_step(step, run)` runs after every optimizer step (e.g. to evaluate)."""
@@ -108,7 +122,9 @@ def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder:
     teacher, sample_ema = averages.teacher, averages.sample_ema
     objective = modelling.build_objective(job)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.train.lr, betas=job.train.betas, weight_decay=job.train.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=job.train.lr, betas=job.train.betas, weight_decay=job.train.weight_decay
+    )
     gen = torch.Generator().manual_seed(job.train.seed * 100_003)
     order = torch.Generator().manual_seed(job.train.seed + 17)
     run = InProcessRun(model, averages)
@@ -119,11 +135,13 @@ def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder:
     for step in range(1, steps + 1):
         if pos + B > len(perm):
             perm, pos = torch.randperm(len(data), generator=order), 0
-        x, cond = data.rows(perm[pos:pos + B])
+        x, cond = data.rows(perm[pos : pos + B])
         pos += B
         set_lr(opt, job.train.lr * lr_factor(step - 1, job.train.warmup_steps))
         teacher.update()
-        out = objective(model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False)
+        out = objective(
+            model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if job.deepspeed.gradient_clipping > 0:
@@ -134,8 +152,12 @@ def train_in_process(job: JobConfig, *, data: MemoryData | None = None, encoder:
         for k, v in out.metrics.items():
             window.setdefault(k, []).append(float(v))
         if step % log_every == 0 or step == steps:
-            row = {"step": float(step), "elapsed_s": time.perf_counter() - t0, "lr": opt.param_groups[0]["lr"],
-                   **{k: sum(v) / len(v) for k, v in window.items()}}
+            row = {
+                "step": float(step),
+                "elapsed_s": time.perf_counter() - t0,
+                "lr": opt.param_groups[0]["lr"],
+                **{k: sum(v) / len(v) for k, v in window.items()},
+            }
             window.clear()
             run.history.append(row)
             if on_log is not None:

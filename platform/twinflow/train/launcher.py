@@ -3,6 +3,7 @@
 Ray Train V2 owns the job's state machine (initializing -> scheduling -> running -> restarting ->
 finished/errored); we report its final state rather than inventing our own.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ WORKER_ENV = {
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients (the PG cleaner) look first
 
 # S3 endpoint and credentials travel from the driver to the workers (s3:// data, output, init_from).
-FORWARDED_ENV = ("TWINFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = (
+    "TWINFLOW_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def worker_env() -> dict[str, str]:
@@ -78,8 +87,10 @@ def _storage(job: JobConfig, run_dir: Path) -> dict[str, Any]:
     from twinflow.data.storage import check_bucket, s3_filesystem
 
     check_bucket(job.output.dir, job.output.s3_endpoint)  # a missing bucket fails before workers start
-    return {"storage_path": job.output.dir[len("s3://"):].rstrip("/"),
-            "storage_filesystem": s3_filesystem(job.output.s3_endpoint)}
+    return {
+        "storage_path": job.output.dir[len("s3://") :].rstrip("/"),
+        "storage_filesystem": s3_filesystem(job.output.s3_endpoint),
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -110,10 +121,15 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
     else:
         port = free_port()
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=job.cluster.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
-                 runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
-                 log_to_driver=True)
+        ray.init(
+            num_cpus=job.cluster.local_num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
+            runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
+            log_to_driver=True,
+        )
 
 
 def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -128,8 +144,9 @@ def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | 
     return null, prompts
 
 
-def run_job_file(path: str | Path, overrides: Iterable[str] = (), address: str | None = None,
-                 fresh: bool = False) -> JobResult:
+def run_job_file(
+    path: str | Path, overrides: Iterable[str] = (), address: str | None = None, fresh: bool = False
+) -> JobResult:
     job = load_job(path, overrides)  # an invalid file fails here, before anything starts
     try:
         check_inputs(job)
@@ -142,16 +159,18 @@ def check_inputs(job: JobConfig) -> None:
     """Paths the job reads exist (before Ray starts): a ConfigError naming the field otherwise."""
     from twinflow.data import storage
 
-    for field, uri, endpoint in (("data.path", job.data.path, job.data.s3_endpoint),
-                                 ("train.init_from", job.train.init_from, job.output.s3_endpoint)):
+    for field_name, uri, endpoint in (
+        ("data.path", job.data.path, job.data.s3_endpoint),
+        ("train.init_from", job.train.init_from, job.output.s3_endpoint),
+    ):
         if not uri:
             continue
         try:
             found = storage.exists(uri, endpoint)
         except OSError as exc:
-            raise ConfigError(f"{field}: {uri}: cannot be read ({exc})") from None
+            raise ConfigError(f"{field_name}: {uri}: cannot be read ({exc})") from None
         if not found:
-            raise ConfigError(f"{field}: {uri} does not exist")
+            raise ConfigError(f"{field_name}: {uri} does not exist")
 
 
 def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
@@ -172,7 +191,9 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
             delete_dir(uri, job.output.s3_endpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
-    if job.eval.metrics and job.eval.prompts:  # a prompt naming no class of the data fails here, not at step N
+    if (
+        job.eval.metrics and job.eval.prompts
+    ):  # a prompt naming no class of the data fails here, not at step N
         from twinflow.eval.periodic import check_prompts, dataset_of
 
         check_prompts(dataset_of(job.data.path, job.data.s3_endpoint), job.eval.prompts)
@@ -194,18 +215,30 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_loop,
-        train_loop_config={"job": job.model_dump(by_alias=True), "run_dir": str(run_dir),
-                           "null_cond": null_cond, "eval_cond": eval_cond, "driver": driver_info(),
-                           "checkpoint_root": remote_run_uri(job) or str(run_dir)},
+        train_loop_config={
+            "job": job.model_dump(by_alias=True),
+            "run_dir": str(run_dir),
+            "null_cond": null_cond,
+            "eval_cond": eval_cond,
+            "driver": driver_info(),
+            "checkpoint_root": remote_run_uri(job) or str(run_dir),
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
-            resources_per_worker={"CPU": job.cluster.cpus_per_worker,
-                                  **({"GPU": job.cluster.gpus_per_worker} if job.cluster.use_gpu else {})}),
+            num_workers=job.cluster.num_workers,
+            use_gpu=job.cluster.use_gpu,
+            resources_per_worker={
+                "CPU": job.cluster.cpus_per_worker,
+                **({"GPU": job.cluster.gpus_per_worker} if job.cluster.use_gpu else {}),
+            },
+        ),
         run_config=ray.train.RunConfig(
-            name=job.name, **_storage(job, run_dir),
+            name=job.name,
+            **_storage(job, run_dir),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks or None),
+            worker_runtime_env={"env_vars": worker_env()},
+            callbacks=callbacks or None,
+        ),
         datasets={"train": build_train_dataset(job.data)},
     )
 
@@ -220,8 +253,9 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        out = JobResult(ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc),
-                        bad_records=_bad_records(job))
+        out = JobResult(
+            ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc), bad_records=_bad_records(job)
+        )
         write_summary(run_dir / "summary.json", asdict(out))
         _publish(job, run_dir, out)
         print(f"[twinflow] job {job.name} ERRORED: {exc}")
@@ -233,10 +267,16 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
         metrics["data/bad_records"] = bad["bad"]
     plot_losses(run_dir / "logs" / "metrics.jsonl", run_dir / "loss.png")
     export = run_dir / "export"
-    out = JobResult(ok=result.error is None, state="FINISHED" if result.error is None else "ERRORED",
-                    run_dir=str(run_dir), steps=int(metrics.get("step", 0)), metrics=metrics,
-                    export_dir=str(export) if export.exists() else None,
-                    error=str(result.error) if result.error else None, bad_records=bad)
+    out = JobResult(
+        ok=result.error is None,
+        state="FINISHED" if result.error is None else "ERRORED",
+        run_dir=str(run_dir),
+        steps=int(metrics.get("step", 0)),
+        metrics=metrics,
+        export_dir=str(export) if export.exists() else None,
+        error=str(result.error) if result.error else None,
+        bad_records=bad,
+    )
     write_summary(run_dir / "summary.json", asdict(out))
     _publish(job, run_dir, out)
     print_summary(job, out)
@@ -249,7 +289,9 @@ def _bad_records(job: JobConfig) -> dict[str, Any] | None:
 
     try:
         return bad_record_report(job.data)
-    except Exception as exc:  # the counter actor is gone (e.g. Ray shut down): say so, do not fail the summary
+    except (
+        Exception
+    ) as exc:  # the counter actor is gone (e.g. Ray shut down): say so, do not fail the summary
         return {"error": f"bad-record counts unavailable: {type(exc).__name__}: {exc}"}
 
 
@@ -273,9 +315,13 @@ def print_summary(job: JobConfig, out: JobResult) -> None:
     loss = out.metrics.get("total")
     if loss is not None:
         lines.append(f"  final loss      {loss:.4f}")
-    for label, path in [("export", out.export_dir), ("metrics", run / "logs" / "metrics.jsonl"),
-                        ("tensorboard", run / "tensorboard"), ("loss plot", run / "loss.png"),
-                        ("samples", run / "samples")]:
+    for label, path in [
+        ("export", out.export_dir),
+        ("metrics", run / "logs" / "metrics.jsonl"),
+        ("tensorboard", run / "tensorboard"),
+        ("loss plot", run / "loss.png"),
+        ("samples", run / "samples"),
+    ]:
         if path and Path(path).exists():
             lines.append(f"  {label:<15} {path}")
     print("\n".join(lines), flush=True)

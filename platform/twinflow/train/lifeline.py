@@ -5,6 +5,7 @@ after noticing the driver is gone, through the controller). Each worker now runs
 checks, twice a second, that the process which started the job still exists (same node: its pid) and
 that Ray still counts the job alive; when either is gone the worker exits at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,8 @@ def job_alive(job_id: str) -> bool:
         import ray
 
         infos = ray._private.worker.global_worker.gcs_client.get_all_job_info(
-            skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
+            skip_submission_job_info_field=True, skip_is_running_tasks_field=True
+        )
         for jid, info in infos.items():
             if (jid.hex() if hasattr(jid, "hex") else str(jid)) == job_id:
                 return not info.is_dead
@@ -62,7 +64,9 @@ def driver_alive(info: dict[str, Any], node_id: str) -> bool:
     return job_alive(str(info.get("job_id", "")))
 
 
-def watch_driver(info: dict[str, Any] | None, on_death: Callable[[], None] | None = None) -> threading.Thread | None:
+def watch_driver(
+    info: dict[str, Any] | None, on_death: Callable[[], None] | None = None
+) -> threading.Thread | None:
     """Start the watcher thread in a Train worker; `on_death` defaults to printing and os._exit(1)."""
     if not info:
         return None

@@ -6,6 +6,7 @@ files (atomically, so a manifest is never half there); a checkpoint is good only
 manifest is present and every listed file has its recorded size and digest. A checkpoint cut off
 mid-upload lacks a manifest or a file, so it fails the same check.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,7 +88,9 @@ def verify(directory: str | Path) -> list[str]:
             if not path.is_file():
                 problems.append(f"{rel}: missing (rank {rank})")
             elif path.stat().st_size != meta.get("size"):
-                problems.append(f"{rel}: {path.stat().st_size} bytes, {meta.get('size')} expected (truncated?)")
+                problems.append(
+                    f"{rel}: {path.stat().st_size} bytes, {meta.get('size')} expected (truncated?)"
+                )
             elif file_digest(path) != meta.get("sha256"):
                 problems.append(f"{rel}: sha256 mismatch (corrupted)")
     return problems

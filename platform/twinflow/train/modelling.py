@@ -1,4 +1,5 @@
 """From a job's sections to the pieces the worker loop needs: model, teacher, objective, grids, export."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,11 @@ from pathlib import Path
 import torch
 
 from twinflow.imaging import save_grid
-from twinflow.method import Teacher, build_objective as _build_objective
-from twinflow.method.ema import EMA
+from twinflow.method import Teacher
+from twinflow.method import build_objective as _build_objective
 from twinflow.method.conditioning import cond_to
 from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
+from twinflow.method.ema import EMA
 from twinflow.method.sampler import sample, settings_for_method
 from twinflow.models import build_generator
 from twinflow.models.export import load_generator, save_generator
@@ -28,8 +30,10 @@ def build_model(job: JobConfig) -> torch.nn.Module:
         # zero gate (the fake branch equals the real one), so those keys may be absent from the base.
         missing = [k for k in missing if f".{SIGN_NAME}." not in k]
         if unexpected or missing:
-            raise ValueError(f"train.init_from {job.train.init_from}: weights do not match model "
-                             f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+            raise ValueError(
+                f"train.init_from {job.train.init_from}: weights do not match model "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
     return model
@@ -79,8 +83,10 @@ class Averages:
         self.teacher.load_state_dict(state)
         if self.sample_ema is not None:
             if "sample_ema" not in state:
-                raise ValueError("the checkpoint holds no sampling EMA but train.sample_ema is set; "
-                                 "resume with the job's original settings or start over with --fresh")
+                raise ValueError(
+                    "the checkpoint holds no sampling EMA but train.sample_ema is set; "
+                    "resume with the job's original settings or start over with --fresh"
+                )
             self.sample_ema.load_state_dict(state["sample_ema"])
 
 
@@ -100,9 +106,17 @@ def sample_guidance(job: JobConfig) -> float:
 
 
 @torch.no_grad()
-def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], path: Path, *,
-                rank: int, device: torch.device, dtype: torch.dtype,
-                null_cond: dict[str, torch.Tensor] | None = None) -> None:
+def sample_grid(
+    job: JobConfig,
+    module: torch.nn.Module,
+    eval_cond: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    null_cond: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Every rank samples (ZeRO-3 forwards need all ranks); rank 0 writes one row per NFE."""
     n = job.eval.images_per_prompt
     cond = {k: v.to(device).repeat_interleave(n, 0) for k, v in eval_cond.items()}
@@ -115,16 +129,30 @@ def sample_grid(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, to
     guidance = sample_guidance(job)
     if guidance and null_cond is not None:
         null_cond = cond_to(null_cond, device, dtype)
-    rows = [sample(module, noise, cond, settings=settings_for_method(nfe, job.method.name, guidance),
-                   null_cond=null_cond, generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1))
-            for nfe in job.eval.nfe]
+    rows = [
+        sample(
+            module,
+            noise,
+            cond,
+            settings=settings_for_method(nfe, job.method.name, guidance),
+            null_cond=null_cond,
+            generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1),
+        )
+        for nfe in job.eval.nfe
+    ]
     module.train(was_training)
     if rank == 0:
         save_grid(rows, [f"{nfe} NFE" for nfe in job.eval.nfe], path)
 
 
-def eval_metrics(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, torch.Tensor], *,
-                 device: torch.device, null_cond: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def eval_metrics(
+    job: JobConfig,
+    module: torch.nn.Module,
+    eval_cond: dict[str, torch.Tensor],
+    *,
+    device: torch.device,
+    null_cond: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Judge-based metrics per NFE (`twinflow.eval`) on the in-memory model; {} when no judge fits the
     data or `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
     if not job.eval.metrics or not job.eval.prompts:
@@ -134,15 +162,28 @@ def eval_metrics(job: JobConfig, module: torch.nn.Module, eval_cond: dict[str, t
     was_training = module.training
     module.eval()
     try:
-        return periodic_metrics(module, dataset=dataset_of(job.data.path, job.data.s3_endpoint),
-                                prompts=job.eval.prompts, cond=eval_cond, nfe=job.eval.nfe, method=job.method.name,
-                                images_per_prompt=job.eval.metric_images_per_prompt, seed=job.eval.seed,
-                                device=device, guidance=sample_guidance(job), null_cond=null_cond)
+        return periodic_metrics(
+            module,
+            dataset=dataset_of(job.data.path, job.data.s3_endpoint),
+            prompts=job.eval.prompts,
+            cond=eval_cond,
+            nfe=job.eval.nfe,
+            method=job.method.name,
+            images_per_prompt=job.eval.metric_images_per_prompt,
+            seed=job.eval.seed,
+            device=device,
+            guidance=sample_guidance(job),
+            null_cond=null_cond,
+        )
     finally:
         module.train(was_training)
 
 
 def export(job: JobConfig, module: torch.nn.Module, out_dir: Path, *, steps: int) -> Path:
-    meta = {"method": job.method.name, "job": job.name, "steps": steps,
-            "method_config": job.method.model_dump(by_alias=True)}
+    meta = {
+        "method": job.method.name,
+        "job": job.name,
+        "steps": steps,
+        "method_config": job.method.model_dump(by_alias=True),
+    }
     return save_generator(module, out_dir, meta)

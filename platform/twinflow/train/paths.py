@@ -5,6 +5,7 @@ that component. A name like `..` or `.` once made `--fresh` delete the folder ab
 them; so names are plain identifiers, and deletion re-checks, on the resolved path, that it touches
 exactly one run directory inside its root and nothing a symlink points at.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -44,8 +45,10 @@ def remove_run_dir(root: str | Path, name: str, marker: str = RUN_MARKER) -> boo
     if not run.is_dir():
         raise UnsafePathError(f"{run} is not a directory; refusing to delete it")
     if marker and any(run.iterdir()) and not (run / marker).is_file():
-        raise UnsafePathError(f"{run} holds no {marker}: not a run directory; refusing to delete it "
-                              f"(move it away or pick another name)")
+        raise UnsafePathError(
+            f"{run} holds no {marker}: not a run directory; refusing to delete it "
+            f"(move it away or pick another name)"
+        )
     shutil.rmtree(run)
     return True
 
@@ -54,8 +57,9 @@ def check_remote_run(uri: str) -> str:
     """An s3:// run prefix `s3://bucket[/prefix]/name` with a bucket and a plain last component."""
     if not uri.startswith("s3://"):
         raise UnsafePathError(f"{uri}: not an s3:// URI")
-    parts = uri[len("s3://"):].split("/")
+    parts = uri[len("s3://") :].split("/")
     if len(parts) < 2 or not parts[0] or any(p in ("", ".", "..") for p in parts):
-        raise UnsafePathError(f"{uri}: refusing to delete (needs s3://bucket/.../<run name>, no empty, '.' "
-                              f"or '..' parts)")
+        raise UnsafePathError(
+            f"{uri}: refusing to delete (needs s3://bucket/.../<run name>, no empty, '.' or '..' parts)"
+        )
     return uri

@@ -3,6 +3,7 @@
 Only rank 0 writes. On resume the JSONL is cut back to the checkpoint's step, so after a worker
 failure every step appears exactly once in the log.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ class MetricsLog:
             except ImportError:  # tensorboard is a declared dependency; tolerate a slim install
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+                self._tb = SummaryWriter(
+                    str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None
+                )
 
     def _truncate(self, resume_step: int) -> None:
         if not self.path.exists():
@@ -82,17 +85,25 @@ class ProgressLine:
         steps_per_s = self.rate(step)
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
         groups = " ".join(
-            f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items()
+            f"{k.removeprefix('loss_')} {v:.4f}"
+            for k, v in metrics.items()
             if k.startswith("loss_") and math.isfinite(v)
         )
         total = metrics.get("total", float("nan"))
-        return (f"step {step}/{self.total} | loss {total:.4f}" + (f" ({groups})" if groups else "")
-                + f" | {steps_per_s * self.samples_per_step:.1f} samples/s | ETA {format_eta(eta)}")
+        return (
+            f"step {step}/{self.total} | loss {total:.4f}"
+            + (f" ({groups})" if groups else "")
+            + f" | {steps_per_s * self.samples_per_step:.1f} samples/s | ETA {format_eta(eta)}"
+        )
 
 
 def plot_losses(jsonl: Path, out_png: Path) -> Path | None:
     """Loss curves (total and per group) from the metrics log; None when there is nothing to plot."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    rows = (
+        [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        if jsonl.exists()
+        else []
+    )
     rows = [r for r in rows if "total" in r]
     if not rows:
         return None

@@ -1,4 +1,5 @@
 """Learning-rate warm-up, shared by the distributed and the in-process loops."""
+
 from __future__ import annotations
 
 from typing import Any

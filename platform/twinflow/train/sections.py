@@ -2,6 +2,7 @@
 
 Kept free of heavy imports so the DeepSpeed glue and tests can use them alone.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,7 +19,11 @@ class ClusterConfig(StrictModel):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    local_num_cpus: int = Field(4, ge=1, description="logical CPUs of the embedded local cluster (oversubscribed so Ray Data never starves)")
+    local_num_cpus: int = Field(
+        4,
+        ge=1,
+        description="logical CPUs of the embedded local cluster (oversubscribed so Ray Data never starves)",
+    )
     object_store_memory_mb: int = Field(512, ge=78)
 
     @property
@@ -37,7 +42,7 @@ class DeepSpeedConfig(StrictModel):
     gradient_clipping: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _offload_params_needs_zero3(self) -> "DeepSpeedConfig":
+    def _offload_params_needs_zero3(self) -> DeepSpeedConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params requires zero_stage: 3")
         return self
@@ -50,8 +55,14 @@ class TrainConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
     sample_ema: float | None = Field(
-        None, gt=0, lt=1, description=("decay of an EMA of the weights kept for sampling: the export, grids and "
-                                       "evaluation use it (e.g. 0.999); null = the online weights"))
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "decay of an EMA of the weights kept for sampling: the export, grids and "
+            "evaluation use it (e.g. 0.999); null = the online weights"
+        ),
+    )
     micro_batch: int = Field(32, ge=1, description="rows per rank per micro-step")
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
@@ -59,9 +70,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts before the job fails")
     init_from: str | None = Field(
-        None, description="an exported model directory (e.g. runs/<job>/export) to fine-tune from")
+        None, description="an exported model directory (e.g. runs/<job>/export) to fine-tune from"
+    )
     fail_at_step: int | None = Field(
-        None, description="fault injection for tests: rank 1 kills its process once at this step")
+        None, description="fault injection for tests: rank 1 kills its process once at this step"
+    )
 
 
 class EvalConfig(StrictModel):
@@ -70,12 +83,15 @@ class EvalConfig(StrictModel):
     every: int = Field(0, ge=0, description="steps between sample grids; 0 = only at the end")
     images_per_prompt: int = Field(4, ge=1)
     seed: int = 1234
-    metrics: bool = Field(True, description="judge-based metrics (Frechet distance, adherence, diversity per "
-                                            "NFE) at each eval when the data has a judge (twinflow.eval)")
+    metrics: bool = Field(
+        True,
+        description="judge-based metrics (Frechet distance, adherence, diversity per "
+        "NFE) at each eval when the data has a judge (twinflow.eval)",
+    )
     metric_images_per_prompt: int = Field(32, ge=2, description="samples per prompt for the metrics")
 
     @model_validator(mode="after")
-    def _positive_nfe(self) -> "EvalConfig":
+    def _positive_nfe(self) -> EvalConfig:
         if any(n < 1 for n in self.nfe):
             raise ValueError("every nfe must be >= 1")
         return self

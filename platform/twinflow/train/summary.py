@@ -4,6 +4,7 @@ A rerun that failed once replaced a FINISHED summary with ERRORED, so the record
 finished (and where its export is) was lost. Now each attempt is appended, the newest FINISHED one is
 kept under `finished`, and the file is replaced atomically (a crash mid-write leaves the old one).
 """
+
 from __future__ import annotations
 
 import json

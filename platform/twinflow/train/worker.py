@@ -5,6 +5,7 @@ build model -> (init_from) -> (LoRA) -> teacher -> DeepSpeed engine -> restore -
     log / sample grids / checkpoint+report
 -> final checkpoint, export (rank 0), barrier.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,13 +17,12 @@ import torch
 import torch.distributed as dist
 
 from twinflow.data import iter_torch_kwargs
-from twinflow.train import checkpointing, lifeline
+from twinflow.train import checkpointing, lifeline, modelling
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.progress import MetricsLog, ProgressLine
 from twinflow.train.schedule import lr_factor, set_lr
-from twinflow.train import modelling
 
 
 def _as_cond(d: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -63,16 +63,31 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
     objective = modelling.build_objective(job)
 
-    state = checkpointing.restore(engine, averages, config.get("checkpoint_root"), job.output.s3_endpoint,
-                                  log_file=run_dir / "logs" / "checkpoints.log" if rank == 0 else None) or TrainState()
+    state = (
+        checkpointing.restore(
+            engine,
+            averages,
+            config.get("checkpoint_root"),
+            job.output.s3_endpoint,
+            log_file=run_dir / "logs" / "checkpoints.log" if rank == 0 else None,
+        )
+        or TrainState()
+    )
     log = None
     if rank == 0:
-        log = MetricsLog(run_dir / "logs" / "metrics.jsonl", resume_step=state.step,
-                         tensorboard_dir=run_dir / "tensorboard" if job.output.tensorboard else None)
-        print(f"[twinflow] {'resuming from step ' + str(state.step) if state.step else 'starting'}: "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}", flush=True)
-    progress = ProgressLine(job.train.steps, state.step, job.train.micro_batch * world
-                            * job.deepspeed.gradient_accumulation_steps)
+        log = MetricsLog(
+            run_dir / "logs" / "metrics.jsonl",
+            resume_step=state.step,
+            tensorboard_dir=run_dir / "tensorboard" if job.output.tensorboard else None,
+        )
+        print(
+            f"[twinflow] {'resuming from step ' + str(state.step) if state.step else 'starting'}: "
+            f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}",
+            flush=True,
+        )
+    progress = ProgressLine(
+        job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
+    )
     gen = torch.Generator(device=device).manual_seed(job.train.seed * 100_003 + rank * 1009 + state.step)
     shard = ray.train.get_dataset_shard("train")
     window: dict[str, list[float]] = {}
@@ -113,14 +128,20 @@ def train_loop(config: dict[str, Any]) -> None:
             else:
                 data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
-            cond = {"text_states": batch["text_states"].to(device, dtype), "text_mask": batch["text_mask"].to(device)}
-            if micro % job.deepspeed.gradient_accumulation_steps == 0:  # first micro-batch of a step (EMA before targets)
+            cond = {
+                "text_states": batch["text_states"].to(device, dtype),
+                "text_mask": batch["text_mask"].to(device),
+            }
+            if (
+                micro % job.deepspeed.gradient_accumulation_steps == 0
+            ):  # first micro-batch of a step (EMA before targets)
                 set_lr(engine.optimizer, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
                 with full_parameters(engine.module, job.deepspeed.zero_stage):
                     teacher.update()
             # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
-            out = objective(engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen,
-                            update_teacher=False)
+            out = objective(
+                engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
+            )
             engine.backward(out.loss)
             engine.step()
             micro += 1
@@ -146,7 +167,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
                 metrics["data_startup_s"] = first_wait or 0.0
                 metrics["step_s"] = step_time / max(micro, 1)
-                metrics["elapsed_s"] = time.perf_counter() - t_first  # wall since the first batch (this attempt)
+                metrics["elapsed_s"] = (
+                    time.perf_counter() - t_first
+                )  # wall since the first batch (this attempt)
                 metrics["peak_mem_mb"] = peak_memory_mb(device)
                 logged = {**metrics, **last_eval}
                 if log is not None:
@@ -155,16 +178,29 @@ def train_loop(config: dict[str, Any]) -> None:
             is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
             at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
             if at_eval and eval_cond is not None:
-                modelling.sample_grid(job, sampling(), eval_cond, run_dir / "samples" / f"step_{state.step:06d}.png",
-                                      rank=rank, device=device, dtype=dtype, null_cond=null_cond)
+                modelling.sample_grid(
+                    job,
+                    sampling(),
+                    eval_cond,
+                    run_dir / "samples" / f"step_{state.step:06d}.png",
+                    rank=rank,
+                    device=device,
+                    dtype=dtype,
+                    null_cond=null_cond,
+                )
             if (at_eval or state.step == job.train.steps) and eval_cond is not None:
-                evaluated = modelling.eval_metrics(job, sampling(), eval_cond, device=device, null_cond=null_cond)
+                evaluated = modelling.eval_metrics(
+                    job, sampling(), eval_cond, device=device, null_cond=null_cond
+                )
                 if evaluated:
                     last_eval = evaluated
                     logged = {**logged, **evaluated}
                     if log is not None:
                         log.write({"step": state.step, **evaluated})
-                        print("[twinflow] eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()), flush=True)
+                        print(
+                            "[twinflow] eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()),
+                            flush=True,
+                        )
                     if not is_ckpt:  # every rank reports (Tune reads these); checkpoints carry them too
                         ray.train.report({**logged, "step": state.step})
             if is_ckpt:
@@ -173,15 +209,25 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
             t_wait = time.perf_counter()
         if batches_this_epoch == 0:
-            raise RuntimeError(f"rank {rank}: the training data yielded no full micro-batch of "
-                               f"{job.train.micro_batch} rows; check data.path and the shard sizes")
+            raise RuntimeError(
+                f"rank {rank}: the training data yielded no full micro-batch of "
+                f"{job.train.micro_batch} rows; check data.path and the shard sizes"
+            )
         if state.step < job.train.steps:
             state.epoch += 1
             state.batches_in_epoch = 0
 
     if eval_cond is not None:
-        modelling.sample_grid(job, sampling(), eval_cond, run_dir / "samples" / "final.png",
-                              rank=rank, device=device, dtype=dtype, null_cond=null_cond)
+        modelling.sample_grid(
+            job,
+            sampling(),
+            eval_cond,
+            run_dir / "samples" / "final.png",
+            rank=rank,
+            device=device,
+            dtype=dtype,
+            null_cond=null_cond,
+        )
     with full_parameters(engine.module, job.deepspeed.zero_stage):
         if rank == 0:
             modelling.export(job, sampling(), run_dir / "export", steps=state.step)

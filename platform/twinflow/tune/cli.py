@@ -1,4 +1,5 @@
 """`twinflow tune tune/<name>.yaml`: a Ray Tune sweep whose trials are Ray Train jobs."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,20 @@ def _tune(args: argparse.Namespace) -> int:
     cfg = sweep.config
     if args.dry_run:
         print(f"[twinflow] sweep {cfg.name}: valid; base job {sweep.base_job_path}")
-        print(f"  trials          {cfg.trial_count()} (num_samples {cfg.num_samples}), "
-              f"at most {cfg.max_concurrent_trials} at a time")
+        print(
+            f"  trials          {cfg.trial_count()} (num_samples {cfg.num_samples}), "
+            f"at most {cfg.max_concurrent_trials} at a time"
+        )
         for key, axis in cfg.search_space.items():
             print(f"  {key:<15} {axis.kind} {getattr(axis, axis.kind)}")
-        print(f"  eval settings   {', '.join(s.suffix for s in cfg.evaluation.settings())} "
-              f"(evaluator {cfg.evaluation.evaluator})")
-        print(f"  metric          {cfg.metric} ({cfg.mode}); scheduler {cfg.scheduler.type}"
-              + (f" on {cfg.scheduler_metric}" if cfg.scheduler.type != "none" else ""))
+        print(
+            f"  eval settings   {', '.join(s.suffix for s in cfg.evaluation.settings())} "
+            f"(evaluator {cfg.evaluation.evaluator})"
+        )
+        print(
+            f"  metric          {cfg.metric} ({cfg.mode}); scheduler {cfg.scheduler.type}"
+            + (f" on {cfg.scheduler_metric}" if cfg.scheduler.type != "none" else "")
+        )
         from twinflow.tune.runner import experiment_path
 
         print(f"  storage         {experiment_path(sweep)}")
@@ -31,18 +38,35 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("tune", help="run a Ray Tune sweep YAML (each trial a Ray Train job)",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "tune", help="run a Ray Tune sweep YAML (each trial a Ray Train job)", description=__doc__
+    )
     p.add_argument("sweep", help="path to a sweep YAML, e.g. tune/fashion_lambda_nfe.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a sweep field, e.g. --set num_samples=2 (repeatable)")
-    p.add_argument("--job-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a job field in every trial, e.g. --job-set train.steps=100 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: the base job's cluster.address, else a local cluster)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a sweep field, e.g. --set num_samples=2 (repeatable)",
+    )
+    p.add_argument(
+        "--job-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a job field in every trial, e.g. --job-set train.steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: the base job's cluster.address, else a local cluster)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true",
-                   help="resume the interrupted sweep (default when <storage>/<name> holds one)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume the interrupted sweep (default when <storage>/<name> holds one)",
+    )
     g.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name and start over")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials, start nothing")
     p.set_defaults(func=_tune)

@@ -18,6 +18,7 @@
 search-space value (grid/choice values, the ends of ranges) as a real JobConfig: an axis that names a
 nonexistent field, or a value the field refuses, fails with the sweep file and the axis named.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,12 +35,21 @@ from twinflow.config.loading import read_yaml, validate
 from twinflow.train.paths import NAME_PATTERN
 
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
-TRAIN_METRIC = re.compile(r"^(step|samples_seen|total|dv_abs|model_calls|nograd_rows|nonfinite|samples_per_s"
-                          r"|data_wait_frac|data_startup_s|step_s|elapsed_s|peak_mem_mb|loss_[a-z0-9_]+)$")
+TRAIN_METRIC = re.compile(
+    r"^(step|samples_seen|total|dv_abs|model_calls|nograd_rows|nonfinite|samples_per_s"
+    r"|data_wait_frac|data_startup_s|step_s|elapsed_s|peak_mem_mb|loss_[a-z0-9_]+)$"
+)
 # Job fields holding local paths: resolved against the driver's working directory before the trials
 # start (a Tune trial runs in its own trial directory).
-PATH_FIELDS = (("data", "path"), ("data", "text_encoder_dir"), ("data", "embed_cache_path"),
-               ("train", "init_from"), ("model", "pretrained_path"), ("model", "vae_path"), ("output", "dir"))
+PATH_FIELDS = (
+    ("data", "path"),
+    ("data", "text_encoder_dir"),
+    ("data", "embed_cache_path"),
+    ("train", "init_from"),
+    ("model", "pretrained_path"),
+    ("model", "vae_path"),
+    ("output", "dir"),
+)
 # The sampler preset's rho; a setting with this rho and style "few" gets the plain metric name.
 PRESET_STYLE, PRESET_RHO = "few", 1.0
 
@@ -47,18 +57,26 @@ PRESET_STYLE, PRESET_RHO = "few", 1.0
 class Axis(StrictModel):
     """One search-space axis: exactly one of grid, choice, uniform, loguniform, randint."""
 
-    grid: list[Any] | None = Field(None, min_length=1, description="every value, one trial each (times num_samples)")
+    grid: list[Any] | None = Field(
+        None, min_length=1, description="every value, one trial each (times num_samples)"
+    )
     choice: list[Any] | None = Field(None, min_length=1, description="one value drawn per trial")
     uniform: tuple[float, float] | None = Field(None, description="[low, high] drawn uniformly")
-    loguniform: tuple[float, float] | None = Field(None, description="[low, high] drawn log-uniformly, low > 0")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="[low, high] drawn log-uniformly, low > 0"
+    )
     randint: tuple[int, int] | None = Field(None, description="[low, high) integers")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Axis":
-        set_ = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+    def _exactly_one(self) -> Axis:
+        set_ = [
+            k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None
+        ]
         if len(set_) != 1:
-            raise ValueError("give exactly one of grid, choice, uniform, loguniform, randint"
-                             + (f" (got {', '.join(set_)})" if set_ else ""))
+            raise ValueError(
+                "give exactly one of grid, choice, uniform, loguniform, randint"
+                + (f" (got {', '.join(set_)})" if set_ else "")
+            )
         for k in ("uniform", "loguniform", "randint"):
             lo_hi = getattr(self, k)
             if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
@@ -69,7 +87,9 @@ class Axis(StrictModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+        return next(
+            k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None
+        )
 
     @property
     def grid_size(self) -> int:
@@ -111,7 +131,9 @@ class EvalSetting:
     @property
     def suffix(self) -> str:
         """`nfe1` for the preset sampler (few style, rho 1), else e.g. `nfe2_any_rho0.5`."""
-        extra = "" if (self.style, self.rho) == (PRESET_STYLE, PRESET_RHO) else f"_{self.style}_rho{self.rho:g}"
+        extra = (
+            "" if (self.style, self.rho) == (PRESET_STYLE, PRESET_RHO) else f"_{self.style}_rho{self.rho:g}"
+        )
         return f"nfe{self.nfe}{extra}"
 
     def sampler_overrides(self) -> dict[str, Any]:
@@ -122,20 +144,37 @@ class EvaluationConfig(StrictModel):
     """Evaluation-only axes and how each trial's final model is scored after training."""
 
     nfe: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1, description="sampling steps")
-    style: list[Literal["few", "any", "mul"]] = Field(default_factory=lambda: ["few"], min_length=1,
-                                                      description="sampler styles (twinflow.method.sampler)")
-    rho: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
-                             description="re-noising between steps (1 = fresh noise, the preset)")
-    evaluator: str = Field("twinflow.eval", description="twinflow.eval (the judges: fd, adherence, diversity, "
-                                                       "collapse), builtin (judge-free pixel-PCA pcafd, pcaadh), "
-                                                       "or module:function")
+    style: list[Literal["few", "any", "mul"]] = Field(
+        default_factory=lambda: ["few"], min_length=1, description="sampler styles (twinflow.method.sampler)"
+    )
+    rho: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="re-noising between steps (1 = fresh noise, the preset)",
+    )
+    evaluator: str = Field(
+        "twinflow.eval",
+        description="twinflow.eval (the judges: fd, adherence, diversity, "
+        "collapse), builtin (judge-free pixel-PCA pcafd, pcaadh), "
+        "or module:function",
+    )
     split: str = Field("eval", description="shards split holding the real reference images")
-    samples: int = Field(500, ge=8, description="generated images per setting (twinflow.eval: rounded up to "
-                                                "a whole number per class, class-balanced)")
-    reference: int = Field(1000, ge=16, description="builtin: real images for the PCA basis and Fréchet reference")
+    samples: int = Field(
+        500,
+        ge=8,
+        description="generated images per setting (twinflow.eval: rounded up to "
+        "a whole number per class, class-balanced)",
+    )
+    reference: int = Field(
+        1000, ge=16, description="builtin: real images for the PCA basis and Fréchet reference"
+    )
     pca_dim: int = Field(64, ge=2, description="builtin: feature dimensions")
-    feature_size: int = Field(32, ge=4, description="builtin: larger images are area-downsampled to this side "
-                                                    "before the PCA (28x28 Fashion-MNIST stays as is)")
+    feature_size: int = Field(
+        32,
+        ge=4,
+        description="builtin: larger images are area-downsampled to this side "
+        "before the PCA (28x28 Fashion-MNIST stays as is)",
+    )
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     grid_images_per_prompt: int = Field(4, ge=1, description="best trial's sample grid: images per prompt")
@@ -174,13 +213,16 @@ class EvaluationConfig(StrictModel):
     @property
     def families(self) -> tuple[str, ...]:
         """Per-setting metric names of the evaluator (empty for a custom one): fd-like first."""
-        return {"twinflow.eval": ("fd", "adherence", "diversity", "collapse", "saturation"),
-                "builtin": ("pcafd", "pcaadh")}.get(self.evaluator, ())
+        return {
+            "twinflow.eval": ("fd", "adherence", "diversity", "collapse", "saturation"),
+            "builtin": ("pcafd", "pcaadh"),
+        }.get(self.evaluator, ())
 
     def metric_names(self) -> set[str]:
         """What the evaluator reports (unknown for a custom one: empty)."""
-        floors = {"twinflow.eval": ("fd", "diversity", "saturation"),
-                  "builtin": ("pcafd", "pcaadh")}.get(self.evaluator, ())
+        floors = {"twinflow.eval": ("fd", "diversity", "saturation"), "builtin": ("pcafd", "pcaadh")}.get(
+            self.evaluator, ()
+        )
         names = {f"eval/{f}_floor" for f in floors}
         for s in self.settings():
             names |= {f"eval/{f}_{s.suffix}" for f in self.families}
@@ -192,43 +234,71 @@ class SchedulerConfig(StrictModel):
     each train.checkpoint_every)."""
 
     type: Literal["asha", "none"] = "none"
-    metric: str | None = Field(None, description="metric the scheduler compares (default: the sweep metric); "
-                                                 "must be reported during training to stop anything early")
+    metric: str | None = Field(
+        None,
+        description="metric the scheduler compares (default: the sweep metric); "
+        "must be reported during training to stop anything early",
+    )
     mode: Literal["min", "max"] | None = Field(None, description="default: the sweep mode")
     time_attr: Literal["step", "training_iteration"] = "step"
     grace_period: int = Field(1, ge=1, description="no trial is stopped before this")
     reduction_factor: float = Field(2.0, gt=1)
-    max_t: int | None = Field(None, ge=1, description="default: the largest train.steps + 1; must exceed every "
-                                                      "trial's last report, or ASHA stops finished trials before "
-                                                      "their evaluation (and leaks their placement group, ray#54305)")
+    max_t: int | None = Field(
+        None,
+        ge=1,
+        description="default: the largest train.steps + 1; must exceed every "
+        "trial's last report, or ASHA stops finished trials before "
+        "their evaluation (and leaks their placement group, ray#54305)",
+    )
 
 
 class SweepConfig(StrictModel):
     """A Ray Tune sweep over job fields, each trial a Ray Train job (Tune over Train)."""
 
-    name: str = Field(..., pattern=NAME_PATTERN, description="the sweep directory's name under storage (never "
-                                                             "'.' or '..': --fresh deletes <storage>/<name>)")
-    base_job: str = Field(..., description="job YAML every trial starts from (relative to the working "
-                                           "directory, else to this file's directory)")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted job field -> value, every trial")
+    name: str = Field(
+        ...,
+        pattern=NAME_PATTERN,
+        description="the sweep directory's name under storage (never "
+        "'.' or '..': --fresh deletes <storage>/<name>)",
+    )
+    base_job: str = Field(
+        ...,
+        description="job YAML every trial starts from (relative to the working "
+        "directory, else to this file's directory)",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="dotted job field -> value, every trial"
+    )
     search_space: dict[str, Axis] = Field(..., min_length=1, description="dotted job field -> axis")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    metric: str = Field("eval/fd_nfe1", description="what picks the best trial: an eval/* name or a training metric")
+    metric: str = Field(
+        "eval/fd_nfe1", description="what picks the best trial: an eval/* name or a training metric"
+    )
     mode: Literal["min", "max"] = "min"
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     num_samples: int = Field(1, ge=1, description="repeats of the grid (random axes drawn anew each time)")
     max_concurrent_trials: int = Field(1, ge=1)
-    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.01},
-                                              description="the Tune trial (the Train job's driver); 0 CPU raises")
+    trial_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.01},
+        description="the Tune trial (the Train job's driver); 0 CPU raises",
+    )
     seed: int = Field(0, description="seed of the random axes")
-    storage: str = Field("runs/tune", description="local dir or s3://bucket/prefix; the sweep lives in <storage>/<name>")
+    storage: str = Field(
+        "runs/tune", description="local dir or s3://bucket/prefix; the sweep lives in <storage>/<name>"
+    )
     s3_endpoint: str | None = Field(None, description="default: $TWINFLOW_S3_ENDPOINT / $AWS_ENDPOINT_URL")
-    staging_dir: str = Field("runs/tune-staging", description="with s3:// storage: local dir where trials train "
-                                                             "(the trainer's run dir is local-only today)")
-    plot_axis: str | None = Field(None, description="x axis of the metric plot; default: method.lambda if "
-                                                    "swept, else the first axis")
-    release_placement_groups: bool = Field(True, description="ray#54305 guard: remove a finished or stopped "
-                                                             "trial's Train placement group (keep on)")
+    staging_dir: str = Field(
+        "runs/tune-staging",
+        description="with s3:// storage: local dir where trials train "
+        "(the trainer's run dir is local-only today)",
+    )
+    plot_axis: str | None = Field(
+        None, description="x axis of the metric plot; default: method.lambda if swept, else the first axis"
+    )
+    release_placement_groups: bool = Field(
+        True,
+        description="ray#54305 guard: remove a finished or stopped trial's Train placement group (keep on)",
+    )
 
     @field_validator("search_space", "overrides")
     @classmethod
@@ -246,11 +316,13 @@ class SweepConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SweepConfig":
+    def _consistent(self) -> SweepConfig:
         clash = sorted(set(self.search_space) & set(self.overrides))
         if clash:
             raise ValueError(f"fields both swept and overridden: {clash}")
-        owned = sorted(k for k in list(self.search_space) + list(self.overrides) if k in ("name", "output.dir"))
+        owned = sorted(
+            k for k in list(self.search_space) + list(self.overrides) if k in ("name", "output.dir")
+        )
         if owned:
             raise ValueError(f"{owned}: set per trial by the sweep (<sweep>-<trial id>, under the storage)")
         if self.plot_axis is not None and self.plot_axis not in self.search_space:
@@ -318,8 +390,9 @@ def resolve_paths(data: dict[str, Any], cwd: str | Path) -> dict[str, Any]:
     return data
 
 
-def trial_job_data(base: Mapping[str, Any], params: Mapping[str, Any], *, name: str, output_dir: str,
-                   cwd: str | Path) -> dict[str, Any]:
+def trial_job_data(
+    base: Mapping[str, Any], params: Mapping[str, Any], *, name: str, output_dir: str, cwd: str | Path
+) -> dict[str, Any]:
     """The job dict of one trial: base (overrides already in) + its parameter values, its own name
     and output dir, local paths absolute."""
     data = with_fields(base, params)
@@ -329,11 +402,20 @@ def trial_job_data(base: Mapping[str, Any], params: Mapping[str, Any], *, name: 
     return resolve_paths(data, cwd)
 
 
-def trial_job(base: Mapping[str, Any], params: Mapping[str, Any], *, name: str, output_dir: str,
-              cwd: str | Path, source: str = "sweep trial"):
+def trial_job(
+    base: Mapping[str, Any],
+    params: Mapping[str, Any],
+    *,
+    name: str,
+    output_dir: str,
+    cwd: str | Path,
+    source: str = "sweep trial",
+):
     from twinflow.train.config import JobConfig
 
-    return validate(JobConfig, trial_job_data(base, params, name=name, output_dir=output_dir, cwd=cwd), source)
+    return validate(
+        JobConfig, trial_job_data(base, params, name=name, output_dir=output_dir, cwd=cwd), source
+    )
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -379,12 +461,18 @@ def check_metric(name: str, evaluation: EvaluationConfig, where: str) -> None:
             known = ", ".join(sorted(evaluation.metric_names()))
             raise ValueError(f"{where}: {name!r} is not produced by the evaluation axes; known: {known}")
     elif not TRAIN_METRIC.match(name):
-        raise ValueError(f"{where}: {name!r} is neither an eval/* metric nor a training metric "
-                         "(step, total, loss_<group>, dv_abs, ...)")
+        raise ValueError(
+            f"{where}: {name!r} is neither an eval/* metric nor a training metric "
+            "(step, total, loss_<group>, dv_abs, ...)"
+        )
 
 
-def load_sweep(path: str | Path, overrides: Iterable[str] = (), cwd: str | Path | None = None,
-               job_overrides: Iterable[str] = ()) -> Sweep:
+def load_sweep(
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    cwd: str | Path | None = None,
+    job_overrides: Iterable[str] = (),
+) -> Sweep:
     """Validate a sweep YAML and everything it points at; raise ConfigError naming the file and field.
 
     `overrides`: sweep fields (`--set num_samples=2`); `job_overrides`: job fields set in every trial
@@ -406,7 +494,9 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (), cwd: str | Path 
     if not job_path.is_absolute():
         job_path = cwd / job_path
     if not job_path.is_file():
-        raise ConfigError(f"{src}: base_job: no such file {cfg.base_job!r} (relative to {cwd} or {path.parent})")
+        raise ConfigError(
+            f"{src}: base_job: no such file {cfg.base_job!r} (relative to {cwd} or {path.parent})"
+        )
     base_raw = read_yaml(job_path)
     try:
         base = with_fields(base_raw, cfg.overrides)
@@ -419,14 +509,22 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (), cwd: str | Path 
     for key, axis in cfg.search_space.items():
         for value in axis.probe_values():
             try:
-                trial_job(base, {key: value}, name=f"{cfg.name}-probe", output_dir=str(cwd), cwd=cwd,
-                          source=f"{src}: search_space.{key}={value!r}")
+                trial_job(
+                    base,
+                    {key: value},
+                    name=f"{cfg.name}-probe",
+                    output_dir=str(cwd),
+                    cwd=cwd,
+                    source=f"{src}: search_space.{key}={value!r}",
+                )
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
 
     sweep = Sweep(cfg, path, job_path, base, cwd)
     problems = []
-    checks = [(cfg.metric, "metric")] + ([(cfg.scheduler.metric, "scheduler.metric")] if cfg.scheduler.metric else [])
+    checks = [(cfg.metric, "metric")] + (
+        [(cfg.scheduler.metric, "scheduler.metric")] if cfg.scheduler.metric else []
+    )
     for name, where in checks:
         try:
             check_metric(name, cfg.evaluation, where)
@@ -434,12 +532,19 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (), cwd: str | Path 
             problems.append(f"{src}: {exc}")
     if cfg.scheduler.type == "asha" and cfg.scheduler.max_t is not None and cfg.scheduler.time_attr == "step":
         if cfg.scheduler.max_t <= sweep.max_steps():
-            problems.append(f"{src}: scheduler.max_t: {cfg.scheduler.max_t} must exceed the largest train.steps "
-                            f"({sweep.max_steps()}): ASHA would stop finished trials before their evaluation")
-    if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > sweep.max_steps() \
-            and cfg.scheduler.time_attr == "step":
-        problems.append(f"{src}: scheduler.grace_period: {cfg.scheduler.grace_period} is beyond train.steps "
-                        f"({sweep.max_steps()}): nothing could ever be stopped")
+            problems.append(
+                f"{src}: scheduler.max_t: {cfg.scheduler.max_t} must exceed the largest train.steps "
+                f"({sweep.max_steps()}): ASHA would stop finished trials before their evaluation"
+            )
+    if (
+        cfg.scheduler.type == "asha"
+        and cfg.scheduler.grace_period > sweep.max_steps()
+        and cfg.scheduler.time_attr == "step"
+    ):
+        problems.append(
+            f"{src}: scheduler.grace_period: {cfg.scheduler.grace_period} is beyond train.steps "
+            f"({sweep.max_steps()}): nothing could ever be stopped"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
     return sweep

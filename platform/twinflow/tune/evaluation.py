@@ -20,6 +20,7 @@ Every setting and every trial gets the same noise and the same captions (common 
 settings and trials differ only by the model and the sampler. With the preset sampler (few style,
 rho 1) the judged numbers equal `twinflow.eval.metrics.evaluate_generator`'s for the same prompts/seed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,15 +56,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 class Reference:
     """Real images of one split: the PCA basis, reference features, class centroids, held-out set."""
 
-    mean: np.ndarray          # (D,)
-    basis: np.ndarray         # (k, D)
-    ref_feats: np.ndarray     # (n_ref, k)
+    mean: np.ndarray  # (D,)
+    basis: np.ndarray  # (k, D)
+    ref_feats: np.ndarray  # (n_ref, k)
     centroids: np.ndarray | None  # (classes, k) or None without labels
     classes: np.ndarray | None
-    held_images: np.ndarray   # (n_held, C, H, W) in [-1, 1]
+    held_images: np.ndarray  # (n_held, C, H, W) in [-1, 1]
     held_captions: list[str]
     held_labels: np.ndarray | None
-    size: int                 # images are area-downsampled to at most size x size first
+    size: int  # images are area-downsampled to at most size x size first
 
     def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         images = shrink(images, self.size)
@@ -95,12 +96,17 @@ def _read_real(data_cfg, split: str, count: int, size: int) -> dict[str, Any]:
         labels.append(batch["label"] if "label" in batch else np.full(len(batch["id"]), -1))
     if not images:
         raise ValueError(f"{cfg.path}: split {split!r} has no readable images for the evaluation")
-    return {"images": np.concatenate(images).astype(np.float32), "captions": captions,
-            "labels": np.concatenate(labels).astype(np.int64)}
+    return {
+        "images": np.concatenate(images).astype(np.float32),
+        "captions": captions,
+        "labels": np.concatenate(labels).astype(np.int64),
+    }
 
 
 @lru_cache(maxsize=4)
-def _reference_cached(data_json: str, split: str, n_ref: int, n_held: int, pca_dim: int, size: int) -> Reference:
+def _reference_cached(
+    data_json: str, split: str, n_ref: int, n_held: int, pca_dim: int, size: int
+) -> Reference:
     from twinflow.data.config import DataConfig
 
     data_cfg = DataConfig.model_validate_json(data_json)
@@ -123,12 +129,20 @@ def _reference_cached(data_json: str, split: str, n_ref: int, n_held: int, pca_d
         classes = np.unique(labels[:n_ref])
         centroids = np.stack([ref_feats[labels[:n_ref] == c].mean(0) for c in classes])
     held_labels = labels[n_ref:] if centroids is not None else None
-    return Reference(mean, basis, ref_feats, centroids, classes, held, real["captions"][n_ref:], held_labels, size)
+    return Reference(
+        mean, basis, ref_feats, centroids, classes, held, real["captions"][n_ref:], held_labels, size
+    )
 
 
 def reference_for(job, evaluation: EvaluationConfig) -> Reference:
-    return _reference_cached(job.data.model_dump_json(), evaluation.split, evaluation.reference,
-                             evaluation.samples, evaluation.pca_dim, evaluation.feature_size)
+    return _reference_cached(
+        job.data.model_dump_json(),
+        evaluation.split,
+        evaluation.reference,
+        evaluation.samples,
+        evaluation.pca_dim,
+        evaluation.feature_size,
+    )
 
 
 # ---- generation -------------------------------------------------------------------------------------
@@ -145,8 +159,19 @@ def _encoder_cached(model_dir: str | None, max_length: int):
 
 
 @torch.no_grad()
-def generate(model, captions: list[str], setting: EvalSetting, *, job, seed: int, batch_size: int,
-             device: torch.device, codec=None, encoder=None, shrink_to: int | None = None) -> torch.Tensor:
+def generate(
+    model,
+    captions: list[str],
+    setting: EvalSetting,
+    *,
+    job,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    codec=None,
+    encoder=None,
+    shrink_to: int | None = None,
+) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for `captions` (area-downsampled to `shrink_to` when given);
     noise depends on `seed` only (common random numbers)."""
     from twinflow.method.sampler import sample_nfe
@@ -158,22 +183,36 @@ def generate(model, captions: list[str], setting: EvalSetting, *, job, seed: int
     dtype = next(model.parameters()).dtype
     out = []
     for i in range(0, n, batch_size):
-        cond = {k: v.to(device) for k, v in encoder.encode(captions[i:i + batch_size]).items()}
+        cond = {k: v.to(device) for k, v in encoder.encode(captions[i : i + batch_size]).items()}
         cond["text_states"] = cond["text_states"].to(dtype)
-        x = sample_nfe(model, noise[i:i + batch_size].to(device, dtype), setting.nfe, cond,
-                       generator=renoise, **setting.sampler_overrides())
+        x = sample_nfe(
+            model,
+            noise[i : i + batch_size].to(device, dtype),
+            setting.nfe,
+            cond,
+            generator=renoise,
+            **setting.sampler_overrides(),
+        )
         if codec is not None:
             x = codec.decode(x)
-        out.append(x.float().clamp(-1, 1).cpu() if shrink_to is None else torch.from_numpy(shrink(x.cpu(), shrink_to)))
+        out.append(
+            x.float().clamp(-1, 1).cpu()
+            if shrink_to is None
+            else torch.from_numpy(shrink(x.cpu(), shrink_to))
+        )
     return torch.cat(out)
 
 
-def builtin(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device,
-            codec=None) -> dict[str, float]:
+def builtin(
+    model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device, codec=None
+) -> dict[str, float]:
     ref = reference_for(job, evaluation)
     n = evaluation.samples
-    captions = [ref.held_captions[i % len(ref.held_captions)] for i in range(n)] if ref.held_captions else \
-        ["" for _ in range(n)]
+    captions = (
+        [ref.held_captions[i % len(ref.held_captions)] for i in range(n)]
+        if ref.held_captions
+        else ["" for _ in range(n)]
+    )
     labels = None
     if ref.held_labels is not None and len(ref.held_labels):
         labels = np.array([ref.held_labels[i % len(ref.held_labels)] for i in range(n)])
@@ -185,8 +224,18 @@ def builtin(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSett
             out["eval/pcaadh_floor"] = float((ref.classify(held_feats) == ref.held_labels).mean())
     encoder = _encoder(job)
     for s in settings:
-        images = generate(model, captions, s, job=job, seed=evaluation.seed, batch_size=evaluation.batch_size,
-                          device=device, codec=codec, encoder=encoder, shrink_to=evaluation.feature_size).numpy()
+        images = generate(
+            model,
+            captions,
+            s,
+            job=job,
+            seed=evaluation.seed,
+            batch_size=evaluation.batch_size,
+            device=device,
+            codec=codec,
+            encoder=encoder,
+            shrink_to=evaluation.feature_size,
+        ).numpy()
         feats = ref.features(images)
         fd = frechet_distance(ref.ref_feats, feats) if np.isfinite(feats).all() else math.inf
         out[f"eval/pcafd_{s.suffix}"] = fd
@@ -201,8 +250,9 @@ def judge_dataset(job) -> str | None:
     return dataset_of(job.data.path, job.data.s3_endpoint)
 
 
-def judged(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device,
-           codec=None) -> dict[str, float]:
+def judged(
+    model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device, codec=None
+) -> dict[str, float]:
     """twinflow.eval's judge metrics at every eval setting (class-balanced prompts)."""
     from dataclasses import replace
 
@@ -213,8 +263,10 @@ def judged(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetti
 
     name = judge_dataset(job)
     if name is None:
-        raise ValueError(f"{job.data.path}: no twinflow.eval judge fits this data (its judges cover Fashion-MNIST, "
-                         "MNIST and emoji shards); set evaluation.evaluator: builtin")
+        raise ValueError(
+            f"{job.data.path}: no twinflow.eval judge fits this data (its judges cover Fashion-MNIST, "
+            "MNIST and emoji shards); set evaluation.evaluator: builtin"
+        )
     judge = load_judge(name)
     ref = real_reference(judge)
     ds = judge.dataset
@@ -230,9 +282,11 @@ def judged(model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetti
             sampler = replace(preset(s.nfe), style=s.style, rho=s.rho)
             images = []
             for u in units:
-                cond = {k: v.to(device) for k, v in encoder.encode(texts[u.start:u.stop]).items()}
+                cond = {k: v.to(device) for k, v in encoder.encode(texts[u.start : u.stop]).items()}
                 cond["text_states"] = cond["text_states"].to(dtype)
-                noise = torch.randn((u.size, *model.sample_shape), generator=torch.Generator().manual_seed(u.seed))
+                noise = torch.randn(
+                    (u.size, *model.sample_shape), generator=torch.Generator().manual_seed(u.seed)
+                )
                 gen = torch.Generator(device=device).manual_seed(u.seed + 1)
                 x = sample(model, noise.to(device, dtype), cond, settings=sampler, generator=gen)
                 if getattr(model, "latent", None):
@@ -256,8 +310,9 @@ def resolve_evaluator(name: str) -> Callable[..., dict[str, float]]:
 
 
 # ---- one trial --------------------------------------------------------------------------------------
-def evaluate_export(export_dir: str, job_json: str, evaluation_json: str, grid_path: str | None = None
-                    ) -> dict[str, float]:
+def evaluate_export(
+    export_dir: str, job_json: str, evaluation_json: str, grid_path: str | None = None
+) -> dict[str, float]:
     """Load a trial's export, score every eval setting, and (optionally) write its sample grid:
     one row per setting, job.eval.prompts x evaluation.grid_images_per_prompt columns.
     Runs as a Ray task with one training worker's resources (the GPU, on a GPU cluster)."""
@@ -266,7 +321,9 @@ def evaluate_export(export_dir: str, job_json: str, evaluation_json: str, grid_p
 
     job = JobConfig.model_validate_json(job_json)
     evaluation = EvaluationConfig.model_validate_json(evaluation_json)
-    device = torch.device("cuda") if job.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda") if job.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    )
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     model, _ = load_generator(export_dir)
@@ -275,13 +332,25 @@ def evaluate_export(export_dir: str, job_json: str, evaluation_json: str, grid_p
     if codec is not None:
         codec = codec.to(device)
     settings = evaluation.settings()
-    metrics = resolve_evaluator(evaluation.evaluator)(model, job=job, evaluation=evaluation, settings=settings,
-                                                      device=device, codec=codec)
+    metrics = resolve_evaluator(evaluation.evaluator)(
+        model, job=job, evaluation=evaluation, settings=settings, device=device, codec=codec
+    )
     if grid_path and job.eval.prompts:
         from twinflow.imaging import save_grid
 
         captions = [p for p in job.eval.prompts for _ in range(evaluation.grid_images_per_prompt)]
-        rows = [generate(model, captions, s, job=job, seed=evaluation.seed + 7, batch_size=evaluation.batch_size,
-                         device=device, codec=codec) for s in settings]
+        rows = [
+            generate(
+                model,
+                captions,
+                s,
+                job=job,
+                seed=evaluation.seed + 7,
+                batch_size=evaluation.batch_size,
+                device=device,
+                codec=codec,
+            )
+            for s in settings
+        ]
         save_grid(rows, [s.suffix.replace("_", " ") for s in settings], Path(grid_path))
     return metrics

@@ -23,6 +23,7 @@ The guard has three parts:
 `release_placement_groups: false` in a sweep YAML keeps the records but releases nothing (to reproduce
 the bug: tests/tune/test_sweep_integration.py with TWINFLOW_TUNE_REPRODUCE_54305=1).
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,12 +75,16 @@ def registry_name(sweep_name: str) -> str:
     return f"twinflow-tune-pgs:{sweep_name}"
 
 
-_OWNED: dict[str, Any] = {}  # the driver keeps its registries' handles: a named actor dies with its last handle
+_OWNED: dict[
+    str, Any
+] = {}  # the driver keeps its registries' handles: a named actor dies with its last handle
 
 
 def get_registry(name: str, create: bool = False):
     if create:
-        handle = ray.remote(num_cpus=0)(PlacementGroupRegistry).options(name=name, get_if_exists=True).remote()
+        handle = (
+            ray.remote(num_cpus=0)(PlacementGroupRegistry).options(name=name, get_if_exists=True).remote()
+        )
         _OWNED[name] = handle
         return handle
     return ray.get_actor(name)
@@ -155,8 +160,9 @@ def release_trial(registry, trial_id: str) -> dict[str, Any] | None:
             deadline = time.monotonic() + 10
             while pg_state(pg_hex) != "REMOVED" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            logger.warning("ray#54305 guard: removed placement group %s of trial %s (was %s)",
-                           pg_hex, trial_id, state)
+            logger.warning(
+                "ray#54305 guard: removed placement group %s of trial %s (was %s)", pg_hex, trial_id, state
+            )
     entry["leaked"] = sorted(h for h, s in entry["pgs"].items() if s != "REMOVED")
     ray.get(registry.log.remote(entry))
     return entry
@@ -181,8 +187,11 @@ class ReleaseTrialResources(_TuneCallback):
             logger.exception("ray#54305 guard: releasing trial %s failed", trial_id)
             return
         if entry and entry["leaked"]:
-            print(f"[twinflow] trial {trial_id}: released leaked placement group(s) {entry['leaked']} "
-                  f"(ray#54305); controller {entry['controllers']}", flush=True)
+            print(
+                f"[twinflow] trial {trial_id}: released leaked placement group(s) {entry['leaked']} "
+                f"(ray#54305); controller {entry['controllers']}",
+                flush=True,
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._release(trial.trial_id)

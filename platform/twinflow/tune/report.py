@@ -1,12 +1,13 @@
 """A finished (or partly finished) sweep -> results table, metric plot, best trial's samples and export.
 
-    report/results.csv        one row per trial x eval setting (long format; stopped trials included)
-    report/results.md         one row per trial: params, status, loss, then FD / adherence per setting
-    report/<metric>_vs_<axis>.png   the sweep metric's family against the plot axis, one line per setting
-    report/best/export/       the best trial's export (`twinflow serve` / load_generator read it directly)
-    report/best/samples.png   its sample grid: one row per eval setting
-    report/best.json          trial id, params, metrics, paths
+report/results.csv        one row per trial x eval setting (long format; stopped trials included)
+report/results.md         one row per trial: params, status, loss, then FD / adherence per setting
+report/<metric>_vs_<axis>.png   the sweep metric's family against the plot axis, one line per setting
+report/best/export/       the best trial's export (`twinflow serve` / load_generator read it directly)
+report/best/samples.png   its sample grid: one row per eval setting
+report/best.json          trial id, params, metrics, paths
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,16 @@ def trial_records(sweep: Sweep, results: Iterable[Any]) -> list[dict[str, Any]]:
             where = f" at step {int(m['step'])}" if _num(m.get("step")) is not None else ""
             status = ("stopped" if m.get("done") else "unfinished") + where
         run_dir = Path(sweep_trials_dir(sweep)) / f"{sweep.name}-{trial_id}"
-        out.append({"trial_id": trial_id, "status": status, "params": {k: r.config.get(k) for k in sweep.config.search_space},
-                    "metrics": m, "run_dir": str(run_dir), "error": str(r.error) if getattr(r, "error", None) else None})
+        out.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "params": {k: r.config.get(k) for k in sweep.config.search_space},
+                "metrics": m,
+                "run_dir": str(run_dir),
+                "error": str(r.error) if getattr(r, "error", None) else None,
+            }
+        )
     key = sweep.config.x_axis
     out.sort(key=lambda t: (_sortable(t["params"].get(key)), t["trial_id"]))
     return out
@@ -68,19 +77,34 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def best_trial(sweep: Sweep, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     cfg = sweep.config
-    scored = [t for t in trials if t["status"] == "finished" and _num(t["metrics"].get(cfg.metric)) is not None
-              and math.isfinite(t["metrics"][cfg.metric])]
+    scored = [
+        t
+        for t in trials
+        if t["status"] == "finished"
+        and _num(t["metrics"].get(cfg.metric)) is not None
+        and math.isfinite(t["metrics"][cfg.metric])
+    ]
     if not scored:
         return None
     pick = min if cfg.mode == "min" else max
     return pick(scored, key=lambda t: t["metrics"][cfg.metric])
 
 
-LABELS = {"fd": "FD", "adherence": "adh.", "diversity": "div.", "collapse": "collapse", "pcafd": "PCA-FD",
-          "pcaadh": "PCA-adh."}
-AXIS_LABELS = {"fd": "Fréchet distance (judge features)", "adherence": "adherence (judge)",
-               "diversity": "diversity (1 = real)", "pcafd": "Fréchet distance (pixel PCA)",
-               "pcaadh": "adherence (nearest centroid)"}
+LABELS = {
+    "fd": "FD",
+    "adherence": "adh.",
+    "diversity": "div.",
+    "collapse": "collapse",
+    "pcafd": "PCA-FD",
+    "pcaadh": "PCA-adh.",
+}
+AXIS_LABELS = {
+    "fd": "Fréchet distance (judge features)",
+    "adherence": "adherence (judge)",
+    "diversity": "diversity (1 = real)",
+    "pcafd": "Fréchet distance (pixel PCA)",
+    "pcaadh": "adherence (nearest centroid)",
+}
 
 
 def families(sweep: Sweep, trials: list[dict[str, Any]]) -> list[str]:
@@ -94,7 +118,7 @@ def families(sweep: Sweep, trials: list[dict[str, Any]]) -> list[str]:
         for k in t["metrics"]:
             for suf in suffixes:
                 if k.startswith("eval/") and k.endswith("_" + suf):
-                    fam = k[len("eval/"):-len(suf) - 1]
+                    fam = k[len("eval/") : -len(suf) - 1]
                     if fam not in found:
                         found.append(fam)
     return found
@@ -115,12 +139,22 @@ def long_rows(sweep: Sweep, trials: list[dict[str, Any]]) -> list[dict[str, Any]
     for t in trials:
         m = t["metrics"]
         for s in sweep.config.evaluation.settings():
-            rows.append({"trial_id": t["trial_id"], "status": t["status"], **t["params"],
-                         "step": _num(m.get("step")), "total": _num(m.get("total")),
-                         "nfe": s.nfe, "style": s.style, "rho": s.rho,
-                         **{f: _num(m.get(f"eval/{f}_{s.suffix}")) for f in fams},
-                         **{f"{f}_floor": _num(m.get(f"eval/{f}_floor")) for f in fams if f"eval/{f}_floor" in m},
-                         "train_s": _num(m.get("train_s")), "eval_s": _num(m.get("eval_s"))})
+            rows.append(
+                {
+                    "trial_id": t["trial_id"],
+                    "status": t["status"],
+                    **t["params"],
+                    "step": _num(m.get("step")),
+                    "total": _num(m.get("total")),
+                    "nfe": s.nfe,
+                    "style": s.style,
+                    "rho": s.rho,
+                    **{f: _num(m.get(f"eval/{f}_{s.suffix}")) for f in fams},
+                    **{f"{f}_floor": _num(m.get(f"eval/{f}_floor")) for f in fams if f"eval/{f}_floor" in m},
+                    "train_s": _num(m.get("train_s")),
+                    "eval_s": _num(m.get("eval_s")),
+                }
+            )
     return rows
 
 
@@ -132,24 +166,40 @@ def markdown_table(sweep: Sweep, trials: list[dict[str, Any]], best: dict[str, A
     settings = sweep.config.evaluation.settings()
     axes = list(sweep.config.search_space)
     fams = [f for f in families(sweep, trials) if f != "collapse"][:3]
-    head = (["trial"] + axes + ["status", "loss"]
-            + [f"{LABELS.get(f, f)} {_label(s)}" for f in fams for s in settings] + ["train s"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < len(axes) + 2 else "---:"
-                                                          for i in range(len(head))) + "|"]
+    head = (
+        ["trial"]
+        + axes
+        + ["status", "loss"]
+        + [f"{LABELS.get(f, f)} {_label(s)}" for f in fams for s in settings]
+        + ["train s"]
+    )
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i < len(axes) + 2 else "---:" for i in range(len(head))) + "|",
+    ]
     for t in trials:
         m = t["metrics"]
         mark = "**" if best is not None and t is best else ""
-        cells = ([f"{mark}{t['trial_id']}{mark}"] + [_fmt(t["params"].get(a)) for a in axes]
-                 + [t["status"], _fmt(_num(m.get("total")))]
-                 + [_fmt(_num(m.get(f"eval/{f}_{s.suffix}")), 4 if "fd" in f else 3) for f in fams for s in settings]
-                 + [_fmt(_num(m.get("train_s")), 3)])
+        cells = (
+            [f"{mark}{t['trial_id']}{mark}"]
+            + [_fmt(t["params"].get(a)) for a in axes]
+            + [t["status"], _fmt(_num(m.get("total")))]
+            + [
+                _fmt(_num(m.get(f"eval/{f}_{s.suffix}")), 4 if "fd" in f else 3)
+                for f in fams
+                for s in settings
+            ]
+            + [_fmt(_num(m.get("train_s")), 3)]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for f in families(sweep, trials):
         vals = [_num(t["metrics"].get(f"eval/{f}_floor")) for t in trials]
         vals = [v for v in vals if v is not None]
         if vals:
-            notes.append(f"{LABELS.get(f, f)} of real images (the floor at this sample size): {_fmt(vals[0], 4)}")
+            notes.append(
+                f"{LABELS.get(f, f)} of real images (the floor at this sample size): {_fmt(vals[0], 4)}"
+            )
     if best is not None:
         notes.append(f"best ({sweep.config.metric}, {sweep.config.mode}): trial {best['trial_id']}")
     return "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "") + "\n"
@@ -177,7 +227,7 @@ def plot_metric(sweep: Sweep, trials: list[dict[str, Any]], path: Path, family: 
             continue
         xs = sorted(pts)
         plotted += [y for v in pts.values() for y in v]
-        line, = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=_label(s))
+        (line,) = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=_label(s))
         for x in xs:
             if len(pts[x]) > 1:
                 ax.scatter([x] * len(pts[x]), pts[x], color=line.get_color(), s=10, alpha=0.5)
@@ -209,10 +259,15 @@ def plot_metric(sweep: Sweep, trials: list[dict[str, Any]], path: Path, family: 
 def export_best(sweep: Sweep, best: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Copy the best trial's export (adding a `sweep` entry to its twinflow.json) and sample grids."""
     run_dir = Path(best["run_dir"])
-    info: dict[str, Any] = {"trial_id": best["trial_id"], "params": best["params"], "metric": sweep.config.metric,
-                            "mode": sweep.config.mode, "value": best["metrics"].get(sweep.config.metric),
-                            "metrics": {k: v for k, v in best["metrics"].items() if _num(v) is not None},
-                            "run_dir": str(run_dir)}
+    info: dict[str, Any] = {
+        "trial_id": best["trial_id"],
+        "params": best["params"],
+        "metric": sweep.config.metric,
+        "mode": sweep.config.mode,
+        "value": best["metrics"].get(sweep.config.metric),
+        "metrics": {k: v for k, v in best["metrics"].items() if _num(v) is not None},
+        "run_dir": str(run_dir),
+    }
     export = run_dir / "export"
     if export.is_dir():
         dest = out_dir / "best" / "export"
@@ -220,11 +275,19 @@ def export_best(sweep: Sweep, best: dict[str, Any], out_dir: Path) -> dict[str, 
         shutil.copytree(export, dest)
         meta_file = dest / "twinflow.json"
         meta = json.loads(meta_file.read_text())
-        meta["sweep"] = {"name": sweep.name, "trial_id": best["trial_id"], "params": best["params"],
-                         "metric": sweep.config.metric, "value": info["value"]}
+        meta["sweep"] = {
+            "name": sweep.name,
+            "trial_id": best["trial_id"],
+            "params": best["params"],
+            "metric": sweep.config.metric,
+            "value": info["value"],
+        }
         meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         info["export"] = str(dest)
-    for src, name in ((run_dir / EVAL_GRID, "samples.png"), (run_dir / "samples" / "final.png", "training_final.png")):
+    for src, name in (
+        (run_dir / EVAL_GRID, "samples.png"),
+        (run_dir / "samples" / "final.png", "training_final.png"),
+    ):
         if src.is_file():
             (out_dir / "best").mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out_dir / "best" / name)
@@ -248,8 +311,13 @@ def write_report(sweep: Sweep, results: Iterable[Any], out_dir: Path):
             w.writerows(rows)
     (out_dir / "results.md").write_text(markdown_table(sweep, trials, best))
     family = plot_family(sweep, families(sweep, trials))
-    plot = (plot_metric(sweep, trials, out_dir / f"{family}_vs_{sweep.config.x_axis.replace('.', '_')}.png", family)
-            if family else None)
+    plot = (
+        plot_metric(
+            sweep, trials, out_dir / f"{family}_vs_{sweep.config.x_axis.replace('.', '_')}.png", family
+        )
+        if family
+        else None
+    )
     info = None
     if best is not None:
         info = export_best(sweep, best, out_dir)
@@ -261,15 +329,19 @@ def write_report(sweep: Sweep, results: Iterable[Any], out_dir: Path):
     return SweepResult(experiment_path="", report_dir=str(out_dir), rows=rows, best=info)
 
 
-def print_summary(sweep: Sweep, trials: list[dict[str, Any]], best: dict[str, Any] | None, out_dir: Path) -> None:
+def print_summary(
+    sweep: Sweep, trials: list[dict[str, Any]], best: dict[str, Any] | None, out_dir: Path
+) -> None:
     counts: dict[str, int] = {}
     for t in trials:
         key = t["status"].split(" at ")[0]
         counts[key] = counts.get(key, 0) + 1
     lines = [f"[twinflow] sweep {sweep.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
     if best is not None:
-        lines.append(f"  best trial      {best['trial_id']} {best['params']} "
-                     f"{sweep.config.metric}={_fmt(best['metrics'].get(sweep.config.metric))}")
+        lines.append(
+            f"  best trial      {best['trial_id']} {best['params']} "
+            f"{sweep.config.metric}={_fmt(best['metrics'].get(sweep.config.metric))}"
+        )
     for name in ("results.md", "results.csv", "best/export", "best/samples.png"):
         if (out_dir / name).exists():
             lines.append(f"  {name:<15} {out_dir / name}")

@@ -7,6 +7,7 @@ Layout under <storage>/<sweep name>/:
 With s3:// storage the Tune experiment (and the report) live in the bucket; trials train under
 `staging_dir` (the training launcher's run dir is local-only).
 """
+
 from __future__ import annotations
 
 import os
@@ -58,7 +59,7 @@ def _filesystem(sweep: Sweep):
 
 
 def _s3_key(uri: str) -> str:
-    return uri[len("s3://"):]
+    return uri[len("s3://") :]
 
 
 def _tune_path(sweep: Sweep, path: str) -> str:
@@ -93,17 +94,35 @@ def build_scheduler(sweep: Sweep):
 
     s = cfg.scheduler
     max_t = s.max_t or (sweep.max_steps() + 1 if s.time_attr == "step" else 10**9)
-    return ASHAScheduler(time_attr=s.time_attr, metric=cfg.scheduler_metric, mode=cfg.scheduler_mode,
-                         max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr=s.time_attr,
+        metric=cfg.scheduler_metric,
+        mode=cfg.scheduler_mode,
+        max_t=max_t,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
 def trial_spec(sweep: Sweep, registry: str | None) -> dict[str, Any]:
-    return {"sweep": sweep.name, "base": sweep.base, "evaluation": sweep.config.evaluation.model_dump(),
-            "cwd": str(sweep.cwd), "trials_dir": trials_dir(str(local_sweep_dir(sweep))), "registry": registry}
+    return {
+        "sweep": sweep.name,
+        "base": sweep.base,
+        "evaluation": sweep.config.evaluation.model_dump(),
+        "cwd": str(sweep.cwd),
+        "trials_dir": trials_dir(str(local_sweep_dir(sweep))),
+        "registry": registry,
+    }
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, resume: bool | None = None, fresh: bool = False,
-              extra_callbacks: list | None = None) -> SweepResult:
+def run_sweep(
+    sweep: Sweep,
+    *,
+    address: str | None = None,
+    resume: bool | None = None,
+    fresh: bool = False,
+    extra_callbacks: list | None = None,
+) -> SweepResult:
     """Run (or resume) the sweep and write its report.
 
     resume=None: restore when a restorable experiment exists, else start; True: it must exist.
@@ -127,7 +146,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, resume: bool | None =
     if resume and not can_restore:
         raise ConfigError(f"--resume: no restorable sweep at {path}")
     if _exists(sweep) and not can_restore and not fresh:
-        raise ConfigError(f"{path} exists but holds no restorable Tune experiment; pass --fresh to replace it")
+        raise ConfigError(
+            f"{path} exists but holds no restorable Tune experiment; pass --fresh to replace it"
+        )
 
     base_job = sweep.base_job()
     if base_job.data.embed_cache and base_job.data.embed_text:
@@ -141,34 +162,56 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, resume: bool | None =
     registry = registry_name(sweep.name)
     get_registry(registry, create=True)
     local_sweep_dir(sweep).mkdir(parents=True, exist_ok=True)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=trial_spec(sweep, registry)),
-                                    dict(cfg.trial_resources))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=trial_spec(sweep, registry)), dict(cfg.trial_resources)
+    )
     # Tune's strict check would reject a training result that lacks an eval/* scheduler metric which
     # only the final (post-training) report carries; metric names were checked by load_sweep instead.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    callbacks = ([ReleaseTrialResources(registry)] if cfg.release_placement_groups else []) + list(extra_callbacks or [])
+    callbacks = ([ReleaseTrialResources(registry)] if cfg.release_placement_groups else []) + list(
+        extra_callbacks or []
+    )
     if can_restore:
         print(f"[twinflow] resuming sweep {sweep.name} from {path}", flush=True)
         # the RunConfig (callbacks included) comes back from the experiment's tuner.pkl
-        tuner = tune.Tuner.restore(_tune_path(sweep, path), trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            _tune_path(sweep, path),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
     else:
-        print(f"[twinflow] sweep {sweep.name}: {cfg.trial_count()} trial(s) x {len(cfg.evaluation.settings())} "
-              f"eval setting(s), at most {cfg.max_concurrent_trials} at a time -> {path}", flush=True)
+        print(
+            f"[twinflow] sweep {sweep.name}: {cfg.trial_count()} trial(s) x {len(cfg.evaluation.settings())} "
+            f"eval setting(s), at most {cfg.max_concurrent_trials} at a time -> {path}",
+            flush=True,
+        )
         from ray.tune.search import BasicVariantGenerator
 
         tuner = tune.Tuner(
             trainable,
             param_space=cfg.param_space(),
             tune_config=tune.TuneConfig(
-                scheduler=build_scheduler(sweep), num_samples=cfg.num_samples,
+                scheduler=build_scheduler(sweep),
+                num_samples=cfg.num_samples,
                 # an explicit generator (seeded random axes) must carry the concurrency limit itself:
                 # Tune ignores TuneConfig.max_concurrent_trials next to a SearchGenerator
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials),
-                trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=_tune_path(sweep, cfg.storage.rstrip("/")) if cfg.is_s3
-                                      else str(Path(path).parent), storage_filesystem=fs, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                search_alg=BasicVariantGenerator(
+                    random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
+                ),
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=_tune_path(sweep, cfg.storage.rstrip("/"))
+                if cfg.is_s3
+                else str(Path(path).parent),
+                storage_filesystem=fs,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
         )
     grid = tuner.fit()
     try:

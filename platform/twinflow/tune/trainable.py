@@ -8,6 +8,7 @@
 A restarted trial (resumed sweep) gets the same job name and run dir, so Ray Train restores the
 latest checkpoint of its earlier attempt and continues from there.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,18 @@ def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     name = f"{spec['sweep']}-{trial_id}"
-    job = trial_job(spec["base"], params, name=name, output_dir=spec["trials_dir"], cwd=spec["cwd"],
-                    source=f"sweep {spec['sweep']} trial {trial_id}")
+    job = trial_job(
+        spec["base"],
+        params,
+        name=name,
+        output_dir=spec["trials_dir"],
+        cwd=spec["cwd"],
+        source=f"sweep {spec['sweep']} trial {trial_id}",
+    )
     run_dir = prepare_run(job)
-    (run_dir / TRIAL_FILE).write_text(json.dumps({"trial_id": trial_id, "params": params}, indent=2, default=str))
+    (run_dir / TRIAL_FILE).write_text(
+        json.dumps({"trial_id": trial_id, "params": params}, indent=2, default=str)
+    )
     callbacks: list = [TuneReportCallback()]
     if spec.get("registry"):
         callbacks.append(RecordTrainRun(spec["registry"], trial_id))
@@ -55,20 +64,32 @@ def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
 
     export = run_dir / "export"
     evaluation = EvaluationConfig.model_validate(spec["evaluation"])
-    args = (str(export), job.model_dump_json(by_alias=True), evaluation.model_dump_json(), str(run_dir / EVAL_GRID))
+    args = (
+        str(export),
+        job.model_dump_json(by_alias=True),
+        evaluation.model_dump_json(),
+        str(run_dir / EVAL_GRID),
+    )
     t0 = time.perf_counter()
     if job.cluster.use_gpu:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # a GPU task outside the trial's own placement group (which holds only the trial's CPU share)
         task = ray.remote(evaluate_export).options(
-            num_cpus=job.cluster.cpus_per_worker, num_gpus=job.cluster.gpus_per_worker,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+            num_cpus=job.cluster.cpus_per_worker,
+            num_gpus=job.cluster.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        )
         metrics = ray.get(task.remote(*args))
     else:
         # CPU-only: right here, on the CPUs the finished Train run just released (no process start-up)
         metrics = evaluate_export(*args)
     final = {**last, **metrics, "train_s": train_s, "eval_s": time.perf_counter() - t0, "evaluated": 1}
-    (run_dir / TRIAL_FILE).write_text(json.dumps({"trial_id": trial_id, "params": params, "metrics": final,
-                                                  "export": str(export)}, indent=2, default=str))
+    (run_dir / TRIAL_FILE).write_text(
+        json.dumps(
+            {"trial_id": trial_id, "params": params, "metrics": final, "export": str(export)},
+            indent=2,
+            default=str,
+        )
+    )
     tune.report(final)
