@@ -40,3 +40,11 @@ def text_encoder():
     from twinflow.models.text_encoder import TextEncoder
 
     return TextEncoder(max_length=16)
+
+
+@pytest.fixture(scope="session")
+def qwen_pipeline_dir(tmp_path_factory):
+    """A tiny random-init Qwen-Image pipeline in diffusers format (built once, about a second)."""
+    from qwen_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("qwen-image") / "pipe")

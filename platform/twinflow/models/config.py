@@ -67,7 +67,21 @@ class ModelConfig(StrictModel):
             "sign embedding, so the fake branch starts equal to the real one"
         ),
     )
-    text_max_length: int = Field(32, ge=2, le=512, description="caption tokens (padded/truncated)")
+    text_max_length: int = Field(
+        32, ge=2, le=1024, description="caption tokens (padded/truncated; after the template for qwen2.5-vl)"
+    )
+    text_encoder: Literal["minilm", "qwen2.5-vl"] = Field(
+        "minilm",
+        description=(
+            "caption encoder: minilm (384-d, through a learned projection; the small presets' "
+            "default) or qwen2.5-vl (Qwen-Image's own, states enter the backbone unprojected)"
+        ),
+    )
+    text_encoder_path: str | None = Field(
+        None,
+        description="qwen2.5-vl only: a Qwen-Image pipeline dir with text_encoder/ and tokenizer/ "
+        "(local or s3://); default pretrained_path",
+    )
     backbone: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the preset's diffusers config, e.g. {num_layers: 4}"
     )
@@ -95,6 +109,18 @@ class ModelConfig(StrictModel):
                 raise ValueError(
                     "backbone overrides apply to presets only; a pretrained backbone fixes its config"
                 )
+        if self.text_encoder == "qwen2.5-vl":
+            if self.family != "qwen_image":
+                raise ValueError(f"text_encoder qwen2.5-vl is Qwen-Image's; model.family is {self.family!r}")
+            if self.text_encoder_path is None and self.pretrained_path is None:
+                raise ValueError(
+                    "text_encoder qwen2.5-vl needs model.text_encoder_path or model.pretrained_path "
+                    "(a Qwen-Image pipeline dir with text_encoder/ and tokenizer/)"
+                )
+        elif self.text_max_length > 512:
+            raise ValueError(f"text_max_length {self.text_max_length} exceeds MiniLM's 512 positions")
+        elif self.text_encoder_path is not None:
+            raise ValueError("model.text_encoder_path applies to text_encoder: qwen2.5-vl only")
         if self.vae_path is None and self.pretrained_path is not None and self.image_size is None:
             raise ValueError("a pretrained backbone in pixel space needs model.image_size")
         if self.vae_path is not None and self.image_size is None and self.preset is None:
@@ -109,6 +135,14 @@ class ModelConfig(StrictModel):
         if self.vae_path is None and size is not None and patch is not None and size % patch:
             raise ValueError(f"image_size {size} is not divisible by patch {patch}")
         return self
+
+    @property
+    def text_encoder_spec(self) -> dict[str, Any]:
+        """What `open_text_encoder` needs: kind, path (None: MiniLM's wheel) and max_length."""
+        path = None
+        if self.text_encoder == "qwen2.5-vl":
+            path = self.text_encoder_path or self.pretrained_path
+        return {"kind": self.text_encoder, "path": path, "max_length": self.text_max_length}
 
     @property
     def lora_enabled(self) -> bool:

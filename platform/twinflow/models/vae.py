@@ -16,8 +16,10 @@ from torch import nn
 
 
 def vae_dir(path: str | Path) -> Path:
-    """A pipeline directory's `vae/` subfolder, or the directory itself."""
-    root = Path(path)
+    """A pipeline directory's `vae/` subfolder, or the directory itself (s3://: cached)."""
+    from twinflow.models.fetch import local_model_dir
+
+    root = local_model_dir(path)
     if (root / "vae" / "config.json").is_file():
         return root / "vae"
     if (root / "config.json").is_file():
