@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from twinflow.config import StrictModel, load_config
 from twinflow.data.config import DataConfig
@@ -36,6 +36,13 @@ class JobConfig(StrictModel):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _edit_job(self) -> JobConfig:
+        from twinflow.train.editing import check_edit_job
+
+        check_edit_job(self)
+        return self
 
 
 def load_job(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:

@@ -35,20 +35,28 @@ class MemoryData:
     captions: list[str]
     states: Tensor
     masks: Tensor
+    refs: Tensor | None = None  # edit jobs: the source images, given to the model as `ref_image`
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def rows(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.caption_ids[idx]
-        return self.images[idx], {"text_states": self.states[c], "text_mask": self.masks[c]}
+        cond = {"text_states": self.states[c], "text_mask": self.masks[c]}
+        if self.refs is not None:
+            cond["ref_image"] = self.refs[idx]
+        return self.images[idx], cond
 
 
 def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -> MemoryData:
-    """Decode a split (local or s3://) with the pipeline's own rules and encode its distinct captions."""
-    images, labels, captions = [], [], []
+    """Decode a split (local or s3://) with the pipeline's own rules and encode its distinct captions
+    (instructions for an edit job, which also keeps the source images)."""
+    images, labels, captions, refs = [], [], [], []
+    edits = data.text_column == "instruction"
     for b in iter_local_batches(data, limit=limit):
         images.append(torch.as_tensor(b["image"]))
+        if edits:
+            refs.append(torch.as_tensor(b["source_image"]))
         labels.append(torch.as_tensor(b["label"]).long() if "label" in b else torch.full((len(b["id"]),), -1))
         texts = b["instruction"] if data.text_column == "instruction" else b["caption"]
         captions.extend(str(t) for t in texts)
@@ -64,6 +72,7 @@ def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -
         distinct,
         enc["text_states"].float(),
         enc["text_mask"],
+        torch.cat(refs).float() if edits else None,
     )
 
 

@@ -18,6 +18,7 @@ from twinflow.models.export import load_generator, save_generator
 from twinflow.models.lora import apply_lora, disable_adapters
 from twinflow.models.time_embed import SIGN_NAME
 from twinflow.train.config import JobConfig
+from twinflow.train.editing import export_metadata
 
 
 def build_model(job: JobConfig) -> torch.nn.Module:
@@ -185,5 +186,6 @@ def export(job: JobConfig, module: torch.nn.Module, out_dir: Path, *, steps: int
         "job": job.name,
         "steps": steps,
         "method_config": job.method.model_dump(by_alias=True),
+        **export_metadata(job),
     }
     return save_generator(module, out_dir, meta)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from twinflow.data import iter_torch_kwargs
-from twinflow.train import checkpointing, lifeline, modelling
+from twinflow.train import checkpointing, editing, lifeline, modelling
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
@@ -62,6 +62,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
     objective = modelling.build_objective(job)
+    edit_job = editing.is_edit_job(job)
 
     state = (
         checkpointing.restore(
@@ -132,6 +133,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "text_states": batch["text_states"].to(device, dtype),
                 "text_mask": batch["text_mask"].to(device),
             }
+            if edit_job:  # the source image as reference tokens (Qwen-Image-Edit layout)
+                editing.add_reference(cond, batch, device, dtype)
             if (
                 micro % job.deepspeed.gradient_accumulation_steps == 0
             ):  # first micro-batch of a step (EMA before targets)
