@@ -12,6 +12,7 @@ from twinflow.config import ConfigError
 COMMAND_MODULES = [
     ("twinflow.data.cli", "add_data_commands"),
     ("twinflow.eval.cli", "add_commands"),
+    ("twinflow.models.cli", "add_commands"),
     ("twinflow.serve.cli", "add_commands"),
     ("twinflow.tune.cli", "add_commands"),
 ]
