@@ -137,11 +137,23 @@ def test_pretrained_path_on_s3_is_cached_locally(qwen_pipeline_dir, bucket, tmp_
     monkeypatch.setenv("TWINFLOW_MODEL_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{bucket}/models/qwen-tiny"
     storage.upload_dir(qwen_pipeline_dir, uri)
+    enc = open_text_encoder({"kind": "qwen2.5-vl", "path": uri}, max_length=8)  # a data actor's view
+    assert enc.dim == TEXT_WIDTH
+    cache = tmp_path / "cache"
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["text_encoder", "tokenizer"]
     g = build_generator(_native_config(uri)).eval()
     local = build_generator(_native_config(qwen_pipeline_dir)).eval()
     for (n, p), (m, q) in zip(g.state_dict().items(), local.state_dict().items()):
         assert n == m and torch.equal(p, q), n
-    cached = list((tmp_path / "cache").iterdir())
-    assert len(cached) == 1 and cached[0].name.startswith("qwen-tiny-")
-    enc = open_text_encoder(g.text_encoder_spec)
-    assert enc.dim == TEXT_WIDTH
+    assert len([p for p in cache.iterdir() if p.name.startswith("qwen-tiny-")]) == 1
+
+
+def test_data_stage_takes_qwen_from_a_pipeline_dir(qwen_pipeline_dir, qwen_encoder):
+    from twinflow.data.embed import TextEmbedStage
+
+    stage = TextEmbedStage(max_length=24, model_dir=str(qwen_pipeline_dir))
+    assert stage.dim == TEXT_WIDTH and stage.encoder.kind == "qwen2.5-vl"
+    states, mask = stage._encode(CAPTIONS[:2])
+    want = qwen_encoder.encode(CAPTIONS[:2])
+    assert torch.equal(torch.from_numpy(states), want["text_states"])
+    assert torch.equal(torch.from_numpy(mask), want["text_mask"])

@@ -157,7 +157,11 @@ class DataConfig(StrictModel):
     embed_text: bool = Field(True, description="add text_states/text_mask; False for unconditional models")
     text_column: Literal["caption", "instruction"] = "caption"
     text_max_length: int = Field(32, ge=1)
-    text_encoder_dir: str | None = Field(None, description="default: the packaged MiniLM")
+    text_encoder_dir: str | None = Field(
+        None,
+        description="default: the packaged MiniLM; a Qwen-Image pipeline dir (local or s3://): "
+        "its Qwen2.5-VL, for model.text_encoder: qwen2.5-vl",
+    )
     embed_device: str = "cpu"
     embed_actors: int = Field(1, ge=1, description="text-encoder actor pool size")
     embed_batch_size: int = Field(256, ge=1)

@@ -18,9 +18,9 @@ class TextEmbedStage:
     def __init__(self, text_column: str = "caption", max_length: int = 32, model_dir: str | None = None,
                  device: str = "cpu", lru_size: int = 4096, compact: bool = False,
                  cache_dtype: str = "float16", tracker: Any = None) -> None:
-        from twinflow.models.text_encoder import TextEncoder
+        from twinflow.models.text_encoder import text_encoder_for_dir
 
-        self.encoder = TextEncoder(model_dir=model_dir, max_length=max_length, device=device, cache_size=lru_size)
+        self.encoder = text_encoder_for_dir(model_dir, max_length, device, lru_size)
         self.text_column, self.compact = text_column, compact
         self.cache_dtype = np.dtype(cache_dtype)
         self.tracker = tracker  # reports rows without text when nothing upstream filtered them

@@ -3,7 +3,8 @@
 diffusers and transformers load only from local directories, so `pretrained_path`, `vae_path` and
 `text_encoder_path` pass through `local_model_dir`. The cache key is the URI; a download lands in a
 temporary sibling and is renamed into place, so a crashed or concurrent download never leaves a
-half-written directory that a later run would trust.
+half-written directory that a later run would trust. A caller that needs one component (a data
+actor needs text_encoder/ and tokenizer/, not a 40 GB transformer) asks for that part alone.
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "twinflow" / "models")
 
 
-def local_model_dir(path: str | os.PathLike) -> Path:
-    """A local directory for `path`: itself when local, else the cached copy of the s3:// prefix."""
+def _cache_path(uri: str) -> Path:
+    uri = uri.rstrip("/")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return cache_root() / f"{uri.rsplit('/', 1)[-1] or 'model'}-{key}"
+
+
+def _download(uri: str, target: Path) -> Path:
     from twinflow import storage
 
-    uri = str(path)
-    if not storage.is_s3(uri):
-        return Path(uri)
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
-    target = cache_root() / f"{name}-{key}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -47,3 +47,21 @@ def local_model_dir(path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return str(path).startswith("s3://")
+
+
+def local_model_dir(path: str | os.PathLike, part: str | None = None) -> Path:
+    """`path` (or its subfolder `part`) as a local directory: itself when local, else a cached copy.
+
+    For s3:// with `part`, only that subfolder is downloaded unless the whole prefix is cached already.
+    """
+    if not is_remote(path):
+        return Path(path) if part is None else Path(path) / part
+    uri = str(path).rstrip("/")
+    whole = _cache_path(uri)
+    if part is None or whole.is_dir():
+        return _download(uri, whole) if part is None else whole / part
+    return _download(f"{uri}/{part}", _cache_path(f"{uri}/{part}"))

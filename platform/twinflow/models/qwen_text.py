@@ -26,17 +26,32 @@ DROP_TOKENS = 34  # the template's system turn + "<|im_start|>user\n", as in the
 MAX_LENGTH = 1024  # the pipeline's limit after the drop
 
 
+def is_qwen_pipeline(path: str | Path) -> bool:
+    """Whether `path` (local or s3://) holds a Qwen2.5-VL text_encoder/ (read from its config alone)."""
+    from twinflow import storage
+
+    uri = f"{str(path).rstrip('/')}/text_encoder/config.json"
+    if not storage.exists(uri):
+        return False
+    return json.loads(storage.read_bytes(uri)).get("model_type", "").startswith("qwen2_5_vl")
+
+
 def encoder_dirs(path: str | Path) -> tuple[Path, Path]:
     """(text_encoder dir, tokenizer dir) of a Qwen-Image pipeline directory (local or s3://)."""
     from twinflow.models.fetch import local_model_dir
 
-    root = local_model_dir(path)
-    enc, tok = root / "text_encoder", root / "tokenizer"
+    found: dict[str, Path | None] = {}
+    for part in ("text_encoder", "tokenizer"):
+        try:
+            found[part] = local_model_dir(path, part)
+        except FileNotFoundError:  # an s3 prefix with nothing under it
+            found[part] = None
+    enc, tok = found["text_encoder"], found["tokenizer"]
     missing = [
-        n
-        for n, ok in (
-            ("text_encoder/config.json", (enc / "config.json").is_file()),
-            ("tokenizer/", tok.is_dir()),
+        name
+        for name, ok in (
+            ("text_encoder/config.json", enc is not None and (enc / "config.json").is_file()),
+            ("tokenizer/", tok is not None and tok.is_dir()),
         )
         if not ok
     ]

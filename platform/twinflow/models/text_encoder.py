@@ -220,3 +220,15 @@ def export_text_encoder_spec(export_dir: str | Path, meta: Mapping[str, Any]) ->
     if kind == QWEN25_VL and (Path(export_dir) / "text_encoder" / "config.json").is_file():
         path = str(export_dir)
     return {"kind": kind, "path": path, "max_length": int(text["max_length"])}
+
+
+def text_encoder_for_dir(
+    model_dir: str | None, max_length: int, device: str = "cpu", cache_size: int = 4096
+) -> CachedTextEncoder:
+    """The data pipeline's `text_encoder_dir`: None is MiniLM from its wheel, a Qwen-Image pipeline
+    directory (local or s3://) its Qwen2.5-VL, any other directory a BERT-style encoder."""
+    from twinflow.models.qwen_text import is_qwen_pipeline
+
+    if model_dir is not None and is_qwen_pipeline(model_dir):
+        return open_text_encoder({"kind": QWEN25_VL, "path": model_dir}, max_length, device, cache_size)
+    return TextEncoder(model_dir, max_length, device, cache_size)
