@@ -79,6 +79,7 @@ def app_args(exports: dict[str, Path], **extra) -> dict:
             "max_prompt_chars": 100,
             "max_image_bytes": 64 * 1024,
             "max_image_side": 256,
+            "max_image_pixels": 200 * 200,
             "body_timeout_s": 3.0,
             "max_body_readers": 32,
         },

@@ -19,9 +19,9 @@ def post(base, path, body=None, *, data=None, headers=None, timeout=60):
     return requests.post(base + path, json=body, data=data, headers=headers, timeout=timeout)
 
 
-def b64_png(size=(28, 28), mode="L", value=128) -> str:
+def b64_png(size=(28, 28), mode="L", value=128, fmt="PNG") -> str:
     buf = io.BytesIO()
-    Image.new(mode, size, value).save(buf, format="PNG")
+    Image.new(mode, size, value).save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -172,6 +172,22 @@ BAD = [
         "image_too_large",
     ),
     (
+        "edit: image pixels (sides within bounds)",
+        "/v1/edit",
+        {"image": b64_png((250, 250)), "instruction": "a"},
+        None,
+        413,
+        "image_too_large",
+    ),
+    (
+        "edit: GIF is not an accepted format",
+        "/v1/edit",
+        {"image": b64_png(fmt="GIF"), "instruction": "a"},
+        None,
+        400,
+        "bad_image",
+    ),
+    (
         "edit: body too large",
         "/v1/edit",
         {"image": "A" * 200_000, "instruction": "a"},
@@ -254,6 +270,38 @@ def test_edit_on_an_edit_capable_model(serve_app):
     assert dark["task"] == "edit" and len(dark["images"]) == 1
     assert dark["images"][0]["data"] != light["images"][0]["data"]
     assert again["images"][0]["data"] == dark["images"][0]["data"]  # resized/converted to the model's 28x28x1
+
+
+def test_edit_as_multipart_form_equals_the_json_request(serve_app):
+    """`curl -F image=@x.png -F instruction=... -F nfe=2`: the same image as the JSON body gives."""
+    png = base64.b64decode(b64_png(value=200))
+    form = {"model": "tiny-edit", "instruction": "invert it", "nfe": "2", "seed": "9"}
+    r = requests.post(
+        serve_app + "/v1/edit", data=form, files={"image": ("d.png", png, "image/png")}, timeout=60
+    )
+    assert r.status_code == 200, r.text[:300]
+    body = {**form, "nfe": 2, "seed": 9, "image": base64.b64encode(png).decode()}
+    assert r.json()["images"] == post(serve_app, "/v1/edit", body).json()["images"]
+    assert r.json()["task"] == "edit" and r.json()["nfe"] == 2
+    bad = [
+        ({"instruction": "x"}, None, 422, "invalid_request"),  # no image part
+        ({"instruction": "x", "nfe": "two"}, png, 422, "invalid_request"),
+        ({"instruction": "x", "colour": "red"}, png, 422, "invalid_request"),
+        ({"instruction": "x"}, base64.b64decode(b64_png((250, 250))), 413, "image_too_large"),
+        ({"instruction": "x"}, b"GIF89a" + b"\0" * 30, 400, "bad_image"),
+    ]
+    for fields, image, status, kind in bad:
+        files = (
+            {"image": ("x", image, "application/octet-stream")} if image is not None else {"f": ("x", b"")}
+        )
+        r = requests.post(
+            serve_app + "/v1/edit", data={"model": "tiny-edit", **fields}, files=files, timeout=60
+        )
+        assert r.status_code == status and r.json()["error"]["type"] == kind, (fields, r.text[:300])
+    r = requests.post(
+        serve_app + "/v1/edit", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_form"
 
 
 def test_bearer_token(serve_app):

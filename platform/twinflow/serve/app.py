@@ -48,17 +48,18 @@ from twinflow.serve.engine import (
     Item,
     Result,
     TextEncoders,
-    decode_image,
     image_to_model,
     load_served_model,
     read_export_metadata,
     run_items,
     tasks_of,
 )
+from twinflow.serve.images import ImageBounds, base64_bytes, form_values, open_image, parse_multipart
 from twinflow.serve.schemas import (
     API_VERSION,
     ApiError,
     BatchInfo,
+    EditFields,
     EditRequest,
     GenerateRequest,
     GenerateResponse,
@@ -76,6 +77,13 @@ PLAYGROUND = "playground.html"
 # ------------------------------------------------------------------------------------ model replicas
 def _item_weight(items: list[Item]) -> int:
     return sum(it.weight for it in items)
+
+
+def _edit_form_schema() -> dict[str, Any]:
+    schema = EditFields.model_json_schema()
+    schema["properties"]["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+    schema["required"] = sorted({*schema.get("required", []), "image"})
+    return schema
 
 
 # --------------------------------------------------------------------------------------- API ingress
@@ -139,8 +147,8 @@ class TwinFlow:
         )
         from PIL import Image
 
-        # Image.open raised DecompressionBombError (a 400) on a 20000x20000 header before decode_image's
-        # side check (413) ran; that check bounds the pixels instead (max_image_side <= 16384).
+        # Image.open raised DecompressionBombError (a 400) on a 20000x20000 header before the side check
+        # (413) ran; serve.images.open_image bounds sides and pixels from the header instead.
         Image.MAX_IMAGE_PIXELS = None
         self._page: str | None = None
         # model side
@@ -252,6 +260,37 @@ class TwinFlow:
                 422, "invalid_request", "request does not match the schema", validation_details(exc)
             ) from None
 
+    async def _edit_body(self, request: Request) -> tuple[EditFields, bytes]:
+        """The edit request and its image bytes, from JSON (base64 image) or multipart/form-data."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            req = await self._body(request, EditRequest)
+            try:
+                return req, base64_bytes(req.image, self.limits.max_image_bytes)
+            except OverflowError as exc:
+                raise ApiError(413, "image_too_large", str(exc)) from None
+            except ValueError as exc:
+                raise ApiError(400, "bad_image", str(exc)) from None
+        raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
+        try:
+            fields, files = parse_multipart(raw, ctype)
+        except ValueError as exc:
+            raise ApiError(
+                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
+            ) from None
+        data, problems = form_values(fields)
+        problems += [{"loc": [k], "msg": "only the image is a file part"} for k in files if k != "image"]
+        if "image" not in files:
+            problems.append({"loc": ["image"], "msg": "a file part named 'image' is required"})
+        if problems:
+            raise ApiError(422, "invalid_request", "request does not match the schema", problems)
+        try:
+            return EditFields.model_validate(data), files["image"]
+        except ValidationError as exc:
+            raise ApiError(
+                422, "invalid_request", "request does not match the schema", validation_details(exc)
+            ) from None
+
     def _model(self, model_id: str | None) -> ModelInfo:
         header = serve.get_multiplexed_model_id()
         if model_id and header and model_id != header:
@@ -339,7 +378,10 @@ class TwinFlow:
         response_model=GenerateResponse,
         openapi_extra={
             "requestBody": {
-                "content": {"application/json": {"schema": EditRequest.model_json_schema()}},
+                "content": {
+                    "application/json": {"schema": EditRequest.model_json_schema()},
+                    "multipart/form-data": {"schema": _edit_form_schema()},
+                },
                 "required": True,
             }
         },
@@ -347,13 +389,14 @@ class TwinFlow:
     async def edit(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._auth(request)
-        req = await self._body(request, EditRequest)
+        req, raw = await self._edit_body(request)
         info = self._model(req.model)
         check_limits(req, req.instruction, self.limits)
+        bounds = ImageBounds(
+            self.limits.max_image_bytes, self.limits.max_image_side, self.limits.max_image_pixels
+        )
         try:
-            img = decode_image(
-                req.image, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side
-            )
+            img = open_image(raw, bounds)  # format, bytes and header pixels checked before decoding
         except OverflowError as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ValueError as exc:

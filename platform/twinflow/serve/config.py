@@ -56,7 +56,13 @@ class Limits(_Strict):
         2048,
         ge=8,
         le=16384,
-        description="width and height of an uploaded image (also the decompression-bomb bound)",
+        description="width and height of an uploaded image, read from its header before decoding",
+    )
+    max_image_pixels: int = Field(
+        2048 * 2048,
+        ge=64,
+        le=16384 * 16384,
+        description="width x height of an uploaded image, from its header: the decompression-bomb bound",
     )
     max_json_depth: int = Field(32, ge=2, le=1000, description="nesting of arrays/objects in a request body")
     body_timeout_s: float = Field(

@@ -95,9 +95,14 @@ class GenerateRequest(_Request):
     prompt: Text = Field(description="caption, e.g. 'a photo of a sneaker'")
 
 
-class EditRequest(_Request):
-    image: Text = Field(description="the image to edit: base64 PNG/JPEG/WebP, optionally as a data: URL")
+class EditFields(_Request):
+    """`/v1/edit` as multipart/form-data: these fields, plus the image as a file part named `image`."""
+
     instruction: Text = Field(description="what to change, e.g. 'flip the sneaker horizontally'")
+
+
+class EditRequest(EditFields):
+    image: Text = Field(description="the image to edit: base64 PNG/JPEG/WebP, optionally as a data: URL")
 
 
 class ImageOut(BaseModel):
