@@ -16,6 +16,12 @@ from typing import Any
 
 import torch
 
+from twinflow.data import build_pipeline, load_pipeline
+from twinflow.eval.periodic import dataset_of, periodic_metrics
+from twinflow.exports import Export, open_export
+from twinflow.imaging import save_grid
+from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+
 BASE_JOB = "jobs/mnist_base_fm.yaml"
 TWINFLOW_JOB = "jobs/mnist_twinflow.yaml"
 PIPELINE = "pipelines/mnist_digits.yaml"
@@ -28,8 +34,6 @@ PROMPTS = [
 
 def ensure_shards(pipeline: str = PIPELINE) -> Path:
     """Build the demo's shards once (a folder with a manifest is a finished build)."""
-    from twinflow.data import build_pipeline, load_pipeline
-
     cfg = load_pipeline(pipeline)
     out = Path(cfg.output)
     if (out / "manifest.json").exists():
@@ -40,52 +44,41 @@ def ensure_shards(pipeline: str = PIPELINE) -> Path:
 
 
 @torch.no_grad()
+def sample_export(
+    export: Export, model: torch.nn.Module, prompts: list[str], nfe: int, *, seed: int, per_prompt: int = 1
+) -> torch.Tensor:
+    """The demo's sampler: rows prompt-major, noise from `seed`, the export's own sampler and CFG
+    (`Export.settings`): for one prompt the very images `twinflow eval` and `/v1/generate` give
+    for that seed and NFE."""
+    enc = export.text_encoder()
+    cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(prompts).items()}
+    settings = export.settings(nfe)
+    return sample(
+        model,
+        seeded_noise(len(prompts) * per_prompt, tuple(model.sample_shape), seed),
+        cond,
+        settings=settings,
+        null_cond=enc.null_condition() if settings.guidance else None,
+        generator=renoise_generator(seed),
+    )
+
+
+@torch.no_grad()
 def comparison_grid(
     base_export: Path, twin_export: Path, out_png: Path, *, per_prompt: int = 2, seed: int = 7
 ) -> dict[str, Any]:
     """Rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, TwinFlow 2 NFE: same prompts, same noise; the base
     with the CFG its export recommends (`sample_guidance`), TwinFlow at guidance 0 (baked in)."""
-    from twinflow.imaging import save_grid
-    from twinflow.method.config import sample_guidance_of
-    from twinflow.method.sampler import sample, settings_for_method
-    from twinflow.models.export import load_generator, read_metadata
-    from twinflow.models.text_encoder import TextEncoder
-
-    base, base_meta = load_generator(base_export)
-    twin, twin_meta = load_generator(twin_export)
-    methods = {"base": base_meta.get("method"), "twinflow": twin_meta.get("method")}
-    guidance = {
-        "base": sample_guidance_of(base_meta.get("method_config")),
-        "twinflow": sample_guidance_of(twin_meta.get("method_config")),
-    }
-    max_len = int(read_metadata(twin_export)["text_encoder"]["max_length"])
-    enc = TextEncoder(max_length=max_len)
-    cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(PROMPTS).items()}
-    null = enc.null_condition()
-    noise = torch.randn(
-        (cond["text_states"].shape[0], *twin.sample_shape), generator=torch.Generator().manual_seed(seed)
-    )
+    exports = {"base": open_export(base_export), "twinflow": open_export(twin_export)}
+    models = {name: e.generator() for name, e in exports.items()}
     rows, labels, timings = [], [], {}
-    for name, model, nfe in [
-        ("base", base, 50),
-        ("base", base, 1),
-        ("twinflow", twin, 1),
-        ("twinflow", twin, 2),
-    ]:
-        model.eval()
+    for name, nfe in [("base", 50), ("base", 1), ("twinflow", 1), ("twinflow", 2)]:
         t0 = time.perf_counter()
-        w = guidance[name]
         rows.append(
-            sample(
-                model,
-                noise,
-                cond,
-                settings=settings_for_method(nfe, methods[name], w),
-                null_cond=null,
-                generator=torch.Generator().manual_seed(seed + 1),
-            )
+            sample_export(exports[name], models[name], PROMPTS, nfe, seed=seed, per_prompt=per_prompt)
         )
         timings[f"{name}_nfe{nfe}_s"] = time.perf_counter() - t0
+        w = exports[name].sample_guidance
         labels.append(f"{name} {nfe} NFE" + (f" (CFG {1 + w:g})" if w else ""))
     save_grid(rows, labels, out_png)
     return {"grid": str(out_png), "prompts": PROMPTS, "per_prompt": per_prompt, "sampling_seconds": timings}
@@ -141,26 +134,21 @@ def run_demo(
 def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100) -> dict[str, Any]:
     """Judge-based numbers (twinflow.eval) over all 10 classes: base at 50 and 1 NFE (its CFG), TwinFlow
     at 1 and 2; the same noise for every arm."""
-    from twinflow.eval.periodic import dataset_of, periodic_metrics
-    from twinflow.method.config import sample_guidance_of
-    from twinflow.models.export import load_generator
-
     dataset = dataset_of(DATA)
     out: dict[str, Any] = {}
     for name, path, nfe in [("base", base_export, [50, 1]), ("twinflow", twin_export, [1, 2])]:
-        model, meta = load_generator(path)
-        model.eval()
+        export = open_export(path)
         # the prompts are encoded inside the evaluation, whose encoder also gives the CFG null condition
         m = periodic_metrics(
-            model,
+            export.generator(),
             dataset=dataset,
             prompts=list(range(10)),
             cond=None,
             nfe=nfe,
-            method=meta.get("method"),
+            method=export.method,
             images_per_prompt=images_per_class,
             seed=11,
-            guidance=sample_guidance_of(meta.get("method_config")),
+            guidance=export.sample_guidance,
         )
         for k, v in m.items():
             key = k.split("/", 1)[1]

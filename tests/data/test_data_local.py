@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from twinflow.data import BadDataError, BadRecord, BadRecordLog, DataConfig, MissingPathError, storage
+from twinflow import storage
+from twinflow.data import BadDataError, BadRecord, BadRecordLog, DataConfig, MissingPathError
 from twinflow.data.cli import main_data
 from twinflow.data.local import iter_local_batches, iter_local_records
 

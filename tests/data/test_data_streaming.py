@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from twinflow.data import BadDataError, DataConfig, MissingPathError, build_pipeline, load_pipeline, storage
+from twinflow import storage
+from twinflow.data import BadDataError, DataConfig, MissingPathError, build_pipeline, load_pipeline
 from twinflow.data.shards import read_manifest, verify_checksums
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from twinflow.method.sampler import SamplerSettings, preset, sample, sample_nfe, time_grid
+from twinflow.method.sampler import (
+    SamplerSettings,
+    preset,
+    renoise_generator,
+    sample,
+    seeded_noise,
+    settings_for,
+    time_grid,
+)
 
 from .analytic import DiracFlow, LinearVelocity, Recorder
 
@@ -80,14 +88,14 @@ def test_guidance_is_one_batched_call():
     x = torch.randn(4, 2)
     cond = {"label": torch.tensor([0, 1, 2, 0])}
     null = {"label": torch.tensor([3])}
-    out = sample_nfe(rec, x, 1, cond, guidance=2.0, null_cond=null)
+    out = sample(rec, x, cond, settings=settings_for("twinflow", 1, guidance=2.0), null_cond=null)
     assert len(rec.calls) == 1 and rec.calls[0]["x"].shape[0] == 8
     t, r = torch.full((4,), 0.999), torch.zeros(4)
     f_c = rec.inner(x, t, r, cond)
     f_u = rec.inner(x, t, r, {"label": torch.full((4,), 3)})
     assert torch.allclose(out, (x - 0.999 * (f_c + 2.0 * (f_c - f_u))).detach(), atol=1e-6)
     with pytest.raises(ValueError, match="null_cond"):
-        sample_nfe(rec, x, 1, cond, guidance=2.0)
+        sample(rec, x, cond, settings=settings_for("twinflow", 1, guidance=2.0))
 
 
 def test_bad_settings():
@@ -95,3 +103,34 @@ def test_bad_settings():
         sample(LinearVelocity(), torch.randn(2, 2), settings=SamplerSettings(style="euler"))
     with pytest.raises(ValueError, match="preset"):
         preset(0)
+
+
+def test_settings_for_picks_the_sampler_of_the_method():
+    assert settings_for("twinflow", 2) == preset(2)
+    assert settings_for(None, 4) == preset(4)
+    fm = settings_for("flow_matching", 4, guidance=1.5)
+    assert (fm.style, fm.rho, fm.g0, fm.g1, fm.guidance) == ("mul", 0.0, 0.0, 0.0, 1.5)
+    assert torch.allclose(fm.grid(), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    assert settings_for("flow_matching", "multistep") == preset("multistep")
+    tuned = settings_for("twinflow", 2, "any", 0.5)
+    assert (tuned.style, tuned.rho, tuned.g1) == ("any", 0.5, 0.6)
+
+
+def test_row_groups_give_each_group_the_images_it_gets_alone():
+    """Serve batches requests: group i's rows draw their fresh noise from their own generator."""
+    model = LinearVelocity()
+    sizes, seeds = [2, 1, 3], [5, 6, 7]
+    noises = [seeded_noise(n, (2,), s) for n, s in zip(sizes, seeds)]
+    together = sample(
+        model,
+        torch.cat(noises),
+        settings=preset(4),
+        row_groups=[(n, renoise_generator(s)) for n, s in zip(sizes, seeds)],
+    )
+    start = 0
+    for n, s, noise in zip(sizes, seeds, noises):
+        alone = sample(model, noise, settings=preset(4), generator=renoise_generator(s))
+        assert torch.equal(together[start : start + n], alone)
+        start += n
+    with pytest.raises(ValueError, match="row_groups cover"):
+        sample(model, torch.randn(4, 2), settings=preset(2), row_groups=[(3, renoise_generator(0))])

@@ -24,7 +24,7 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
     from ray.cluster_utils import Cluster
 
     from tests.reliability.helpers import logged_steps, make_job
-    from twinflow.data.storage import list_files
+    from twinflow.storage import list_files
     from twinflow.train.launcher import API_SERVER_ENV, free_port, run_dir_of, run_job
 
     port = free_port()  # the cluster's own state API, named for every process (launcher.ensure_ray)

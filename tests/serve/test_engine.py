@@ -28,53 +28,48 @@ def _cond(encoders, prompts, counts):
     return {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
 
 
-@pytest.mark.parametrize("nfe,guidance", [(1, 0.0), (2, 0.0), (4, 0.0), (2, 1.5)])
-def test_batched_sampling_equals_sample_nfe_per_request(served, nfe, guidance):
-    """Each request's rows in a batch are exactly what the method's own sampler gives it alone."""
-    from twinflow.method.sampler import sample_nfe
-    from twinflow.serve.engine import sample_items
+@pytest.mark.parametrize("nfe,guidance", [(1, None), (2, None), (4, None), (2, 1.5)])
+def test_batched_requests_get_the_export_sampler_alone(served, nfe, guidance):
+    """Each request's images in a batch are what the method's sampler gives it alone, with the sampler
+    of the export's method: the tiny exports are flow matching, so their ODE at r = t (what `twinflow
+    eval` and the demo use), never TwinFlow's few-step preset."""
+    from twinflow.imaging import png_bytes
+    from twinflow.method.sampler import renoise_generator, sample, seeded_noise, settings_for
+    from twinflow.serve.engine import Item, run_items
 
     models, enc = served
     m = models["tiny"]
-    fn = m.model_fn(False)
-    shape = tuple(m.generator.sample_shape)
+    assert m.export.method == "flow_matching"
+    settings = settings_for("flow_matching", nfe, guidance=guidance or 0.0)
+    assert settings.style == "mul" and settings.rho == 0.0
     prompts, counts, seeds = (
         ["a photo of a bag", "a photo of a dress", "a photo of a bag"],
         [2, 1, 3],
         [5, 6, 7],
     )
+    items = [Item("tiny", p, nfe, s, n, guidance) for p, n, s in zip(prompts, counts, seeds)]
+    batched = run_items(models, enc, items)
     null = enc.get(TEXT_LEN).null_condition()
-
-    def noise_and_gen(seed, n):
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn((n, *shape), generator=g), g
-
-    pairs = [noise_and_gen(s, n) for s, n in zip(seeds, counts)]
-    cond = _cond(enc, prompts, counts)
-    nulls = {k: v.expand(sum(counts), *v.shape[1:]) for k, v in null.items()}
-    batched = sample_items(
-        fn,
-        [p[0] for p in pairs],
-        [p[1] for p in pairs],
-        cond,
-        nfe,
-        guidance=guidance,
-        null_cond=nulls if guidance else None,
-    )
-    start = 0
-    for prompt, n, seed in zip(prompts, counts, seeds):
-        noise, g = noise_and_gen(seed, n)
-        alone = sample_nfe(
-            fn,
-            noise,
-            nfe,
+    shape = tuple(m.generator.sample_shape)
+    for prompt, n, seed, res in zip(prompts, counts, seeds, batched):
+        alone = sample(
+            m.model_fn(False),
+            seeded_noise(n, shape, seed),
             _cond(enc, [prompt], [n]),
-            generator=g,
-            guidance=guidance,
+            settings=settings,
+            generator=renoise_generator(seed),
             null_cond=null if guidance else None,
         )
-        assert torch.equal(batched[start : start + n], alone), (prompt, seed)
-        start += n
+        assert res.pngs == png_bytes(alone), (prompt, seed)
+    # the few-step preset gives other images: the test tells the two samplers apart
+    few = sample(
+        m.model_fn(False),
+        seeded_noise(2, shape, 5),
+        _cond(enc, prompts[:1], [2]),
+        settings=settings_for("twinflow", nfe),
+        generator=renoise_generator(5),
+    )
+    assert png_bytes(few) != batched[0].pngs
 
 
 def test_image_never_depends_on_batch_mates(served):

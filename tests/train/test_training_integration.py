@@ -141,7 +141,7 @@ def test_output_on_s3_then_finetune_from_the_s3_export(
     ray_cluster, fashion_small, tmp_path, s3_server, bucket, monkeypatch
 ):
     """output.dir on s3://: checkpoints through Ray Train's S3 storage, the rest uploaded at the end."""
-    from twinflow.data.storage import list_files
+    from twinflow.storage import list_files
 
     monkeypatch.setenv("TWINFLOW_STAGING_DIR", str(tmp_path / "staging"))
     out = f"s3://{bucket}/runs"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from twinflow.method.config import TwinFlowConfig
 from twinflow.tune import evaluation as ev
 from twinflow.tune.config import EvalSetting, EvaluationConfig, load_sweep
 
@@ -93,8 +94,8 @@ def test_judged_evaluator_uses_the_judges(fashion_eval, monkeypatch):
     """twinflow.eval's judges at each eval setting: real images of the prompted class score near the
     floor with high adherence; noise scores far worse; the preset setting goes through `sample` with the
     preset's settings and a non-preset one with its own style/rho."""
+    from twinflow.eval import sampling as eval_sampling
     from twinflow.eval.datasets import load_split
-    from twinflow.method import sampler as sampler_mod
 
     job = _job(fashion_eval)
     evaluation = EvaluationConfig(nfe=[1, 2], style=["few", "any"], rho=[1.0], samples=200, batch_size=64)
@@ -113,8 +114,14 @@ def test_judged_evaluator_uses_the_judges(fashion_eval, monkeypatch):
         idx = [by_class[r // per_class][(r % per_class) + 100] for r in rows]
         return torch.as_tensor(real.as_float(np.array(idx))).float().reshape(n, 1, 28, 28)
 
-    monkeypatch.setattr(sampler_mod, "sample", fake_sample)
-    model = SimpleNamespace(sample_shape=(1, 28, 28), parameters=lambda: iter([torch.zeros(1)]))
+    monkeypatch.setattr(eval_sampling, "sample", fake_sample)
+    model = SimpleNamespace(
+        sample_shape=(1, 28, 28),
+        parameters=lambda: iter([torch.zeros(1)]),
+        training=False,
+        eval=lambda: None,
+        train=lambda mode=True: None,
+    )
     out = {}
     for kind in ("real", "noise"):
         mode["kind"], pos["row"] = kind, 0
@@ -162,7 +169,7 @@ def test_generate_uses_common_random_numbers():
             "text_mask": torch.ones(len(caps), 2, dtype=torch.int64),
         }
     )
-    kw = dict(job=SimpleNamespace(), seed=3, device=torch.device("cpu"), encoder=enc)
+    kw = dict(job=SimpleNamespace(method=TwinFlowConfig()), seed=3, device=torch.device("cpu"), encoder=enc)
     a = ev.generate(Model(), ["x"] * 5, EvalSetting(1, "few", 1.0), batch_size=2, **kw)
     b = ev.generate(Model(), ["x"] * 5, EvalSetting(1, "few", 1.0), batch_size=4, **kw)
     noise = torch.randn((5, 1, 4, 4), generator=torch.Generator().manual_seed(3))

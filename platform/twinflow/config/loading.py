@@ -40,20 +40,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_field(data: dict[str, Any], path: str | list[str], value: Any) -> None:
+    """Set the dotted field `a.b.c` (or its parts) in a nested dict in place, creating sections;
+    a non-mapping on the way is a ConfigError."""
+    parts = path.split(".") if isinstance(path, str) else list(path)
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts)}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = _deep_copy(value)
+
+
+def with_fields(data: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted field of ``fields`` set (a sweep's overrides and trial values)."""
+    out: dict[str, Any] = _deep_copy(data)
+    for key, value in fields.items():
+        set_field(out, key, value)
+    return out
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b=value`` override set (creating sections as needed)."""
     out: dict[str, Any] = _deep_copy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        try:
+            set_field(out, path, value)
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
     return out
 
 

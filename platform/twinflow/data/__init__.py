@@ -8,7 +8,7 @@ from typing import Any
 
 from twinflow.data.bad_records import BadDataError, BadRecord, BadRecordLog
 from twinflow.data.config import DataConfig, PipelineConfig, load_pipeline
-from twinflow.data.storage import MissingPathError, StorageError, open_filesystem
+from twinflow.storage import MissingPathError, StorageError, open_filesystem
 
 _LAZY = {
     "build_pipeline": "twinflow.data.build",

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from twinflow.data import shards, storage
+from twinflow import storage
+from twinflow.data import shards
 from twinflow.data.bad_records import BadRecord, BadRecordLog, SkipRecord
 from twinflow.data.config import PipelineConfig
 from twinflow.data.edits import EditMaker

@@ -22,7 +22,7 @@ def _friendly(fn: Handler) -> Handler:
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
         from twinflow.data.bad_records import BadDataError
-        from twinflow.data.storage import StorageError
+        from twinflow.storage import StorageError
 
         try:
             return fn(args)

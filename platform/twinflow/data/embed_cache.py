@@ -16,7 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from twinflow.data import shards, storage
+from twinflow import storage
+from twinflow.data import shards
 from twinflow.data.config import DataConfig
 
 log = logging.getLogger("twinflow.data")

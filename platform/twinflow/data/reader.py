@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from twinflow.data import shards, storage
+from twinflow import storage
+from twinflow.data import shards
 from twinflow.data.bad_records import BadRecord
 
 

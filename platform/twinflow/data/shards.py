@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinflow.data import storage
+from twinflow import storage
 
 FORMAT = "twinflow-shards"
 SCHEMA_VERSION = 1

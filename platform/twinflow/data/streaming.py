@@ -107,7 +107,7 @@ def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str,
     name = tracker_name(cfg)
     summary = RayTracker(name, _LIVE_TRACKERS.get(name)).summary()
     if write_to:
-        from twinflow.data import storage
+        from twinflow import storage
 
         storage.write_bytes(write_to, json.dumps(summary, indent=2).encode(), cfg.s3_endpoint)
     if summary["bad"]:

@@ -13,16 +13,33 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import ray
+import torch
 from pydantic import Field, field_validator
 
+from twinflow import storage
 from twinflow.config import StrictModel
+from twinflow.data import iter_local_batches
+from twinflow.eval.datasets import SOURCE_TYPES, canonical_name, get_dataset
+from twinflow.eval.judges import load_judge
+from twinflow.eval.metrics import evaluate_edits, metrics_from_samples, real_reference
+from twinflow.eval.report import save_samples, write_reports
+from twinflow.eval.sampling import (
+    SampleUnit,
+    check_nfe,
+    plan_units,
+    resolve_sampler,
+    sample_unit,
+    sampler_settings,
+)
+from twinflow.exports import open_export
+from twinflow.method.config import sample_guidance_of
 
 
 class EvalInputError(ValueError):
@@ -55,8 +72,6 @@ class EvalRequest(StrictModel):
     @field_validator("nfe", mode="before")
     @classmethod
     def _nfe(cls, v: Any) -> list[int]:
-        from twinflow.eval.sampling import check_nfe
-
         return check_nfe(v)
 
     @field_validator("classes", mode="before")
@@ -72,8 +87,6 @@ class EvalRequest(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str | None) -> str | None:
-        from twinflow.eval.datasets import canonical_name
-
         return None if v is None else canonical_name(v)
 
 
@@ -89,13 +102,7 @@ class CheckpointRef:
     sampler: str
 
 
-def _is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
 def _read_json(uri: str, endpoint: str | None) -> dict[str, Any] | None:
-    from twinflow.data import storage
-
     try:
         if not storage.exists(uri, endpoint):
             return None
@@ -106,10 +113,8 @@ def _read_json(uri: str, endpoint: str | None) -> dict[str, Any] | None:
 
 def find_export(path: str, endpoint: str | None = None) -> tuple[str, dict[str, Any]]:
     """(export uri, twinflow.json) for an export folder or a run folder holding `export/`."""
-    from twinflow.data import storage
-
-    uri = str(path).rstrip("/") if _is_s3(path) else str(Path(path).expanduser().resolve())
-    if _is_s3(uri):
+    uri = str(path).rstrip("/") if storage.is_s3(path) else str(Path(path).expanduser().resolve())
+    if storage.is_s3(uri):
         try:
             storage.check_bucket(uri, endpoint)
         except (OSError, ValueError) as exc:
@@ -136,9 +141,6 @@ def find_export(path: str, endpoint: str | None = None) -> tuple[str, dict[str, 
 
 def infer_dataset(export_uri: str, endpoint: str | None = None) -> str | None:
     """The dataset a checkpoint was trained on: the run's job.json -> data.path -> manifest source type."""
-    from twinflow.data import storage
-    from twinflow.eval.datasets import SOURCE_TYPES
-
     run = export_uri.rstrip("/").rsplit("/", 1)[0]
     job = _read_json(storage.join(run, "job.json"), endpoint)
     if not job:
@@ -149,7 +151,7 @@ def infer_dataset(export_uri: str, endpoint: str | None = None) -> str | None:
         return None
     candidates = (
         [path]
-        if _is_s3(path) or Path(path).is_absolute()
+        if storage.is_s3(path) or Path(path).is_absolute()
         else [str(Path.cwd() / path), str(Path(run).parent.parent / path)]
     )
     for cand in candidates:
@@ -162,8 +164,6 @@ def infer_dataset(export_uri: str, endpoint: str | None = None) -> str | None:
 
 
 def resolve_checkpoints(req: EvalRequest) -> list[CheckpointRef]:
-    from twinflow.eval.sampling import resolve_sampler
-
     refs = []
     for path in req.checkpoints:
         uri, meta = find_export(path, req.s3_endpoint)
@@ -190,8 +190,6 @@ def resolve_checkpoints(req: EvalRequest) -> list[CheckpointRef]:
 def sample_plan(dataset: str, classes: list[int] | None, per_class: int) -> tuple[list[str], list[int]]:
     """Flat (prompts, classes): `per_class` rows per class, class-major; prompts cycle the templates.
     `evaluate_generator(model, prompts, ..., images_per_prompt=1)` reproduces the same rows."""
-    from twinflow.eval.datasets import get_dataset
-
     ds = get_dataset(dataset)
     classes = list(range(ds.num_classes)) if classes is None else classes
     bad = [c for c in classes if not 0 <= c < ds.num_classes]
@@ -202,7 +200,8 @@ def sample_plan(dataset: str, classes: list[int] | None, per_class: int) -> tupl
 
 
 class SampleActor:
-    """Ray Data actor: loads each checkpoint once (downloading s3:// exports) and samples work units."""
+    """Ray Data actor: opens each checkpoint once (`open_export`: s3:// exports download into the export
+    cache) and samples work units."""
 
     def __init__(
         self,
@@ -213,65 +212,43 @@ class SampleActor:
         endpoint: str | None = None,
         threads: int = 1,
     ) -> None:
-        import torch
-
         torch.set_num_threads(max(1, threads))
         self.checkpoints, self.prompts, self.samplers = checkpoints, prompts, samplers
         self.device, self.endpoint = device, endpoint
         self._models: dict[int, Any] = {}
-        self._encoders: dict[int, Any] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="twinflow-eval-")
 
     def _model(self, ck: int):
         if ck not in self._models:
-            from twinflow.data import storage
-            from twinflow.models.export import load_export_codec, load_generator
-
-            uri = self.checkpoints[ck]
-            if _is_s3(uri):
-                local = Path(self._tmp.name) / f"ck{ck}"
-                storage.download_dir(uri, local, self.endpoint)
-                uri = str(local)
-            model, meta = load_generator(uri)
-            codec = load_export_codec(uri) if model.latent else None
+            export = open_export(self.checkpoints[ck], self.endpoint)
+            codec = export.codec()
             if len(self._models) >= 2:  # keep memory bounded when many checkpoints go through
                 self._models.pop(next(iter(self._models)))
-            self._models[ck] = (model.to(self.device).eval(), codec.to(self.device) if codec else None, meta)
+            self._models[ck] = (
+                export.generator().to(self.device).eval(),
+                codec.to(self.device) if codec else None,
+                export,
+            )
         return self._models[ck]
 
-    def _encoder(self, max_length: int):
-        if max_length not in self._encoders:
-            from twinflow.models.text_encoder import TextEncoder
-
-            self._encoders[max_length] = TextEncoder(max_length=max_length, device=self.device)
-        return self._encoders[max_length]
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from twinflow.eval.sampling import SampleUnit, sample_unit
-        from twinflow.method.config import sample_guidance_of
-
         cks, nfes, idx, images = [], [], [], []
         for ck, nfe, start, stop, seed in zip(
             batch["ck"], batch["nfe"], batch["start"], batch["stop"], batch["seed"]
         ):
             ck, nfe, start, stop, seed = int(ck), int(nfe), int(start), int(stop), int(seed)
-            model, codec, meta = self._model(ck)
-            cond = self._encoder(int(meta["text_encoder"]["max_length"])).encode(self.prompts[ck][start:stop])
+            model, codec, export = self._model(ck)
+            encoder = export.text_encoder(self.device)
+            cond = encoder.encode(self.prompts[ck][start:stop])
             cond = {k: v.to(self.device) for k, v in cond.items()}
-            guidance = sample_guidance_of(meta.get("method_config"))
-            null = (
-                self._encoder(int(meta["text_encoder"]["max_length"])).null_condition() if guidance else None
-            )
+            settings = sampler_settings(nfe, self.samplers[ck], export.sample_guidance)
             out = sample_unit(
                 model,
                 SampleUnit(start, stop, seed),
                 cond,
-                nfe,
-                self.samplers[ck],
+                settings,
                 device=self.device,
                 codec=codec,
-                guidance=guidance,
-                null_cond=null,
+                null_cond=encoder.null_condition() if settings.guidance else None,
             )
             images.append(out.cpu().numpy().astype(np.float32))
             n = stop - start
@@ -287,8 +264,6 @@ class SampleActor:
 
 
 def _ensure_ray(address: str | None, actors: int, actor_cpus: float) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -311,10 +286,6 @@ def sample_with_ray(
     req: EvalRequest, refs: list[CheckpointRef], prompts: list[list[str]]
 ) -> dict[tuple[int, int], np.ndarray]:
     """{(checkpoint index, NFE): images (N, C, H, W) float32 in [-1, 1], in plan order}."""
-    import ray
-
-    from twinflow.eval.sampling import plan_units
-
     _ensure_ray(req.address, req.actors, req.actor_cpus)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.print_on_execution_start
@@ -367,12 +338,6 @@ def sample_with_ray(
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
     """Sample, judge, report. Returns the report dict (also written to `out_dir/results.json`)."""
-    import torch
-
-    from twinflow.eval.judges import load_judge
-    from twinflow.eval.metrics import metrics_from_samples, real_reference
-    from twinflow.eval.report import save_samples, write_reports
-
     t0 = time.perf_counter()
     refs = resolve_checkpoints(req)
     judges, references, floors, plans = {}, {}, {}, []
@@ -423,7 +388,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
             "lambda": (r.meta.get("method_config") or {}).get("lambda"),
             "steps": r.meta.get("steps"),
             "sampler": r.sampler,
-            "guidance": _guidance(r.meta),
+            "guidance": sample_guidance_of(r.meta.get("method_config")),
             "floor": floors[floor_key],
             "nfe": {},
         }
@@ -443,30 +408,13 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     return report
 
 
-def _guidance(meta: dict[str, Any]) -> float:
-    from twinflow.method.config import sample_guidance_of
-
-    return sample_guidance_of(meta.get("method_config"))
-
-
 def _edit_scores(req: EvalRequest, ref: CheckpointRef, judge) -> dict[str, float]:
     """Edit pairs are few (hundreds): scored in-process on the driver with `evaluate_edits`."""
-    from twinflow.data import iter_local_batches, storage
-    from twinflow.eval.metrics import evaluate_edits
-    from twinflow.models.export import load_generator
-
-    uri = ref.uri
-    with tempfile.TemporaryDirectory(prefix="twinflow-eval-edit-") as tmp:
-        if _is_s3(uri):
-            storage.download_dir(uri, tmp, req.s3_endpoint)
-            uri = tmp
-        model, _ = load_generator(uri)
-        try:
-            batches = iter_local_batches(
-                req.edits, "eval", batch_size=min(req.batch_size, req.edit_limit), limit=req.edit_limit
-            )
-            return evaluate_edits(
-                model, batches, req.nfe, judge, sampler=ref.sampler, seed=req.seed, prefix=""
-            )
-        except FileNotFoundError as exc:
-            raise EvalInputError(f"--edits {req.edits}: {exc}") from None
+    model = open_export(ref.uri, req.s3_endpoint).generator()
+    try:
+        batches = iter_local_batches(
+            req.edits, "eval", batch_size=min(req.batch_size, req.edit_limit), limit=req.edit_limit
+        )
+        return evaluate_edits(model, batches, req.nfe, judge, sampler=ref.sampler, seed=req.seed, prefix="")
+    except FileNotFoundError as exc:
+        raise EvalInputError(f"--edits {req.edits}: {exc}") from None

@@ -28,7 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from twinflow.eval.datasets import load_split
 from twinflow.eval.judges import Judge
+from twinflow.eval.sampling import SampleUnit, check_nfe, plan_units, sample_unit, sampler_settings
+from twinflow.exports import shared_text_encoder
+from twinflow.method.sampler import SamplerSettings
 from twinflow.method.twinflow import SATURATION_LEVEL  # one threshold for training diagnostics and eval
 
 COLLAPSE_RATIO = 0.5
@@ -203,8 +207,6 @@ def saturation(images: Tensor, level: float = SATURATION_LEVEL) -> float:
 
 def real_saturation(dataset: str, classes: Sequence[int] | None = None) -> float:
     """`saturation` of the real held-out images (of `classes` when given): the figure to compare with."""
-    from twinflow.eval.datasets import load_split
-
     split = load_split(dataset, "heldout")
     idx = None if classes is None else np.flatnonzero(np.isin(split.labels, list(classes)))
     return saturation(split.as_float(idx))
@@ -221,8 +223,6 @@ def real_reference(judge: Judge, max_train: int = 20_000, use_disk: bool = True)
     """The held-out/train features of the judge's dataset. Cached in memory per process and on disk
     under $TWINFLOW_EVAL_CACHE (default ~/.cache/twinflow/eval), keyed by the judge's weights hash,
     so a training job pays for it once (a few seconds for Fashion-MNIST) and later calls are free."""
-    from twinflow.eval.datasets import load_split
-
     key = (judge.name, judge.fingerprint, max_train)
     if key in _REFERENCES:
         return _REFERENCES[key]
@@ -309,11 +309,15 @@ def metrics_from_samples(
 
 
 def flat_metrics(
-    per_nfe: Mapping[Any, Mapping[str, Any]], floor: Mapping[str, float] | None = None, prefix: str = "eval/"
+    per_label: Mapping[Any, Mapping[str, Any]],
+    floor: Mapping[str, float] | None = None,
+    prefix: str = "eval/",
 ) -> dict[str, float]:
-    """{nfe: metrics} -> {"eval/fd_nfe1": ..., "eval/adherence_nfe1": ..., ...} (scalars only)."""
+    """{label: metrics} -> {"eval/fd_nfe1": ..., "eval/adherence_nfe1": ..., ...} (scalars only); an int
+    label n stands for `nfe<n>`."""
     out: dict[str, float] = {}
-    for nfe, m in per_nfe.items():
+    for label, m in per_label.items():
+        name = f"nfe{label}" if isinstance(label, int) else str(label)
         for k in (
             "fd",
             "adherence",
@@ -325,7 +329,7 @@ def flat_metrics(
             "edit_class_kept",
         ):
             if k in m:
-                out[f"{prefix}{k}_nfe{nfe}"] = float(m[k])
+                out[f"{prefix}{k}_{name}"] = float(m[k])
     for k, v in (floor or {}).items():
         out[f"{prefix}{k}_floor"] = float(v)
     return out
@@ -337,7 +341,7 @@ def flat_metrics(
 def evaluate_generator(
     model: torch.nn.Module,
     prompts: Sequence[str] | Sequence[int],
-    nfe_list: Sequence[int],
+    nfe_list: Sequence[int] | None,
     judge: Judge,
     *,
     reference: RealReference | None = None,
@@ -353,6 +357,7 @@ def evaluate_generator(
     details: dict | None = None,
     guidance: float = 0.0,
     null_cond: Mapping[str, Tensor] | None = None,
+    settings: Mapping[str, SamplerSettings] | None = None,
 ) -> dict[str, float]:
     """Sample `model` at each NFE and score the images with `judge`: the metrics of training's periodic eval.
 
@@ -367,13 +372,16 @@ def evaluate_generator(
     - `codec`: the VAE of a latent-space model (`load_export_codec`), to decode before judging.
     - `guidance`: CFG w for a flow-matching base (its `sample_guidance`); needs `null_cond`, or the
       text encoder's empty caption when the prompts are encoded here.
+    - `settings`: {label: SamplerSettings} sampled instead of `nfe_list` x `sampler` (tune's evaluation
+      axes); the metrics are then named `eval/fd_<label>`, ...
     Under ZeRO-3 every rank must call this (the forwards gather parameters); the numbers are identical.
     Returns `{"eval/fd_nfe1", "eval/adherence_nfe1", "eval/diversity_nfe1", "eval/collapse_nfe1", ...,
     "eval/fd_floor", "eval/diversity_floor"}`; pass a dict as `details` to also get per-class numbers.
     """
-    from twinflow.eval.sampling import SampleUnit, check_nfe, plan_units, sample_unit
-
-    nfe_list = check_nfe(nfe_list)
+    if settings is None:
+        settings = {f"nfe{n}": sampler_settings(n, sampler, guidance) for n in check_nfe(nfe_list)}
+    if not settings:
+        raise ValueError("evaluate_generator needs at least one NFE or sampler setting")
     ds = judge.dataset
     prompts = list(prompts)
     if not prompts:
@@ -396,16 +404,14 @@ def evaluate_generator(
     device = torch.device(device)
     if cond is None:
         if text_encoder is None:
-            from twinflow.models.text_encoder import TextEncoder
-
-            text_encoder = TextEncoder(max_length=int(getattr(model, "text_max_length", 32)))
+            text_encoder = shared_text_encoder(int(getattr(model, "text_max_length", 32)))
         encode = lambda rows: text_encoder.encode([texts[i] for i in rows])  # noqa: E731
     else:
         P = cond["text_states"].shape[0]
         if P != len(prompts):
             raise ValueError(f"cond holds {P} prompts, {len(prompts)} prompts given")
         encode = lambda rows: {k: v[[prompt_index[i] for i in rows]] for k, v in cond.items()}  # noqa: E731
-    if guidance and null_cond is None:
+    if any(st.guidance for st in settings.values()) and null_cond is None:
         if text_encoder is None:
             raise ValueError("guidance > 0 with pre-encoded cond needs null_cond")
         null_cond = text_encoder.null_condition()
@@ -413,34 +419,29 @@ def evaluate_generator(
     ref = reference or real_reference(judge)
     was_training = model.training
     model.eval()
-    per_nfe: dict[int, dict[str, Any]] = {}
+    per_label: dict[str, dict[str, Any]] = {}
     try:
-        for nfe in nfe_list:
+        for label, st in settings.items():
             imgs = []
             for unit in units:
                 c = {k: v.to(device) for k, v in encode(list(range(unit.start, unit.stop))).items()}
                 imgs.append(
-                    sample_unit(
-                        model,
-                        SampleUnit(unit.start, unit.stop, unit.seed),
-                        c,
-                        nfe,
-                        sampler,
-                        device=device,
-                        codec=codec,
-                        guidance=guidance,
-                        null_cond=null_cond,
-                    ).cpu()
+                    sample_unit(model, unit, c, st, device=device, codec=codec, null_cond=null_cond).cpu()
                 )
-            per_nfe[nfe] = metrics_from_samples(torch.cat(imgs), row_classes, judge, ref)
+            per_label[label] = metrics_from_samples(torch.cat(imgs), row_classes, judge, ref)
     finally:
         model.train(was_training)
     floor = ref.floor(row_classes, seed=seed)
     if details is not None:
         details.update(
-            {"per_nfe": per_nfe, "floor": floor, "classes": sorted(set(row_classes)), "sampler": sampler}
+            {
+                "per_setting": per_label,
+                "floor": floor,
+                "classes": sorted(set(row_classes)),
+                "sampler": sampler,
+            }
         )
-    return flat_metrics(per_nfe, floor, prefix)
+    return flat_metrics(per_label, floor, prefix)
 
 
 def evaluate_edits(
@@ -464,8 +465,6 @@ def evaluate_edits(
     `twinflow.data.iter_local_batches(edit_shards, "eval")`. Returns `eval/edit_mse_nfe1`,
     `eval/edit_psnr_nfe1`, `eval/edit_class_kept_nfe1`, ... and `eval/edit_class_kept_floor` (how often
     the judge's class of the target equals the source's label: how readable the targets are)."""
-    from twinflow.eval.sampling import SampleUnit, check_nfe, sample_unit
-
     nfe_list = check_nfe(nfe_list)
     if device is None:
         device = next(model.parameters()).device
@@ -491,15 +490,14 @@ def evaluate_edits(
                 }
             else:
                 if text_encoder is None:
-                    from twinflow.models.text_encoder import TextEncoder
-
-                    text_encoder = TextEncoder(max_length=int(getattr(model, "text_max_length", 32)))
+                    text_encoder = shared_text_encoder(int(getattr(model, "text_max_length", 32)))
                 cond = text_encoder.encode([str(t) for t in list(batch["instruction"])[:n]])
             cond = {k: v.to(device) for k, v in cond.items()}
             cond["ref_image"] = src.to(device)
             for nfe in nfe_list:
                 unit = SampleUnit(seen, seen + n, seed * 1_000_003 + b)
-                outs[nfe].append(sample_unit(model, unit, cond, nfe, sampler, device=device).cpu())
+                st = sampler_settings(nfe, sampler)
+                outs[nfe].append(sample_unit(model, unit, cond, st, device=device).cpu())
             targets.append(tgt)
             if "label" in batch:
                 labels.append(torch.as_tensor(batch["label"])[:n].long())

@@ -15,29 +15,25 @@ prompts x images_per_prompt x sum(NFE) model forwards; judging 1,000 images take
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from twinflow.eval.datasets import SOURCE_TYPES
+from twinflow import storage
+from twinflow.eval.datasets import SOURCE_TYPES, get_dataset
+from twinflow.eval.judges import load_judge
+from twinflow.eval.metrics import evaluate_generator, real_reference
+from twinflow.eval.sampling import resolve_sampler
 
 
 def dataset_of(data_path: str, s3_endpoint: str | None = None) -> str | None:
     """The judge dataset of a shard folder (its manifest's source type), or None when no judge fits."""
-    import json
-
-    from twinflow.data import storage
-
     try:
         manifest = json.loads(storage.read_bytes(storage.join(data_path, "manifest.json"), s3_endpoint))
     except (OSError, ValueError):
         return None
     return SOURCE_TYPES.get((manifest.get("source") or {}).get("type"))
-
-
-def sampler_for(method: str | None) -> str:
-    """Flow matching samples its ODE (r = t); TwinFlow (any lambda) its few-step presets."""
-    return "ode" if method == "flow_matching" else "few"
 
 
 def periodic_metrics(
@@ -59,9 +55,6 @@ def periodic_metrics(
     Every rank must call it under ZeRO-3 (the forwards gather parameters); all ranks get the same numbers."""
     if dataset is None or not prompts:
         return {}
-    from twinflow.eval.judges import load_judge
-    from twinflow.eval.metrics import evaluate_generator, real_reference
-
     judge = load_judge(dataset)
     dtype = next(module.parameters()).dtype
     if cond is not None:
@@ -74,7 +67,7 @@ def periodic_metrics(
         reference=real_reference(judge),
         cond=cond,
         images_per_prompt=images_per_prompt,
-        sampler=sampler_for(method),
+        sampler=resolve_sampler("auto", method),  # flow matching: its ODE; TwinFlow: its presets
         seed=seed,
         device=device,
         batch_size=batch_size,
@@ -87,6 +80,4 @@ def check_prompts(dataset: str | None, prompts: Sequence[str]) -> None:
     """Fail before training starts when an eval prompt names no class of the dataset (driver side)."""
     if dataset is None:
         return
-    from twinflow.eval.datasets import get_dataset
-
     get_dataset(dataset).classes_of(list(prompts))

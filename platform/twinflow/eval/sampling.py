@@ -7,8 +7,10 @@ Samplers:
 - `few`: TwinFlow's presets (`twinflow.method.sampler.preset`): 1 NFE {0.999}, 2 NFE {0.999, 0.6},
   4 NFE {0.999, 0.833, 0.667, 0.5}, r = 0, rho = 1. What a TwinFlow (or lambda = 0) model is for.
 - `ode`: K uniform Euler steps of the probability-flow ODE from t = 1 at r = t ("mul" style, rho = 0):
-  a flow-matching base's own sampler, and its best use of K NFE. K = 50 is `preset("multistep")`.
+  a flow-matching base's own sampler, and its best use of K NFE.
 - `auto`: `ode` for checkpoints whose export says `method: flow_matching`, else `few`.
+Both are `twinflow.method.sampler.settings_for` of the method they stand for, the choice Serve and the
+demo make for the same export.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from twinflow.method.conditioning import cond_to
+from twinflow.method.sampler import SamplerSettings, renoise_generator, sample, seeded_noise, settings_for
 
 SAMPLERS = ("auto", "few", "ode")
 MAX_NFE = 1000
@@ -53,12 +58,11 @@ def resolve_sampler(sampler: str, method: str | None) -> str:
     return "ode" if method == "flow_matching" else "few"
 
 
-def settings_for(nfe: int, sampler: str, guidance: float = 0.0):
-    from twinflow.method.sampler import settings_for_method
-
-    if sampler in ("few", "ode"):
-        return settings_for_method(nfe, "flow_matching" if sampler == "ode" else "twinflow", guidance)
-    raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
+def sampler_settings(nfe: int, sampler: str, guidance: float = 0.0) -> SamplerSettings:
+    """The settings of eval's `few` / `ode` sampler at `nfe`: those of the method each stands for."""
+    if sampler not in ("few", "ode"):
+        raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
+    return settings_for("flow_matching" if sampler == "ode" else "twinflow", nfe, guidance=guidance)
 
 
 @dataclass(frozen=True)
@@ -89,34 +93,27 @@ def sample_unit(
     model: torch.nn.Module,
     unit: SampleUnit,
     cond: Mapping[str, Tensor],
-    nfe: int,
-    sampler: str,
+    settings: SamplerSettings,
     *,
     device: torch.device | str = "cpu",
     codec: Any = None,
-    guidance: float = 0.0,
     null_cond: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """Images (unit.size, C, H, W) in [-1, 1]: the same noise for a unit at every NFE and sampler.
-    Latent models need `codec` (the export's VAE) to decode; `guidance` > 0 (a base's CFG) needs
-    `null_cond`."""
-    from twinflow.method.conditioning import cond_to
-    from twinflow.method.sampler import sample
-
+    """Images (unit.size, C, H, W) in [-1, 1] from the unit's seed (`seeded_noise`): the same noise for a
+    unit at every setting. Latent models need `codec` (the export's VAE) to decode; `settings.guidance`
+    > 0 (a base's CFG) needs `null_cond`."""
     device = torch.device(device)
-    shape = tuple(model.sample_shape)
-    noise = torch.randn((unit.size, *shape), generator=torch.Generator().manual_seed(unit.seed))
     dtype = next(model.parameters()).dtype
-    gen = torch.Generator(device=device).manual_seed(unit.seed + 1)
+    noise = seeded_noise(unit.size, tuple(model.sample_shape), unit.seed)
     if null_cond is not None:
         null_cond = cond_to(null_cond, device, dtype)
     out = sample(
         model,
         noise.to(device, dtype),
         dict(cond),
-        settings=settings_for(nfe, sampler, guidance),
+        settings=settings,
         null_cond=null_cond,
-        generator=gen,
+        generator=renoise_generator(unit.seed, device),
     )
     if getattr(model, "latent", None):
         if codec is None:

@@ -10,16 +10,12 @@ method:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from twinflow.config import StrictModel
 from twinflow.method.groups import GroupSplit, split_groups
-
-if TYPE_CHECKING:
-    from twinflow.method.flow_matching import FlowMatchingObjective
-    from twinflow.method.twinflow import TwinFlowObjective
 
 
 class GroupWeights(StrictModel):
@@ -139,24 +135,14 @@ class FlowMatchingConfig(StrictModel):
         return self
 
 
-def sample_guidance_of(method_config: dict | None) -> float:
-    """The sampling CFG recorded in an export's `method_config` (0 for TwinFlow: its CFG is baked in)."""
+def sample_guidance_of(method_config: TwinFlowConfig | FlowMatchingConfig | dict | None) -> float:
+    """The sampling CFG of a method (a job's `method:` section, or an export's recorded
+    `method_config`): a flow-matching base's `sample_guidance`; 0 for TwinFlow (its CFG is baked in)."""
+    if isinstance(method_config, (TwinFlowConfig, FlowMatchingConfig)):
+        method_config = method_config.model_dump()
     if not method_config or method_config.get("name") != "flow_matching":
         return 0.0
     return float(method_config.get("sample_guidance", 0.0))
 
 
 MethodConfig = Annotated[TwinFlowConfig | FlowMatchingConfig, Field(discriminator="name")]
-
-
-def build_objective(
-    config: TwinFlowConfig | FlowMatchingConfig,
-) -> TwinFlowObjective | FlowMatchingObjective:
-    from twinflow.method.flow_matching import FlowMatchingObjective
-    from twinflow.method.twinflow import TwinFlowObjective
-
-    if isinstance(config, TwinFlowConfig):
-        return TwinFlowObjective(config)
-    if isinstance(config, FlowMatchingConfig):
-        return FlowMatchingObjective(config)
-    raise TypeError(f"not a method config: {type(config).__name__}")

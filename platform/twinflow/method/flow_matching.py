@@ -12,6 +12,7 @@ from torch import Tensor
 
 from twinflow.method.conditioning import cond_batch_size, mix_cond
 from twinflow.method.config import FlowMatchingConfig
+from twinflow.method.ema import Teacher
 from twinflow.method.losses import barron_loss, mse_loss
 from twinflow.method.objective import CallLog, ObjectiveOutput, Query, VelocityModel, finalize_metrics
 from twinflow.method.times import normal, uniform
@@ -23,8 +24,9 @@ class FlowMatchingObjective:
     def __init__(self, config: FlowMatchingConfig | None = None) -> None:
         self.config = config if config is not None else FlowMatchingConfig()
 
-    def make_teacher(self, model: torch.nn.Module, adapters_off: Any = None) -> None:
-        return None
+    def make_teacher(self, model: torch.nn.Module, adapters_off: Any = None) -> Teacher:
+        """Flow matching needs no teacher: the online model stands in (nothing copied or checkpointed)."""
+        return Teacher(model, "online")
 
     def row_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.config.loss == "barron":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +85,30 @@ def _guided(
     return f_c + guidance * (f_c - f_u)
 
 
+RowGroups = Sequence[tuple[int, torch.Generator]]
+
+
+def seeded_noise(rows: int, shape: Sequence[int], seed: int) -> Tensor:
+    """The initial noise of `rows` samples from `seed` (CPU float32, so every device draws the same);
+    the re-noising generator of the same sample set is `renoise_generator(seed)`. Every caller that
+    samples from a seed (eval, tune, serve, the demo, training's grids) uses this pair."""
+    return torch.randn((rows, *shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def renoise_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed) + 1)
+
+
+def _fresh_noise(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None, groups: RowGroups | None
+) -> Tensor:
+    if groups is None:
+        return normal(shape, device=device, generator=generator)
+    if sum(n for n, _ in groups) != shape[0]:
+        raise ValueError(f"row_groups cover {sum(n for n, _ in groups)} rows, the batch has {shape[0]}")
+    return torch.cat([normal((n, *shape[1:]), device=device, generator=g) for n, g in groups])
+
+
 @torch.no_grad()
 def sample(
     model: VelocityModel,
@@ -94,15 +118,21 @@ def sample(
     settings: SamplerSettings | None = None,
     null_cond: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    row_groups: RowGroups | None = None,
     grid: Tensor | None = None,
 ) -> Tensor:
     """Samples from initial noise (B, ...); returns the last clean estimate x_hat (float32).
-    `guidance` w: F = F_c + w (F_c - F_null); 0 by default since CFG is baked in by training."""
+    `guidance` w: F = F_c + w (F_c - F_null); 0 by default since CFG is baked in by training.
+    Fresh noise comes from `generator`, or with `row_groups` [(rows, generator), ...] each group of
+    consecutive rows draws from its own generator: several requests batched together then get exactly
+    the images each gets alone (Serve's per-request determinism)."""
     s = settings or SamplerSettings()
     if s.style not in STYLES:
         raise ValueError(f"unknown sampling style {s.style!r}; choose one of {list(STYLES)}")
     if not 0.0 <= s.rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {s.rho}")
+    if generator is not None and row_groups is not None:
+        raise ValueError("pass either generator or row_groups, not both")
     cond = dict(cond or {})
     ts = (grid if grid is not None else s.grid()).tolist()
     B, dev, dtype = noise.shape[0], noise.device, noise.dtype
@@ -120,26 +150,32 @@ def sample(
         eps_hat = x + (1.0 - t_cur) * F
         noise_part = keep * eps_hat
         if fresh > 0:
-            noise_part = noise_part + fresh * normal(x.shape, device=dev, generator=generator)
+            noise_part = noise_part + fresh * _fresh_noise(tuple(x.shape), dev, generator, row_groups)
         x = (1.0 - t_next) * x_hat + t_next * noise_part
     return x_hat
 
 
-def sample_nfe(
-    model: VelocityModel, noise: Tensor, nfe: int | str, cond: Mapping[str, Tensor] | None = None, **kwargs
-) -> Tensor:
-    """`sample` with the reference preset for `nfe` (1, 2, 4, ... or "multistep")."""
-    settings = preset(nfe)
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SamplerSettings.__dataclass_fields__}
-    if overrides:
-        settings = replace(settings, **overrides)
-    return sample(model, noise, cond, settings=settings, **kwargs)
+def settings_for(
+    method: str | None,
+    nfe: int | str,
+    style: Style | None = None,
+    rho: float | None = None,
+    *,
+    guidance: float = 0.0,
+) -> SamplerSettings:
+    """The one place a sampler is chosen (eval, tune, serve, training's grids, the demo).
 
-
-def settings_for_method(nfe: int, method: str | None, guidance: float = 0.0) -> SamplerSettings:
-    """A flow-matching model only knows r = t: sample its ODE with `nfe` uniform Euler steps ("mul",
-    rho = 0), with CFG `guidance` (its `sample_guidance`). TwinFlow (any lambda) uses the reference
-    few-step presets at guidance 0 unless told otherwise (its CFG is baked into training)."""
-    if method == "flow_matching":
-        return SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0, guidance=float(guidance))
-    return replace(preset(int(nfe)), guidance=float(guidance))
+    A flow-matching model only knows r = t: its ODE with `nfe` uniform Euler steps ("mul", rho = 0),
+    with CFG `guidance` (its `sample_guidance`). TwinFlow (any lambda) uses the reference few-step
+    presets (`preset`), at guidance 0 unless told otherwise (its CFG is baked into training).
+    `style`/`rho` override the choice (tune's evaluation axes)."""
+    if method == "flow_matching" and nfe != "multistep":
+        s = SamplerSettings(nfe=int(nfe), style="mul", rho=0.0, g0=0.0, g1=0.0)
+    else:
+        s = preset(nfe if nfe == "multistep" else int(nfe))
+    changes: dict = {"guidance": float(guidance)}
+    if style is not None:
+        changes["style"] = style
+    if rho is not None:
+        changes["rho"] = float(rho)
+    return replace(s, **changes)

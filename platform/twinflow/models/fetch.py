@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from twinflow import storage
 
 CACHE_ENV = "TWINFLOW_MODEL_CACHE"
 
@@ -30,27 +30,11 @@ def _cache_path(uri: str) -> Path:
 
 
 def _download(uri: str, target: Path) -> Path:
-    from twinflow import storage
-
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        if storage.download_dir(uri, tmp) == 0:
-            raise FileNotFoundError(f"{uri}: no files under this prefix")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same download first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return storage.download_once(uri, target)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
-    return str(path).startswith("s3://")
+    return storage.is_s3(path)
 
 
 def local_model_dir(path: str | os.PathLike, part: str | None = None) -> Path:

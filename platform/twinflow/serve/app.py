@@ -41,6 +41,8 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from twinflow.exports import read_export_metadata
+from twinflow.method.config import sample_guidance_of
 from twinflow.serve.body import BodyReaders, parse_json
 from twinflow.serve.config import DEPLOYMENT, ServeAppConfig, parse_args
 from twinflow.serve.engine import (
@@ -50,7 +52,6 @@ from twinflow.serve.engine import (
     TextEncoders,
     image_to_model,
     load_served_model,
-    read_export_metadata,
     run_items,
     tasks_of,
 )
@@ -313,7 +314,7 @@ class TwinFlow:
             req.nfe,
             seed,
             req.num_images,
-            float(req.guidance),
+            req.guidance,
             image,
             weight=min(req.num_images, self.max_batch),
         )
@@ -343,7 +344,7 @@ class TwinFlow:
             nfe=req.nfe,
             seed=seed,
             num_images=req.num_images,
-            guidance=float(req.guidance),
+            guidance=info.guidance if req.guidance is None else float(req.guidance),
             images=[ImageOut(index=i, data=base64.b64encode(p).decode()) for i, p in enumerate(result.pngs)],
             timings=Timings(total_ms=total, model_ms=round(result.model_ms, 3)),
             batch=BatchInfo(
@@ -449,6 +450,7 @@ def model_info(entry, meta: dict[str, Any], cfg: ServeAppConfig) -> dict[str, An
         id=entry.id,
         default=entry.id == cfg.default_id,
         method=meta.get("method"),
+        guidance=sample_guidance_of(meta.get("method_config")),
         job=meta.get("job"),
         steps=meta.get("steps"),
         family=meta["family"],

@@ -133,7 +133,7 @@ class ServeAppConfig(_Strict):
         DEFAULT_TOKEN_ENV, description="environment variable holding a bearer token; unset or empty: no auth"
     )
     cache_dir: str | None = Field(
-        None, description="where s3:// checkpoints are downloaded (default ~/.cache/twinflow/serve)"
+        None, description="where s3:// checkpoints are downloaded (default ~/.cache/twinflow/exports)"
     )
     playground: bool = True
 

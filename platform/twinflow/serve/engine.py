@@ -1,11 +1,15 @@
 """The model side of serving, as plain torch (no Ray): load exports, encode prompts, sample batches.
 
+A model is sampled the way `twinflow eval` and the demo sample the same export: the sampler of its
+method (`Export.settings`: TwinFlow's few-step presets, a flow-matching base's ODE at r = t) with the
+CFG its export recommends unless the request names one, and the seed's noise (`seeded_noise`,
+`renoise_generator`), so the same export, prompt, seed and NFE give the same image everywhere.
+
 Determinism contract: a request's images depend only on (model, prompt, nfe, seed, num_images,
 guidance, image), never on the requests it is batched with. Three things make that hold:
 
-- each request draws its initial and re-noising noise from its own `torch.Generator(seed)`, in the
-  same order as `twinflow.method.sampler.sample` with that generator (`sample_items` replays the
-  sampler's loop per row group; a test checks it against `sample_nfe` bit for bit);
+- each request's rows draw their initial and re-noising noise from the request's own seed
+  (`twinflow.method.sampler.sample` with one `row_groups` entry per request);
 - prompts are encoded one at a time (and then cached), so their states never depend on batch mates;
 - CPU kernels may round differently at some batch sizes (the tiny Qwen-Image backbone: batches of 1-3
   rows differ from larger ones by ~1e-6). `RowStableModel` finds, once per model, the batch sizes
@@ -16,19 +20,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
-import math
-import os
-import shutil
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from twinflow.exports import Export, open_export, shared_text_encoder
+from twinflow.imaging import png_bytes
+from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+from twinflow.models.text_encoder import TextEncoder
 
 EDIT_TASK = "edit"
 
@@ -43,7 +48,7 @@ class Item:
     nfe: int
     seed: int
     num_images: int = 1
-    guidance: float = 0.0
+    guidance: float | None = None  # None: the CFG the export recommends (0 for TwinFlow)
     image: np.ndarray | None = None  # edit: (H, W, C) uint8 at the model's pixel size
     weight: int = 1  # counted by @serve.batch's batch_size_fn
 
@@ -65,50 +70,6 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TWINFLOW_SERVE_CACHE", Path.home() / ".cache" / "twinflow" / "serve"))
-
-
-def read_export_metadata(source: str) -> dict[str, Any]:
-    """twinflow.json of a local or s3:// export, without downloading the weights."""
-    import json
-
-    from twinflow.models.export import META_FILE, read_metadata
-
-    if not source.startswith("s3://"):
-        return read_metadata(source)
-    from twinflow.data.storage import open_filesystem
-
-    fs, path = open_filesystem(source.rstrip("/") + "/" + META_FILE)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{source}: not a TwinFlow export (no {META_FILE})") from None
-
-
-def local_export(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local directory holding the export: the path itself, or a cached download of an s3:// export."""
-    if not source.startswith("s3://"):
-        return Path(source)
-    from twinflow.data.storage import download_dir
-
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    dest = root / hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-    if (dest / "twinflow.json").is_file():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
-    try:
-        download_dir(source.rstrip("/"), tmp)
-        if dest.exists():
-            shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def tasks_of(meta: Mapping[str, Any]) -> list[str]:
     """What a checkpoint can do. Editing is declared by the exporter: `"tasks": ["generate", "edit"]`."""
     tasks = meta.get("tasks") or ["generate"]
@@ -135,8 +96,6 @@ class RowStableModel:
         return next(s for s in self.sizes if s >= n)
 
     def __call__(self, x, t, r, cond):
-        import torch
-
         cond = dict(cond or {})
         outs = []
         for lo in range(0, x.shape[0], self.max_rows):
@@ -156,8 +115,6 @@ def stable_sizes(
     """Batch sizes n <= max_rows whose rows are bit-identical to the same rows in a max_rows batch,
     wherever they sit in it. Kernel choice depends on shapes, not values, so one random input per
     shape tells. max_rows itself is always included."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     C, H, W = generator.sample_shape
     B = max_rows
@@ -187,63 +144,10 @@ def stable_sizes(
     return sizes + [B]
 
 
-# ------------------------------------------------------------------------------------------ sampling
-def sample_items(
-    model,
-    noises: Sequence[Any],
-    generators: Sequence[Any],
-    cond: Mapping[str, Any],
-    nfe: int,
-    *,
-    guidance: float = 0.0,
-    null_cond: Mapping[str, Any] | None = None,
-):
-    """`twinflow.method.sampler.sample_nfe` for several requests in one batch: request i starts from
-    noises[i] (n_i rows) and draws its fresh noise from generators[i], so each request's rows are what
-    `sample_nfe(model, noises[i], nfe, cond_i, generator=generators[i])` returns on its own."""
-    import torch
-
-    from twinflow.method.sampler import preset
-    from twinflow.method.times import normal
-
-    s = preset(nfe)
-    ts = s.grid().tolist()
-    x = torch.cat(list(noises)).float()
-    B, dtype = x.shape[0], noises[0].dtype
-    shapes = [tuple(n.shape) for n in noises]
-    keep, fresh = math.sqrt(1.0 - s.rho), math.sqrt(s.rho)
-    x_hat = x
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        r_cur = {"few": 0.0, "any": t_next, "mul": t_cur}[s.style]
-        t_vec = torch.full((B,), t_cur)
-        r_vec = torch.full((B,), r_cur)
-        if guidance == 0.0:
-            F = model(x.to(dtype), t_vec, r_vec, dict(cond)).float()
-        else:
-            both = {k: torch.cat([cond[k], null_cond[k]]) for k in cond}
-            out = model(
-                torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]), torch.cat([r_vec, r_vec]), both
-            )
-            f_c, f_u = out[:B], out[B:]
-            F = (f_c + guidance * (f_c - f_u)).float()
-        x_hat = x - t_cur * F
-        if t_next == 0.0:
-            break
-        eps_hat = x + (1.0 - t_cur) * F
-        noise_part = keep * eps_hat
-        if fresh > 0:
-            draws = [normal(shape, device="cpu", generator=gen) for shape, gen in zip(shapes, generators)]
-            noise_part = noise_part + fresh * torch.cat(draws)
-        x = (1.0 - t_next) * x_hat + t_next * noise_part
-    return x_hat
-
-
 # ------------------------------------------------------------------------------------ images (edits)
 def decode_image(data: str, *, max_bytes: int, max_side: int):
     """base64 (or a data: URL) -> PIL image, fully decoded. Raises ValueError (undecodable) or
     OverflowError (too large) with a message for the client."""
-    from PIL import Image, UnidentifiedImageError
-
     text = data.strip()
     if text.startswith("data:"):
         head, _, text = text.partition(",")
@@ -274,8 +178,6 @@ def decode_image(data: str, *, max_bytes: int, max_side: int):
 
 def image_to_model(img, channels: int, size: int) -> np.ndarray:
     """PIL image -> (size, size, channels) uint8, the model's pixel geometry."""
-    from PIL import Image
-
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
@@ -288,15 +190,23 @@ def image_to_model(img, channels: int, size: int) -> np.ndarray:
 class ServedModel:
     id: str
     generator: Any
-    meta: dict[str, Any]
+    export: Export
     codec: Any = None
     stable: dict[bool, RowStableModel] = field(default_factory=dict)
     max_rows: int = 16
     row_stable: bool | int = True
 
     @property
+    def meta(self) -> dict[str, Any]:
+        return self.export.meta
+
+    @property
     def text_max_length(self) -> int:
-        return int(self.meta["text_encoder"]["max_length"])
+        return self.export.text_max_length
+
+    def guidance(self, requested: float | None) -> float:
+        """The CFG a request samples with: its own, else the export's recommended one."""
+        return self.export.sample_guidance if requested is None else float(requested)
 
     def model_fn(self, with_ref: bool):
         """The generator behind a RowStableModel (sizes checked on first use per call kind)."""
@@ -322,36 +232,32 @@ def load_served_model(
     max_rows: int = 16,
     row_stable: bool | int = True,
 ) -> ServedModel:
-    from twinflow.models.export import load_export_codec, load_generator
-
-    local = local_export(source, cache_dir)
-    generator, meta = load_generator(local)
-    codec = load_export_codec(local) if meta.get("latent") else None
-    m = ServedModel(model_id, generator, meta, codec, max_rows=max(1, max_rows), row_stable=row_stable)
+    export = open_export(source, cache_dir=cache_dir)
+    generator = export.generator()
+    m = ServedModel(
+        model_id, generator, export, export.codec(), max_rows=max(1, max_rows), row_stable=row_stable
+    )
     m.model_fn(False)  # find the stable batch sizes now, not inside the first request
     return m
 
 
 class TextEncoders:
-    """One MiniLM per caption length, each with its LRU cache of per-prompt states."""
+    """The replica's caption encoders (`shared_text_encoder`, one per caption length), each with its
+    LRU cache of per-prompt states."""
 
     def __init__(self, cache_size: int = 4096) -> None:
         self.cache_size = cache_size
-        self._enc: dict[int, Any] = {}
+        self._enc: dict[int, TextEncoder] = {}
         self._lock = threading.Lock()
 
-    def get(self, max_length: int):
+    def get(self, max_length: int) -> TextEncoder:
         with self._lock:
             if max_length not in self._enc:
-                from twinflow.models.text_encoder import TextEncoder
-
-                self._enc[max_length] = TextEncoder(max_length=max_length, cache_size=self.cache_size)
+                self._enc[max_length] = shared_text_encoder(max_length, cache_size=self.cache_size)
             return self._enc[max_length]
 
     def encode(self, prompts: Sequence[str], max_length: int) -> dict[str, Any]:
         """One caption per encoder call (so its states never depend on batch mates), cached."""
-        import torch
-
         enc = self.get(max_length)
         rows = [enc.encode([p]) for p in prompts]
         return {k: torch.cat([r[k] for r in rows]) for k in ("text_states", "text_mask")}
@@ -369,25 +275,19 @@ class TextEncoders:
 
 def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item]) -> list[list[bytes]]:
     """Sample every item of one group (same model, NFE, guidance, task) in one batch; PNGs per item."""
-    import torch
-
-    from twinflow.imaging import png_bytes
-
-    nfe, guidance, task = items[0].nfe, float(items[0].guidance), items[0].task
+    nfe, task = items[0].nfe, items[0].task
+    settings = replace(model.export.settings(nfe), guidance=model.guidance(items[0].guidance))
     gen = model.generator
     shape = tuple(gen.sample_shape)
     dtype = next(gen.parameters()).dtype
-    generators, noises = [], []
-    for it in items:
-        g = torch.Generator().manual_seed(int(it.seed))
-        generators.append(g)
-        noises.append(torch.randn((it.num_images, *shape), generator=g).to(dtype))
     counts = [it.num_images for it in items]
+    noise = torch.cat([seeded_noise(it.num_images, shape, it.seed) for it in items]).to(dtype)
+    groups = [(it.num_images, renoise_generator(it.seed)) for it in items]
     text = encoders.encode([it.prompt for it in items], model.text_max_length)
     rep = torch.tensor(counts)
     cond = {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
     null = None
-    if guidance > 0:
+    if settings.guidance > 0:
         n = encoders.get(model.text_max_length).null_condition()
         null = {k: v.expand(sum(counts), *v.shape[1:]).contiguous() for k, v in n.items()}
     if task == EDIT_TASK:
@@ -396,14 +296,13 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
         if null is not None:
             null["ref_image"] = cond["ref_image"]
     with torch.no_grad():
-        x = sample_items(
+        x = sample(
             model.model_fn(task == EDIT_TASK),
-            noises,
-            generators,
+            noise,
             cond,
-            nfe,
-            guidance=guidance,
+            settings=settings,
             null_cond=null,
+            row_groups=groups,
         )
         if model.codec is not None:
             x = model.codec.decode(x)
@@ -416,8 +315,6 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
 
 
 def _ref_tensor(model: ServedModel, image: np.ndarray):
-    import torch
-
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     if model.codec is not None:
         with torch.no_grad():
@@ -432,6 +329,7 @@ def run_items(
     what one compute turn of the deployment's batch does; also the benchmark's in-process baseline)."""
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
+        it.guidance = models[it.model_id].guidance(it.guidance)  # None -> the export's own, before grouping
         groups.setdefault(it.group_key(), []).append(i)
     results: list[Result | None] = [None] * len(items)
     total_images = sum(it.num_images for it in items)

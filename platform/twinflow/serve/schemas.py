@@ -82,8 +82,12 @@ class _Request(BaseModel):
         description="same seed and inputs give the same image; default: random (returned)",
     )
     num_images: int = Field(1, description="images from this seed (one noise draw of shape (n, C, H, W))")
-    guidance: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False, description="extra CFG weight; 0: the baked-in CFG of training"
+    guidance: float | None = Field(
+        None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="CFG weight w; default: the model's own (GET /v1/models: 0 for TwinFlow, whose CFG "
+        "is baked in by training; a flow-matching base's recommended sample_guidance)",
     )
     format: Literal["png", "base64-json"] = Field(
         "base64-json",
@@ -139,6 +143,7 @@ class ModelInfo(BaseModel):
     id: str
     default: bool
     method: str | None
+    guidance: float = Field(0.0, description="CFG w used when a request names none")
     job: str | None
     steps: int | None
     family: str
@@ -188,7 +193,7 @@ def check_limits(req: _Request, text: str, limits: Limits) -> None:
                 "input_length": len(text),
             }
         )
-    if req.guidance > limits.max_guidance:
+    if req.guidance is not None and req.guidance > limits.max_guidance:
         problems.append({"loc": ["guidance"], "msg": f"at most {limits.max_guidance}", "input": req.guidance})
     if req.format == "png" and req.num_images != 1:
         problems.append(

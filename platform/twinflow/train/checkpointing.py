@@ -81,7 +81,7 @@ def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list
     import pyarrow.fs as pafs
     import ray.train
 
-    from twinflow.data.storage import open_filesystem
+    from twinflow.storage import open_filesystem
 
     fs, base = open_filesystem(run_uri, endpoint)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))

@@ -84,7 +84,7 @@ def _storage(job: JobConfig, run_dir: Path) -> dict[str, Any]:
     """RunConfig storage: the run directory's parent, or the s3:// prefix through pyarrow's S3 client."""
     if not is_remote(job):
         return {"storage_path": str(run_dir.parent)}
-    from twinflow.data.storage import check_bucket, s3_filesystem
+    from twinflow.storage import check_bucket, s3_filesystem
 
     check_bucket(job.output.dir, job.output.s3_endpoint)  # a missing bucket fails before workers start
     return {
@@ -157,7 +157,7 @@ def run_job_file(
 
 def check_inputs(job: JobConfig) -> None:
     """Paths the job reads exist (before Ray starts): a ConfigError naming the field otherwise."""
-    from twinflow.data import storage
+    from twinflow import storage
 
     for field_name, uri, endpoint in (
         ("data.path", job.data.path, job.data.s3_endpoint),
@@ -184,7 +184,7 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
     if fresh:  # only ever <output.dir>/<name>, proven to be one run directory (twinflow.train.paths)
         remove_run_dir(run_dir.parent, job.name)
     if fresh and is_remote(job):
-        from twinflow.data.storage import delete_dir, exists
+        from twinflow.storage import delete_dir, exists
 
         uri = check_remote_run(remote_run_uri(job))
         if exists(uri, job.output.s3_endpoint):
@@ -300,7 +300,7 @@ def _publish(job: JobConfig, run_dir: Path, out: JobResult) -> None:
     uri = remote_run_uri(job)
     if uri is None:
         return
-    from twinflow.data.storage import upload_dir
+    from twinflow.storage import upload_dir
 
     n = upload_dir(run_dir, uri, job.output.s3_endpoint)
     out.remote_dir = uri

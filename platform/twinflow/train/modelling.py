@@ -6,15 +6,17 @@ from pathlib import Path
 
 import torch
 
+from twinflow.eval.periodic import dataset_of, periodic_metrics
+from twinflow.exports import open_export
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher
 from twinflow.method import build_objective as _build_objective
 from twinflow.method.conditioning import cond_to
-from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
+from twinflow.method.config import TwinFlowConfig, sample_guidance_of
 from twinflow.method.ema import EMA
-from twinflow.method.sampler import sample, settings_for_method
+from twinflow.method.sampler import renoise_generator, sample, seeded_noise, settings_for
 from twinflow.models import build_generator
-from twinflow.models.export import load_generator, save_generator
+from twinflow.models.export import save_generator
 from twinflow.models.lora import apply_lora, disable_adapters
 from twinflow.models.time_embed import SIGN_NAME
 from twinflow.train.config import JobConfig
@@ -25,7 +27,7 @@ def build_model(job: JobConfig) -> torch.nn.Module:
     """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match)."""
     model = build_generator(job.model.model_copy(update={"lora": None}))
     if job.train.init_from:
-        base, _ = load_generator(_local_export(job.train.init_from, job.output.s3_endpoint))
+        base = open_export(job.train.init_from, job.output.s3_endpoint).generator()
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         # A "mirror" fake branch fine-tuned from a "signed" base: its sign embedding starts from its
         # zero gate (the fake branch equals the real one), so those keys may be absent from the base.
@@ -40,26 +42,17 @@ def build_model(job: JobConfig) -> torch.nn.Module:
     return model
 
 
-def _local_export(path: str, endpoint: str | None) -> str:
-    """An export on s3:// is downloaded once per worker process into a temporary folder."""
-    from twinflow.data.storage import download_dir, is_s3
-
-    if not is_s3(path):
-        return path
-    import tempfile
-
-    local = tempfile.mkdtemp(prefix="twinflow-init-")
-    download_dir(path, local, endpoint)
-    return local
-
-
 def build_teacher(job: JobConfig, model: torch.nn.Module) -> Teacher:
-    if not isinstance(job.method, TwinFlowConfig):
-        return Teacher(model, "online")  # flow matching needs no teacher
+    """The objective's own teacher (online for flow matching); a frozen teacher of a LoRA model is the
+    base with the adapters switched off, so no second copy of the weights is kept."""
     adapters_off = None
-    if job.method.teacher == "frozen" and job.model.lora is not None:
+    if (
+        isinstance(job.method, TwinFlowConfig)
+        and job.method.teacher == "frozen"
+        and job.model.lora is not None
+    ):
         adapters_off = lambda: disable_adapters(model)  # noqa: E731
-    return Teacher(model, job.method.teacher, decay=job.method.ema_decay, adapters_off=adapters_off)
+    return build_objective(job).make_teacher(model, adapters_off)
 
 
 class Averages:
@@ -101,11 +94,6 @@ def build_objective(job: JobConfig):
     return _build_objective(job.method)
 
 
-def sample_guidance(job: JobConfig) -> float:
-    """CFG used when sampling this job's model: a flow-matching base's `sample_guidance`; 0 for TwinFlow."""
-    return job.method.sample_guidance if isinstance(job.method, FlowMatchingConfig) else 0.0
-
-
 @torch.no_grad()
 def sample_grid(
     job: JobConfig,
@@ -123,11 +111,10 @@ def sample_grid(
     cond = {k: v.to(device).repeat_interleave(n, 0) for k, v in eval_cond.items()}
     cond["text_states"] = cond["text_states"].to(dtype)
     batch = cond["text_states"].shape[0]
-    gen = torch.Generator(device=device).manual_seed(job.eval.seed)
-    noise = torch.randn((batch, *module.sample_shape), generator=gen, device=device).to(dtype)
+    noise = seeded_noise(batch, tuple(module.sample_shape), job.eval.seed).to(device, dtype)
     was_training = module.training
     module.eval()
-    guidance = sample_guidance(job)
+    guidance = sample_guidance_of(job.method)
     if guidance and null_cond is not None:
         null_cond = cond_to(null_cond, device, dtype)
     rows = [
@@ -135,9 +122,9 @@ def sample_grid(
             module,
             noise,
             cond,
-            settings=settings_for_method(nfe, job.method.name, guidance),
+            settings=settings_for(job.method.name, nfe, guidance=guidance),
             null_cond=null_cond,
-            generator=torch.Generator(device=device).manual_seed(job.eval.seed + 1),
+            generator=renoise_generator(job.eval.seed, device),
         )
         for nfe in job.eval.nfe
     ]
@@ -158,8 +145,6 @@ def eval_metrics(
     data or `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
     if not job.eval.metrics or not job.eval.prompts:
         return {}
-    from twinflow.eval.periodic import dataset_of, periodic_metrics
-
     was_training = module.training
     module.eval()
     try:
@@ -173,7 +158,7 @@ def eval_metrics(
             images_per_prompt=job.eval.metric_images_per_prompt,
             seed=job.eval.seed,
             device=device,
-            guidance=sample_guidance(job),
+            guidance=sample_guidance_of(job.method),
             null_cond=null_cond,
         )
     finally:

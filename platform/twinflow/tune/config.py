@@ -21,7 +21,6 @@ nonexistent field, or a value the field refuses, fails with the sweep file and t
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
+from twinflow import storage
 from twinflow.config import ConfigError, StrictModel
-from twinflow.config.loading import read_yaml, validate
+from twinflow.config.loading import apply_overrides, parse_override, read_yaml, validate, with_fields
+from twinflow.train.config import JobConfig
 from twinflow.train.paths import NAME_PATTERN
 
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
@@ -107,7 +108,7 @@ class Axis(StrictModel):
         return [lo, hi, math.sqrt(lo * hi) if self.loguniform is not None else (lo + hi) / 2]
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # Ray only when a sweep runs: loading and checking a sweep stay light
 
         if self.grid is not None:
             return tune.grid_search(list(self.grid))
@@ -346,7 +347,7 @@ class SweepConfig(StrictModel):
 
     @property
     def is_s3(self) -> bool:
-        return self.storage.startswith("s3://")
+        return storage.is_s3(self.storage)
 
     def trial_count(self) -> int:
         n = self.num_samples
@@ -359,27 +360,6 @@ class SweepConfig(StrictModel):
 
 
 # ---- building trial jobs ----------------------------------------------------------------------------
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict, creating sections; a non-mapping on the way is a ConfigError."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def with_fields(data: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(dict(data))
-    for k, v in fields.items():
-        set_path(out, k, v)
-    return out
-
-
 def resolve_paths(data: dict[str, Any], cwd: str | Path) -> dict[str, Any]:
     """Make the job's local paths absolute against `cwd` (URIs and absolute paths stay)."""
     for section, key in PATH_FIELDS:
@@ -411,8 +391,6 @@ def trial_job(
     cwd: str | Path,
     source: str = "sweep trial",
 ):
-    from twinflow.train.config import JobConfig
-
     return validate(
         JobConfig, trial_job_data(base, params, name=name, output_dir=output_dir, cwd=cwd), source
     )
@@ -434,8 +412,6 @@ class Sweep:
         return self.config.name
 
     def base_job(self):
-        from twinflow.train.config import JobConfig
-
         return validate(JobConfig, self.base, str(self.base_job_path))
 
     def max_steps(self) -> int:
@@ -477,9 +453,6 @@ def load_sweep(
 
     `overrides`: sweep fields (`--set num_samples=2`); `job_overrides`: job fields set in every trial
     (`--job-set train.steps=100`), i.e. extra entries of the sweep's `overrides:`."""
-    from twinflow.config import apply_overrides, parse_override
-    from twinflow.train.config import JobConfig
-
     path = Path(path)
     src = str(path)
     raw = apply_overrides(read_yaml(path), overrides)

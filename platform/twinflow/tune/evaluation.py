@@ -17,8 +17,10 @@ Evaluators (`evaluation.evaluator`):
 - **module:function**: `fn(model, *, job, evaluation, settings, device, codec) -> {"eval/...": float}`.
 
 Every setting and every trial gets the same noise and the same captions (common random numbers), so
-settings and trials differ only by the model and the sampler. With the preset sampler (few style,
-rho 1) the judged numbers equal `twinflow.eval.metrics.evaluate_generator`'s for the same prompts/seed.
+settings and trials differ only by the model and the sampler. The preset setting (few style, rho 1)
+stands for the trial's own sampler (`twinflow.method.sampler.settings_for` its method: TwinFlow's
+presets, a flow-matching base's ODE with its `sample_guidance`). The judged evaluator is
+`twinflow.eval.metrics.evaluate_generator` itself, so its numbers are `twinflow eval`'s.
 """
 
 from __future__ import annotations
@@ -33,23 +35,35 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from twinflow.tune.config import EvalSetting, EvaluationConfig
+from twinflow.data.config import DataConfig
+from twinflow.data.local import iter_local_batches
+from twinflow.eval.judges import load_judge
+from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
+from twinflow.eval.periodic import dataset_of
+from twinflow.exports import open_export, shared_text_encoder
+from twinflow.imaging import save_grid
+from twinflow.method.config import sample_guidance_of
+from twinflow.method.sampler import SamplerSettings, renoise_generator, sample, seeded_noise, settings_for
+from twinflow.train.config import JobConfig
+from twinflow.tune.config import PRESET_RHO, PRESET_STYLE, EvalSetting, EvaluationConfig
 
 
-# ---- Fréchet distance ------------------------------------------------------------------------------
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) for feature rows a (n, d), b (m, d)."""
-    from scipy import linalg
+    """`twinflow.eval.metrics`' Fréchet distance between feature rows a (n, d) and b (m, d)."""
+    return frechet_distance_features(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
 
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(s_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+def sampler_settings(job, setting: EvalSetting) -> SamplerSettings:
+    """The sampler of one eval setting: the preset setting is the trial's own sampler (its method's,
+    with its sampling CFG); any other style/rho overrides it."""
+    own = (setting.style, setting.rho) == (PRESET_STYLE, PRESET_RHO)
+    return settings_for(
+        job.method.name,
+        setting.nfe,
+        None if own else setting.style,
+        None if own else setting.rho,
+        guidance=sample_guidance_of(job.method),
+    )
 
 
 @dataclass
@@ -85,8 +99,6 @@ def shrink(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
 
 
 def _read_real(data_cfg, split: str, count: int, size: int) -> dict[str, Any]:
-    from twinflow.data.local import iter_local_batches
-
     cfg = data_cfg.model_copy(update={"split": split, "limit": None})
     images, captions, labels = [], [], []
     for batch in iter_local_batches(cfg, split, batch_size=min(count, 256), limit=count):
@@ -107,8 +119,6 @@ def _read_real(data_cfg, split: str, count: int, size: int) -> dict[str, Any]:
 def _reference_cached(
     data_json: str, split: str, n_ref: int, n_held: int, pca_dim: int, size: int
 ) -> Reference:
-    from twinflow.data.config import DataConfig
-
     data_cfg = DataConfig.model_validate_json(data_json)
     real = _read_real(data_cfg, split, n_ref + n_held, size)
     n = len(real["captions"])
@@ -147,15 +157,8 @@ def reference_for(job, evaluation: EvaluationConfig) -> Reference:
 
 # ---- generation -------------------------------------------------------------------------------------
 def _encoder(job):
-    return _encoder_cached(job.data.text_encoder_dir, job.data.text_max_length)
-
-
-@lru_cache(maxsize=2)
-def _encoder_cached(model_dir: str | None, max_length: int):
-    """Kept per process: Ray reuses the evaluation task's worker process from trial to trial."""
-    from twinflow.models.text_encoder import TextEncoder
-
-    return TextEncoder(model_dir=model_dir, max_length=max_length)
+    """The process's shared caption encoder (Ray reuses the evaluation task's worker from trial to trial)."""
+    return shared_text_encoder(job.data.text_max_length, job.data.text_encoder_dir)
 
 
 @torch.no_grad()
@@ -174,24 +177,24 @@ def generate(
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for `captions` (area-downsampled to `shrink_to` when given);
     noise depends on `seed` only (common random numbers)."""
-    from twinflow.method.sampler import sample_nfe
-
     encoder = encoder or _encoder(job)
+    settings = sampler_settings(job, setting)
+    null = encoder.null_condition() if settings.guidance else None
     n = len(captions)
-    noise = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
-    renoise = torch.Generator(device=device).manual_seed(seed + 1)
+    noise = seeded_noise(n, tuple(model.sample_shape), seed)
+    renoise = renoise_generator(seed, device)
     dtype = next(model.parameters()).dtype
     out = []
     for i in range(0, n, batch_size):
         cond = {k: v.to(device) for k, v in encoder.encode(captions[i : i + batch_size]).items()}
         cond["text_states"] = cond["text_states"].to(dtype)
-        x = sample_nfe(
+        x = sample(
             model,
             noise[i : i + batch_size].to(device, dtype),
-            setting.nfe,
             cond,
+            settings=settings,
+            null_cond=null,
             generator=renoise,
-            **setting.sampler_overrides(),
         )
         if codec is not None:
             x = codec.decode(x)
@@ -244,60 +247,32 @@ def builtin(
     return out
 
 
-def judge_dataset(job) -> str | None:
-    from twinflow.eval.periodic import dataset_of
-
-    return dataset_of(job.data.path, job.data.s3_endpoint)
-
-
 def judged(
     model, *, job, evaluation: EvaluationConfig, settings: list[EvalSetting], device: torch.device, codec=None
 ) -> dict[str, float]:
-    """twinflow.eval's judge metrics at every eval setting (class-balanced prompts)."""
-    from dataclasses import replace
-
-    from twinflow.eval.judges import load_judge
-    from twinflow.eval.metrics import metrics_from_samples, real_reference
-    from twinflow.eval.sampling import plan_units
-    from twinflow.method.sampler import preset, sample
-
-    name = judge_dataset(job)
+    """twinflow.eval's judge metrics at every eval setting: `evaluate_generator` with class-balanced
+    prompts (every class, its caption templates in turn)."""
+    name = dataset_of(job.data.path, job.data.s3_endpoint)
     if name is None:
         raise ValueError(
             f"{job.data.path}: no twinflow.eval judge fits this data (its judges cover Fashion-MNIST, "
             "MNIST and emoji shards); set evaluation.evaluator: builtin"
         )
     judge = load_judge(name)
-    ref = real_reference(judge)
-    ds = judge.dataset
-    per_class = math.ceil(evaluation.samples / ds.num_classes)
-    texts = [ds.prompt(c, i) for c in range(ds.num_classes) for i in range(per_class)]
-    row_classes = [c for c in range(ds.num_classes) for _ in range(per_class)]
-    encoder = _encoder(job)
-    units = plan_units(len(texts), evaluation.batch_size, evaluation.seed)
-    dtype = next(model.parameters()).dtype
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        for s in settings:
-            sampler = replace(preset(s.nfe), style=s.style, rho=s.rho)
-            images = []
-            for u in units:
-                cond = {k: v.to(device) for k, v in encoder.encode(texts[u.start : u.stop]).items()}
-                cond["text_states"] = cond["text_states"].to(dtype)
-                noise = torch.randn(
-                    (u.size, *model.sample_shape), generator=torch.Generator().manual_seed(u.seed)
-                )
-                gen = torch.Generator(device=device).manual_seed(u.seed + 1)
-                x = sample(model, noise.to(device, dtype), cond, settings=sampler, generator=gen)
-                if getattr(model, "latent", None):
-                    x = codec.decode(x)
-                images.append(x.float().cpu())
-            m = metrics_from_samples(torch.cat(images), row_classes, judge, ref)
-            for k in ("fd", "adherence", "diversity", "collapse", "saturation"):
-                out[f"eval/{k}_{s.suffix}"] = float(m[k])
-    for k, v in ref.floor(row_classes, seed=evaluation.seed).items():
-        out[f"eval/{k}_floor"] = float(v)
-    return out
+    return evaluate_generator(
+        model,
+        list(range(judge.dataset.num_classes)),
+        None,
+        judge,
+        reference=real_reference(judge),
+        text_encoder=_encoder(job),
+        images_per_prompt=math.ceil(evaluation.samples / judge.dataset.num_classes),
+        seed=evaluation.seed,
+        device=device,
+        batch_size=evaluation.batch_size,
+        codec=codec,
+        settings={s.suffix: sampler_settings(job, s) for s in settings},
+    )
 
 
 def resolve_evaluator(name: str) -> Callable[..., dict[str, float]]:
@@ -316,9 +291,6 @@ def evaluate_export(
     """Load a trial's export, score every eval setting, and (optionally) write its sample grid:
     one row per setting, job.eval.prompts x evaluation.grid_images_per_prompt columns.
     Runs as a Ray task with one training worker's resources (the GPU, on a GPU cluster)."""
-    from twinflow.models.export import load_export_codec, load_generator
-    from twinflow.train.config import JobConfig
-
     job = JobConfig.model_validate_json(job_json)
     evaluation = EvaluationConfig.model_validate_json(evaluation_json)
     device = (
@@ -326,9 +298,9 @@ def evaluate_export(
     )
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
-    model, _ = load_generator(export_dir)
-    model = model.to(device).eval()
-    codec = load_export_codec(export_dir)
+    export = open_export(export_dir)
+    model = export.generator().to(device).eval()
+    codec = export.codec()
     if codec is not None:
         codec = codec.to(device)
     settings = evaluation.settings()
@@ -336,8 +308,6 @@ def evaluate_export(
         model, job=job, evaluation=evaluation, settings=settings, device=device, codec=codec
     )
     if grid_path and job.eval.prompts:
-        from twinflow.imaging import save_grid
-
         captions = [p for p in job.eval.prompts for _ in range(evaluation.grid_images_per_prompt)]
         rows = [
             generate(

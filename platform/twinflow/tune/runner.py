@@ -53,7 +53,7 @@ def local_sweep_dir(sweep: Sweep) -> Path:
 def _filesystem(sweep: Sweep):
     if not sweep.config.is_s3:
         return None
-    from twinflow.data.storage import s3_filesystem
+    from twinflow.storage import s3_filesystem
 
     return s3_filesystem(sweep.config.s3_endpoint)
 
@@ -223,7 +223,7 @@ def run_sweep(
     out.resumed = can_restore
     out.released = released
     if cfg.is_s3:
-        from twinflow.data.storage import upload_dir
+        from twinflow.storage import upload_dir
 
         upload_dir(out.report_dir, f"{path}/report", cfg.s3_endpoint)
     return out

@@ -4,11 +4,19 @@ The S3 endpoint comes from an explicit argument, else ``TWINFLOW_S3_ENDPOINT``, 
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (so a MinIO, moto or other S3-protocol server works);
 credentials come from the usual ``AWS_*`` environment variables, read once here and carried inside
 the filesystem object so Ray workers that never saw the driver's environment can still use it.
+One S3 filesystem is built per (endpoint, credentials) and process, and reused by every call.
+
+Used by every layer that reads or writes outside the process: data (shards, caches), train
+(checkpoints, exports), eval, tune and serve (exports via `twinflow.exports`).
 """
+
 from __future__ import annotations
 
 import os
 import posixpath
+import shutil
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -49,13 +57,26 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem for ``endpoint`` (None: env vars, then AWS itself)."""
-    endpoint = resolve_endpoint(endpoint)
+    """The pyarrow S3 filesystem for ``endpoint`` (None: env vars, then AWS itself), cached per
+    endpoint and credentials (a changed ``AWS_*`` variable gets a new one)."""
+    return _s3_filesystem(
+        resolve_endpoint(endpoint),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+
+
+@lru_cache(maxsize=16)
+def _s3_filesystem(
+    endpoint: str | None, access_key: str | None, secret_key: str | None, token: str | None, region: str
+) -> pafs.S3FileSystem:
     kwargs: dict = {
-        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "access_key": access_key,
+        "secret_key": secret_key,
+        "session_token": token,
+        "region": region,
         "connect_timeout": 5.0,
         "request_timeout": 30.0,
     }
@@ -82,7 +103,7 @@ def open_filesystem(uri: str | os.PathLike, endpoint: str | None = None) -> tupl
     if "://" in text and not text.startswith("file://"):
         raise StorageError(f"{text}: unsupported scheme (use a local path or s3://bucket/prefix)")
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
 
 
@@ -121,8 +142,10 @@ def check_bucket(uri: str | os.PathLike, endpoint: str | None = None) -> None:
     bucket, _ = _split_s3(text)
     fs = s3_filesystem(endpoint)
     if _info(fs, bucket, text, endpoint).type == pafs.FileType.NotFound:
-        raise MissingPathError(f"bucket {bucket!r} does not exist at {_describe(text, endpoint)}; "
-                               f"create it first (e.g. `aws s3 mb s3://{bucket}`)")
+        raise MissingPathError(
+            f"bucket {bucket!r} does not exist at {_describe(text, endpoint)}; "
+            f"create it first (e.g. `aws s3 mb s3://{bucket}`)"
+        )
 
 
 def require(uri: str | os.PathLike, endpoint: str | None = None, what: str = "path") -> None:
@@ -179,8 +202,9 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint: str | None = No
         raise MissingPathError(f"local directory not found: {src}")
     makedirs(uri, endpoint)
     dst_fs, dst = open_filesystem(uri, endpoint)
-    pafs.copy_files(str(src.resolve()), dst, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=dst_fs)
+    pafs.copy_files(
+        str(src.resolve()), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dst_fs
+    )
     return sum(1 for p in src.rglob("*") if p.is_file())
 
 
@@ -190,6 +214,29 @@ def download_dir(uri: str, local_dir: str | os.PathLike, endpoint: str | None = 
     src_fs, src = open_filesystem(uri, endpoint)
     dst = Path(local_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(src, str(dst.resolve()), source_filesystem=src_fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        src, str(dst.resolve()), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem()
+    )
     return sum(1 for p in dst.rglob("*") if p.is_file())
+
+
+def download_once(uri: str, target: str | os.PathLike, endpoint: str | None = None) -> Path:
+    """``target``, holding the tree under ``uri``: downloaded unless already there. The download lands
+    in a temporary sibling and is renamed into place, so a crashed or concurrent download never leaves
+    a half-written folder that a later call would trust."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if download_dir(uri, tmp, endpoint) == 0:
+            raise MissingPathError(f"no files under {_describe(uri, endpoint)}")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same download first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
