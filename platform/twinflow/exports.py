@@ -23,8 +23,14 @@ from typing import Any
 from twinflow import storage
 from twinflow.method.config import sample_guidance_of
 from twinflow.method.sampler import SamplerSettings, settings_for
-from twinflow.models.export import META_FILE, load_export_codec, load_generator, read_metadata
-from twinflow.models.text_encoder import TextEncoder, export_text_encoder_spec, open_text_encoder
+from twinflow.models.export import load_export_codec, load_generator
+from twinflow.models.text_encoder import (
+    TextEncoder,
+    export_text_encoder_spec,
+    open_text_encoder,
+    text_encoder_for_dir,
+)
+from twinflow.models.weights import META_FILE, read_metadata
 
 CACHE_ENV = "TWINFLOW_EXPORT_CACHE"
 
@@ -91,10 +97,14 @@ class Export:
         """The VAE saved beside a latent-space export (None for pixel models)."""
         return load_export_codec(self.path) if self.meta.get("latent") else None
 
+    @property
+    def text_encoder_spec(self) -> dict[str, Any]:
+        """Which caption encoder it was trained with (`open_text_encoder` builds it)."""
+        return export_text_encoder_spec(self.path, self.meta)
+
     def text_encoder(self, device: str = "cpu") -> TextEncoder:
         """The caption encoder it was trained with (MiniLM, or Qwen-Image's Qwen2.5-VL)."""
-        spec = export_text_encoder_spec(self.path, self.meta)
-        return shared_text_encoder(self.text_max_length, device=device, spec=spec)
+        return shared_text_encoder(self.text_max_length, device=device, spec=self.text_encoder_spec)
 
 
 def open_export(
@@ -126,8 +136,6 @@ def shared_text_encoder(
             _ENCODERS[key] = (
                 open_text_encoder(spec, int(max_length), device, cache_size)
                 if spec is not None
-                else TextEncoder(
-                    model_dir=model_dir, max_length=int(max_length), device=device, cache_size=cache_size
-                )
+                else text_encoder_for_dir(model_dir, int(max_length), device, cache_size)
             )
         return _ENCODERS[key]

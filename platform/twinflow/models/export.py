@@ -24,14 +24,10 @@ from typing import Any
 
 import torch
 
-from twinflow.models.config import ModelConfig
 from twinflow.models.generator import TwinFlowGenerator
-from twinflow.models.registry import get_family
-from twinflow.models.text_encoder import export_text_encoder_spec
-from twinflow.models.weights import load_extras, load_twin_e2, save_extras
+from twinflow.models.weights import FORMAT_VERSION, META_FILE, save_extras
+from twinflow.models.weights import read_metadata as read_metadata  # part of this module's API
 
-META_FILE = "twinflow.json"
-FORMAT_VERSION = 1
 _RESERVED = (
     "format_version",
     "family",
@@ -181,50 +177,11 @@ def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(dtype)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    f = Path(path) / META_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: not a TwinFlow export (no {META_FILE})")
-    meta = json.loads(f.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{f}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
-    return meta
-
-
 def load_generator(
     path: str | Path, torch_dtype: torch.dtype | None = None
 ) -> tuple[TwinFlowGenerator, dict[str, Any]]:
     """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved model."""
-    path = Path(path)
-    meta = read_metadata(path)
-    family = get_family(meta["family"])
-    backbone = family.load_backbone(path / "transformer", torch_dtype=torch_dtype)
-    text = meta["text_encoder"]
-    gen = TwinFlowGenerator(
-        family,
-        backbone,
-        sample_size=int(meta["sample_shape"][1]),
-        text_dim=int(meta["text_dim"]),
-        e2_init="copy",
-        text_max_length=int(text["max_length"]),
-        text_encoder=text["name"],
-        fake_branch=meta.get("fake_branch", "signed"),
-        text_projection=text.get("kind", "minilm") == "minilm",
-    )
-    gen.text_encoder_spec = export_text_encoder_spec(path, meta)
-    load_twin_e2(gen.backbone, path / "transformer", required=True)
-    load_extras(gen, path, required=True)
-    if torch_dtype is not None:
-        gen.text_proj.to(torch_dtype)
-    gen.e2_init = meta.get("e2_init", "copy")
-    gen.image_size = int(meta["image_size"])
-    gen.pixel_channels = int(meta["pixel_channels"])
-    gen.latent = meta.get("latent")
-    if meta.get("model_config") is not None:
-        gen.model_config = ModelConfig.model_validate(meta["model_config"])
-    return gen.eval(), meta
+    return TwinFlowGenerator.from_export(path, torch_dtype)
 
 
 def load_export_codec(path: str | Path):

@@ -16,9 +16,9 @@ from torch import nn
 
 from twinflow.models.config import ModelConfig
 from twinflow.models.registry import Family, get_family, transformer_dir
-from twinflow.models.text_encoder import TEXT_DIM
+from twinflow.models.text_encoder import TEXT_DIM, export_text_encoder_spec
 from twinflow.models.time_embed import E2Init, FakeBranch, install_two_time, pack_times
-from twinflow.models.weights import load_twin_e2
+from twinflow.models.weights import load_extras, load_twin_e2, read_metadata
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -88,6 +88,41 @@ class TwinFlowGenerator(nn.Module):
         self.pixel_channels = self.channels
 
     @classmethod
+    def from_export(
+        cls, path: str | Path, torch_dtype: torch.dtype | None = None
+    ) -> tuple[TwinFlowGenerator, dict[str, Any]]:
+        """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved
+        model. (`twinflow.models.export.load_generator`; here so the class needs nothing from export.)"""
+        path = Path(path)
+        meta = read_metadata(path)
+        family = get_family(meta["family"])
+        backbone = family.load_backbone(path / "transformer", torch_dtype=torch_dtype)
+        text = meta["text_encoder"]
+        gen = cls(
+            family,
+            backbone,
+            sample_size=int(meta["sample_shape"][1]),
+            text_dim=int(meta["text_dim"]),
+            e2_init="copy",
+            text_max_length=int(text["max_length"]),
+            text_encoder=text["name"],
+            fake_branch=meta.get("fake_branch", "signed"),
+            text_projection=text.get("kind", "minilm") == "minilm",
+        )
+        gen.text_encoder_spec = export_text_encoder_spec(path, meta)
+        load_twin_e2(gen.backbone, path / "transformer", required=True)
+        load_extras(gen, path, required=True)
+        if torch_dtype is not None:
+            gen.text_proj.to(torch_dtype)
+        gen.e2_init = meta.get("e2_init", "copy")
+        gen.image_size = int(meta["image_size"])
+        gen.pixel_channels = int(meta["pixel_channels"])
+        gen.latent = meta.get("latent")
+        if meta.get("model_config") is not None:
+            gen.model_config = ModelConfig.model_validate(meta["model_config"])
+        return gen.eval(), meta
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
@@ -109,9 +144,7 @@ class TwinFlowGenerator(nn.Module):
             and image_size is None
             and vae_path is None
         ):
-            from twinflow.models.export import load_generator
-
-            return load_generator(root)[0]
+            return cls.from_export(root)[0]
         from twinflow.models.registry import family_of
 
         family = family_of(root)
@@ -310,7 +343,6 @@ def _text_input(cfg: ModelConfig) -> tuple[int, bool, str]:
 def _adopt_twinflow_export(gen: TwinFlowGenerator, path: str | Path) -> None:
     """Fine-tuning from one of our exports keeps its trained E2 and text projection."""
     from twinflow.models.fetch import local_model_dir
-    from twinflow.models.weights import load_extras
 
     load_twin_e2(gen.backbone, transformer_dir(path), required=False)
     root = local_model_dir(path)

@@ -7,7 +7,9 @@ E2 is saved inside `transformer/` (under `*.twin_e2.*` keys, which plain diffuse
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -17,6 +19,8 @@ from torch import nn
 from twinflow.models.time_embed import E2_PREFIX, SIGN_NAME
 
 EXTRA_FILE = "twinflow_extra.safetensors"
+META_FILE = "twinflow.json"
+FORMAT_VERSION = 1
 _EXTRA_MODULES = ("text_proj",)
 
 
@@ -92,3 +96,20 @@ def load_extras(generator: nn.Module, directory: str | Path, required: bool = Tr
             )
         module.load_state_dict({k: v.to(want[k].dtype) for k, v in part.items()})
     return True
+
+
+def check_metadata(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """`meta` when it is a twinflow.json this code reads, else a ValueError naming `where`."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The twinflow.json of a local export folder."""
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a TwinFlow export (no {META_FILE})")
+    return check_metadata(json.loads(f.read_text()), str(f))
