@@ -423,6 +423,21 @@ class Sweep:
         return max(steps)
 
 
+def experiment_path(sweep: Sweep) -> str:
+    cfg = sweep.config
+    if cfg.is_s3:
+        return cfg.storage.rstrip("/") + "/" + cfg.name
+    return str((sweep.cwd / cfg.storage / cfg.name).resolve())
+
+
+def local_sweep_dir(sweep: Sweep) -> Path:
+    """Where trials train and the report is written locally (the experiment dir itself when local)."""
+    cfg = sweep.config
+    if cfg.is_s3:
+        return (sweep.cwd / cfg.staging_dir / cfg.name).resolve()
+    return Path(experiment_path(sweep))
+
+
 def _locate(base_job: str, sweep_path: Path) -> Path:
     p = Path(base_job).expanduser()
     if p.is_absolute() or p.is_file():

@@ -14,11 +14,22 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from twinflow.tune.config import EvalSetting, Sweep
-from twinflow.tune.trainable import EVAL_GRID
+from twinflow.tune.config import EvalSetting, Sweep, local_sweep_dir
+from twinflow.tune.trainable import EVAL_GRID, trials_dir
+
+
+@dataclass
+class SweepResult:
+    experiment_path: str
+    report_dir: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    resumed: bool = False
+    released: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _num(v: Any) -> float | None:
@@ -55,9 +66,6 @@ def trial_records(sweep: Sweep, results: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def sweep_trials_dir(sweep: Sweep) -> str:
-    from twinflow.tune.runner import local_sweep_dir
-    from twinflow.tune.trainable import trials_dir
-
     return trials_dir(str(local_sweep_dir(sweep)))
 
 
@@ -296,8 +304,6 @@ def export_best(sweep: Sweep, best: dict[str, Any], out_dir: Path) -> dict[str, 
 
 
 def write_report(sweep: Sweep, results: Iterable[Any], out_dir: Path):
-    from twinflow.tune.runner import SweepResult
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = trial_records(sweep, results)

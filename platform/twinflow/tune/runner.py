@@ -12,42 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twinflow.config import ConfigError
-from twinflow.tune.config import Sweep, load_sweep
+from twinflow.tune.config import Sweep, experiment_path, load_sweep, local_sweep_dir
+from twinflow.tune.report import SweepResult, write_report
 from twinflow.tune.trainable import run_trial, trials_dir
-
-
-@dataclass
-class SweepResult:
-    experiment_path: str
-    report_dir: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] | None = None
-    resumed: bool = False
-    released: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _trial_dirname(trial) -> str:
     return trial.trial_id
-
-
-def experiment_path(sweep: Sweep) -> str:
-    cfg = sweep.config
-    if cfg.is_s3:
-        return cfg.storage.rstrip("/") + "/" + cfg.name
-    return str((sweep.cwd / cfg.storage / cfg.name).resolve())
-
-
-def local_sweep_dir(sweep: Sweep) -> Path:
-    """Where trials train and the report is written locally (the experiment dir itself when local)."""
-    cfg = sweep.config
-    if cfg.is_s3:
-        return (sweep.cwd / cfg.staging_dir / cfg.name).resolve()
-    return Path(experiment_path(sweep))
 
 
 def _filesystem(sweep: Sweep):
@@ -132,7 +107,6 @@ def run_sweep(
 
     from twinflow.train.launcher import ensure_ray
     from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
-    from twinflow.tune.report import write_report
 
     cfg = sweep.config
     if fresh and resume:
