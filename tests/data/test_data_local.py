@@ -99,7 +99,7 @@ def test_bad_record_log_dedupes_ids_and_budget_is_absolute():
 
 
 def test_ray_counter_body_dedupes_and_reports_past_budget():
-    from twinflow.data.streaming import BadRecordCounter
+    from twinflow.data.tracking import BadRecordCounter
 
     counter = BadRecordCounter(expected=100, max_bad_fraction=0.02, what="records")
     assert counter.add([BadRecord("decode_error", "a"), BadRecord("decode_error", "b")]) == (False, "")

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from twinflow.data.bad_records import BadRecord
+from twinflow.data.config import DataConfig
 
 
 class TextEmbedStage:
@@ -85,3 +86,15 @@ class TextEmbedStage:
             out["text_states"] = states
             out["text_mask"] = mask
         return out
+
+
+def embed_kwargs(cfg: DataConfig, **extra: Any) -> dict[str, Any]:
+    """`TextEmbedStage`'s constructor arguments for a data config (plus `extra`)."""
+    return {
+        "text_column": cfg.text_column,
+        "max_length": cfg.text_max_length,
+        "model_dir": cfg.text_encoder_dir,
+        "device": cfg.embed_device,
+        "lru_size": cfg.embed_lru_size,
+        **extra,
+    }

@@ -66,9 +66,9 @@ def build_embed_cache(cfg: DataConfig, *, source=None, progress: bool = True) ->
     """Encode ``cfg.split``'s text with the actor pool and write the rows back as cache shards."""
     import ray
 
-    from twinflow.data.embed import TextEmbedStage
+    from twinflow.data.embed import TextEmbedStage, embed_kwargs
     from twinflow.data.reader import open_split
-    from twinflow.data.streaming import embed_kwargs, make_tracker, tracker_name
+    from twinflow.data.tracking import make_tracker, tracker_name
 
     source = source or open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     if not source.usable:

@@ -9,8 +9,6 @@ batch_size=...)``. Rows: ``image`` float32 (C, H, W) in [-1, 1], ``text_states``
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from typing import Any
@@ -19,93 +17,20 @@ import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from twinflow.data import shards
-from twinflow.data.bad_records import BadDataError, BadRecord, BadRecordLog
+from twinflow.data.bad_records import BadDataError, BadRecord
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import DecodeSpec, decode_rows
+from twinflow.data.embed import embed_kwargs
 from twinflow.data.reader import open_split
+from twinflow.data.tracking import RayTracker, live_tracker, make_tracker, tracker_name
 
 log = logging.getLogger("twinflow.data")
-
-class BadRecordCounter:
-    """Ray actor body: the one BadRecordLog of a streamed split (ids de-duplicated across epochs)."""
-
-    def __init__(self, expected: int, max_bad_fraction: float, what: str) -> None:
-        self.log = BadRecordLog(expected=expected, max_bad_fraction=max_bad_fraction, what=what)
-
-    def add(self, records: list[BadRecord]) -> tuple[bool, str]:
-        for r in records:
-            self.log.entries.setdefault(r.reason, {}).setdefault(r.id, r)
-        over = self.log.count > self.log.budget
-        return over, self.log.message() if over else ""
-
-    def summary(self) -> dict[str, Any]:
-        return self.log.summary()
-
-    def records(self) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(r) for r in self.log.records()]
-
-
-class RayTracker:
-    """A picklable handle that stages use to report bad records; raises past the budget."""
-
-    def __init__(self, name: str, actor: Any = None) -> None:
-        self.name = name
-        self._actor = actor
-
-    def _handle(self):
-        if self._actor is None:
-            import ray
-
-            self._actor = ray.get_actor(self.name)
-        return self._actor
-
-    def report(self, records: list[BadRecord]) -> None:
-        if not records:
-            return
-        import ray
-
-        over, message = ray.get(self._handle().add.remote(records))
-        for r in records[:5]:
-            log.warning("skipping bad record (%s) %s: %s", r.reason, r.id, r.detail)
-        if over:
-            raise BadDataError(message)
-
-    def summary(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get(self._handle().summary.remote())
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every bad record (not only the first ids of the summary), as dicts."""
-        import ray
-
-        return ray.get(self._handle().records.remote())
-
-
-# Non-detached actors die with their last handle: the driver keeps one per tracker for the session.
-_LIVE_TRACKERS: dict[str, Any] = {}
-
-
-def tracker_name(cfg: DataConfig, purpose: str = "stream") -> str:
-    """One counter per (config, purpose): epochs over the same dataset share it, other configs do not."""
-    key = f"{purpose}|{cfg.model_dump_json()}"
-    return "twinflow-bad-records-" + hashlib.sha1(key.encode()).hexdigest()[:16]
-
-
-def make_tracker(name: str, expected: int, max_bad_fraction: float, what: str = "records") -> RayTracker:
-    import ray
-
-    actor_cls = ray.remote(num_cpus=0)(BadRecordCounter)
-    handle = actor_cls.options(name=name, get_if_exists=True).remote(expected, max_bad_fraction, what)
-    _LIVE_TRACKERS[name] = handle
-    return RayTracker(name, handle)
-
 
 def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str, Any]:
     """The bad-record summary of the dataset streamed for ``cfg`` (counts per reason with ids), from
     the driver or a worker of the same Ray job; ``write_to`` (local path or s3 URI) also saves it as JSON."""
     name = tracker_name(cfg)
-    summary = RayTracker(name, _LIVE_TRACKERS.get(name)).summary()
+    summary = live_tracker(name).summary()
     if write_to:
         from twinflow import storage
 
@@ -240,9 +165,3 @@ def check_cache_matches(cfg: DataConfig, manifest: shards.Manifest) -> dict[str,
 
 def _cached_bad(manifest: shards.Manifest, split: str) -> list[BadRecord]:
     return [BadRecord(**r) for r in (manifest.embedding or {}).get("bad", {}).get(split, [])]
-
-
-def embed_kwargs(cfg: DataConfig, **extra: Any) -> dict[str, Any]:
-    return {"text_column": cfg.text_column, "max_length": cfg.text_max_length,
-            "model_dir": cfg.text_encoder_dir, "device": cfg.embed_device, "lru_size": cfg.embed_lru_size,
-            **extra}
