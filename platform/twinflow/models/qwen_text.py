@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from twinflow.models.text_encoder import QWEN25_VL, CachedTextEncoder, offline_quiet_loading
+from twinflow.models.text_base import QWEN25_VL, CachedTextEncoder, offline_quiet_loading
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
