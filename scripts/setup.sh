@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first from its pin (the CPU wheel here), then everything in ONE resolver run
-  # (moto[server] installed separately pulls a botocore that breaks s3fs).
+  # (one run, so moto[server]'s botocore and everything else agree).
   "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" torch
   "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e ".[test]"
   echo "$want" > "$stamp"
