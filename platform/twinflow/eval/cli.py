@@ -12,8 +12,15 @@ import sys
 
 def _eval(args: argparse.Namespace) -> int:
     from twinflow.config import ConfigError
+    from twinflow.eval.edits import eval_command
     from twinflow.eval.job import EvalInputError, EvalRequest, run_eval
 
+    try:  # image editors (exports declaring the "edit" task) are scored on held-out edit pairs
+        report = eval_command(args)
+    except EvalInputError as exc:
+        raise ConfigError(f"twinflow eval: {exc}") from None
+    if report is not None:
+        return _print_report(report)
     try:
         req = EvalRequest(
             checkpoints=args.checkpoints,
@@ -40,6 +47,10 @@ def _eval(args: argparse.Namespace) -> int:
         report = run_eval(req)
     except EvalInputError as exc:
         raise ConfigError(f"twinflow eval: {exc}") from None
+    return _print_report(report)
+
+
+def _print_report(report: dict) -> int:
     print(report["markdown"])
     print(f"[twinflow eval] results: {report['files']['json']}, {report['files']['markdown']}")
     for g in report["files"].get("grids", []):
@@ -122,7 +133,7 @@ def add_commands(sub) -> None:
     p.add_argument("--grid-per-class", type=int, default=6, help="images per class in the PNG grids")
     p.add_argument("--out", default="outputs/eval", help="output folder (default outputs/eval)")
     p.add_argument("--edits", default=None, help="edit-pair shards (e.g. data/mnist_edits): also score edits")
-    p.add_argument("--edit-limit", type=int, default=256)
+    p.add_argument("--edit-limit", type=int, default=256, help="edit pairs scored per checkpoint")
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--address", default=None, help="Ray address (default: a local cluster)")
     p.add_argument("--device", default="cpu", help="device inside the sampling actors (cpu, cuda)")
