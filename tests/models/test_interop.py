@@ -98,6 +98,14 @@ def test_diffusers_pipeline_export_runs_our_multistep_sampler(qwen_pipeline_dir,
     with torch.no_grad():
         assert torch.equal(back(x, t, r, cond), g(x, t, r, cond))
         assert not torch.equal(back(x, t, r, cond), back(x, t, t, cond))
+    # Serve and eval open it through twinflow.exports: they get its Qwen2.5-VL, not MiniLM.
+    from twinflow.exports import open_export
+    from twinflow.serve.engine import TextEncoders
+
+    export = open_export(out)
+    assert export.text_encoder().kind == "qwen2.5-vl" and export.text_encoder_spec["path"] == str(out)
+    served = TextEncoders(cache_size=8).encode(CAPTIONS[:2], export.text_max_length, export.text_encoder_spec)
+    assert torch.equal(served["text_states"], cond["text_states"])
 
 
 def test_lora_exports_load_with_load_lora_weights(qwen_pipeline_dir, encoder, tmp_path):

@@ -404,7 +404,9 @@ def evaluate_generator(
     device = torch.device(device)
     if cond is None:
         if text_encoder is None:
-            text_encoder = shared_text_encoder(int(getattr(model, "text_max_length", 32)))
+            text_encoder = shared_text_encoder(
+                int(getattr(model, "text_max_length", 32)), spec=getattr(model, "text_encoder_spec", None)
+            )
         encode = lambda rows: text_encoder.encode([texts[i] for i in rows])  # noqa: E731
     else:
         P = cond["text_states"].shape[0]
@@ -490,7 +492,10 @@ def evaluate_edits(
                 }
             else:
                 if text_encoder is None:
-                    text_encoder = shared_text_encoder(int(getattr(model, "text_max_length", 32)))
+                    text_encoder = shared_text_encoder(
+                        int(getattr(model, "text_max_length", 32)),
+                        spec=getattr(model, "text_encoder_spec", None),
+                    )
                 cond = text_encoder.encode([str(t) for t in list(batch["instruction"])[:n]])
             cond = {k: v.to(device) for k, v in cond.items()}
             cond["ref_image"] = src.to(device)

@@ -247,18 +247,22 @@ class TextEncoders:
 
     def __init__(self, cache_size: int = 4096) -> None:
         self.cache_size = cache_size
-        self._enc: dict[int, TextEncoder] = {}
+        self._enc: dict[tuple, TextEncoder] = {}
         self._lock = threading.Lock()
 
-    def get(self, max_length: int) -> TextEncoder:
+    def get(self, max_length: int, spec: dict[str, Any] | None = None) -> TextEncoder:
+        """`spec` (an export's `text_encoder_spec`) picks its encoder; None is MiniLM."""
+        key = (max_length, None if spec is None else (spec.get("kind"), spec.get("path")))
         with self._lock:
-            if max_length not in self._enc:
-                self._enc[max_length] = shared_text_encoder(max_length, cache_size=self.cache_size)
-            return self._enc[max_length]
+            if key not in self._enc:
+                self._enc[key] = shared_text_encoder(max_length, cache_size=self.cache_size, spec=spec)
+            return self._enc[key]
 
-    def encode(self, prompts: Sequence[str], max_length: int) -> dict[str, Any]:
+    def encode(
+        self, prompts: Sequence[str], max_length: int, spec: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """One caption per encoder call (so its states never depend on batch mates), cached."""
-        enc = self.get(max_length)
+        enc = self.get(max_length, spec)
         rows = [enc.encode([p]) for p in prompts]
         return {k: torch.cat([r[k] for r in rows]) for k in ("text_states", "text_mask")}
 
@@ -283,12 +287,12 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
     counts = [it.num_images for it in items]
     noise = torch.cat([seeded_noise(it.num_images, shape, it.seed) for it in items]).to(dtype)
     groups = [(it.num_images, renoise_generator(it.seed)) for it in items]
-    text = encoders.encode([it.prompt for it in items], model.text_max_length)
+    text = encoders.encode([it.prompt for it in items], model.text_max_length, model.export.text_encoder_spec)
     rep = torch.tensor(counts)
     cond = {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
     null = None
     if settings.guidance > 0:
-        n = encoders.get(model.text_max_length).null_condition()
+        n = encoders.get(model.text_max_length, model.export.text_encoder_spec).null_condition()
         null = {k: v.expand(sum(counts), *v.shape[1:]).contiguous() for k, v in n.items()}
     if task == EDIT_TASK:
         ref = torch.cat([_ref_tensor(model, it.image).expand(it.num_images, -1, -1, -1) for it in items])

@@ -118,9 +118,9 @@ def train_in_process(
     log_every = int(log_every or job.train.log_every)
     torch.manual_seed(job.train.seed)
     if encoder is None and (data is None or null_cond is None):
-        from twinflow.models.text_encoder import TextEncoder
+        from twinflow.models.text_encoder import open_text_encoder
 
-        encoder = TextEncoder(max_length=job.data.text_max_length)
+        encoder = open_text_encoder(job.model.text_encoder_spec, job.data.text_max_length)
     if data is None:
         data = load_memory_data(job.data, encoder)
     if null_cond is None:
