@@ -61,10 +61,15 @@ def test_mnist_prompt_to_class_and_errors():
     assert canonical_name("Fashion-MNIST") == "fashion_mnist" and canonical_name("mnist_digits") == "mnist"
 
 
-def test_mnist_heldout_is_the_pipeline_eval_split(tmp_path):
-    """Our 1,000 held-out digits are pipelines/mnist_digits.yaml's eval split (a quick build's prefix)."""
+def test_mnist_heldout_is_the_pipeline_eval_split(tmp_path, monkeypatch):
+    """Our 1,000 held-out digits are pipelines/mnist_digits.yaml's eval split (a quick build's prefix),
+    read from the shards' manifest: shards built with another seed move the held-out split with them."""
+    import json
+
     from twinflow.data import build_pipeline, load_pipeline
     from twinflow.data.local import iter_local_records
+    from twinflow.data.splits import split_indices
+    from twinflow.eval import datasets
 
     split = mnist_split_indices()
     assert len(split["eval"]) == 1000 and len(split["train"]) == 9000
@@ -79,6 +84,24 @@ def test_mnist_heldout_is_the_pipeline_eval_split(tmp_path):
     ids = [r["id"] for r in iter_local_records(str(out), "eval")]
     index = [int(offsets[int(i.split("-")[1])]) + int(i.split("-")[2]) for i in ids]
     assert len(index) == 40 and set(index) <= set(split["eval"].tolist())
+    # the manifest records enough to recompute the whole split (before the quick build's limit)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["eval"]["selection"]["source_records"] == 10_000
+    assert np.array_equal(np.sort(split_indices(manifest, "eval")), split["eval"])
+    assert index == split_indices(manifest, "eval")[:40].tolist()
+    for info in manifest["splits"].values():  # a manifest from before source_records: inferred
+        del info["selection"]["source_records"]
+    assert np.array_equal(np.sort(split_indices(manifest, "train")), split["train"])
+    manifest["pipeline"]["splits"]["train"] = {"count": 9000}
+    with pytest.raises(ValueError, match="cannot tell how many records"):
+        split_indices(manifest, "eval", "old/manifest.json")
+    # shards of a pipeline with another seed: the held-out split is theirs
+    other = tmp_path / "seed1"
+    cfg = load_pipeline(REPO / "pipelines" / "mnist_digits.yaml", [f"output={other}", "limit=8", "seed=1"])
+    build_pipeline(cfg, progress=False)
+    monkeypatch.setattr(datasets, "load_pipeline", lambda path: cfg)
+    moved = mnist_split_indices()
+    assert len(moved["eval"]) == 1000 and not np.array_equal(moved["eval"], split["eval"])
 
 
 def test_nfe_and_sampler_checks():

