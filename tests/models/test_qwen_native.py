@@ -129,6 +129,19 @@ def test_native_export_round_trip_keeps_the_encoder(qwen_pipeline_dir, qwen_enco
     x, t, r = torch.randn(2, LATENT_CHANNELS, 16, 16), torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.2])
     with torch.no_grad():
         assert torch.equal(back(x, t, r, cond), g(x, t, r, cond))
+    # Fine-tuning from the export: its twinflow.json names the pipeline whose encoder it was trained with.
+    again = build_generator(
+        ModelConfig(
+            family="qwen_image",
+            pretrained_path=str(tmp_path / "e"),
+            vae_path=str(qwen_pipeline_dir),
+            image_size=32,
+            text_encoder="qwen2.5-vl",
+        )
+    ).eval()
+    assert again.text_encoder_spec["path"] == str(qwen_pipeline_dir)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, r, cond), g(x, t, r, cond))
 
 
 def test_pretrained_path_on_s3_is_cached_locally(qwen_pipeline_dir, bucket, tmp_path, monkeypatch):

@@ -280,7 +280,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     from twinflow.models.presets import get_preset
 
     family = get_family(cfg.family)
-    text_dim, text_projection, text_name = _text_input(cfg)
+    text_dim, text_projection, text_name, text_spec = _text_input(cfg)
     if cfg.preset is not None:
         preset = get_preset(cfg.family, cfg.preset)
         geo = _state_geometry(cfg, preset.image_size, preset.channels)
@@ -314,7 +314,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
         text_projection=text_projection,
         text_encoder=text_name,
     )
-    gen.text_encoder_spec = cfg.text_encoder_spec
+    gen.text_encoder_spec = text_spec
     if cfg.pretrained_path is not None:
         _adopt_twinflow_export(gen, cfg.pretrained_path)
     if cfg.gradient_checkpointing:
@@ -330,14 +330,16 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     return gen
 
 
-def _text_input(cfg: ModelConfig) -> tuple[int, bool, str]:
-    """(state width, whether a learned projection precedes the backbone, encoder name)."""
+def _text_input(cfg: ModelConfig) -> tuple[int, bool, str, dict[str, Any]]:
+    """(state width, whether a learned projection precedes the backbone, encoder name, encoder spec)."""
+    spec = cfg.text_encoder_spec
     if cfg.text_encoder == "minilm":
-        return TEXT_DIM, True, DEFAULT_TEXT_ENCODER
-    from twinflow.models.qwen_text import encoder_width
+        return TEXT_DIM, True, DEFAULT_TEXT_ENCODER, spec
+    from twinflow.models.qwen_text import encoder_width, resolve_encoder_path
 
-    path = cfg.text_encoder_spec["path"]
-    return encoder_width(path), False, f"qwen2.5-vl:{Path(str(path).rstrip('/')).name}"
+    path = resolve_encoder_path(spec["path"])
+    name = f"qwen2.5-vl:{Path(path.rstrip('/')).name}"
+    return encoder_width(path), False, name, {**spec, "path": path}
 
 
 def _adopt_twinflow_export(gen: TwinFlowGenerator, path: str | Path) -> None:

@@ -36,6 +36,21 @@ def is_qwen_pipeline(path: str | Path) -> bool:
     return json.loads(storage.read_bytes(uri)).get("model_type", "").startswith("qwen2_5_vl")
 
 
+def resolve_encoder_path(path: str | Path) -> str:
+    """A Qwen-Image pipeline dir as given; one of our exports (fine-tuning from it) names the pipeline
+    it was trained with in its twinflow.json, unless it holds a copy (the diffusers format)."""
+    from twinflow import storage
+
+    path = str(path)
+    meta_uri = f"{path.rstrip('/')}/twinflow.json"
+    if is_qwen_pipeline(path) or not storage.exists(meta_uri):
+        return path
+    text = json.loads(storage.read_bytes(meta_uri)).get("text_encoder", {})
+    if text.get("kind") == "qwen2.5-vl" and text.get("path"):
+        return str(text["path"])
+    return path
+
+
 def encoder_dirs(path: str | Path) -> tuple[Path, Path]:
     """(text_encoder dir, tokenizer dir) of a Qwen-Image pipeline directory (local or s3://)."""
     from twinflow.models.fetch import local_model_dir
@@ -66,10 +81,10 @@ def encoder_dirs(path: str | Path) -> tuple[Path, Path]:
 def encoder_width(path: str | Path) -> int:
     """The encoder's hidden size from its config alone (3584 for Qwen2.5-VL-7B)."""
     cfg = json.loads((encoder_dirs(path)[0] / "config.json").read_text())
-    text = cfg.get("text_config") or cfg
-    if "hidden_size" not in text:
+    width = (cfg.get("text_config") or {}).get("hidden_size", cfg.get("hidden_size"))
+    if width is None:  # transformers 5 nests it under text_config; older saves keep it at the top
         raise ValueError(f"{path}: text_encoder/config.json has no hidden_size")
-    return int(text["hidden_size"])
+    return int(width)
 
 
 class QwenTextEncoder(CachedTextEncoder):
