@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     ("twinflow.data.cli", "add_data_commands"),
     ("twinflow.eval.cli", "add_commands"),
     ("twinflow.models.cli", "add_commands"),
+    ("twinflow.plan.cli", "add_commands"),
     ("twinflow.serve.cli", "add_commands"),
     ("twinflow.tune.cli", "add_commands"),
 ]

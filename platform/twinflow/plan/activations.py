@@ -1,0 +1,289 @@
+"""Activation memory, measured on small configs on the CPU and fitted to a per-layer per-token formula.
+
+Two quantities per batch row, both in bytes at fp32 (bf16 halves them):
+
+- **saved**: what a forward with gradient leaves alive for its backward (each storage once,
+  parameters excluded). With activation checkpointing it is the checkpoints; the backward then
+  recomputes one block at a time, whose activations (the per-layer terms of the plain formula)
+  come on top.
+- **transient**: the peak of live tensors a no-grad forward creates (a `TorchDispatchMode` counts
+  every new storage until it is freed). TwinFlow's extra passes run without gradient, so their
+  activations are freed layer by layer and only this working set counts.
+
+Both are fitted by least squares as `a*L*N*d + b*N*d + c*L*d + e*L*N*h` (L layers, N image + text
+tokens, d width, h heads), which also captures the per-row modulation vectors. Attention here is
+SDPA (flash/memory-efficient on GPU, the fused CPU kernel here): nothing grows with N^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from twinflow.models.config import ModelConfig
+
+#: (layers, heads, head_dim, image size at patch 2, text tokens) of the configs the formula is fitted on
+FIT_CONFIGS = (
+    (1, 2, 32, 16, 8),
+    (6, 1, 64, 16, 8),
+    (2, 2, 32, 32, 8),
+    (4, 8, 8, 16, 16),
+    (3, 2, 64, 24, 8),
+    (2, 4, 16, 24, 4),
+    (1, 4, 32, 32, 16),
+    (8, 2, 16, 24, 16),
+)
+ROWS = 2  # batch rows per measurement (results are per row)
+
+
+def features(layers: int, tokens: int, width: int, heads: int) -> np.ndarray:
+    """Terms of the saved-activation formula (per row)."""
+    return np.array(
+        [layers * tokens * width, tokens * width, layers * width, layers * tokens * heads], dtype=np.float64
+    )
+
+
+def transient_features(layers: int, tokens: int, width: int, heads: int) -> np.ndarray:
+    """Terms of the no-grad working set: blocks run one at a time, so nothing scales with L*N."""
+    return np.array([tokens * width, tokens * heads, width, layers * width], dtype=np.float64)
+
+
+def probe_config(
+    family: str, layers: int, heads: int, head_dim: int, size: int, text: int, checkpointing: bool
+) -> ModelConfig:
+    """A small random-init config of `family` with the given shape (patch 2, 4 channels)."""
+    from twinflow.models.presets import PRESETS
+
+    preset = next(iter(PRESETS[family].values()))
+    dims = {"num_layers": layers, "num_attention_heads": heads, "attention_head_dim": head_dim}
+    if family == "qwen_image":
+        rope = head_dim // 4
+        dims["axes_dims_rope"] = [head_dim - 2 * rope, rope, rope]
+    return ModelConfig(
+        family=family,
+        preset=preset.name,
+        image_size=size,
+        channels=4,
+        patch=2,
+        text_max_length=text,
+        backbone=dims,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    saved: int  # bytes per row kept for the backward
+    transient: int  # peak bytes per row of a no-grad forward
+    layers: int
+    tokens: int
+    width: int
+    heads: int
+
+
+def _inputs(gen, rows: int, text: int):
+    c, h, w = gen.sample_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, c, h, w, generator=g)
+    t = torch.rand(rows, generator=g)
+    cond = {
+        "text_states": torch.randn(rows, text, 384, generator=g),
+        "text_mask": torch.ones(rows, text, dtype=torch.int64),
+    }
+    return x, t, 0.5 * t, cond
+
+
+def saved_bytes(gen, inputs) -> int:
+    """Bytes one forward with gradient leaves alive for its backward (output excluded; parameters
+    were made before the meter, so never counted). Counting live storages instead of only
+    `saved_tensors_hooks` also catches the block inputs that activation checkpointing holds."""
+    gen.train()
+    meter = LiveBytes()
+    with meter:
+        out = gen(*inputs)
+    kept = meter.alive - out.untyped_storage().nbytes()
+    del out
+    return kept
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages created inside the mode that are still alive; keeps the peak.
+
+    Storages are tracked by weak reference (a view or a tensor autograd keeps holds its storage alive
+    even after the Python tensor that made it is gone) and swept after every op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def _sweep(self) -> None:
+        for ptr in [p for p, (ref, _) in self._refs.items() if ref.expired()]:
+            self.live -= self._refs.pop(ptr)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self._sweep()
+        # an output sharing an input's storage (a view, a no-op cast; often of a parameter) is no new memory
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                s = t.untyped_storage()
+                ptr = s.data_ptr()
+                if ptr and ptr not in self._refs and ptr not in inputs:
+                    self._refs[ptr] = (StorageWeakRef(s), s.nbytes())
+                    self.live += s.nbytes()
+        self.peak = max(self.peak, self.live)
+        return out
+
+    @property
+    def alive(self) -> int:
+        self._sweep()
+        return self.live
+
+
+def transient_bytes(gen, inputs) -> int:
+    gen.eval()
+    meter = LiveBytes()
+    with torch.no_grad(), meter:
+        out = gen(*inputs)
+    del out
+    return meter.peak
+
+
+def measure(cfg: ModelConfig, rows: int = ROWS) -> Measured:
+    """Per-row saved and transient activation bytes of `cfg`, built and run for real on the CPU."""
+    from twinflow.models import build_generator
+
+    torch.manual_seed(0)
+    gen = build_generator(cfg)
+    inputs = _inputs(gen, rows, cfg.text_max_length)
+    saved = saved_bytes(gen, inputs)
+    transient = transient_bytes(gen, inputs)
+    c = gen.backbone.config
+    heads = int(c.num_attention_heads)
+    _, h, w = gen.sample_shape
+    return Measured(
+        saved=saved // rows,
+        transient=transient // rows,
+        layers=int(c.num_layers),
+        tokens=(h // gen.patch) * (w // gen.patch) + cfg.text_max_length,
+        width=heads * int(c.attention_head_dim),
+        heads=heads,
+    )
+
+
+_PER_LAYER = np.array([1.0, 0.0, 1.0, 1.0])  # which `features` terms belong to the layers
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Fitted coefficients (bytes at fp32 per feature unit) for one family."""
+
+    family: str
+    saved: tuple[float, ...]
+    saved_ckpt: tuple[float, ...]
+    transient: tuple[float, ...]
+
+    def per_row(
+        self, layers: int, tokens: int, width: int, heads: int, checkpointing: bool
+    ) -> tuple[int, int]:
+        """(saved, transient) fp32 bytes for one row."""
+        saved = features(layers, tokens, width, heads) @ np.array(self.saved)
+        if checkpointing:  # the checkpoints, plus one block recomputed in the backward
+            kept = features(layers, tokens, width, heads) @ np.array(self.saved_ckpt)
+            saved = kept + features(1, tokens, width, heads) @ (np.array(self.saved) * _PER_LAYER)
+        transient = transient_features(layers, tokens, width, heads) @ np.array(self.transient)
+        return int(saved), int(transient)
+
+
+def nonnegative_fit(rows: list[np.ndarray], values: list[int]) -> tuple[float, ...]:
+    """Least squares with every coefficient >= 0 (active set: drop the most negative term, refit), so
+    no term can turn negative when the formula is extrapolated to 60 layers and 4k tokens."""
+    a, y = np.stack(rows), np.array(values, dtype=np.float64)
+    active = list(range(a.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(a[:, active], y, rcond=None)
+        if coef.min() >= 0:
+            out = np.zeros(a.shape[1])
+            out[active] = coef
+            return tuple(float(c) for c in out)
+        active.pop(int(coef.argmin()))
+
+
+@functools.lru_cache(maxsize=4)
+def fit(family: str, configs: tuple[tuple[int, ...], ...] = FIT_CONFIGS) -> ActivationModel:
+    """Measure `configs` (without and with checkpointing) and fit the formula; ~2 s on one CPU core."""
+    feats, tfeats, saved, saved_ckpt, transient = [], [], [], [], []
+    for layers, heads, head_dim, size, text in configs:
+        plain = measure(probe_config(family, layers, heads, head_dim, size, text, False))
+        ckpt = measure(probe_config(family, layers, heads, head_dim, size, text, True))
+        shape = (plain.layers, plain.tokens, plain.width, plain.heads)
+        feats.append(features(*shape))
+        tfeats.append(transient_features(*shape))
+        saved.append(plain.saved)
+        saved_ckpt.append(ckpt.saved)
+        transient.append(plain.transient)
+    return ActivationModel(
+        family,
+        nonnegative_fit(feats, saved),
+        nonnegative_fit(feats, saved_ckpt),
+        nonnegative_fit(tfeats, transient),
+    )
+
+
+FIT_FILE = Path(__file__).with_name("activation_fit.json")
+
+
+def load_fit(family: str, path: Path = FIT_FILE) -> ActivationModel:
+    """The stored fit for `family` (written by `python -m twinflow.plan.activations --write`)."""
+    fits = json.loads(path.read_text()) if path.is_file() else {}
+    if family not in fits:
+        raise ValueError(
+            f"no activation fit for model family {family!r} in {path}; measure one with "
+            f"`python -m twinflow.plan.activations --family {family} --write`"
+        )
+    f = fits[family]
+    return ActivationModel(family, tuple(f["saved"]), tuple(f["saved_ckpt"]), tuple(f["transient"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="measure small configs on the CPU and fit the activation formula"
+    )
+    parser.add_argument("--family", action="append", default=None, help="default: qwen_image")
+    parser.add_argument("--write", action="store_true", help=f"store the fit in {FIT_FILE.name}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    fits = json.loads(FIT_FILE.read_text()) if FIT_FILE.is_file() else {}
+    for family in args.family or ["qwen_image"]:
+        m = fit(family)
+        fits[family] = {
+            "saved": m.saved,
+            "saved_ckpt": m.saved_ckpt,
+            "transient": m.transient,
+            "configs": [list(c) for c in FIT_CONFIGS],
+        }
+        print(family, json.dumps(fits[family]))
+    if args.write:
+        FIT_FILE.write_text(json.dumps(fits, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

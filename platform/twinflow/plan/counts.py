@@ -1,0 +1,89 @@
+"""Parameter counts of a job's generator, built on the meta device (no weights are read or allocated).
+
+A pretrained directory contributes only its `config.json`: its transformer is rebuilt from that
+config under a preset of the same family, which the model section's `backbone:` overrides fully.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from twinflow.models.config import ModelConfig
+
+# diffusers bookkeeping keys in a saved config.json that are not constructor arguments
+_META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the memory model needs to know about the network."""
+
+    total: int  # every parameter (backbone, E2, text projection, LoRA)
+    trainable: int  # requires_grad after LoRA (all of them without LoRA)
+    largest_layer: int  # parameters of the biggest transformer block (ZeRO-3 gathers one at a time)
+    layers: int
+    width: int  # attention width = heads * head_dim
+    heads: int
+    image_tokens: int  # tokens of one target image (editing doubles them)
+    text_tokens: int
+    state_shape: tuple[int, int, int]  # (C, H, W) of the pixel or latent state
+
+
+def meta_model_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with a pretrained backbone replaced by its own config (read from config.json) as a preset."""
+    if cfg.pretrained_path is None:
+        return cfg
+    from twinflow.models.presets import PRESETS
+    from twinflow.models.registry import transformer_dir
+
+    root = transformer_dir(cfg.pretrained_path)
+    raw = json.loads((root / "config.json").read_text())
+    backbone = {k: v for k, v in raw.items() if k not in _META_KEYS}
+    preset = next(iter(PRESETS[cfg.family].values()))
+    return cfg.model_copy(
+        update={
+            "pretrained_path": None,
+            "text_encoder_path": cfg.text_encoder_spec["path"],
+            "preset": preset.name,
+            "backbone": backbone,
+            "patch": int(backbone.get("patch_size", preset.patch)),
+        }
+    )
+
+
+def build_meta_generator(cfg: ModelConfig):
+    """The job's TwinFlowGenerator (LoRA included) with every tensor on the meta device."""
+    from twinflow.models import build_generator
+
+    with torch.device("meta"):
+        return build_generator(meta_model_config(cfg))
+
+
+def count_model(cfg: ModelConfig) -> ModelCounts:
+    gen = build_meta_generator(cfg)
+    backbone = gen.backbone
+    blocks = _blocks(backbone)
+    c = backbone.config
+    heads = int(c.num_attention_heads)
+    c_state, h, w = gen.sample_shape
+    return ModelCounts(
+        total=sum(p.numel() for p in gen.parameters()),
+        trainable=sum(p.numel() for p in gen.parameters() if p.requires_grad),
+        largest_layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        layers=len(blocks),
+        width=heads * int(c.attention_head_dim),
+        heads=heads,
+        image_tokens=(h // gen.patch) * (w // gen.patch),
+        text_tokens=int(cfg.text_max_length),
+        state_shape=(int(c_state), int(h), int(w)),
+    )
+
+
+def _blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    for name in ("transformer_blocks", "blocks"):
+        if isinstance(getattr(backbone, name, None), torch.nn.ModuleList):
+            return list(getattr(backbone, name))
+    raise ValueError(f"{type(backbone).__name__}: no transformer_blocks list to plan layer by layer")

@@ -1,0 +1,179 @@
+"""Per-GPU memory of one training layout: model states, activations, TwinFlow's passes and copies.
+
+Model states use DeepSpeed's own accounting (its `estimate_zero2/3_model_states_mem_needs`, which the
+tests compare against): with bf16 each trainable parameter costs 16 optimizer bytes (fp32 master,
+Adam m and v, fp32 gradient) sharded over the GPUs from ZeRO-1 on; the bf16 gradients are whole
+under ZeRO-0/1 and sharded from ZeRO-2 on; ZeRO-3 shards the weights too and adds one gathered block
+(its bf16 weights and gradients). Frozen (LoRA base) weights cost only their weights.
+
+Beyond DeepSpeed (what the worker loop does, train/worker.py and train/modelling.py):
+- the generator is built in fp32 and moved to the GPU whole before DeepSpeed casts and shards it:
+  the **startup** peak is 4 bytes per parameter plus the copies below;
+- an EMA teacher, a frozen teacher without LoRA and `train.sample_ema` are each an fp32 deep copy
+  of the whole generator on every GPU, never sharded (**copies**);
+- TwinFlow's no-grad forwards (fake samples, CFG pair, rectify pair, rollout) run before the one
+  forward with gradient; their activations are freed block by block, so only the largest call's
+  working set counts (**no-grad peak**), not their sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from twinflow.plan.activations import ActivationModel
+from twinflow.plan.counts import ModelCounts
+
+BUILD_BYTES = 4  # the generator (and its deep copies) is built in fp32
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+
+    @property
+    def offload_level(self) -> int:
+        return int(self.offload_optimizer) + int(self.offload_params)
+
+    def label(self) -> str:
+        off = {0: "-", 1: "opt", 2: "opt+params"}[self.offload_level]
+        return f"{self.gpus} GPU  ZeRO-{self.zero_stage}  offload {off}  ckpt {'on' if self.checkpointing else 'off'}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything about the job the memory depends on, besides the layout."""
+
+    counts: ModelCounts
+    precision: str  # "bf16" or "fp32"
+    micro_batch: int
+    grad_rows: int  # rows of the forward with gradient (the micro-batch)
+    nograd_rows: int  # rows of the largest no-grad forward
+    copies: int  # fp32 deep copies of the generator (EMA teacher, frozen teacher, sample EMA)
+    tokens: int  # tokens per row through every block (image + reference + text)
+    activations: ActivationModel
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per GPU (cpu: bytes of host memory per GPU process for offloaded states)."""
+
+    layout: Layout
+    weights: int
+    gradients: int
+    optimizer: int
+    gathered: int
+    activations: int
+    nograd_peak: int
+    copies: int
+    startup: int
+    cpu: int
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.gathered
+
+    @property
+    def training(self) -> int:
+        """Steady state: states + copies + the larger of the grad pass and the biggest no-grad pass."""
+        return self.model_states + self.copies + max(self.activations, self.nograd_peak)
+
+    @property
+    def peak(self) -> int:
+        return max(self.training, self.startup)
+
+
+def model_states(
+    total: int, trainable: int, largest_layer: int, layout: Layout, precision: str
+) -> tuple[int, int, int, int, int]:
+    """(weights, gradients, optimizer, gathered block, host bytes) per GPU, DeepSpeed's accounting."""
+    w = 2 if precision == "bf16" else 4
+    opt = 16 if precision == "bf16" else (8 if layout.zero_stage == 0 else 12)
+    n, stage = layout.gpus, layout.zero_stage
+    shard = 1 if stage == 0 else n
+    weights = w * total
+    gradients = w * trainable // (n if stage >= 2 else 1)
+    optimizer = opt * trainable // shard
+    gathered = 0
+    host = 0
+    if layout.offload_optimizer:
+        host += optimizer + w * trainable // n
+        optimizer = gradients = 0
+    if stage == 3:
+        weights = 0 if layout.offload_params else w * total // n
+        host += w * total // n if layout.offload_params else 0
+        gradients = 0  # reduce-scattered block by block: inside the gathered block
+        gathered = 2 * w * largest_layer
+    return weights, gradients, optimizer, gathered, host
+
+
+def estimate(work: Workload, layout: Layout) -> Estimate:
+    c = work.counts
+    weights, gradients, optimizer, gathered, host = model_states(
+        c.total, c.trainable, c.largest_layer, layout, work.precision
+    )
+    saved, transient = work.activations.per_row(c.layers, work.tokens, c.width, c.heads, layout.checkpointing)
+    scale = 0.5 if work.precision == "bf16" else 1.0  # the fit is at fp32
+    # the backward's working set is about one no-grad forward's on top of what the forward saved
+    activations = int(work.grad_rows * (saved + transient) * scale)
+    nograd = int(work.nograd_rows * transient * scale)
+    copies = work.copies * BUILD_BYTES * c.total
+    return Estimate(
+        layout=layout,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        gathered=gathered,
+        activations=activations,
+        nograd_peak=nograd,
+        copies=copies,
+        startup=BUILD_BYTES * c.total + copies,
+        cpu=host,
+    )
+
+
+def forward_rows(method, batch: int, conditional: bool = True) -> tuple[int, int]:
+    """(rows of the forward with gradient, rows of the largest no-grad forward) of one training step,
+    found by running the job's real objective on a one-parameter stand-in model."""
+    from twinflow.method import build_objective
+
+    calls: list[tuple[int, bool]] = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, r, cond):
+            calls.append((int(x.shape[0]), torch.is_grad_enabled()))
+            return x * self.w
+
+    objective = build_objective(method)
+    model = Probe()
+    make_teacher = getattr(objective, "make_teacher", None)
+    teacher = make_teacher(model) if make_teacher is not None else None
+    x = torch.randn(batch, 1, 2, 2)
+    cond = {"text_states": torch.randn(batch, 2, 4), "text_mask": torch.ones(batch, 2, dtype=torch.int64)}
+    null = {"text_states": torch.zeros(1, 2, 4), "text_mask": torch.ones(1, 2, dtype=torch.int64)}
+    objective(model, x, cond if conditional else None, teacher=teacher, null_cond=null)
+    grad = max((n for n, g in calls if g), default=0)
+    nograd = max((n for n, g in calls if not g), default=0)
+    return grad, nograd
+
+
+def copy_count(job) -> int:
+    """fp32 copies of the generator the worker keeps (see modelling.build_averages)."""
+    teacher = getattr(job.method, "teacher", "online")
+    n = int(teacher == "ema") + int(teacher == "frozen" and job.model.lora is None)
+    return n + int(job.train.sample_ema is not None)

@@ -1,0 +1,66 @@
+"""A job YAML -> the memory table of its layouts and the cheapest one that fits a GPU size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twinflow.plan.activations import load_fit
+from twinflow.plan.counts import count_model
+from twinflow.plan.memory import Estimate, Layout, Workload, copy_count, estimate, forward_rows
+
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+_OFFLOADS = {
+    0: [(False, False)],
+    1: [(False, False), (True, False)],
+    2: [(False, False), (True, False)],
+    3: [(False, False), (True, False), (True, True)],
+}
+
+
+def workload(job) -> Workload:
+    """What the job's sections say about memory (model built on the meta device)."""
+    counts = count_model(job.model)
+    edit = job.data.text_column == "instruction"  # the reference image's tokens ride along
+    grad_rows, nograd_rows = forward_rows(job.method, job.train.micro_batch, conditional=job.data.embed_text)
+    return Workload(
+        counts=counts,
+        precision=job.deepspeed.precision,
+        micro_batch=job.train.micro_batch,
+        grad_rows=grad_rows,
+        nograd_rows=nograd_rows,
+        copies=copy_count(job),
+        tokens=counts.image_tokens * (2 if edit else 1) + counts.text_tokens,
+        activations=load_fit(job.model.family),
+    )
+
+
+def layouts(gpus: int, checkpointing: bool | None = None):
+    """Every ZeRO stage and offload choice for `gpus` GPUs (both checkpointing settings unless fixed)."""
+    for ckpt in (False, True) if checkpointing is None else (checkpointing,):
+        for stage, offloads in _OFFLOADS.items():
+            for opt, params in offloads:
+                yield Layout(gpus, stage, opt, params, ckpt)
+
+
+@dataclass(frozen=True)
+class Plan:
+    work: Workload
+    capacity: int  # usable bytes per GPU (after the reserve)
+    table: list[Estimate]  # the job's GPU count and checkpointing, every stage/offload
+    cheapest: Estimate | None  # fewest GPUs, then least offload, then no checkpointing, lowest stage
+
+
+def plan(job, gpu_bytes: int, gpus: int, reserve: int) -> Plan:
+    work = workload(job)
+    capacity = gpu_bytes - reserve
+    table = [estimate(work, lay) for lay in layouts(gpus, job.model.gradient_checkpointing)]
+    cheapest = None
+    for n in GPU_COUNTS:
+        fits = [e for e in (estimate(work, lay) for lay in layouts(n)) if e.peak <= capacity]
+        if fits:
+            cheapest = min(
+                fits,
+                key=lambda e: (e.layout.offload_level, e.layout.checkpointing, e.layout.zero_stage, e.peak),
+            )
+            break
+    return Plan(work, capacity, table, cheapest)
