@@ -21,6 +21,7 @@ from twinflow.eval.periodic import dataset_of, periodic_metrics
 from twinflow.exports import Export, open_export
 from twinflow.imaging import save_grid
 from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+from twinflow.train.launcher import run_job_file
 
 BASE_JOB = "jobs/mnist_base_fm.yaml"
 TWINFLOW_JOB = "jobs/mnist_twinflow.yaml"
@@ -91,8 +92,6 @@ def run_demo(
     overrides_twinflow: list[str] | None = None,
     out_dir: str = "runs/demo",
 ) -> int:
-    from twinflow.train.launcher import run_job_file
-
     t_start = time.perf_counter()
     ensure_shards()
     base = run_job_file(BASE_JOB, overrides_base or [], fresh=fresh)

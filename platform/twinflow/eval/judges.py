@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from twinflow.eval.datasets import EvalDataset, canonical_name, get_dataset, load_split
@@ -146,8 +148,6 @@ def weights_path(dataset: str) -> Path:
 def save_judge(net: JudgeNet, dataset: str, path: Path, meta: dict[str, Any]) -> Path:
     """Weights in float32, or float16 when `meta["store"] == "float16"` (the emoji judge's 1.36k-class
     head: 0.6 MB instead of 1.3 MB); loading always gives float32."""
-    from safetensors.torch import save_file
-
     ds = get_dataset(dataset)
     store = torch.float16 if meta.get("store") == "float16" else torch.float32
     state = {
@@ -178,9 +178,6 @@ def load_judge(dataset_or_path: str | Path, device: str | torch.device = "cpu") 
 
 @lru_cache(maxsize=8)
 def _load_judge(key: str, device: str) -> Judge:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(key) if key.endswith(".safetensors") else weights_path(key)
     if not path.is_file():
         name = path.stem

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from twinflow.eval.datasets import get_dataset
 from twinflow.imaging import to_uint8
 
 
@@ -106,8 +108,6 @@ def class_grid(
 ) -> Path:
     """One row per class; one block of `per_class` columns per (title, images, classes), e.g. per NFE.
     Column j of every block holds the class's j-th sample, so blocks with the same noise line up."""
-    from PIL import Image, ImageDraw
-
     prepared = []
     for title, x, classes in blocks:
         classes = np.asarray(classes)
@@ -147,8 +147,6 @@ def class_grid(
 
 def write_grid(report_entry: dict[str, Any], per_class: int, path: Path) -> Path | None:
     """Rows = classes, one block per NFE with the first `per_class` samples (same noise across blocks)."""
-    from twinflow.eval.datasets import get_dataset
-
     blocks = []
     for nfe, sample_path in report_entry.get("samples", {}).items():
         x, classes = load_samples(sample_path)

@@ -15,6 +15,7 @@ dict into a fresh `build_generator` result).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from twinflow.models.generator import TwinFlowGenerator
+from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
+from twinflow.models.vae import LatentCodec
 from twinflow.models.weights import FORMAT_VERSION, META_FILE, save_extras
 from twinflow.models.weights import read_metadata as read_metadata  # part of this module's API
 
@@ -76,8 +80,6 @@ def save_generator(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the export (see module docstring); replaces `out_dir` atomically when it is local."""
-    from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
-
     metadata = dict(metadata or {})
     clash = sorted(set(metadata) & set(_RESERVED))
     if clash:
@@ -92,8 +94,6 @@ def save_generator(
         if has_lora(generator):
             lora_dir = tmp / "lora"
             lora_dir.mkdir()
-            from safetensors.torch import save_file
-
             sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(generator).items()}
             save_file(sd, str(lora_dir / "adapter_model.safetensors"))
             peft_cfg = generator.backbone.peft_config["default"]
@@ -172,8 +172,6 @@ def save_generator(
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(module).to(dtype)
 
 
@@ -186,7 +184,5 @@ def load_generator(
 
 def load_export_codec(path: str | Path):
     """The VAE saved beside an export (None for pixel-space models)."""
-    from twinflow.models.vae import LatentCodec
-
     vae = Path(path) / "vae"
     return LatentCodec.from_pretrained(vae) if (vae / "config.json").is_file() else None

@@ -8,6 +8,7 @@ shape and dtype.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,9 +16,14 @@ import torch
 from torch import nn
 
 from twinflow.models.config import ModelConfig
-from twinflow.models.registry import Family, get_family, transformer_dir
+from twinflow.models.fetch import local_model_dir
+from twinflow.models.lora import apply_lora
+from twinflow.models.presets import get_preset
+from twinflow.models.qwen_text import encoder_width, resolve_encoder_path
+from twinflow.models.registry import Family, family_of, get_family, transformer_dir
 from twinflow.models.text_encoder import TEXT_DIM, export_text_encoder_spec
 from twinflow.models.time_embed import E2Init, FakeBranch, install_two_time, pack_times
+from twinflow.models.vae import vae_geometry
 from twinflow.models.weights import load_extras, load_twin_e2, read_metadata
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -145,19 +151,13 @@ class TwinFlowGenerator(nn.Module):
             and vae_path is None
         ):
             return cls.from_export(root)[0]
-        from twinflow.models.registry import family_of
-
         family = family_of(root)
         if image_size is None:
-            import json
-
             sample = json.loads((transformer_dir(root) / "config.json").read_text()).get("sample_size")
             if sample is None:
                 raise ValueError(f"{root}: pass image_size (pixels); the backbone config does not fix one")
             factor = 1
             if vae_path is not None:
-                from twinflow.models.vae import vae_geometry
-
                 factor = vae_geometry(vae_path)[2]
             image_size = int(sample) * factor
         cfg = ModelConfig(
@@ -249,8 +249,6 @@ class TwinFlowGenerator(nn.Module):
 
 def _state_geometry(cfg: ModelConfig, preset_size: int | None, preset_channels: int | None) -> dict[str, Any]:
     """Pixel and state (pixel or latent) geometry for a config."""
-    from twinflow.models.vae import vae_geometry
-
     image_size = cfg.image_size or preset_size
     if cfg.vae_path is None:
         channels = cfg.channels or preset_channels
@@ -277,8 +275,6 @@ def _state_geometry(cfg: ModelConfig, preset_size: int | None, preset_channels: 
 
 def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     """A generator from the job's `model:` section (random-init preset or pretrained diffusers weights)."""
-    from twinflow.models.presets import get_preset
-
     family = get_family(cfg.family)
     text_dim, text_projection, text_name, text_spec = _text_input(cfg)
     if cfg.preset is not None:
@@ -324,8 +320,6 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
     gen.image_size = geo["image_size"]
     gen.pixel_channels = geo["pixel_channels"]
     if cfg.lora is not None:
-        from twinflow.models.lora import apply_lora
-
         apply_lora(gen, cfg.lora)
     return gen
 
@@ -335,8 +329,6 @@ def _text_input(cfg: ModelConfig) -> tuple[int, bool, str, dict[str, Any]]:
     spec = cfg.text_encoder_spec
     if cfg.text_encoder == "minilm":
         return TEXT_DIM, True, DEFAULT_TEXT_ENCODER, spec
-    from twinflow.models.qwen_text import encoder_width, resolve_encoder_path
-
     path = resolve_encoder_path(spec["path"])
     name = f"qwen2.5-vl:{Path(path.rstrip('/')).name}"
     return encoder_width(path), False, name, {**spec, "path": path}
@@ -344,8 +336,6 @@ def _text_input(cfg: ModelConfig) -> tuple[int, bool, str, dict[str, Any]]:
 
 def _adopt_twinflow_export(gen: TwinFlowGenerator, path: str | Path) -> None:
     """Fine-tuning from one of our exports keeps its trained E2 and text projection."""
-    from twinflow.models.fetch import local_model_dir
-
     load_twin_e2(gen.backbone, transformer_dir(path), required=False)
     root = local_model_dir(path)
     if (root / "transformer").is_dir():

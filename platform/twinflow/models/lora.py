@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from twinflow.models.config import LoraSettings
@@ -38,8 +41,6 @@ def has_lora(generator: nn.Module) -> bool:
 
 def apply_lora(generator: nn.Module, settings: LoraSettings) -> None:
     """Inject LoRA adapters into the backbone and freeze everything but lora_*, E2 and text_proj."""
-    from peft import LoraConfig
-
     if has_lora(generator):
         raise ValueError("this generator already has LoRA adapters")
     targets = list(settings.target_modules or generator.family.lora_targets)
@@ -79,15 +80,11 @@ def disable_adapters(generator: nn.Module) -> Iterator[nn.Module]:
 
 def lora_state_dict(generator: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter alone in peft's key format (loadable with peft's set_peft_model_state_dict)."""
-    from peft.utils import get_peft_model_state_dict
-
     return get_peft_model_state_dict(generator.backbone, adapter_name=ADAPTER)
 
 
 def merged_copy(generator: nn.Module) -> nn.Module:
     """A deep copy with every adapter merged into its base layer and the peft wrappers removed."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     out = copy.deepcopy(generator)
     names = [n for n, m in out.named_modules() if isinstance(m, BaseTunerLayer)]
     for name in names:

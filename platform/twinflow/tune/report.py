@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from twinflow.tune.config import EvalSetting, Sweep, local_sweep_dir
 from twinflow.tune.trainable import EVAL_GRID, trials_dir
 
@@ -215,11 +218,7 @@ def markdown_table(sweep: Sweep, trials: list[dict[str, Any]], best: dict[str, A
 
 def plot_metric(sweep: Sweep, trials: list[dict[str, Any]], path: Path, family: str) -> Path | None:
     """`family` (e.g. fd) against the plot axis, one line per eval setting; the real-image floor dashed."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg = sweep.config
     axis = cfg.x_axis
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -15,8 +15,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
 from twinflow.config import ConfigError
+from twinflow.data.embed_cache import ensure_embed_cache
+from twinflow.storage import s3_filesystem, upload_dir
+from twinflow.train.launcher import ensure_ray
 from twinflow.tune.config import Sweep, experiment_path, load_sweep, local_sweep_dir
+from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
 from twinflow.tune.report import SweepResult, write_report
 from twinflow.tune.trainable import run_trial, trials_dir
 
@@ -28,8 +38,6 @@ def _trial_dirname(trial) -> str:
 def _filesystem(sweep: Sweep):
     if not sweep.config.is_s3:
         return None
-    from twinflow.storage import s3_filesystem
-
     return s3_filesystem(sweep.config.s3_endpoint)
 
 
@@ -46,8 +54,6 @@ def _exists(sweep: Sweep) -> bool:
     path = experiment_path(sweep)
     if not sweep.config.is_s3:
         return Path(path).exists()
-    import pyarrow.fs as pafs
-
     return _filesystem(sweep).get_file_info(_s3_key(path)).type != pafs.FileType.NotFound
 
 
@@ -65,8 +71,6 @@ def build_scheduler(sweep: Sweep):
     cfg = sweep.config
     if cfg.scheduler.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     s = cfg.scheduler
     max_t = s.max_t or (sweep.max_steps() + 1 if s.time_attr == "step" else 10**9)
     return ASHAScheduler(
@@ -102,12 +106,6 @@ def run_sweep(
 
     resume=None: restore when a restorable experiment exists, else start; True: it must exist.
     fresh: delete an earlier experiment of this name first."""
-    import ray
-    from ray import tune
-
-    from twinflow.train.launcher import ensure_ray
-    from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
-
     cfg = sweep.config
     if fresh and resume:
         raise ConfigError("--fresh and --resume exclude each other")
@@ -127,8 +125,6 @@ def run_sweep(
     base_job = sweep.base_job()
     if base_job.data.embed_cache and base_job.data.embed_text:
         # build the shared text-embedding cache once, before the trials (they would race to build it)
-        from twinflow.data.embed_cache import ensure_embed_cache
-
         ensure_embed_cache(base_job.data)
 
     # every trial records its Train controller and placement groups; the guard releases them when the
@@ -161,8 +157,6 @@ def run_sweep(
             f"eval setting(s), at most {cfg.max_concurrent_trials} at a time -> {path}",
             flush=True,
         )
-        from ray.tune.search import BasicVariantGenerator
-
         tuner = tune.Tuner(
             trainable,
             param_space=cfg.param_space(),
@@ -197,8 +191,6 @@ def run_sweep(
     out.resumed = can_restore
     out.released = released
     if cfg.is_s3:
-        from twinflow.storage import upload_dir
-
         upload_dir(out.report_dir, f"{path}/report", cfg.s3_endpoint)
     return out
 

@@ -16,6 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.data
+import ray.train
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from twinflow.train.launcher import build_trainer, prepare_run
+from twinflow.tune.config import EvaluationConfig, trial_job
+from twinflow.tune.evaluation import evaluate_export
+from twinflow.tune.pg_guard import RecordTrainRun
+
 TRIAL_FILE = "trial.json"
 EVAL_GRID = "eval_samples.png"
 
@@ -26,17 +38,6 @@ def trials_dir(sweep_dir: str) -> str:
 
 def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
     """`spec`: sweep name, base job dict, evaluation config, driver cwd, trial output dir, registry."""
-    import ray
-    import ray.data
-    import ray.train
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from twinflow.train.launcher import build_trainer, prepare_run
-    from twinflow.tune.config import EvaluationConfig, trial_job
-    from twinflow.tune.evaluation import evaluate_export
-    from twinflow.tune.pg_guard import RecordTrainRun
-
     trial_id = tune.get_context().get_trial_id()
     name = f"{spec['sweep']}-{trial_id}"
     job = trial_job(
@@ -72,8 +73,6 @@ def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
     )
     t0 = time.perf_counter()
     if job.cluster.use_gpu:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         # a GPU task outside the trial's own placement group (which holds only the trial's CPU share)
         task = ray.remote(evaluate_export).options(
             num_cpus=job.cluster.cpus_per_worker,
