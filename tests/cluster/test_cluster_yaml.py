@@ -37,3 +37,31 @@ def test_schema_rejects_a_broken_launcher_yaml():
     config["idle_timeout_minutes"] = "five"
     with pytest.raises(jsonschema.ValidationError, match="five"):
         _validate(config)
+
+
+RAYJOB = CLUSTER / "kuberay" / "twinflow-rayjob.yaml"
+
+
+def test_kuberay_rayjob_runs_a_shipped_job_on_enough_gpus():
+    from twinflow.train.config import load_job
+
+    text = RAYJOB.read_text()
+    assert text.startswith(f"# kubectl apply -f cluster/kuberay/{RAYJOB.name}")
+    doc = yaml.safe_load(text)
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert doc["metadata"]["name"] and spec["shutdownAfterJobFinishes"] is True
+    cmd = spec["entrypoint"].split()
+    assert cmd[:2] == ["twinflow", "train"] and "--address" in cmd
+    job = load_job(Path(__file__).resolve().parents[2] / cmd[2])  # the job YAML exists and validates
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] and {p["containerPort"] for p in head["ports"]} >= {6379, 8265}
+    gpus = 0
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus += group["replicas"] * int(limits.get("nvidia.com/gpu", 0))
+    assert gpus >= job.cluster.num_workers * job.cluster.gpus_per_worker
+    # the same command is what the header documents for `ray job submit`
+    assert spec["entrypoint"] in text.split("ray job submit", 1)[1]
