@@ -13,7 +13,7 @@ from torch import Tensor
 from twinflow.method.conditioning import cond_batch_size, mix_cond
 from twinflow.method.config import FlowMatchingConfig
 from twinflow.method.ema import Teacher
-from twinflow.method.losses import barron_loss, mse_loss
+from twinflow.method.losses import config_row_loss
 from twinflow.method.objective import CallLog, ObjectiveOutput, Query, VelocityModel, finalize_metrics
 from twinflow.method.times import normal, uniform
 
@@ -29,9 +29,7 @@ class FlowMatchingObjective:
         return Teacher(model, "online")
 
     def row_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        if self.config.loss == "barron":
-            return barron_loss(pred, target, self.config.barron_c)
-        return mse_loss(pred, target)
+        return config_row_loss(self.config, pred, target)
 
     def __call__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -46,3 +46,10 @@ def row_loss(name: str) -> RowLoss:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+
+
+def config_row_loss(config: Any, pred: Tensor, target: Tensor) -> Tensor:
+    """The per-row loss a method config names (`loss: barron | mse`, with its `barron_c`)."""
+    if config.loss == "barron":
+        return barron_loss(pred, target, config.barron_c)
+    return row_loss(config.loss)(pred, target)
