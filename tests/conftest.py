@@ -20,17 +20,29 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session: 4 logical CPUs (2 would starve Ray Data next to actors)."""
+    """One local Ray for the session: 4 logical CPUs (2 would starve Ray Data next to actors).
+
+    Started as `twinflow train` starts its own (twinflow.train.launcher.ensure_ray): with a dashboard
+    on a free port that RAY_API_SERVER_ADDRESS names for every process, so Ray Train's
+    placement-group cleaner asks this cluster's state API (without it: "Failed to query" every
+    second, and a live run's workers removed when another cluster's dashboard answers)."""
     import ray
+
+    from twinflow.train.launcher import API_SERVER_ENV
 
     for attempt in range(2):  # a heavily loaded machine can time out the raylet's first start-up
         if ray.is_initialized():
             break
+        port = _free_port()
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         try:
             ray.init(
                 num_cpus=4,
-                include_dashboard=False,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
                 object_store_memory=300 * 1024**2,
+                runtime_env={"env_vars": {API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
                 log_to_driver=False,
                 configure_logging=False,
             )
@@ -40,6 +52,7 @@ def ray_cluster():
                 raise
     yield ray
     ray.shutdown()
+    os.environ.pop(API_SERVER_ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from twinflow.config import ConfigError
@@ -40,6 +42,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinflow", description=__doc__)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output (workers, Ray Data, Train) and debug lines; "
+        "by default it stays in Ray's session log files",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run a training job YAML on Ray Train + DeepSpeed")
@@ -99,9 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(verbose: bool) -> None:
+    """Our loggers print `[twinflow] ...` on stdout (INFO; DEBUG with --verbose); the run's Ray
+    start-up reads the choice from TWINFLOW_VERBOSE (twinflow.train.launcher.ensure_ray)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[twinflow] %(message)s"))
+    root = logging.getLogger("twinflow")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    if verbose:
+        os.environ["TWINFLOW_VERBOSE"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `--verbose` anywhere on the line (`twinflow train job.yaml --verbose` too)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    args = parser.parse_args([a for a in argv if a not in ("-v", "--verbose")])
+    setup_logging(verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -1,5 +1,6 @@
 """Driver processes for the reliability tests that need their own Ray (started the way `twinflow train`
-starts it) or that get killed: `python drive_job.py <shards> <out dir> <name> [FIELD=VALUE ...]`.
+starts it, or joining `--address=<GCS address>`) or that get killed:
+`python drive_job.py <shards> <out dir> <name> [FIELD=VALUE ...] [--address=ADDRESS]`.
 
 Prints `SESSION <ray session dir>` once Ray is up, then the job's JobResult as JSON."""
 
@@ -18,10 +19,11 @@ def main(argv: list[str]) -> int:
     from twinflow.train.launcher import ensure_ray, run_job
 
     shards, out, name, *extra = argv
-    job = make_job(shards, out, name, *extra)
-    ensure_ray(job, None)
+    address = next((a.split("=", 1)[1] for a in extra if a.startswith("--address=")), None)
+    job = make_job(shards, out, name, *(a for a in extra if not a.startswith("--address=")))
+    ensure_ray(job, address)
     print("SESSION", ray._private.worker._global_node.get_session_dir_path(), flush=True)
-    result = run_job(job)
+    result = run_job(job, address=address)
     print(result.to_json(), flush=True)
     return 0 if result.ok else 1
 

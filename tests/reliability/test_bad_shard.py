@@ -38,7 +38,7 @@ def consume(ds, cfg) -> list[str]:
 
 
 def test_a_garbled_shard_is_counted_not_fatal(ray_cluster, tmp_path):
-    from twinflow.data.streaming import bad_record_report, build_train_dataset
+    from twinflow.data.streaming import bad_record_metrics, bad_record_report, build_train_dataset
 
     m = write_dataset(
         tmp_path, [cached_row(i) for i in range(40)], shard_size=10, embedding=cache_embedding()
@@ -53,6 +53,8 @@ def test_a_garbled_shard_is_counted_not_fatal(ray_cluster, tmp_path):
     report = bad_record_report(cfg)
     assert report["bad"] == 10 and set(report["by_reason"]["decode_error"]["ids"]) == lost
     assert all(victim in d for d in report["by_reason"]["decode_error"]["details"].values())
+    # what a training run's rank 0 adds to each logged step (metrics.jsonl, TensorBoard)
+    assert bad_record_metrics(cfg) == {"data/bad_records": 10.0, "data/bad_records/decode_error": 10.0}
 
     strict = cfg.model_copy(update={"max_bad_fraction": 0.2})  # allows 8 of 40
     with pytest.raises(Exception, match=r"too many bad records in train: 10 of 40"):

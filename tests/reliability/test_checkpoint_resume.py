@@ -43,6 +43,8 @@ def test_damaged_newest_checkpoints_are_skipped_and_the_run_falls_back(ray_clust
     assert f"skipping checkpoint {c4}" in text and damaged.name in text and "sha256" in text
     assert f"fell back to checkpoint {c2} (step 2)" in text
     assert logged_steps(run) == list(range(1, 9))  # every step once: 1-2 kept, 3-8 retrained
+    rows = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data/bad_records"] == 0 for r in rows if "total" in r)  # per step, not only at the end
     assert second.metrics["samples_seen"] == 8 * MICRO * WORLD
     gen, meta = load_generator(run / "export")
     assert meta["steps"] == 8 and all(torch.isfinite(p).all() for p in gen.parameters())

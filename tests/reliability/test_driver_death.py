@@ -41,52 +41,84 @@ def _session_processes(session: str) -> list[str]:
     return found
 
 
-def test_workers_end_promptly_when_the_driver_is_killed(fashion_small, tmp_path):
+def _start_driver(shards, tmp_path, *extra: str) -> subprocess.Popen:
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "drive_job.py"),
-            str(fashion_small),
-            str(tmp_path),
-            "orphan",
-            "train.steps=5000",
-            "train.checkpoint_every=5000",
-        ],
-        env=_env(),
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    run = tmp_path / "orphan"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if (run / "logs" / "metrics.jsonl").exists() and len(logged_steps(run)) >= 5:
-                break
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(0.5)
-        pids = [int(p.read_text()) for p in sorted((run / "logs" / "workers").glob("rank*.pid"))]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "drive_job.py"),
+                str(shards),
+                str(tmp_path),
+                "orphan",
+                "train.steps=5000",
+                "train.checkpoint_every=5000",
+                *extra,
+            ],
+            env=_env(),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
+def _kill_when_training(driver: subprocess.Popen, tmp_path) -> tuple[list[int], float, int]:
+    """SIGKILL the driver once its 2 workers logged 5 steps; (worker pids, kill time, last step)."""
+    run = tmp_path / "orphan"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (run / "logs" / "metrics.jsonl").exists() and len(logged_steps(run)) >= 5:
+            break
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    pids = [int(p.read_text()) for p in sorted((run / "logs" / "workers").glob("rank*.pid"))]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    return pids, time.time(), logged_steps(run)[-1]
+
+
+def _assert_workers_end_promptly(pids: list[int], killed_at: float, step_at_kill: int, run: Path) -> None:
+    while any(_alive(p) for p in pids) and time.time() - killed_at < 30:
+        time.sleep(0.1)
+    gone_after = time.time() - killed_at
+    assert not any(_alive(p) for p in pids), "workers still training 30 s after the driver died"
+    assert gone_after < 5, f"workers took {gone_after:.1f} s to stop"
+    assert logged_steps(run)[-1] - step_at_kill <= 3
+
+
+def test_workers_end_promptly_when_the_driver_is_killed(fashion_small, tmp_path):
+    """The driver started the local cluster itself (Ray's fate-sharing also takes it down)."""
+    driver = _start_driver(fashion_small, tmp_path)
+    try:
+        pids, killed_at, step_at_kill = _kill_when_training(driver, tmp_path)
         session = next(
             line.split(" ", 1)[1].strip()
             for line in (tmp_path / "driver.log").read_text().splitlines()
             if line.startswith("SESSION ")
         )
         session = Path(session).name
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-        killed_at, step_at_kill = time.time(), logged_steps(run)[-1]
-        while any(_alive(p) for p in pids) and time.time() - killed_at < 30:
-            time.sleep(0.1)
-        gone_after = time.time() - killed_at
-        assert not any(_alive(p) for p in pids), "workers still training 30 s after the driver died"
-        assert gone_after < 5, f"workers took {gone_after:.1f} s to stop"
-        assert logged_steps(run)[-1] - step_at_kill <= 3
+        _assert_workers_end_promptly(pids, killed_at, step_at_kill, tmp_path / "orphan")
         while _session_processes(session) and time.time() - killed_at < 30:  # raylet, GCS, helpers
             time.sleep(0.5)
         assert _session_processes(session) == []
     finally:
         if driver.poll() is None:
             driver.kill()
-        log.close()
+
+
+def test_workers_end_promptly_when_a_driver_that_joined_by_address_is_killed(
+    ray_cluster, fashion_small, tmp_path
+):
+    """The driver joined a running cluster (`twinflow train --address ...`), whose raylet outlives it:
+    only the workers' driver watch (twinflow.train.lifeline) ends them promptly."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = _start_driver(fashion_small, tmp_path, f"--address={address}")
+    try:
+        pids, killed_at, step_at_kill = _kill_when_training(driver, tmp_path)
+        _assert_workers_end_promptly(pids, killed_at, step_at_kill, tmp_path / "orphan")
+    finally:
+        if driver.poll() is None:
+            driver.kill()

@@ -100,3 +100,15 @@ def test_a_job_under_cpu_contention_sees_no_cleaner_misfire(ray_cluster, fashion
     assert "Found multiple active Ray instances" not in logs  # nobody guessed which cluster is ours
     assert "Detected that the Ray Train controller actor" not in logs
     assert json.loads((tmp_path / "pgjob" / "summary.json").read_text())["state"] == "FINISHED"
+
+
+def test_the_session_cluster_serves_its_own_state_api(ray_cluster):
+    """tests/conftest.py starts the session's Ray like `twinflow train` does: Train's cleaner (and
+    anything else asking the state API) gets this cluster's answer, not "Failed to query"."""
+    from ray.dashboard.utils import get_address_for_submission_client
+    from ray.util.state import list_nodes
+
+    assert (
+        get_address_for_submission_client(None) == "http://" + ray_cluster._private.worker.get_dashboard_url()
+    )
+    assert [n.node_id for n in list_nodes()] == [ray_cluster.get_runtime_context().get_node_id()]

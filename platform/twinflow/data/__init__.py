@@ -20,6 +20,7 @@ _LAZY = {
     "build_train_dataset": "twinflow.data.streaming",
     "iter_torch_kwargs": "twinflow.data.streaming",
     "bad_record_report": "twinflow.data.streaming",
+    "bad_record_metrics": "twinflow.data.streaming",
     "build_embed_cache": "twinflow.data.embed_cache",
     "TextEmbedStage": "twinflow.data.embed",
 }

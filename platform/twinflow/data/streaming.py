@@ -41,6 +41,18 @@ def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str,
     return summary
 
 
+def bad_record_metrics(cfg: DataConfig) -> dict[str, float]:
+    """The streamed split's bad-record counts so far as step metrics: `data/bad_records` and one
+    `data/bad_records/<reason>` each; empty when the counter cannot be reached (nothing streamed)."""
+    try:
+        summary = live_tracker(tracker_name(cfg)).summary()
+    except Exception:  # no counter actor in this job (e.g. a local iterator): nothing to report
+        return {}
+    out = {"data/bad_records": float(summary["bad"])}
+    out.update({f"data/bad_records/{k}": float(v["count"]) for k, v in summary["by_reason"].items()})
+    return out
+
+
 def decode_stage(batch: dict[str, np.ndarray], spec: DecodeSpec, tracker: RayTracker) -> dict[str, np.ndarray]:
     out, bad = decode_rows(batch, spec)
     tracker.report(bad)
@@ -91,6 +103,10 @@ def build_train_dataset(cfg: DataConfig):
     """
     import ray
 
+    from twinflow.data.latent_cache import is_latent_cache, latent_train_dataset
+
+    if is_latent_cache(shards.read_manifest(cfg.path, cfg.s3_endpoint)):  # `twinflow data cache` output
+        return latent_train_dataset(cfg)
     source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     kind = source.manifest.kind
     if cfg.text_column == "instruction" and kind != "edit_pairs":
@@ -141,15 +157,18 @@ def build_train_dataset(cfg: DataConfig):
 def read_shards(source, columns: list[str], tracker: RayTracker, shuffle_seed: int | None = None,
                 num_cpus: float = 0.5):
     """One read task per shard, row group by row group (twinflow.data.safe_read): a garbled shard
-    becomes counted bad records instead of a failed job. `shuffle_seed`: shard order shuffled."""
+    becomes counted bad records instead of a failed job. `shuffle_seed`: the shard order is shuffled
+    anew for each pass over the data (epoch), from the seed and the pass's index, so it never repeats
+    identically every epoch and the same seed replays the same sequence of orders."""
     import ray
+    from ray.data import RandomSeedConfig
 
     from twinflow.data.safe_read import read_stage
 
     items = [{"path": p, "shard": s.path, "count": s.count} for p, s in zip(source.paths, source.usable)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if shuffle_seed is not None:
-        ds = ds.randomize_block_order(seed=shuffle_seed)
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
     return ds.map_batches(read_stage, batch_size=1, batch_format="numpy", zero_copy_batch=True, num_cpus=num_cpus,
                           fn_kwargs={"fs": source.fs, "columns": columns, "tracker": tracker})
 

@@ -9,6 +9,7 @@ the newest checkpoint of the run that verifies.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from twinflow.train import manifest
+
+log = logging.getLogger(__name__)
 
 TAG = "ckpt"
 TEACHER_FILE = "teacher.pt"
@@ -110,7 +113,7 @@ def restore(
     def note(line: str) -> None:
         if log_file is None:
             return
-        print(f"[twinflow] {line}", flush=True)
+        log.info(line)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("a") as fh:
             fh.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + line + "\n")

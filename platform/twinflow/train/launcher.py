@@ -6,7 +6,9 @@ finished/errored); we report its final state rather than inventing our own.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -16,9 +18,11 @@ from typing import Any, Iterable
 
 from twinflow.config import ConfigError
 from twinflow.train.config import JobConfig, load_job
-from twinflow.train.paths import check_remote_run, remove_run_dir
-from twinflow.train.progress import plot_losses
+from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, remove_run_dir
+from twinflow.train.progress import FollowLines, plot_losses
 from twinflow.train.summary import write_summary
+
+log = logging.getLogger(__name__)
 
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -29,6 +33,8 @@ WORKER_ENV = {
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients (the PG cleaner) look first
+VERBOSE_ENV = "TWINFLOW_VERBOSE"  # "1" (`twinflow --verbose`): Ray's own output reaches the terminal
+_forwarding: bool | None = None  # whether Ray forwards worker output to this driver (ensure_ray)
 
 # S3 endpoint and credentials travel from the driver to the workers (s3:// data, output, init_from).
 FORWARDED_ENV = (
@@ -100,7 +106,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def ensure_ray(job: JobConfig, address: str | None) -> None:
-    """Join `address` (or the job's), else start an embedded local cluster sized to never starve Ray Data.
+    """Join `address` (or the job's, or RAY_ADDRESS, which `ray job submit` sets for its driver), else
+    start an embedded local cluster sized to never starve Ray Data.
 
     The local cluster runs its own dashboard on a free 127.0.0.1 port, and RAY_API_SERVER_ADDRESS
     (inherited by its raylet, so by every worker) names it. Ray Train's placement-group cleaner asks
@@ -115,9 +122,15 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
         return
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
-    address = address or job.cluster.address
+    address = address or job.cluster.address or os.environ.get("RAY_ADDRESS")
+    global _forwarding
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        # The job's actors (Train's placement-group cleaner among them) find the state API through
+        # RAY_ADDRESS; unset, they scan the machine for clusters ("Found multiple active Ray instances").
+        env = {**WORKER_ENV, **_cluster_address_env(address)}
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        _forwarding = True  # on a cluster `ray job logs` is where the output goes: keep all of it
     else:
         port = free_port()
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
@@ -128,8 +141,24 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
             dashboard_port=port,
             object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
             runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
-            log_to_driver=True,
+            # quiet by default: workers' and Ray's output stays in the session's log files; the
+            # driver prints rank 0's lines from the run directory (FollowLines)
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
         )
+        _forwarding = verbose
+
+
+def _cluster_address_env(address: str) -> dict[str, str]:
+    """{"RAY_ADDRESS": <GCS address>} for a GCS address or "auto"; {} for Ray Client (ray://) ones."""
+    if "://" in address:
+        return {}
+    from ray._private import services
+
+    try:
+        return {"RAY_ADDRESS": services.canonicalize_bootstrap_address_or_die(address)}
+    except Exception:  # ray.init reports an unreachable address itself
+        return {}
 
 
 def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -156,13 +185,18 @@ def run_job_file(
 
 
 def check_inputs(job: JobConfig) -> None:
-    """Paths the job reads exist (before Ray starts): a ConfigError naming the field otherwise."""
+    """Paths the job reads exist and outputs do not go into a Ray runtime-env folder (before Ray
+    starts): a ConfigError naming the field and what to do otherwise."""
     from twinflow import storage
 
-    for field_name, uri, endpoint in (
+    inputs = (
         ("data.path", job.data.path, job.data.s3_endpoint),
         ("train.init_from", job.train.init_from, job.output.s3_endpoint),
-    ):
+    )
+    for field_name, uri, _ in inputs:  # under `ray job submit`: say what to do, not just "missing"
+        check_not_in_runtime_env(field_name, uri or "", must_exist=True)
+    check_not_in_runtime_env("output.dir", job.output.dir, must_exist=False)
+    for field_name, uri, endpoint in inputs:
         if not uri:
             continue
         try:
@@ -207,9 +241,11 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     from ray.train.torch import TorchTrainer
 
     from twinflow.data import build_train_dataset
+    from twinflow.data.latent_cache import check_cache_for_model
     from twinflow.train.lifeline import driver_info
     from twinflow.train.worker import train_loop
 
+    check_cache_for_model(job)  # a latent cache made with another VAE/text encoder is refused here
     null_cond, eval_cond = encode_conditions(job)
     # The worker prints its own progress line; Ray Data's per-operator bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -251,14 +287,15 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     ensure_ray(job, address)
     trainer = build_trainer(job, run_dir)
     try:
-        result = trainer.fit()
+        with follow_run(run_dir):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         out = JobResult(
             ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc), bad_records=_bad_records(job)
         )
         write_summary(run_dir / "summary.json", asdict(out))
         _publish(job, run_dir, out)
-        print(f"[twinflow] job {job.name} ERRORED: {exc}")
+        log.error("job %s ERRORED: %s", job.name, exc)
         return out
 
     metrics = dict(result.metrics or {})
@@ -281,6 +318,16 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     _publish(job, run_dir, out)
     print_summary(job, out)
     return out
+
+
+def follow_run(run_dir: Path):
+    """Print rank 0's lines (progress, restores) from the run directory while the job runs, unless
+    Ray already forwards the workers' output here (then they would show twice)."""
+    logs = run_dir / "logs"
+    paths = [logs / "progress.log", logs / "checkpoints.log"]
+    if _forwarding:
+        return contextlib.nullcontext()
+    return FollowLines(paths, log.info, strip_stamp=(logs / "checkpoints.log",))
 
 
 def _bad_records(job: JobConfig) -> dict[str, Any] | None:
@@ -306,7 +353,7 @@ def _publish(job: JobConfig, run_dir: Path, out: JobResult) -> None:
     out.remote_dir = uri
     if out.export_dir:
         out.export_dir = uri + "/export"
-    print(f"[twinflow] uploaded {n} files to {uri}", flush=True)
+    log.info("uploaded %d files to %s", n, uri)
 
 
 def print_summary(job: JobConfig, out: JobResult) -> None:

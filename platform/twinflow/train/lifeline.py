@@ -8,10 +8,13 @@ that Ray still counts the job alive; when either is gone the worker exits at onc
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 0.5
 
@@ -75,7 +78,7 @@ def watch_driver(
     node_id = ray.get_runtime_context().get_node_id()
 
     def die() -> None:
-        print(f"[twinflow] the driver (pid {info['pid']}) is gone: this worker exits", flush=True)
+        log.warning("the driver (pid %s) is gone: this worker exits", info["pid"])
         os._exit(1)
 
     def loop() -> None:

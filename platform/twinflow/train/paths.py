@@ -8,6 +8,7 @@ exactly one run directory inside its root and nothing a symlink points at.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -63,3 +64,50 @@ def check_remote_run(uri: str) -> str:
             f"{uri}: refusing to delete (needs s3://bucket/.../<run name>, no empty, '.' or '..' parts)"
         )
     return uri
+
+
+# `ray job submit --working-dir DIR` runs the driver (and the workers) in an unpacked copy of DIR:
+# <ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/. The copy leaves out
+# git-ignored folders (data/, runs/) and Ray deletes it when no job uses it any more.
+RUNTIME_RESOURCES = "runtime_resources"
+
+
+def runtime_env_root(cwd: str | Path | None = None) -> Path | None:
+    """The `runtime_resources` folder this process runs inside (a Ray runtime-env working_dir), else None."""
+    here = Path(cwd or os.getcwd()).resolve()
+    for p in (here, *here.parents):
+        if p.name == RUNTIME_RESOURCES or p.name.startswith("_ray_pkg_"):
+            top = next((q for q in (p, *p.parents) if q.name == RUNTIME_RESOURCES), p)
+            return top
+    return None
+
+
+def check_not_in_runtime_env(
+    field: str, path: str, *, must_exist: bool, flag: str = "--set", cwd: str | Path | None = None
+) -> None:
+    """A ConfigError that says what to do when `path` (relative paths against `cwd`) lies in Ray's
+    runtime-env folder: an input that is not there (the upload left it out), or any output (Ray deletes
+    the folder). URIs (s3://...) and paths outside the folder pass."""
+    from twinflow.config import ConfigError
+
+    root = runtime_env_root(cwd)
+    if root is None or not path or "://" in path:
+        return
+    here = Path(cwd or os.getcwd()).resolve()
+    resolved = (here / Path(path).expanduser()).resolve()
+    if resolved != root and root not in resolved.parents:
+        return
+    where = (
+        f"this job runs in a copy of its --working-dir that Ray unpacked into {here} "
+        "(`ray job submit` leaves out git-ignored folders such as data/ and runs/)"
+    )
+    if must_exist and not resolved.exists():
+        raise ConfigError(
+            f"{field}: {path!r} is not in that copy: {where}. Give a path every node can read: an absolute "
+            f"path on shared storage or s3://bucket/prefix, e.g. `{flag} {field}=/shared/...`"
+        )
+    if not must_exist:
+        raise ConfigError(
+            f"{field}: {path!r} would write inside {root}, which Ray deletes after the job: {where}. "
+            f"Write to shared storage or s3://, e.g. `{flag} {field}=/shared/runs` or `{flag} {field}=s3://bucket/runs`"
+        )

@@ -1,16 +1,23 @@
 """What a user sees while a job runs: a progress line, metrics JSONL, TensorBoard, a loss plot.
 
 Only rank 0 writes. On resume the JSONL is cut back to the checkpoint's step, so after a worker
-failure every step appears exactly once in the log.
+failure every step appears exactly once in the log. Rank 0's lines (start, progress, eval) also go to
+`<run>/logs/progress.log`; a driver that does not get the workers' output from Ray (a local cluster,
+quiet by default) prints them from there with `FollowLines`, so each line shows once, without Ray's
+own chatter around it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 def format_eta(seconds: float) -> str:
@@ -66,6 +73,66 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class ProgressLog:
+    """Rank 0's human-readable lines: appended to `path` and logged (Ray forwards a worker's log to
+    the driver and to `ray job logs` when it forwards worker output at all)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, line: str) -> None:
+        with self.path.open("a") as fh:
+            fh.write(line + "\n")
+        log.info(line)
+
+
+class FollowLines:
+    """Driver side: emits the lines appended to `paths` after it started, until `stop()`.
+
+    `strip_stamp` paths start each line with a timestamp token (logs/checkpoints.log): dropped."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        emit: Callable[[str], None],
+        strip_stamp: tuple[Path, ...] = (),
+        every_s: float = 0.3,
+    ):
+        self.emit, self.every_s, self.strip = emit, every_s, set(strip_stamp)
+        self.offsets = {p: (p.stat().st_size if p.exists() else 0) for p in paths}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="twinflow-follow", daemon=True)
+
+    def poll(self) -> None:
+        for path, offset in self.offsets.items():
+            if not path.exists():
+                continue
+            start = offset if path.stat().st_size >= offset else 0  # a file cut shorter: from the top
+            with path.open("rb") as fh:
+                fh.seek(start)
+                chunk = fh.read()
+            done = chunk.rfind(b"\n") + 1  # whole lines only; a half-written one waits
+            self.offsets[path] = start + done
+            for raw in chunk[:done].decode(errors="replace").splitlines():
+                line = raw.split(" ", 1)[-1] if path in self.strip else raw
+                if line.strip():
+                    self.emit(line)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def __enter__(self) -> FollowLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
 
 
 class ProgressLine:

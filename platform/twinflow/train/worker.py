@@ -8,6 +8,7 @@ build model -> (init_from) -> (LoRA) -> teacher -> DeepSpeed engine -> restore -
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,17 +17,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from twinflow.data import iter_torch_kwargs
+from twinflow.data import bad_record_metrics, iter_torch_kwargs
 from twinflow.train import checkpointing, editing, lifeline, modelling
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
-from twinflow.train.progress import MetricsLog, ProgressLine
+from twinflow.train.progress import MetricsLog, ProgressLine, ProgressLog
 from twinflow.train.schedule import lr_factor, set_lr
+
+log = logging.getLogger(__name__)
 
 
 def _as_cond(d: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v) for k, v in d.items()}
+    # Ray hands arrays over read-only: copy instead of wrapping (torch warns about non-writable arrays)
+    return {k: torch.tensor(v) for k, v in d.items()}
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -74,17 +78,17 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         or TrainState()
     )
-    log = None
+    metrics_log = None
+    say = ProgressLog(run_dir / "logs" / "progress.log") if rank == 0 else None
     if rank == 0:
-        log = MetricsLog(
+        metrics_log = MetricsLog(
             run_dir / "logs" / "metrics.jsonl",
             resume_step=state.step,
             tensorboard_dir=run_dir / "tensorboard" if job.output.tensorboard else None,
         )
-        print(
-            f"[twinflow] {'resuming from step ' + str(state.step) if state.step else 'starting'}: "
-            f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}",
-            flush=True,
+        say(
+            f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
+            f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
         )
     progress = ProgressLine(
         job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
@@ -174,10 +178,12 @@ def train_loop(config: dict[str, Any]) -> None:
                     time.perf_counter() - t_first
                 )  # wall since the first batch (this attempt)
                 metrics["peak_mem_mb"] = peak_memory_mb(device)
+                if rank == 0:  # counted by the data pipeline's one counter actor, so far
+                    metrics.update(bad_record_metrics(job.data))
                 logged = {**metrics, **last_eval}
-                if log is not None:
-                    log.write({"step": state.step, **metrics})
-                    print("[twinflow] " + progress.line(state.step, metrics), flush=True)
+                if metrics_log is not None:
+                    metrics_log.write({"step": state.step, **metrics})
+                    say(progress.line(state.step, metrics))
             is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
             at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
             if at_eval and eval_cond is not None:
@@ -198,12 +204,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 if evaluated:
                     last_eval = evaluated
                     logged = {**logged, **evaluated}
-                    if log is not None:
-                        log.write({"step": state.step, **evaluated})
-                        print(
-                            "[twinflow] eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()),
-                            flush=True,
-                        )
+                    if metrics_log is not None:
+                        metrics_log.write({"step": state.step, **evaluated})
+                        say("eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()))
                     if not is_ckpt:  # every rank reports (Tune reads these); checkpoints carry them too
                         ray.train.report({**logged, "step": state.step})
             if is_ckpt:
@@ -234,8 +237,8 @@ def train_loop(config: dict[str, Any]) -> None:
     with full_parameters(engine.module, job.deepspeed.zero_stage):
         if rank == 0:
             modelling.export(job, sampling(), run_dir / "export", steps=state.step)
-    if log is not None:
-        log.close()
+    if metrics_log is not None:
+        metrics_log.close()
     if dist.is_initialized():
         dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
 
@@ -265,5 +268,5 @@ def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -
     if rank == victim and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        print(f"[twinflow] fault injection: rank {rank} exits at step {step}", flush=True)
+        log.warning("fault injection: rank %d exits at step %d", rank, step)
         os._exit(17)

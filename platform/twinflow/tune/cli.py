@@ -10,6 +10,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     # an invalid sweep (or axis, or --job-set) fails here, before anything starts
     sweep = load_sweep(args.sweep, args.set, job_overrides=args.job_set)
+    check_sweep_paths(sweep)
     cfg = sweep.config
     if args.dry_run:
         print(f"[twinflow] sweep {cfg.name}: valid; base job {sweep.base_job_path}")
@@ -35,6 +36,20 @@ def _tune(args: argparse.Namespace) -> int:
 
     result = run_sweep(sweep, address=args.address, resume=True if args.resume else None, fresh=args.fresh)
     return 0 if result.best is not None else 1
+
+
+def check_sweep_paths(sweep) -> None:
+    """Under `ray job submit`: inputs the working-dir upload left out, and a storage or staging dir
+    inside Ray's runtime-env folder (deleted after the job), fail here with what to pass instead."""
+    from twinflow.train.paths import check_not_in_runtime_env
+
+    job = sweep.base_job()
+    for field, path in (("data.path", job.data.path), ("train.init_from", job.train.init_from)):
+        check_not_in_runtime_env(field, path or "", must_exist=True, flag="--job-set", cwd=sweep.cwd)
+    cfg = sweep.config
+    check_not_in_runtime_env("storage", cfg.storage, must_exist=False, cwd=sweep.cwd)
+    if cfg.is_s3:
+        check_not_in_runtime_env("staging_dir", cfg.staging_dir, must_exist=False, cwd=sweep.cwd)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
