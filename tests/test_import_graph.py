@@ -1,6 +1,6 @@
-"""No import cycles inside `twinflow`: a module never needs, directly or through others, a module that
-needs it. Read with `ast` (nothing is imported), every import counts, at module top or inside a
-function, except those under `if TYPE_CHECKING:` (never run)."""
+"""No import cycles inside `twinflow`, and imports only point down the layers of docs/architecture.md.
+Read with `ast` (nothing is imported), every import counts, at module top or inside a function,
+except those under `if TYPE_CHECKING:` (never run)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "twinflow"
+# Bottom to top (docs/architecture.md): a subpackage or top-level module imports only from layers
+# below its own (and from itself).
+LAYERS = [
+    {"config", "storage", "imaging"},
+    {"method", "models"},
+    {"data", "exports"},
+    {"eval"},
+    {"train"},
+    {"tune", "serve", "plan"},
+    {"demo"},
+    {"cli"},
+    {"__main__"},
+]
 
 
 def module_names() -> dict[str, Path]:
@@ -106,3 +119,29 @@ def test_twinflow_has_no_import_cycles():
     assert not found, "import cycles (each group imports itself through the others): " + "; ".join(
         " <-> ".join(c) for c in found
     )
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    bad = []
+    for module, deps in sorted(graph.items()):
+        here = _part(module)
+        for dep in sorted(deps):
+            there = _part(dep)
+            if there == here or there == "twinflow":
+                continue
+            if here not in rank or there not in rank:
+                bad.append(f"{module} -> {dep}: put {here if here not in rank else there} in a layer")
+            elif rank[there] >= rank[here]:
+                bad.append(f"{module} -> {dep}")
+    return bad
+
+
+def test_imports_point_down_the_layers():
+    found = layer_violations(import_graph())
+    assert not found, "imports against the layering of docs/architecture.md: " + "; ".join(found)

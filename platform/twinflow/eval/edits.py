@@ -401,8 +401,8 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
     from twinflow.data.local import read_split_manifest
     from twinflow.eval.datasets import SOURCE_TYPES
     from twinflow.eval.judges import load_judge
+    from twinflow.eval.sampling import setting_sampler
     from twinflow.exports import shared_text_encoder
-    from twinflow.tune.evaluation import sampler_settings
 
     pairs = load_edit_pairs(
         job.data.path,
@@ -420,7 +420,7 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
         imgs = sample_edits(
             model,
             pairs,
-            sampler_settings(job, s),
+            setting_sampler(job, s),
             encoder=encoder,
             codec=codec,
             seed=evaluation.seed,

@@ -22,10 +22,13 @@ import torch
 from torch import Tensor
 
 from twinflow.method.conditioning import cond_to
+from twinflow.method.config import sample_guidance_of
 from twinflow.method.sampler import SamplerSettings, renoise_generator, sample, seeded_noise, settings_for
 
 SAMPLERS = ("auto", "few", "ode")
 MAX_NFE = 1000
+# An evaluation setting (nfe, style, rho) at this style and rho stands for the model's own sampler.
+OWN_STYLE, OWN_RHO = "few", 1.0
 
 
 def check_nfe(nfe_list: Sequence[Any]) -> list[int]:
@@ -63,6 +66,20 @@ def sampler_settings(nfe: int, sampler: str, guidance: float = 0.0) -> SamplerSe
     if sampler not in ("few", "ode"):
         raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
     return settings_for("flow_matching" if sampler == "ode" else "twinflow", nfe, guidance=guidance)
+
+
+def setting_sampler(job: Any, setting: Any) -> SamplerSettings:
+    """The sampler of an evaluation setting (`.nfe`, `.style`, `.rho`; tune's evaluation axes) for a
+    job's model: (few, rho 1) is its own sampler (`settings_for` its method, with its sampling CFG);
+    any other style/rho overrides it."""
+    own = (setting.style, setting.rho) == (OWN_STYLE, OWN_RHO)
+    return settings_for(
+        job.method.name,
+        setting.nfe,
+        None if own else setting.style,
+        None if own else setting.rho,
+        guidance=sample_guidance_of(job.method),
+    )
 
 
 @dataclass(frozen=True)

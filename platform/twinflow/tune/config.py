@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from twinflow import storage
 from twinflow.config import ConfigError, StrictModel
 from twinflow.config.loading import apply_overrides, parse_override, read_yaml, validate, with_fields
+from twinflow.eval.sampling import OWN_RHO, OWN_STYLE
 from twinflow.train.config import JobConfig
 from twinflow.train.paths import NAME_PATTERN
 
@@ -51,8 +52,8 @@ PATH_FIELDS = (
     ("model", "vae_path"),
     ("output", "dir"),
 )
-# The sampler preset's rho; a setting with this rho and style "few" gets the plain metric name.
-PRESET_STYLE, PRESET_RHO = "few", 1.0
+# A setting with this style and rho is the model's own sampler and gets the plain metric name.
+PRESET_STYLE, PRESET_RHO = OWN_STYLE, OWN_RHO
 
 
 class Axis(StrictModel):

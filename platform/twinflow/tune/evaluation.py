@@ -40,30 +40,17 @@ from twinflow.data.local import iter_local_batches
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
 from twinflow.eval.periodic import dataset_of
+from twinflow.eval.sampling import setting_sampler
 from twinflow.exports import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
-from twinflow.method.config import sample_guidance_of
-from twinflow.method.sampler import SamplerSettings, renoise_generator, sample, seeded_noise, settings_for
+from twinflow.method.sampler import renoise_generator, sample, seeded_noise
 from twinflow.train.config import JobConfig
-from twinflow.tune.config import PRESET_RHO, PRESET_STYLE, EvalSetting, EvaluationConfig
+from twinflow.tune.config import EvalSetting, EvaluationConfig
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """`twinflow.eval.metrics`' Fréchet distance between feature rows a (n, d) and b (m, d)."""
     return frechet_distance_features(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
-
-
-def sampler_settings(job, setting: EvalSetting) -> SamplerSettings:
-    """The sampler of one eval setting: the preset setting is the trial's own sampler (its method's,
-    with its sampling CFG); any other style/rho overrides it."""
-    own = (setting.style, setting.rho) == (PRESET_STYLE, PRESET_RHO)
-    return settings_for(
-        job.method.name,
-        setting.nfe,
-        None if own else setting.style,
-        None if own else setting.rho,
-        guidance=sample_guidance_of(job.method),
-    )
 
 
 @dataclass
@@ -178,7 +165,7 @@ def generate(
     """Images (N, C, H, W) in [-1, 1] for `captions` (area-downsampled to `shrink_to` when given);
     noise depends on `seed` only (common random numbers)."""
     encoder = encoder or _encoder(job)
-    settings = sampler_settings(job, setting)
+    settings = setting_sampler(job, setting)
     null = encoder.null_condition() if settings.guidance else None
     n = len(captions)
     noise = seeded_noise(n, tuple(model.sample_shape), seed)
@@ -271,7 +258,7 @@ def judged(
         device=device,
         batch_size=evaluation.batch_size,
         codec=codec,
-        settings={s.suffix: sampler_settings(job, s) for s in settings},
+        settings={s.suffix: setting_sampler(job, s) for s in settings},
     )
 
 
