@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from twinflow import storage
+
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEPLOYMENT = "TwinFlow"
 DEFAULT_TOKEN_ENV = "TWINFLOW_SERVE_TOKEN"
@@ -158,7 +160,7 @@ class ServeAppConfig(_Strict):
         models = []
         for m in self.models:
             p = m.path
-            if not p.startswith("s3://"):
+            if not storage.is_s3(p):
                 p = p[len("file://") :] if p.startswith("file://") else p
                 p = str((root / Path(p).expanduser()).resolve())
             models.append(m.model_copy(update={"path": p}))
