@@ -18,9 +18,6 @@ guidance, image), never on the requests it is batched with. Three things make th
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from twinflow.exports import Export, open_export, shared_text_encoder
 from twinflow.imaging import png_bytes
@@ -145,37 +142,7 @@ def stable_sizes(
 
 
 # ------------------------------------------------------------------------------------ images (edits)
-def decode_image(data: str, *, max_bytes: int, max_side: int):
-    """base64 (or a data: URL) -> PIL image, fully decoded. Raises ValueError (undecodable) or
-    OverflowError (too large) with a message for the client."""
-    text = data.strip()
-    if text.startswith("data:"):
-        head, _, text = text.partition(",")
-        if ";base64" not in head:
-            raise ValueError("a data: URL image must be base64-encoded (data:image/png;base64,...)")
-    if len(text) > (max_bytes * 4) // 3 + 8:
-        raise OverflowError(f"image is larger than {max_bytes} bytes")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("image is not valid base64") from None
-    if len(raw) > max_bytes:
-        raise OverflowError(f"image is {len(raw)} bytes, the limit is {max_bytes}")
-    if not raw:
-        raise ValueError("image is empty")
-    try:
-        img = Image.open(io.BytesIO(raw))
-        w, h = img.size
-        if w > max_side or h > max_side:
-            raise OverflowError(f"image is {w}x{h}, the limit is {max_side}x{max_side}")
-        img.load()
-    except OverflowError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"image could not be decoded: {type(exc).__name__}") from None
-    return img
-
-
+# (decoding and bounds of uploaded images: twinflow.serve.images)
 def image_to_model(img, channels: int, size: int) -> np.ndarray:
     """PIL image -> (size, size, channels) uint8, the model's pixel geometry."""
     img = img.convert("L" if channels == 1 else "RGB")
