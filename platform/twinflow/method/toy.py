@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
 from twinflow.method.flow_matching import FlowMatchingObjective
-from twinflow.method.sampler import SamplerSettings, preset, sample
+from twinflow.method.sampler import SamplerSettings, sample, settings_for
 from twinflow.method.twinflow import TwinFlowObjective
 
 
@@ -160,13 +160,13 @@ def evaluate(
     return results
 
 
-FM_SETTINGS = {  # flow matching's best use of K NFE: uniform Euler steps on its ODE
-    "1": SamplerSettings(nfe=1, style="mul", rho=0.0, g0=0.0, g1=0.0),
-    "2": SamplerSettings(nfe=2, style="mul", rho=0.0, g0=0.0, g1=0.0),
-    "4": SamplerSettings(nfe=4, style="mul", rho=0.0, g0=0.0, g1=0.0),
-    "50": preset("multistep"),
+# Each model with its own sampler (flow matching: uniform Euler steps on its ODE); TwinFlow also at
+# 50 NFE on the ODE, to compare with its few-step use.
+FM_SETTINGS = {str(n): settings_for("flow_matching", n) for n in (1, 2, 4, 50)}
+TWINFLOW_SETTINGS = {
+    **{str(n): settings_for("twinflow", n) for n in (1, 2, 4)},
+    "50": settings_for("twinflow", "multistep"),
 }
-TWINFLOW_SETTINGS = {"1": preset(1), "2": preset(2), "4": preset(4), "50": preset("multistep")}
 
 
 def toy_demo(
