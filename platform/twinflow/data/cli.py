@@ -185,6 +185,10 @@ def _add_leaves(parent: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_embed)
 
+    from twinflow.data.latent_cache import add_cache_command
+
+    add_cache_command(sub)
+
 
 def main_data(argv: list[str] | None = None) -> int:
     """`python -m twinflow.data build ...`: the same commands without the `twinflow data` prefix."""

@@ -103,7 +103,7 @@ def build_train_dataset(cfg: DataConfig):
     """
     import ray
 
-    from twinflow.data.latent_cache import is_latent_cache, latent_train_dataset
+    from twinflow.data.latent_stream import is_latent_cache, latent_train_dataset
 
     if is_latent_cache(shards.read_manifest(cfg.path, cfg.s3_endpoint)):  # `twinflow data cache` output
         return latent_train_dataset(cfg)
