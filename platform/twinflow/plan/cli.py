@@ -41,7 +41,12 @@ def render(result, gpu_label: str) -> str:
 
     lines += [row(e) for e in result.table]
     lines.append("")
-    if result.cheapest is None:
+    if result.cheapest is None and any(e.training <= result.capacity < e.startup for e in result.table):
+        lines.append(
+            "no layout fits because of the startup peak: the worker builds the whole generator in fp32 on "
+            "each GPU before DeepSpeed casts and shards it (startup column); training itself would fit"
+        )
+    elif result.cheapest is None:
         lines.append(
             "no layout up to 128 GPUs fits: lower micro_batch or resolution, use LoRA, or a larger GPU"
         )
