@@ -2,7 +2,9 @@
 
 Each actor loads the encoder once (the expensive part: 22M parameters here, 7B for the 20B model) and
 then serves batches. ``compact=True`` emits each row's valid tokens only, as bytes, for the embedding
-cache; otherwise rows get fixed-length ``text_states`` (L, dim) float32 and ``text_mask`` (L) int64.
+cache; ``refs=<table name>`` publishes each distinct caption's states once and gives rows a
+``text_ref`` (twinflow.data.caption_refs: what streaming uses); otherwise rows get fixed-length
+``text_states`` (L, dim) float32 and ``text_mask`` (L) int64.
 """
 from __future__ import annotations
 
@@ -12,19 +14,21 @@ import numpy as np
 import pyarrow as pa
 
 from twinflow.data.bad_records import BadRecord
+from twinflow.data.caption_refs import REF_COLUMN, caption_key, pack
 from twinflow.data.config import DataConfig
 
 
 class TextEmbedStage:
     def __init__(self, text_column: str = "caption", max_length: int = 32, model_dir: str | None = None,
                  device: str = "cpu", lru_size: int = 4096, compact: bool = False,
-                 cache_dtype: str = "float16", tracker: Any = None) -> None:
+                 cache_dtype: str = "float16", tracker: Any = None, refs: str | None = None) -> None:
         from twinflow.models.text_encoder import text_encoder_for_dir
 
         self.encoder = text_encoder_for_dir(model_dir, max_length, device, lru_size)
         self.text_column, self.compact = text_column, compact
         self.cache_dtype = np.dtype(cache_dtype)
         self.tracker = tracker  # reports rows without text when nothing upstream filtered them
+        self.refs, self._table, self._published = refs, None, set()
 
     @property
     def dim(self) -> int:
@@ -76,6 +80,8 @@ class TextEmbedStage:
         if not keep.all():
             batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
             texts = batch[self.text_column]
+        if self.refs and not self.compact:
+            return self._by_reference(batch, [str(t) for t in texts])
         states, mask = self._encode(list(texts))
         out = dict(batch)
         if self.compact:
@@ -86,6 +92,20 @@ class TextEmbedStage:
             out["text_states"] = states
             out["text_mask"] = mask
         return out
+
+    def _by_reference(self, batch: dict[str, np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
+        """Rows get their caption's key; captions this actor has not published yet are encoded and
+        stored in the table first (so a row never arrives before its states)."""
+        import ray
+
+        keys = [caption_key(t) for t in texts]
+        new = {k: t for k, t in zip(keys, texts) if k not in self._published}
+        if new:
+            states, mask = self._encode(list(new.values()))
+            self._table = self._table or ray.get_actor(self.refs)
+            ray.get(self._table.add.remote(dict(zip(new, pack(states, mask)))))
+            self._published.update(new)
+        return {**batch, REF_COLUMN: np.array(keys, dtype=object)}
 
 
 def embed_kwargs(cfg: DataConfig, **extra: Any) -> dict[str, Any]:

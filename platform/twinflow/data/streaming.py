@@ -18,6 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from twinflow.data import shards
 from twinflow.data.bad_records import BadDataError, BadRecord
+from twinflow.data.caption_refs import REF_COLUMN, CaptionRefs, open_table, table_name
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import DecodeSpec, decode_rows
 from twinflow.data.embed import embed_kwargs
@@ -63,21 +64,26 @@ def iter_torch_kwargs(cfg: DataConfig, device: Any = "cpu") -> dict[str, Any]:
     """Keyword arguments for ``iter_torch_batches`` that this config decides: the collate function
     (numeric columns -> tensors on ``device``, string columns -> lists of str), prefetching and the
     local shuffle buffer. The caller adds ``batch_size`` (and ``drop_last``)."""
-    kwargs: dict[str, Any] = {"collate_fn": TorchBatchCollate(device), "prefetch_batches": cfg.prefetch_batches}
+    refs = CaptionRefs(table_name(cfg), cfg.text_max_length)
+    kwargs: dict[str, Any] = {"collate_fn": TorchBatchCollate(device, refs), "prefetch_batches": cfg.prefetch_batches}
     if cfg.shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.shuffle_seed)
     return kwargs
 
 
 class TorchBatchCollate(NumpyBatchCollateFn):
-    """numpy batch -> dict of torch tensors (numeric columns, on ``device``) and lists of str."""
+    """numpy batch -> dict of torch tensors (numeric columns, on ``device``) and lists of str; caption
+    refs (``text_ref``) become ``text_states``/``text_mask`` through ``refs``."""
 
-    def __init__(self, device: Any = "cpu") -> None:
-        self.device = device
+    def __init__(self, device: Any = "cpu", refs: CaptionRefs | None = None) -> None:
+        self.device, self.refs = device, refs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
+        if REF_COLUMN in batch and self.refs is not None:
+            batch = dict(batch)
+            batch["text_states"], batch["text_mask"] = self.refs.resolve([str(k) for k in batch.pop(REF_COLUMN)])
         out: dict[str, Any] = {}
         for key, value in batch.items():
             if value.dtype == object or value.dtype.kind in "US":
@@ -148,7 +154,9 @@ def build_train_dataset(cfg: DataConfig):
     if cache_info is None and cfg.embed_text:
         from twinflow.data.embed import TextEmbedStage
 
-        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg), batch_format="numpy",
+        open_table(table_name(cfg))  # each distinct caption's states once, rows carry refs (caption_refs)
+        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg, refs=table_name(cfg)),
+                            batch_format="numpy",
                             batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
                             num_cpus=cfg.embed_num_cpus, num_gpus=cfg.embed_num_gpus or None)
     return ds
