@@ -186,10 +186,9 @@ def build_latent_cache(
 ) -> shards.Manifest:
     """Encode `split` of the shard folder `source_uri` into a latent cache at `out_uri` (local or s3://)."""
     import ray
-    import torch
 
     from twinflow.data.reader import open_split
-    from twinflow.data.streaming import make_tracker
+    from twinflow.data.tracking import make_tracker
 
     source = open_split(source_uri, split, endpoint)
     if is_latent_cache(source.manifest):
@@ -204,7 +203,8 @@ def build_latent_cache(
         )
     key = spec.key()
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    use_gpu = gpus >= 1 and torch.cuda.is_available()
+    # the cluster's GPUs, not the driver's: `ray job submit` runs this on a CPU head node
+    use_gpu = gpus >= 1
     name = (
         "twinflow-bad-records-cache-"
         + hashlib.sha1(f"{source_uri}|{out_uri}|{split}".encode()).hexdigest()[:12]
