@@ -72,9 +72,13 @@ def test_edit_jobs_train_export_an_editor_and_eval_scores_it(edit_shards, tmp_pa
     meta = json.loads((fm_export / "twinflow.json").read_text())
     assert meta["tasks"] == ["generate", "edit"] and meta["edit_data"] == str(edit_shards)
 
-    tf = load_job(TF_JOB, [f"data.path={edit_shards}", f"train.init_from={fm_export}", *SMALL])
+    tf = load_job(  # TwinFlow fine-tune of the editor under LoRA
+        TF_JOB, [f"data.path={edit_shards}", f"train.init_from={fm_export}", "model.lora.rank=4", *SMALL]
+    )
     tuned = train_in_process(tf, data=data, encoder=enc, steps=2)
     tf_export = modelling.export(tf, tuned.sampling_model, tmp_path / "tf" / "export", steps=2)
+    tf_meta = json.loads((tf_export / "twinflow.json").read_text())
+    assert tf_meta["tasks"] == ["generate", "edit"] and tf_meta["lora"]
 
     report = run_edit_eval(
         [str(fm_export), str(tf_export)],
