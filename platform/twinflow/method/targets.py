@@ -36,6 +36,16 @@ def rollout_times(t_start: Tensor, r: Tensor, order: int) -> list[Tensor]:
     return [t_start + (r - t_start) * (k / order) for k in range(order + 1)]
 
 
+def rollout_rows(t: Tensor, r: Tensor, delta: float) -> slice | Tensor:
+    """Rows whose RCGM residual uses the rollout (t - r >= delta, the test in `rcgm_residual`); the
+    others fall back to flow matching, so rolling them out is wasted work. All rows: a slice (no
+    gather); else an index tensor (one host sync on an accelerator)."""
+    used = (t - r) >= delta
+    if bool(used.all()):
+        return slice(None)
+    return used.nonzero().flatten()
+
+
 def rollout_step(y: Tensor, s: Tensor, s_next: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Jump y from s to s_next with average velocity g; returns (y_next, displacement)."""
     disp = _rows(s - s_next, y) * g
