@@ -116,7 +116,6 @@ def setup_logging(verbose: bool) -> None:
     root = logging.getLogger("twinflow")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
     if verbose:
         os.environ["TWINFLOW_VERBOSE"] = "1"
 

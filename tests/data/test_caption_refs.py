@@ -22,7 +22,7 @@ def test_rows_carry_a_reference_and_the_collate_restores_the_states_exactly(ray_
     table = open_table(name)
     captions = ["a photo of a bag", "a photo of a dress", "a photo of a bag", "a photo of a bag"] * 8
     batch = {"id": np.array([f"r{i}" for i in range(32)]), "caption": np.array(captions, dtype=object)}
-    by_ref = TextEmbedStage(max_length=16, refs=name)(dict(batch))
+    by_ref = TextEmbedStage(max_length=16, refs=CaptionRefs(name, 16, table))(dict(batch))
     padded = TextEmbedStage(max_length=16)(dict(batch))
 
     assert "text_states" not in by_ref and len(set(by_ref[REF_COLUMN])) == 2

@@ -3,6 +3,8 @@ nothing written before it started, no half-written line, checkpoint-log timestam
 
 from __future__ import annotations
 
+import os
+
 from twinflow.train.progress import FollowLines, ProgressLog
 
 
@@ -23,3 +25,22 @@ def test_each_new_line_is_emitted_once(tmp_path):
     with follow:  # the thread polls; leaving it polls a last time
         pass
     assert seen[2:] == ["step 3/9 | half written"]
+
+
+def test_verbose_is_accepted_anywhere_and_reaches_the_ray_start_up(monkeypatch, tmp_path, capsys):
+    import logging
+
+    from twinflow.cli import main
+    from twinflow.train.launcher import VERBOSE_ENV
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    ours = logging.getLogger("twinflow")
+    monkeypatch.setattr(ours, "handlers", list(ours.handlers))  # main() installs its handler: undone after
+    monkeypatch.setattr(ours, "level", ours.level)
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2  # a clean error, quiet mode
+    assert VERBOSE_ENV not in os.environ
+    assert logging.getLogger("twinflow").level == logging.INFO
+    assert main(["train", str(tmp_path / "none.yaml"), "--verbose"]) == 2
+    assert os.environ[VERBOSE_ENV] == "1"  # ensure_ray forwards Ray's output then
+    assert logging.getLogger("twinflow").level == logging.DEBUG
+    assert "none.yaml" in capsys.readouterr().err

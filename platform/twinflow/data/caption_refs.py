@@ -21,6 +21,7 @@ from twinflow.data.decode import unpack_states
 
 REF_COLUMN = "text_ref"
 DTYPE = "float32"
+NAMESPACE = "twinflow"  # looked up from Ray Data's actors and Train's workers alike
 
 
 class CaptionTable:
@@ -48,8 +49,12 @@ def table_name(cfg: DataConfig) -> str:
 
 
 def open_table(name: str):
-    """The named table actor (created on first use, on the driver that builds the dataset)."""
-    handle = ray.remote(num_cpus=0)(CaptionTable).options(name=name, get_if_exists=True).remote()
+    """The named table actor (created on first use, on the driver that builds the dataset). The first
+    handle is kept: a later lookup's handle would not keep the actor alive once the first is dropped."""
+    if name in _LIVE_TABLES:
+        return _LIVE_TABLES[name]
+    actor = ray.remote(num_cpus=0)(CaptionTable)
+    handle = actor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
     _LIVE_TABLES[name] = handle
     return handle
 
@@ -65,25 +70,34 @@ def pack(states: np.ndarray, mask: np.ndarray) -> list[tuple[bytes, int]]:
 
 
 class CaptionRefs:
-    """Picklable resolver for the train workers' collate: refs -> padded float32 states and masks."""
+    """Picklable access to one table: the embedding stage publishes through it (with the handle the
+    driver gave it) and the train workers' collate resolves refs into padded float32 states and masks
+    (finding the table by name)."""
 
-    def __init__(self, name: str, max_length: int) -> None:
+    def __init__(self, name: str, max_length: int, actor: Any = None) -> None:
         self.name, self.max_length = name, max_length
         self._known: dict[str, tuple[bytes, int]] = {}
-        self._actor = None
+        self._actor = actor
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name, "max_length": self.max_length}
+        return {"name": self.name, "max_length": self.max_length, "actor": self._actor}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["name"], state["max_length"])
+        self.__init__(state["name"], state["max_length"], state["actor"])
+
+    def table(self):
+        if self._actor is None:
+            self._actor = _LIVE_TABLES.get(self.name) or ray.get_actor(self.name, namespace=NAMESPACE)
+        return self._actor
+
+    def publish(self, entries: dict[str, tuple[bytes, int]]) -> None:
+        """Store captions' states; returns once the table has them (a row never outruns its states)."""
+        ray.get(self.table().add.remote(entries))
 
     def resolve(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         missing = sorted({k for k in keys if k not in self._known})
         if missing:
-            if self._actor is None:
-                self._actor = _LIVE_TABLES.get(self.name) or ray.get_actor(self.name)
-            self._known.update(ray.get(self._actor.get.remote(missing)))
+            self._known.update(ray.get(self.table().get.remote(missing)))
             lost = [k for k in missing if k not in self._known]
             if lost:
                 raise KeyError(f"caption table {self.name} has no states for {len(lost)} caption(s)")

@@ -2,7 +2,7 @@
 
 Each actor loads the encoder once (the expensive part: 22M parameters here, 7B for the 20B model) and
 then serves batches. ``compact=True`` emits each row's valid tokens only, as bytes, for the embedding
-cache; ``refs=<table name>`` publishes each distinct caption's states once and gives rows a
+cache; ``refs`` (a CaptionRefs) publishes each distinct caption's states once and gives rows a
 ``text_ref`` (twinflow.data.caption_refs: what streaming uses); otherwise rows get fixed-length
 ``text_states`` (L, dim) float32 and ``text_mask`` (L) int64.
 """
@@ -21,14 +21,14 @@ from twinflow.data.config import DataConfig
 class TextEmbedStage:
     def __init__(self, text_column: str = "caption", max_length: int = 32, model_dir: str | None = None,
                  device: str = "cpu", lru_size: int = 4096, compact: bool = False,
-                 cache_dtype: str = "float16", tracker: Any = None, refs: str | None = None) -> None:
+                 cache_dtype: str = "float16", tracker: Any = None, refs: Any = None) -> None:
         from twinflow.models.text_encoder import text_encoder_for_dir
 
         self.encoder = text_encoder_for_dir(model_dir, max_length, device, lru_size)
         self.text_column, self.compact = text_column, compact
         self.cache_dtype = np.dtype(cache_dtype)
         self.tracker = tracker  # reports rows without text when nothing upstream filtered them
-        self.refs, self._table, self._published = refs, None, set()
+        self.refs, self._published = refs, set()
 
     @property
     def dim(self) -> int:
@@ -96,14 +96,11 @@ class TextEmbedStage:
     def _by_reference(self, batch: dict[str, np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
         """Rows get their caption's key; captions this actor has not published yet are encoded and
         stored in the table first (so a row never arrives before its states)."""
-        import ray
-
         keys = [caption_key(t) for t in texts]
         new = {k: t for k, t in zip(keys, texts) if k not in self._published}
         if new:
             states, mask = self._encode(list(new.values()))
-            self._table = self._table or ray.get_actor(self.refs)
-            ray.get(self._table.add.remote(dict(zip(new, pack(states, mask)))))
+            self.refs.publish(dict(zip(new, pack(states, mask))))
             self._published.update(new)
         return {**batch, REF_COLUMN: np.array(keys, dtype=object)}
 

@@ -154,8 +154,9 @@ def build_train_dataset(cfg: DataConfig):
     if cache_info is None and cfg.embed_text:
         from twinflow.data.embed import TextEmbedStage
 
-        open_table(table_name(cfg))  # each distinct caption's states once, rows carry refs (caption_refs)
-        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg, refs=table_name(cfg)),
+        # each distinct caption's states once, rows carry refs (twinflow.data.caption_refs)
+        refs = CaptionRefs(table_name(cfg), cfg.text_max_length, open_table(table_name(cfg)))
+        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg, refs=refs),
                             batch_format="numpy",
                             batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
                             num_cpus=cfg.embed_num_cpus, num_gpus=cfg.embed_num_gpus or None)

@@ -132,20 +132,33 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         _forwarding = True  # on a cluster `ray job logs` is where the output goes: keep all of it
     else:
-        port = free_port()
-        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-        ray.init(
-            num_cpus=job.cluster.local_num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
-            runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
-            # quiet by default: workers' and Ray's output stays in the session's log files; the
-            # driver prints rank 0's lines from the run directory (FollowLines)
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        # The raylet warns ("N PYTHON worker processes have been started ... 4x the maximum expected
+        # startup concurrency") once a job has started 4x as many workers as the machine's physical
+        # cores, which a 2-core machine reaches at once with Ray Data's fractional-CPU tasks, the
+        # embedding actors and Train's own actors. Its startup concurrency is the cluster's logical CPUs.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(job.cluster.local_num_cpus))
+        for attempt in range(2):  # the free port can be taken before the dashboard binds it: once more
+            port = free_port()
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(
+                    num_cpus=job.cluster.local_num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    object_store_memory=job.cluster.object_store_memory_mb * 1024 * 1024,
+                    runtime_env={"env_vars": {**WORKER_ENV, API_SERVER_ENV: os.environ[API_SERVER_ENV]}},
+                    # quiet by default: workers' and Ray's output stays in the session's log files;
+                    # the driver prints rank 0's lines from the run directory (FollowLines)
+                    log_to_driver=verbose,
+                    logging_level=logging.INFO if verbose else logging.WARNING,
+                )
+                break
+            except Exception as exc:
+                ray.shutdown()
+                if attempt or "dashboard" not in str(exc).lower() + repr(exc.__cause__).lower():
+                    raise
+                log.warning("Ray's dashboard could not bind port %d; starting again on another", port)
         _forwarding = verbose
 
 
