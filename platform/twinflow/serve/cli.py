@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 APP_IMPORT_PATH = "twinflow.serve.app:build_app"
 
@@ -116,10 +119,10 @@ def load_plan(target: str, model_id: str | None = None, overrides: list[str] | N
                 }
             )
             if app.get("runtime_env"):
-                print(
-                    f"warning: {target}: twinflow serve ignores runtime_env of {app.get('name')!r} "
-                    "(use `serve run` for it)",
-                    file=sys.stderr,
+                log.warning(
+                    "%s: twinflow serve ignores runtime_env of %r (use `serve run` for it)",
+                    target,
+                    app.get("name"),
                 )
     else:
         raise ConfigError(f"{target}: no such export dir or config file")

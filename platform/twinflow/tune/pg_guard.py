@@ -187,10 +187,11 @@ class ReleaseTrialResources(_TuneCallback):
             logger.exception("ray#54305 guard: releasing trial %s failed", trial_id)
             return
         if entry and entry["leaked"]:
-            print(
-                f"[twinflow] trial {trial_id}: released leaked placement group(s) {entry['leaked']} "
-                f"(ray#54305); controller {entry['controllers']}",
-                flush=True,
+            logger.warning(
+                "trial %s: released leaked placement group(s) %s (ray#54305); controller %s",
+                trial_id,
+                entry["leaked"],
+                entry["controllers"],
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
