@@ -36,6 +36,7 @@ TINY = [  # a few steps on the session's small shards, one worker, one grid imag
     "data.shuffle_buffer=32",
     "eval.nfe=[1]",
     "eval.images_per_prompt=1",
+    "eval.metrics=false",
     "output.tensorboard=false",
 ]
 
