@@ -5,19 +5,20 @@ MUL+ANY the "cfg" rows. Call plan (B rows, sizes nE, nM, nA, nV, nC = nM + nA, n
 the base rows whose residual uses the rollout):
 
   stage A  online : fake samples G(eps', 1, 0)        nV rows   (ADV data)
+                    one-step G(eps, 1, 0) for E2E rows nE rows   (x_g = eps - G_e, values only)
            teacher: CFG pair G_hat(x_t, t, t | c/null) 2 nC rows
-  grad            : G(x_t, t, r) on all B rows         B rows
   stage B  online : rectify pair G(y, -tau, -tau), G(y, tau, tau)  2 nE rows
            rollout: rollout sub-step 1                 nK rows
   stage k  rollout: rollout sub-step k (k = 2..N)      nK rows
+  grad            : G(x_t, t, r) on all B rows         B rows
 
-Two passes are skipped because their values exist or are unused (the maths is unchanged):
-- the E2E rows of the grad forward ARE the one-step queries G(eps, 1, 0) (x_t = eps at t = 1), so the
-  rectify samples x_g = eps - sg(G_e) come from it, as in the reference (its `x_wc_t[e2e]`); hence the
-  grad forward runs before stage B instead of last;
-- rows with t - r < delta (about half the MUL rows) take the flow-matching residual G - v, which never
-  reads the rollout's displacement D, so they are not rolled out (the reference rolls out every row).
-At lambda 1/3, B = 32: 104 instead of 118 no-grad rows (3.3 B instead of 3.7 B).
+Rows with t - r < delta (about half the MUL rows) take the flow-matching residual G - v, which never
+reads the rollout's displacement D, so they are not rolled out (the reference rolls out every row; the
+maths is unchanged). At lambda 1/2, B = 32: about 104 instead of 112 no-grad rows per step.
+The one-step values of the E2E rows equal the grad forward's E2E rows (x_t = eps at t = 1), which is
+where the reference takes them; running the grad forward first to reuse them saves nE rows but was
+measured slower on CPU (the backward no longer follows its forward: docs/benchmarks.md), so the grad
+forward stays last.
 
 The rollout runs on the teacher, except with the frozen teacher: the frozen initial model never learned
 jumps (r < t), so, as in the reference, the rollout uses the online model (no grad) and only the CFG pair
@@ -44,7 +45,7 @@ from twinflow.method.conditioning import Cond, cond_batch_size, expand_cond, tak
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.ema import Teacher
 from twinflow.method.groups import GroupSplit
-from twinflow.method.losses import config_row_loss, time_weight
+from twinflow.method.losses import barron_loss, mse_loss, time_weight
 from twinflow.method.objective import CallLog, ObjectiveOutput, Query, VelocityModel, finalize_metrics
 from twinflow.method.targets import (
     enhance_velocity,
@@ -83,7 +84,9 @@ class TwinFlowObjective:
         return Teacher(model, self.config.teacher, decay=self.config.ema_decay, adapters_off=adapters_off)
 
     def row_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return config_row_loss(self.config, pred, target)
+        if self.config.loss == "barron":
+            return barron_loss(pred, target, self.config.barron_c)
+        return mse_loss(pred, target)
 
     def _stage(
         self,
@@ -145,10 +148,13 @@ class TwinFlowObjective:
         eps = normal(x.shape, device=dev, generator=g)
         cond_e, cond_c, cond_v, cond_b = (take_cond(cond, s) for s in (E, C, V, base))
 
-        # Stage A: fake samples, CFG pair.
+        # Stage A: fake samples, E2E one-step values, CFG pair.
+        online_q: list[Query] = []
         ones_v, zeros_v = torch.ones(nV, device=dev), torch.zeros(nV, device=dev)
         eps_fake = normal((nV, *shape), device=dev, generator=g)
-        online_q = [Query(eps_fake, ones_v, zeros_v, cond_v)]
+        online_q.append(Query(eps_fake, ones_v, zeros_v, cond_v))
+        if rectify:
+            online_q.append(Query(eps[E], torch.ones(nE, device=dev), torch.zeros(nE, device=dev), cond_e))
         teacher_q: list[Query] = []
         t_c = t[C]
         if use_cfg:
@@ -168,16 +174,11 @@ class TwinFlowObjective:
             )
             v_base = torch.cat([v[E], v_c, v[C.stop : nB]])
 
-        # The one forward with gradient, over all B rows. Its E2E rows are the one-step queries
-        # G(eps, 1, 0) (x_t = eps at t = 1), so their values give the rectify samples x_g, as in the
-        # reference: no separate one-step pass.
-        (G,) = log.run(model, [Query(x_t, t, r, cond)], grad=True)
-
         # Stage B: rectify pair (online) + first rollout sub-step (teacher). The rollout only runs on
         # rows whose residual uses it (t - r >= delta, see rcgm_residual); the others keep D = 0.
         online_q = []
         if rectify:
-            x_g = eps[E] - G[E].detach()
+            x_g = eps[E] - out_online[1]
             tau = uniform((nE,), device=dev, generator=g)
             y_r = noisy(x_g, tau, normal(x_g.shape, device=dev, generator=g))
             online_q += [Query(y_r, -tau, -tau, cond_e), Query(y_r, tau, tau, cond_e)]
@@ -200,6 +201,8 @@ class TwinFlowObjective:
                 D_k = D_k + disp
             D[keep] = D_k
 
+        # The one forward with gradient, over all B rows.
+        (G,) = log.run(model, [Query(x_t, t, r, cond)], grad=True)
         with torch.no_grad():
             T_base = rcgm_target_from_residual(
                 G[base], rcgm_residual(G[base], v_base, D, t[base], r[base], cfg.delta)

@@ -16,8 +16,18 @@ if TYPE_CHECKING:
     from twinflow.train.sections import DeepSpeedConfig, TrainConfig
 
 
+def zero_stage_for(ds: DeepSpeedConfig, world_size: int) -> int:
+    """The ZeRO stage the engine runs. ZeRO-1/2 partition optimizer states and gradients across ranks;
+    with one rank there is nothing to partition, and ZeRO-2's gradient bucketing and copies cost
+    ~25 ms per step on the tiny model (benchmarks/step_overhead.py): stage 0 then. Optimizer offload
+    needs a ZeRO optimizer, and ZeRO-3 shards parameters (memory), so those keep their stage."""
+    if world_size == 1 and ds.zero_stage in (1, 2) and not ds.offload_optimizer:
+        return 0
+    return ds.zero_stage
+
+
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": zero_stage_for(ds, world_size)}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -65,6 +75,10 @@ def init_engine(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], ds
 
     _skip_cpu_jit_builds()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(params), config=ds_cfg)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # averaging gradients over one rank is the identity, but DeepSpeed still flattens them into
+        # buffers and all-reduces those every step (~5 ms on the tiny model): skip it
+        engine.enable_backward_allreduce = False
     return engine
 
 
