@@ -176,9 +176,9 @@ def _cluster_address_env(address: str) -> dict[str, str]:
 
 def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Null (CFG) condition and validation prompts, encoded once on the driver, shipped as arrays."""
-    from twinflow.models.text_encoder import TextEncoder
+    from twinflow.models.text_encoder import open_text_encoder
 
-    enc = TextEncoder(max_length=job.data.text_max_length)
+    enc = open_text_encoder(job.model.text_encoder_spec, job.data.text_max_length)
     null = {k: v.numpy() for k, v in enc.null_condition().items()}
     prompts = None
     if job.eval.prompts:
