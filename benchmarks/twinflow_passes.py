@@ -3,7 +3,7 @@ with the objectives interleaved step by step (FM, TF, [TF at a baseline commit],
 a loaded, noisy machine slows them alike; medians of the per-step times.
 
     .venv/bin/python benchmarks/twinflow_passes.py --preset tiny-28g --batch 32 --reps 30
-    .venv/bin/python benchmarks/twinflow_passes.py --preset small-28g --batch 16 --reps 8 --baseline HEAD~1
+    .venv/bin/python benchmarks/twinflow_passes.py --preset small-28g --batch 16 --reps 12 --baseline fb578a2~1 --baseline fb578a2 --no-skip
 
 --baseline REV also times the TwinFlow objective as it was at git revision REV (its twinflow.py loaded
 from git into a scratch module; the rest of the package is today's), to show a change's effect in the
@@ -45,6 +45,23 @@ def baseline_objective(rev: str):
     return module.TwinFlowObjective
 
 
+def _no_rollout_skip():
+    import twinflow.method.twinflow as tw
+
+    class NoRolloutSkip(tw.TwinFlowObjective):
+        """Today's objective with every base row rolled out (as before the t - r < delta skip)."""
+
+        def __call__(self, *args, **kwargs):
+            keep = tw.rollout_rows
+            tw.rollout_rows = lambda t, r, delta: slice(None)
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                tw.rollout_rows = keep
+
+    return NoRolloutSkip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny-28g")
@@ -52,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--baseline", default=None, help="git revision whose TwinFlow objective is timed too")
+    ap.add_argument(
+        "--baseline", action="append", default=[], help="git revision whose TwinFlow objective is timed too"
+    )
+    ap.add_argument(
+        "--no-skip", action="store_true", help="also time today's objective rolling out every row"
+    )
     args = ap.parse_args(argv)
 
     from twinflow.method import build_objective
@@ -60,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from twinflow.models import build_generator
     from twinflow.models.config import ModelConfig
 
+    NoRolloutSkip = _no_rollout_skip()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_generator(ModelConfig(family="qwen_image", preset=args.preset, text_max_length=16))
@@ -69,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         "flow_matching": build_objective(FlowMatchingConfig(cond_dropout=0.1)),
         "twinflow": build_objective(tf_cfg),
     }
-    if args.baseline:
-        objectives[f"twinflow@{args.baseline}"] = baseline_objective(args.baseline)(tf_cfg)
+    for rev in args.baseline:
+        objectives[f"twinflow@{rev}"] = baseline_objective(rev)(tf_cfg)
+    if args.no_skip:
+        objectives["twinflow_no_rollout_skip"] = NoRolloutSkip(tf_cfg)
     gen = torch.Generator().manual_seed(0)
     B = args.batch
     channels = 3 if "rgb" in args.preset else 1
