@@ -108,10 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted (not the one at set-up), so a
+    redirected or captured stdout still gets our lines."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """Our loggers print `[twinflow] ...` on stdout (INFO; DEBUG with --verbose); the run's Ray
     start-up reads the choice from TWINFLOW_VERBOSE (twinflow.train.launcher.ensure_ray)."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("[twinflow] %(message)s"))
     root = logging.getLogger("twinflow")
     root.handlers[:] = [handler]

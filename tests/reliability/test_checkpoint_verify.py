@@ -4,6 +4,7 @@ naming a file and never fell back. Checkpoints now carry per-rank manifests chec
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -94,8 +95,10 @@ def _run_dir_with(tmp_path: Path, steps: list[int]) -> tuple[Path, list[Path]]:
     return run, dirs
 
 
-def test_restore_falls_back_to_the_newest_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_restore_falls_back_to_the_newest_good_checkpoint(tmp_path, monkeypatch, caplog):
     import ray.train
+
+    caplog.set_level(logging.INFO, logger="twinflow.train.checkpointing")
 
     run, (c2, c4, c6) = _run_dir_with(tmp_path, [2, 4, 6])
     corrupt(c6 / "ckpt" / "zero_rank0_states.pt")  # the newest: random bytes
@@ -104,7 +107,8 @@ def test_restore_falls_back_to_the_newest_good_checkpoint(tmp_path, monkeypatch,
     log = tmp_path / "checkpoints.log"
     state = checkpointing.restore(engine, None, str(run), log_file=log)
     assert state.step == 4 and engine.loaded == c4
-    for text in (capsys.readouterr().out, log.read_text()):
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for text in (logged, log.read_text()):
         assert f"skipping checkpoint {c6}" in text and "zero_rank0_states.pt" in text
         assert f"fell back to checkpoint {c4} (step 4)" in text
 

@@ -33,7 +33,8 @@ def test_verbose_is_accepted_anywhere_and_reaches_the_ray_start_up(monkeypatch, 
     from twinflow.cli import main
     from twinflow.train.launcher import VERBOSE_ENV
 
-    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(VERBOSE_ENV, "")  # recorded, so whatever main() sets is undone after
+    monkeypatch.delenv(VERBOSE_ENV)
     ours = logging.getLogger("twinflow")
     monkeypatch.setattr(ours, "handlers", list(ours.handlers))  # main() installs its handler: undone after
     monkeypatch.setattr(ours, "level", ours.level)

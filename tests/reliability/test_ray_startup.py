@@ -45,7 +45,8 @@ print(json.dumps({"dashboard": ray._private.worker.get_dashboard_url(), **ray.ge
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    dropped = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "TWINFLOW_VERBOSE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
