@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from twinflow.config import ConfigError
+from twinflow.storage import is_s3
 from twinflow.train.config import JobConfig, load_job
 from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
@@ -70,7 +71,7 @@ class JobResult:
 
 
 def is_remote(job: JobConfig) -> bool:
-    return job.output.dir.startswith("s3://")
+    return is_s3(job.output.dir)
 
 
 def run_dir_of(job: JobConfig) -> Path:

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from twinflow.storage import is_s3
+
 # First character a letter or digit: no ".", "..", hidden names or "-option" look-alikes; no "/".
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 RUN_MARKER = "job.json"
@@ -56,7 +58,7 @@ def remove_run_dir(root: str | Path, name: str, marker: str = RUN_MARKER) -> boo
 
 def check_remote_run(uri: str) -> str:
     """An s3:// run prefix `s3://bucket[/prefix]/name` with a bucket and a plain last component."""
-    if not uri.startswith("s3://"):
+    if not is_s3(uri):
         raise UnsafePathError(f"{uri}: not an s3:// URI")
     parts = uri[len("s3://") :].split("/")
     if len(parts) < 2 or not parts[0] or any(p in ("", ".", "..") for p in parts):
