@@ -88,6 +88,7 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
         int(line.rsplit("(step ", 1)[1].rstrip(")")) for line in notes.splitlines() if "(step " in line
     ]
     remote = list_files(out.rstrip("/") + "/drill", endpoint)
+    errors = run / "logs" / "errors.log"
     Path(report).write_text(
         json.dumps(
             {
@@ -103,6 +104,7 @@ def main(shards: str, out: str, endpoint: str, report: str) -> int:
                 "remote_checkpoints": sorted(
                     {f.split("/")[0] for f in remote if f.startswith("checkpoint_") and "/" in f}
                 ),
+                "worker_errors": errors.read_text()[-8000:] if errors.exists() else None,
                 "checkpoint_every": CKPT_EVERY,
                 "total_steps": STEPS,
             },

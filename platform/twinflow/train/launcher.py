@@ -304,8 +304,10 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
         with follow_run(run_dir):
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        errors = write_failure_log(run_dir, exc)
+        message = str(exc) + (f"\n(full tracebacks: {errors})" if errors else "")
         out = JobResult(
-            ok=False, state="ERRORED", run_dir=str(run_dir), error=str(exc), bad_records=_bad_records(job)
+            ok=False, state="ERRORED", run_dir=str(run_dir), error=message, bad_records=_bad_records(job)
         )
         write_summary(run_dir / "summary.json", asdict(out))
         _publish(job, run_dir, out)
@@ -332,6 +334,27 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     _publish(job, run_dir, out)
     print_summary(job, out)
     return out
+
+
+def write_failure_log(run_dir: Path, exc: BaseException) -> Path | None:
+    """Ray shortens each worker's traceback in the error message (the middle is cut to '...'), often
+    exactly where the cause is: keep every rank's full traceback in logs/errors.log."""
+    import traceback
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures and getattr(exc, "controller_failure", None) is not None:
+        failures = {"controller": exc.controller_failure}
+    if not failures:
+        return None
+    path = run_dir / "logs" / "errors.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for who, err in sorted(failures.items(), key=lambda kv: str(kv[0])):
+            label = f"rank {who}" if isinstance(who, int) else str(who)
+            fh.write(f"=== {label}: {type(err).__name__}\n")
+            fh.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+            fh.write("\n")
+    return path
 
 
 def follow_run(run_dir: Path):
