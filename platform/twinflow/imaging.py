@@ -37,15 +37,19 @@ def save_grid(
     labels: Sequence[str],
     path: str | Path,
     scale: int = 2,
-    label_width: int = 90,
+    label_width: int | None = None,
 ) -> Path:
-    """One row per tensor (N, C, H, W), each with a text label on the left (e.g. '1 NFE')."""
+    """One row per tensor (N, C, H, W), each with a text label on the left (e.g. '1 NFE'). The label
+    column is as wide as the widest label's rendered text (Pillow's `textbbox`), so none is cut off."""
     if len(rows) != len(labels):
         raise ValueError("one label per row")
     imgs = [to_uint8(r) for r in rows]
     h, w = imgs[0].shape[1] * scale, imgs[0].shape[2] * scale
     ncol = max(len(r) for r in imgs)
     pad = 2
+    if label_width is None:
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        label_width = 4 + max((measure.textbbox((0, 0), t)[2] for t in labels), default=0) + 8
     canvas = Image.new("RGB", (label_width + ncol * (w + pad), len(imgs) * (h + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (row, label) in enumerate(zip(imgs, labels)):
