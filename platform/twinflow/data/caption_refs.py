@@ -18,6 +18,7 @@ import ray
 
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import unpack_states
+from twinflow.data.tracking import on_driver_node
 
 REF_COLUMN = "text_ref"
 DTYPE = "float32"
@@ -54,7 +55,7 @@ def open_table(name: str):
     if name in _LIVE_TABLES:
         return _LIVE_TABLES[name]
     actor = ray.remote(num_cpus=0)(CaptionTable)
-    handle = actor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    handle = actor.options(name=name, namespace=NAMESPACE, get_if_exists=True, **on_driver_node()).remote()
     _LIVE_TABLES[name] = handle
     return handle
 

@@ -70,6 +70,18 @@ class RayTracker:
 _LIVE_TRACKERS: dict[str, Any] = {}
 
 
+def on_driver_node() -> dict[str, Any]:
+    """Actor options that keep a job's bookkeeping actors (bad-record counters, the caption table, the
+    sweep's placement-group registry) on the node of the driver that makes them. Ray would place a
+    zero-CPU actor on any node; on a worker machine it dies with that machine and takes every data
+    task that reports to it down too, so losing one machine failed the whole job. The driver's node
+    lives as long as the job does."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
+
+
 def tracker_name(cfg: DataConfig, purpose: str = "stream") -> str:
     """One counter per (config, purpose): epochs over the same dataset share it, other configs do not."""
     key = f"{purpose}|{cfg.model_dump_json()}"
@@ -78,7 +90,9 @@ def tracker_name(cfg: DataConfig, purpose: str = "stream") -> str:
 
 def make_tracker(name: str, expected: int, max_bad_fraction: float, what: str = "records") -> RayTracker:
     actor_cls = ray.remote(num_cpus=0)(BadRecordCounter)
-    handle = actor_cls.options(name=name, get_if_exists=True).remote(expected, max_bad_fraction, what)
+    handle = actor_cls.options(name=name, get_if_exists=True, **on_driver_node()).remote(
+        expected, max_bad_fraction, what
+    )
     _LIVE_TRACKERS[name] = handle
     return RayTracker(name, handle)
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import ray
 
+from twinflow.data.tracking import on_driver_node
+
 logger = logging.getLogger(__name__)
 
 try:  # internal Train V2 callback bases; a plain object keeps the module importable on other Rays
@@ -83,7 +85,9 @@ _OWNED: dict[
 def get_registry(name: str, create: bool = False):
     if create:
         handle = (
-            ray.remote(num_cpus=0)(PlacementGroupRegistry).options(name=name, get_if_exists=True).remote()
+            ray.remote(num_cpus=0)(PlacementGroupRegistry)
+            .options(name=name, get_if_exists=True, **on_driver_node())
+            .remote()
         )
         _OWNED[name] = handle
         return handle
