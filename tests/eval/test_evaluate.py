@@ -1,4 +1,4 @@
-"""evaluate_generator / evaluate_edits on in-memory models, and `twinflow eval` end to end."""
+"""evaluate_generator / the edit metrics on in-memory models, and `twinflow eval` end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.eval.conftest import tiny_generator
-from twinflow.eval.metrics import evaluate_edits, evaluate_generator
+from twinflow.eval.metrics import evaluate_generator
 
 KEYS = ("fd", "adherence", "diversity", "collapse", "saturation")
 REPO = Path(__file__).resolve().parents[2]
@@ -56,22 +56,67 @@ class PerfectEditor(torch.nn.Module):
         return (x - cond["ref_image"]) / t.view(-1, 1, 1, 1)
 
 
-def test_evaluate_edits_psnr_and_class_kept(mnist_judge, text_encoder):
+def test_edit_metrics_psnr_and_class_kept(mnist_judge, text_encoder):
     from twinflow.eval.datasets import load_split
+    from twinflow.eval.edits import EditPairs, edit_metrics, judge_floor, sample_edits
+    from twinflow.eval.sampling import sampler_settings
 
     held = load_split("mnist", "heldout")
-    src = held.as_float()[:12]
-    same = {"source_image": src, "image": src, "instruction": ["keep it"] * 12, "label": held.labels[:12]}
-    out = evaluate_edits(PerfectEditor(), [same], [1, 2], mnist_judge, text_encoder=text_encoder)
-    assert out["eval/edit_psnr_nfe1"] == 100.0 and out["eval/edit_mse_nfe2"] == pytest.approx(0.0, abs=1e-10)
-    assert out["eval/edit_class_kept_nfe1"] == 1.0
-    assert out["eval/edit_class_kept_floor"] == pytest.approx(mnist_judge.accuracy(src, held.labels[:12]))
+    src, labels = held.as_float()[:12], torch.as_tensor(held.labels[:12]).long()
+    same = EditPairs(src, src, ["keep it"] * 12, labels, [str(i) for i in range(12)], ["?"] * 12)
+    for nfe in (1, 2):
+        out = sample_edits(
+            PerfectEditor(), same, sampler_settings(nfe, "few"), encoder=text_encoder, batch_size=5
+        )
+        m = edit_metrics(out, same, mnist_judge)
+        assert m["edit_psnr"] == 100.0 and m["edit_mse"] == pytest.approx(0.0, abs=1e-10)
+        assert m["edit_class_kept"] == 1.0
+    assert judge_floor(same, mnist_judge)["edit_label_kept_floor"] == pytest.approx(
+        mnist_judge.accuracy(src, labels)
+    )
     # targets flipped upside down: the output (the source) misses them by a known MSE
-    flipped = {**same, "image": src.flip(-2)}
-    got = evaluate_edits(PerfectEditor(), [flipped], [1], mnist_judge, text_encoder=text_encoder)
+    flipped = EditPairs(src, src.flip(-2), same.instructions, labels, same.ids, same.ops)
+    out = sample_edits(PerfectEditor(), flipped, sampler_settings(1, "few"), encoder=text_encoder)
+    got = edit_metrics(out, flipped)
     mse = (src - src.flip(-2)).pow(2).flatten(1).mean(1)
-    assert got["eval/edit_mse_nfe1"] == pytest.approx(float(mse.mean()), rel=1e-5)
-    assert got["eval/edit_psnr_nfe1"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), rel=1e-5)
+    assert got["edit_mse"] == pytest.approx(float(mse.mean()), rel=1e-5)
+    assert got["edit_psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), rel=1e-5)
+
+
+def test_eval_edits_flag_scores_through_the_editor_path(tmp_path, mnist_judge):
+    """`twinflow eval <text-to-image> --edits` scores with the editor evaluation (`eval/edits.py`):
+    the same pairs, noise and metrics give the same numbers as `evaluate_editor`."""
+    from twinflow.data import build_pipeline, load_pipeline
+    from twinflow.eval.edits import evaluate_editor, judge_floor, load_edit_pairs
+    from twinflow.eval.job import EvalRequest, _edit_scores, resolve_checkpoints
+    from twinflow.exports import open_export
+    from twinflow.models import save_generator
+
+    export = tmp_path / "export"
+    save_generator(tiny_generator(seed=3), export, {"method": "twinflow", "job": "tiny"})
+    edits = tmp_path / "mnist_edits"
+    build_pipeline(
+        load_pipeline(REPO / "pipelines" / "mnist_edits.yaml", [f"output={edits}", "limit=6"]), progress=False
+    )
+    req = EvalRequest(
+        checkpoints=[str(export)],
+        dataset="mnist",
+        nfe=[1, 2],
+        edits=str(edits),
+        edit_limit=7,
+        batch_size=5,
+        seed=5,
+    )
+    got = _edit_scores(req, resolve_checkpoints(req)[0], mnist_judge)
+    pairs = load_edit_pairs(str(edits), limit=7, image_size=28, channels=1)
+    per_nfe, _ = evaluate_editor(
+        open_export(str(export)), pairs, [1, 2], mnist_judge, sampler="few", seed=5, batch_size=5
+    )
+    for n in (1, 2):
+        for k in ("edit_mse", "edit_psnr", "edit_class_kept", "edit_label_kept"):
+            assert got[f"{k}_nfe{n}"] == per_nfe[n][k], (k, n)
+    assert got["edit_label_kept_floor"] == judge_floor(pairs, mnist_judge)["edit_label_kept_floor"]
+    assert 0 < got["edit_mse_nfe1"] <= 4
 
 
 def _cli(argv):
@@ -180,7 +225,7 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
         "edit_mse_nfe1",
         "edit_psnr_nfe3",
         "edit_class_kept_nfe1",
-        "edit_class_kept_floor",
+        "edit_label_kept_floor",
     }
     assert (
         0 < entry["edits"]["edit_mse_nfe1"] <= 4 and "| tiny_mnist | 3 |" in (out / "results.md").read_text()

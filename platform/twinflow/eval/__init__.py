@@ -6,6 +6,8 @@
 | `judges.py` | the judge CNN, shipped weights (`weights/*.safetensors`), `train_judge`, `load_judge` |
 | `metrics.py` | Fréchet distance, adherence, diversity, PSNR; `real_reference`; `evaluate_generator` (plain torch) |
 | `sampling.py` | NFE lists, `few` / `ode` samplers, deterministic noise per sample unit |
+| `checkpoints.py` | find an export, the data and dataset its run was trained on |
+| `edits.py` | image editors: edit pairs, sampling with the source as reference, MSE/PSNR/judged class, grids (the one edit scoring path) |
 | `job.py` | `run_eval`: checkpoints x NFE sampled on a Ray Data actor pool, scored, reported |
 | `report.py` | JSON, markdown table, sample grids |
 | `cli.py` | `twinflow eval ...`, `twinflow judges train|accuracy ...` |
@@ -20,7 +22,6 @@ from typing import Any
 
 _EXPORTS = {
     "evaluate_generator": "twinflow.eval.metrics",
-    "evaluate_edits": "twinflow.eval.metrics",
     "real_reference": "twinflow.eval.metrics",
     "frechet_distance": "twinflow.eval.metrics",
     "load_judge": "twinflow.eval.judges",

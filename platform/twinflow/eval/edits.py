@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset, job_data
 from twinflow.eval.metrics import mse_psnr
 
 PSNR_CAP = 100.0  # dB, for an output equal to its target
@@ -251,6 +252,30 @@ def evaluate_editor(
     return per_nfe, outputs
 
 
+def edit_scores(
+    export: Any,
+    path: str,
+    nfe_list: Sequence[int],
+    judge: Any,
+    *,
+    limit: int = 256,
+    sampler: str = "auto",
+    seed: int = 0,
+    batch_size: int = 128,
+    endpoint: str | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Flat `edit_<metric>_nfe<n>` plus the exact targets' `edit_label_kept_floor`: what `twinflow eval
+    --edits` adds to a text-to-image checkpoint's report, from the same pairs, noise and metrics."""
+    size, ch = int(export.meta["image_size"]), int(export.meta["pixel_channels"])
+    pairs = load_edit_pairs(path, limit=limit, image_size=size, channels=ch, endpoint=endpoint)
+    per_nfe, _ = evaluate_editor(
+        export, pairs, nfe_list, judge, sampler=sampler, seed=seed, batch_size=batch_size, device=device
+    )
+    flat = {f"{k}_nfe{n}": v for n, m in per_nfe.items() for k, v in m.items() if k.startswith("edit_")}
+    return {**flat, **(judge_floor(pairs, judge) if judge is not None else {})}
+
+
 def run_edit_eval(
     checkpoints: Sequence[str],
     *,
@@ -270,7 +295,6 @@ def run_edit_eval(
 
     The pairs come from `edits`, else the `data.path` of each run's `job.json`; the judge from
     `dataset`, else the shards' source (MNIST edits -> the MNIST judge)."""
-    from twinflow.eval.job import EvalInputError, find_export, infer_dataset
     from twinflow.eval.judges import load_judge
     from twinflow.eval.sampling import check_nfe
     from twinflow.exports import open_export
@@ -284,7 +308,7 @@ def run_edit_eval(
         uri, meta = find_export(ck, endpoint)
         if not is_edit_export(meta):
             raise EvalInputError(f"checkpoint {ck} is not an image editor (its tasks: {meta.get('tasks')})")
-        data = edits or _job_data_path(uri, endpoint)
+        data = edits or (job_data(uri, endpoint) or (None,))[0]
         if data is None:
             raise EvalInputError(f"cannot tell which edit pairs {ck} was trained on; pass --edits <shards>")
         ds = dataset or infer_dataset(uri, endpoint)
@@ -337,22 +361,6 @@ def run_edit_eval(
         "grids": grids,
     }
     return report
-
-
-def _job_data_path(export_uri: str, endpoint: str | None) -> str | None:
-    """data.path of the run's job.json, resolved like `infer_dataset` does (cwd, then the run's root)."""
-    from twinflow import storage
-    from twinflow.eval.job import _read_json
-
-    run = export_uri.rstrip("/").rsplit("/", 1)[0]
-    job = _read_json(storage.join(run, "job.json"), endpoint) or {}
-    path = (job.get("data") or {}).get("path")
-    if not path or storage.is_s3(path) or Path(path).is_absolute():
-        return path
-    for cand in (Path.cwd() / path, Path(run).parent.parent / path):
-        if (cand / "manifest.json").is_file():
-            return str(cand)
-    return None
 
 
 def edit_markdown(report: Mapping[str, Any]) -> str:
@@ -414,7 +422,7 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
     )
     src = (read_split_manifest(job.data).source or {}).get("type")
     judge = load_judge(SOURCE_TYPES[src]) if src in SOURCE_TYPES else None
-    encoder = shared_text_encoder(job.model.text_max_length)
+    encoder = shared_text_encoder(job.model.text_max_length, spec=job.model.text_encoder_spec)
     out: dict[str, float] = {}
     for s in settings:
         imgs = sample_edits(
@@ -436,8 +444,6 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
 def eval_command(args: Any) -> dict[str, Any] | None:
     """`twinflow eval` on editors: the edit report, or None when no checkpoint is an editor (then the
     text-to-image evaluation runs). Mixing editors and generators in one call is an error."""
-    from twinflow.eval.job import EvalInputError, find_export
-
     kinds = [is_edit_export(find_export(c, args.s3_endpoint)[1]) for c in args.checkpoints]
     if not any(kinds):
         return None

@@ -11,7 +11,6 @@ settings, so the two agree exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ import ray
 import torch
 from pydantic import Field, field_validator
 
-from twinflow import storage
 from twinflow.config import StrictModel
-from twinflow.data import iter_local_batches
-from twinflow.eval.datasets import SOURCE_TYPES, canonical_name, get_dataset
+from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset
+from twinflow.eval.datasets import canonical_name, get_dataset
+from twinflow.eval.edits import edit_scores
 from twinflow.eval.judges import load_judge
-from twinflow.eval.metrics import evaluate_edits, metrics_from_samples, real_reference
+from twinflow.eval.metrics import metrics_from_samples, real_reference
 from twinflow.eval.report import save_samples, write_reports
 from twinflow.eval.sampling import (
     SampleUnit,
@@ -40,10 +39,6 @@ from twinflow.eval.sampling import (
 )
 from twinflow.exports import open_export
 from twinflow.method.config import sample_guidance_of
-
-
-class EvalInputError(ValueError):
-    """Bad input to `twinflow eval`: a missing checkpoint, an unknown dataset, a bad NFE list, ..."""
 
 
 class EvalRequest(StrictModel):
@@ -100,67 +95,6 @@ class CheckpointRef:
     meta: dict[str, Any]  # twinflow.json
     dataset: str
     sampler: str
-
-
-def _read_json(uri: str, endpoint: str | None) -> dict[str, Any] | None:
-    try:
-        if not storage.exists(uri, endpoint):
-            return None
-        return json.loads(storage.read_bytes(uri, endpoint))
-    except (OSError, ValueError):
-        return None
-
-
-def find_export(path: str, endpoint: str | None = None) -> tuple[str, dict[str, Any]]:
-    """(export uri, twinflow.json) for an export folder or a run folder holding `export/`."""
-    uri = str(path).rstrip("/") if storage.is_s3(path) else str(Path(path).expanduser().resolve())
-    if storage.is_s3(uri):
-        try:
-            storage.check_bucket(uri, endpoint)
-        except (OSError, ValueError) as exc:
-            raise EvalInputError(f"checkpoint {path}: {exc}") from None
-    elif not Path(uri).exists():
-        raise EvalInputError(f"checkpoint {path} does not exist")
-    for cand in (uri, storage.join(uri, "export")):
-        meta = _read_json(storage.join(cand, "twinflow.json"), endpoint)
-        if meta is not None:
-            if meta.get("format_version") != 1:
-                raise EvalInputError(
-                    f"checkpoint {cand}: twinflow.json format_version "
-                    f"{meta.get('format_version')!r}, this code reads 1"
-                )
-            return cand, meta
-    base = uri.rstrip("/").rsplit("/", 1)[-1]
-    hint = (
-        " (a Ray Train checkpoint holds DeepSpeed shards; evaluate the run's export/ folder instead)"
-        if base.startswith("checkpoint_")
-        else " (expected an export folder written by `twinflow train`, e.g. runs/<job>/export)"
-    )
-    raise EvalInputError(f"checkpoint {path} is not a TwinFlow export: no twinflow.json{hint}")
-
-
-def infer_dataset(export_uri: str, endpoint: str | None = None) -> str | None:
-    """The dataset a checkpoint was trained on: the run's job.json -> data.path -> manifest source type."""
-    run = export_uri.rstrip("/").rsplit("/", 1)[0]
-    job = _read_json(storage.join(run, "job.json"), endpoint)
-    if not job:
-        return None
-    data = job.get("data") or {}
-    path = data.get("path")
-    if not path:
-        return None
-    candidates = (
-        [path]
-        if storage.is_s3(path) or Path(path).is_absolute()
-        else [str(Path.cwd() / path), str(Path(run).parent.parent / path)]
-    )
-    for cand in candidates:
-        manifest = _read_json(storage.join(cand, "manifest.json"), data.get("s3_endpoint") or endpoint)
-        if manifest:
-            src = (manifest.get("source") or {}).get("type")
-            if src in SOURCE_TYPES:
-                return SOURCE_TYPES[src]
-    return None
 
 
 def resolve_checkpoints(req: EvalRequest) -> list[CheckpointRef]:
@@ -409,12 +343,19 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
 
 
 def _edit_scores(req: EvalRequest, ref: CheckpointRef, judge) -> dict[str, float]:
-    """Edit pairs are few (hundreds): scored in-process on the driver with `evaluate_edits`."""
-    model = open_export(ref.uri, req.s3_endpoint).generator()
+    """Edit pairs are few (hundreds): scored in-process on the driver, as `twinflow eval` scores editors."""
     try:
-        batches = iter_local_batches(
-            req.edits, "eval", batch_size=min(req.batch_size, req.edit_limit), limit=req.edit_limit
+        return edit_scores(
+            open_export(ref.uri, req.s3_endpoint),
+            req.edits,
+            req.nfe,
+            judge,
+            limit=req.edit_limit,
+            sampler=ref.sampler,
+            seed=req.seed,
+            batch_size=req.batch_size,
+            endpoint=req.s3_endpoint,
+            device=req.device,
         )
-        return evaluate_edits(model, batches, req.nfe, judge, sampler=ref.sampler, seed=req.seed, prefix="")
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise EvalInputError(f"--edits {req.edits}: {exc}") from None

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from twinflow.eval.datasets import load_split
 from twinflow.eval.judges import Judge
-from twinflow.eval.sampling import SampleUnit, check_nfe, plan_units, sample_unit, sampler_settings
+from twinflow.eval.sampling import check_nfe, plan_units, sample_unit, sampler_settings
 from twinflow.exports import shared_text_encoder
 from twinflow.method.sampler import SamplerSettings
 from twinflow.method.twinflow import SATURATION_LEVEL  # one threshold for training diagnostics and eval
@@ -444,93 +444,6 @@ def evaluate_generator(
             }
         )
     return flat_metrics(per_label, floor, prefix)
-
-
-def evaluate_edits(
-    model: torch.nn.Module,
-    batches: Any,
-    nfe_list: Sequence[int],
-    judge: Judge,
-    *,
-    text_encoder: Any = None,
-    sampler: str = "few",
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    limit: int | None = None,
-    prefix: str = "eval/",
-) -> dict[str, float]:
-    """Edit pairs: sample `model` with `ref_image` = the source image and the instruction as text, at
-    each NFE; MSE/PSNR against the exact target and the judge's class agreement with the target.
-
-    `batches`: an iterable of dicts with `source_image`, `image` (the target), both (B, C, H, W) in
-    [-1, 1], and `instruction` (list of str) or already-encoded `text_states`/`text_mask`, e.g.
-    `twinflow.data.iter_local_batches(edit_shards, "eval")`. Returns `eval/edit_mse_nfe1`,
-    `eval/edit_psnr_nfe1`, `eval/edit_class_kept_nfe1`, ... and `eval/edit_class_kept_floor` (how often
-    the judge's class of the target equals the source's label: how readable the targets are)."""
-    nfe_list = check_nfe(nfe_list)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    outs: dict[int, list[Tensor]] = {n: [] for n in nfe_list}
-    targets, labels = [], []
-    seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for b, batch in enumerate(batches):
-            src = torch.as_tensor(batch["source_image"]).float()
-            tgt = torch.as_tensor(batch["image"]).float()
-            if limit is not None:
-                src, tgt = src[: limit - seen], tgt[: limit - seen]
-            n = src.shape[0]
-            if n == 0:
-                break
-            if "text_states" in batch:
-                cond = {
-                    "text_states": torch.as_tensor(batch["text_states"])[:n].float(),
-                    "text_mask": torch.as_tensor(batch["text_mask"])[:n],
-                }
-            else:
-                if text_encoder is None:
-                    text_encoder = shared_text_encoder(
-                        int(getattr(model, "text_max_length", 32)),
-                        spec=getattr(model, "text_encoder_spec", None),
-                    )
-                cond = text_encoder.encode([str(t) for t in list(batch["instruction"])[:n]])
-            cond = {k: v.to(device) for k, v in cond.items()}
-            cond["ref_image"] = src.to(device)
-            for nfe in nfe_list:
-                unit = SampleUnit(seen, seen + n, seed * 1_000_003 + b)
-                st = sampler_settings(nfe, sampler)
-                outs[nfe].append(sample_unit(model, unit, cond, st, device=device).cpu())
-            targets.append(tgt)
-            if "label" in batch:
-                labels.append(torch.as_tensor(batch["label"])[:n].long())
-            seen += n
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        model.train(was_training)
-    if not targets:
-        raise ValueError("evaluate_edits: no edit pairs given")
-    target = torch.cat(targets)
-    target_cls = judge.classify(target)
-    per_nfe = {}
-    for nfe in nfe_list:
-        out = torch.cat(outs[nfe])
-        mse, psnr = mse_psnr(out.clamp(-1, 1), target)
-        per_nfe[nfe] = {
-            "edit_mse": float(mse.mean()),
-            "edit_psnr": float(psnr.clamp(max=100).mean()),
-            "edit_class_kept": float((judge.classify(out) == target_cls).float().mean()),
-        }
-    floor = {}
-    if labels:
-        lab = torch.cat(labels)
-        ok = lab >= 0
-        if ok.any():
-            floor["edit_class_kept"] = float((target_cls[ok] == lab[ok]).float().mean())
-    return flat_metrics(per_nfe, floor, prefix)
 
 
 def digest(obj: Any) -> str:
