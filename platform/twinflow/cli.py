@@ -10,15 +10,42 @@ import sys
 
 from twinflow.config import ConfigError
 
-# Each area mounts its own subcommands: `add_commands(subparsers)` in its `cli` module.
-COMMAND_MODULES = [
-    ("twinflow.data.cli", "add_data_commands"),
-    ("twinflow.eval.cli", "add_commands"),
-    ("twinflow.models.cli", "add_commands"),
-    ("twinflow.plan.cli", "add_commands"),
-    ("twinflow.serve.cli", "add_commands"),
-    ("twinflow.tune.cli", "add_commands"),
-]
+# Each area mounts its own subcommands: `add_commands(subparsers)` in its `cli` module. Only the area
+# the command line names is imported (some areas' packages import torch, e.g. `twinflow.tune` through
+# `train.config`); the command list of `twinflow --help` comes from the one-line help here.
+AREAS = {
+    "data": (
+        "twinflow.data.cli",
+        "add_data_commands",
+        "build, inspect and embed image-text / edit-pair shards",
+    ),
+    "eval": (
+        "twinflow.eval.cli",
+        "add_commands",
+        "score checkpoints per NFE: adherence, Fréchet distance, diversity (Ray Data sampling)",
+    ),
+    "judges": (
+        "twinflow.eval.cli",
+        "add_commands",
+        "train or check the judge classifiers used by `twinflow eval`",
+    ),
+    "export": (
+        "twinflow.models.cli",
+        "add_commands",
+        "convert a TwinFlow export to diffusers / ComfyUI formats",
+    ),
+    "plan": (
+        "twinflow.plan.cli",
+        "add_commands",
+        "will a job fit its GPUs? per-GPU memory of every ZeRO stage/offload layout (no weights loaded)",
+    ),
+    "serve": (
+        "twinflow.serve.cli",
+        "add_commands",
+        "serve checkpoints over HTTP (Ray Serve) with a browser playground",
+    ),
+    "tune": ("twinflow.tune.cli", "add_commands", "run a Ray Tune sweep YAML (each trial a Ray Train job)"),
+}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -40,7 +67,8 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(fresh=args.fresh, overrides_base=args.set_base, overrides_twinflow=args.set_twinflow)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command`'s area (train, demo and toy live here); None: the listing only."""
     parser = argparse.ArgumentParser(prog="twinflow", description=__doc__)
     parser.add_argument(
         "-v",
@@ -97,15 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toy", help="2-D toy: TwinFlow vs flow matching at 1/2/4 NFE")
     p.set_defaults(func=_toy)
 
-    for module_name, fn_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if module_name.startswith(str(exc.name) + ".") or exc.name == module_name:  # area not installed
-                continue
+    module_name, fn_name, _ = AREAS.get(command or "", (None, None, None))
+    if module_name is None:  # a listing (`twinflow --help`, a bad command): names and help, no imports
+        for name, (_, _, summary) in AREAS.items():
+            sub.add_parser(name, help=summary)
+        return parser
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not (module_name.startswith(str(exc.name) + ".") or exc.name == module_name):
             raise
-        getattr(module, fn_name)(sub)
+        parser.error(f"'twinflow {command}' is not installed here ({exc.name} is missing)")
+    getattr(module, fn_name)(sub)
     return parser
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand a command line names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -134,8 +171,8 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     # `--verbose` anywhere on the line (`twinflow train job.yaml --verbose` too)
     verbose = any(a in ("-v", "--verbose") for a in argv)
     args = parser.parse_args([a for a in argv if a not in ("-v", "--verbose")])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from twinflow.models.formats import FORMATS
+
 FORMAT_HELP = (
     "diffusers: a QwenImagePipeline directory (also a full TwinFlow export); diffusers_lora: "
     "pytorch_lora_weights.safetensors for pipeline.load_lora_weights; comfyui_lora: one safetensors "
@@ -18,8 +20,6 @@ FORMAT_HELP = (
 
 
 def add_commands(subparsers) -> None:
-    from twinflow.models.interop import FORMATS
-
     p = subparsers.add_parser(
         "export",
         help="convert a TwinFlow export to diffusers / ComfyUI formats",

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from twinflow.models.formats import FORMATS
 from twinflow.models.time_embed import E2_PREFIX
 
-FORMATS = ("diffusers", "diffusers_lora", "comfyui_lora")
 E2_FILE = "twinflow_e2.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFY_FILE = "comfyui_lora.safetensors"

@@ -1,0 +1,6 @@
+"""The export formats `twinflow export` writes (`interop.py` writes them). Torch-free, so the CLI can
+list them in `--help` without importing torch."""
+
+from __future__ import annotations
+
+FORMATS = ("diffusers", "diffusers_lora", "comfyui_lora")
