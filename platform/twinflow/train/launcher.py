@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from twinflow.config import ConfigError
 from twinflow.storage import is_s3
 from twinflow.train.config import JobConfig, load_job
+from twinflow.train.failures import train_loop_keeping_traceback, write_failure_log
 from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
 from twinflow.train.summary import write_summary
@@ -257,14 +258,13 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
     from twinflow.data import build_train_dataset
     from twinflow.data.latent_cache import check_cache_for_model
     from twinflow.train.lifeline import driver_info
-    from twinflow.train.worker import train_loop
 
     check_cache_for_model(job)  # a latent cache made with another VAE/text encoder is refused here
     null_cond, eval_cond = encode_conditions(job)
     # The worker prints its own progress line; Ray Data's per-operator bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
-        train_loop,
+        train_loop_keeping_traceback,
         train_loop_config={
             "job": job.model_dump(by_alias=True),
             "run_dir": str(run_dir),
@@ -334,27 +334,6 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
     _publish(job, run_dir, out)
     print_summary(job, out)
     return out
-
-
-def write_failure_log(run_dir: Path, exc: BaseException) -> Path | None:
-    """Ray shortens each worker's traceback in the error message (the middle is cut to '...'), often
-    exactly where the cause is: keep every rank's full traceback in logs/errors.log."""
-    import traceback
-
-    failures = getattr(exc, "worker_failures", None) or {}
-    if not failures and getattr(exc, "controller_failure", None) is not None:
-        failures = {"controller": exc.controller_failure}
-    if not failures:
-        return None
-    path = run_dir / "logs" / "errors.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        for who, err in sorted(failures.items(), key=lambda kv: str(kv[0])):
-            label = f"rank {who}" if isinstance(who, int) else str(who)
-            fh.write(f"=== {label}: {type(err).__name__}\n")
-            fh.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
-            fh.write("\n")
-    return path
 
 
 def follow_run(run_dir: Path):
