@@ -67,7 +67,8 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
         engine.save_checkpoint(str(tmp), tag=TAG, client_state={"train_state": state.as_dict()})
         if rank == 0 and teacher is not None and teacher.state_dict():
             torch.save(teacher.state_dict(), tmp / TEACHER_FILE)
-        manifest.write_manifest(tmp, rank, world, state.step)  # last: it vouches for the files above
+        # last: it vouches for the files above
+        manifest.write_manifest(tmp, rank, world, state.step, engine.zero_optimization_stage())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +100,55 @@ def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list
     seen = {str(latest.path).rstrip("/")} if latest is not None else set()
     out += [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs if d.rstrip("/") not in seen]
     return out
+
+
+def newest_layout(run_uri: str, endpoint: str | None = None) -> tuple[str, int, int | None] | None:
+    """(checkpoint, world size, ZeRO stage) of the run's newest checkpoint with a readable rank-0
+    manifest, read without downloading the checkpoint; None when it has none."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from twinflow.storage import open_filesystem
+
+    fs, base = open_filesystem(run_uri, endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    dirs = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
+    for d in dirs:
+        try:
+            with fs.open_input_stream(f"{d}/{manifest.manifest_name(0)}") as fh:
+                body = json.loads(fh.read())
+            return d, int(body["world"]), body.get("zero_stage")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # cut off or damaged: the restore skips it too
+    return None
+
+
+def check_layout(run_uri: str, endpoint: str | None, world: int, zero_stage: int) -> None:
+    """Refuse, before any worker starts, to resume a checkpoint whose optimizer state is laid out for
+    another world size or ZeRO stage: DeepSpeed would fail deep inside its load with an unrelated
+    error ("'NoneType' object has no attribute 'copy'") after Ray Train's retries."""
+    found = newest_layout(run_uri, endpoint)
+    if found is None:
+        return
+    path, saved_world, saved_stage = found
+    same_stage = saved_stage is None or saved_stage == zero_stage
+    if saved_world == world and same_stage:
+        return
+    was = f"{saved_world} worker(s)" + (f", ZeRO stage {saved_stage}" if saved_stage is not None else "")
+    raise CheckpointError(
+        f"cannot resume {path}: it was written by {was}, and this run has {world} worker(s), ZeRO stage "
+        f"{zero_stage} (one worker runs ZeRO-1/2 as stage 0); the optimizer state does not carry over. "
+        f"Resume with the run's cluster.num_workers and deepspeed.zero_stage, or rerun with --fresh "
+        f"(deletes the run) or another name."
+    )
 
 
 def restore(

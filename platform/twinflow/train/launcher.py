@@ -222,6 +222,24 @@ def check_inputs(job: JobConfig) -> None:
             raise ConfigError(f"{field_name}: {uri} does not exist")
 
 
+def check_resume_layout(job: JobConfig, run_dir: Path) -> None:
+    """A rerun resumes the run's newest checkpoint: refuse (one line, before Ray starts) when it was
+    written by another number of workers or ZeRO stage, which DeepSpeed cannot load."""
+    from twinflow.train.checkpointing import CheckpointError, check_layout
+    from twinflow.train.engine import zero_stage_for
+
+    world = job.cluster.num_workers
+    try:
+        check_layout(
+            remote_run_uri(job) or str(run_dir),
+            job.output.s3_endpoint,
+            world,
+            zero_stage_for(job.deepspeed, world),
+        )
+    except CheckpointError as exc:
+        raise ConfigError(f"cluster.num_workers / deepspeed.zero_stage: {exc}") from None
+
+
 def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
     """Resolve paths the workers need and create the run directory (holding job.json)."""
     run_dir = run_dir_of(job)
@@ -298,6 +316,7 @@ def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> 
 
     check_inputs(job)  # a missing data path is one line, before Ray starts
     run_dir = prepare_run(job, fresh)
+    check_resume_layout(job, run_dir)
     ensure_ray(job, address)
     trainer = build_trainer(job, run_dir)
     try:

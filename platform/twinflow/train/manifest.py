@@ -32,7 +32,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str | Path, rank: int, world: int, step: int) -> Path:
+def write_manifest(
+    directory: str | Path, rank: int, world: int, step: int, zero_stage: int | None = None
+) -> Path:
     """Record every file under `directory` (this rank's checkpoint files); call after writing them."""
     root = Path(directory)
     files: dict[str, dict[str, Any]] = {}
@@ -42,6 +44,10 @@ def write_manifest(directory: str | Path, rank: int, world: int, step: int) -> P
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
     body = {"format": FORMAT, "rank": rank, "world": world, "step": step, "files": files}
+    if (
+        zero_stage is not None
+    ):  # with `world`, the layout of the optimizer state (see checkpointing.check_layout)
+        body["zero_stage"] = zero_stage
     final = root / manifest_name(rank)
     tmp = final.with_name(final.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
