@@ -1,14 +1,16 @@
 """TwinFlow step time over a flow-matching step at equal batch (online teacher), measured in ONE process
 with the objectives interleaved step by step (FM, TF, [TF at a baseline commit], FM, TF, ...), so that
-a loaded, noisy machine slows them alike; medians of the per-step times.
+a loaded, noisy machine slows them alike; medians of the per-step times. Each step is timed twice: wall
+clock, and the process's CPU time (torch runs on one thread, so CPU time is the step's compute and
+does not count the time other processes held the cores: the steadier figure on a shared machine).
 
     .venv/bin/python benchmarks/twinflow_passes.py --preset tiny-28g --batch 32 --reps 30
     .venv/bin/python benchmarks/twinflow_passes.py --preset small-28g --batch 16 --reps 12 --baseline fb578a2~1 --baseline fb578a2 --no-skip
 
 --baseline REV also times the TwinFlow objective as it was at git revision REV (its twinflow.py loaded
 from git into a scratch module; the rest of the package is today's), to show a change's effect in the
-same run. Prints one JSON object: per objective the median step time, ratio to flow matching, model
-calls and no-grad rows per step.
+same run. Prints one JSON object: per objective the median wall and CPU step time, their ratios to flow
+matching, model calls and no-grad rows per step.
 """
 
 from __future__ import annotations
@@ -109,26 +111,31 @@ def main(argv: list[str] | None = None) -> int:
     null["text_mask"][:, 0] = 1
 
     times: dict[str, list[float]] = {k: [] for k in objectives}
+    cpu: dict[str, list[float]] = {k: [] for k in objectives}
     info: dict[str, dict] = {k: {} for k in objectives}
     for i in range(args.warmup + args.reps):
         for name, obj in objectives.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = obj(model, x, cond, teacher=None, null_cond=null, generator=gen)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= args.warmup:
                 times[name].append(dt)
+                cpu[name].append(dc)
                 info[name].setdefault("nograd_rows", []).append(out.nograd_rows)
                 info[name]["model_calls"] = out.model_calls
     fm = statistics.median(times["flow_matching"])
+    fm_cpu = statistics.median(cpu["flow_matching"])
     result = {"preset": args.preset, "batch": B, "reps": args.reps, "threads": args.threads, "objectives": {}}
     for name in objectives:
-        med = statistics.median(times[name])
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
         result["objectives"][name] = {
             "step_s_median": round(med, 4),
             "ratio_to_flow_matching": round(med / fm, 3),
+            "cpu_s_median": round(med_cpu, 4),
+            "cpu_ratio_to_flow_matching": round(med_cpu / fm_cpu, 3),
             "model_calls": info[name]["model_calls"],
             "nograd_rows_mean": round(statistics.mean(info[name]["nograd_rows"]), 1),
         }

@@ -30,44 +30,46 @@ def _run(cfg, *, B=16, conditional=True, teacher_mode=None, seed=0, model=None):
 @pytest.mark.parametrize(
     "kw, conditional, calls, online_sizes, teacher_sizes",
     [
-        # online teacher: stage A (fake 4 + e2e 4 + CFG pair 2*8), stage B (rectify 2*4 + rollout nK),
-        # rollout sub-step 2 (nK), grad (16): N + 2 calls. K stands for nK: the base rows with
-        # t - r >= delta, the only ones whose residual reads the rollout.
-        ({"teacher": "online"}, True, 4, [24, "8+K", "K", 16], []),
-        ({"teacher": "online"}, False, 4, [8, "8+K", "K", 16], []),
-        ({"teacher": "online", "rollout_order": 3}, True, 5, [24, "8+K", "K", "K", 16], []),
-        ({"teacher": "online", "rollout_order": 1}, True, 3, [24, "8+K", 16], []),
-        # EMA teacher (its own copy): stages A and B are two calls each: N + 4.
-        ({"teacher": "ema"}, True, 6, [8, 8, 16], [16, "K", "K"]),
+        # online teacher: stage A (fake 4 + CFG pair 2*8), rollout sub-step 1 (nK), the grad forward
+        # (G: 16 rows), then the rectify pair on its E2E rows (2*4) + the last rollout sub-step (nK):
+        # N + 2 calls. K stands for nK: the base rows with t - r >= delta, the only ones whose residual
+        # reads the rollout.
+        ({"teacher": "online"}, True, 4, [20, "K", "G", "8+K"], []),
+        ({"teacher": "online"}, False, 4, [4, "K", "G", "8+K"], []),
+        ({"teacher": "online", "rollout_order": 3}, True, 5, [20, "K", "K", "G", "8+K"], []),
+        ({"teacher": "online", "rollout_order": 1}, True, 3, [20, "G", "8+K"], []),
+        # EMA teacher (its own copy): stage A and the last stage are two calls each: N + 4.
+        ({"teacher": "ema"}, True, 6, [4, "G", 8], [16, "K", "K"]),
         # Frozen teacher: only the CFG pair is the frozen copy's; the rollout runs on the online model.
-        ({"teacher": "frozen"}, True, 5, [8, "8+K", "K", 16], [16]),
-        ({"teacher": "frozen"}, False, 4, [8, "8+K", "K", 16], []),
-        # lambda = 0: no fake samples, no rectify; unconditional: no CFG pair either.
-        ({"teacher": "online", "lambda": 0.0}, True, 4, [32, "K", "K", 16], []),
-        ({"teacher": "online", "lambda": 0.0}, False, 3, ["K", "K", 16], []),
-        ({"teacher": "online", "kappa": 0.0}, False, 4, [4, "K", "K", 16], []),
+        ({"teacher": "frozen"}, True, 5, [4, "K", "G", "8+K"], [16]),
+        ({"teacher": "frozen"}, False, 4, [4, "K", "G", "8+K"], []),
+        # No rectify pair (lambda = 0 or kappa = 0): the grad forward is the last call.
+        # lambda = 0: no fake samples either; unconditional: no CFG pair either.
+        ({"teacher": "online", "lambda": 0.0}, True, 4, [32, "K", "K", "G"], []),
+        ({"teacher": "online", "lambda": 0.0}, False, 3, ["K", "K", "G"], []),
+        ({"teacher": "online", "kappa": 0.0}, False, 4, [4, "K", "K", "G"], []),
     ],
 )
 def test_call_count_and_batching(kw, conditional, calls, online_sizes, teacher_sizes):
     cfg = _cfg(**kw)
     out, rec, _, teacher = _run(cfg, conditional=conditional)
     teacher_calls = [] if teacher.is_online else teacher.module.calls
-    t, r = rec.calls[-1]["t"], rec.calls[-1]["r"]
+    (grad_call,) = [c for c in rec.calls if c["grad"]]  # exactly one call with gradient
+    t, r = grad_call["t"], grad_call["r"]
     base = slice(0, 16 - cfg.split(16).size("adv"))
     nK = int(((t[base] - r[base]) >= cfg.delta).sum())
     assert 0 < nK < base.stop  # this seed leaves some near-instantaneous MUL rows out of the rollout
-    size = {"K": nK, "8+K": 8 + nK}
-    online_sizes = [size.get(n, n) for n in online_sizes]
-    teacher_sizes = [size.get(n, n) for n in teacher_sizes]
+    size = {"K": nK, "8+K": 8 + nK, "G": 16}
     assert out.model_calls == calls == len(rec.calls) + len(teacher_calls)
-    assert [c["x"].shape[0] for c in rec.calls] == online_sizes
-    assert [c["x"].shape[0] for c in teacher_calls] == teacher_sizes
-    assert out.nograd_rows == sum(online_sizes[:-1]) + sum(teacher_sizes)
+    assert [c["x"].shape[0] for c in rec.calls] == [size.get(n, n) for n in online_sizes]
+    assert [c["x"].shape[0] for c in teacher_calls] == [size.get(n, n) for n in teacher_sizes]
+    nograd = [size.get(n, n) for n in online_sizes if n != "G"] + [size.get(n, n) for n in teacher_sizes]
+    assert out.nograd_rows == sum(nograd)
     assert out.metrics["model_calls"] == calls
-    # Exactly one call with gradient: the last online one, over all B rows.
-    assert [c["grad"] for c in rec.calls] == [False] * (len(rec.calls) - 1) + [True]
+    # The call with gradient is the online one marked G, over all B rows.
+    assert [c["grad"] for c in rec.calls] == [n == "G" for n in online_sizes]
     assert not any(c["grad"] or c["out"].requires_grad for c in teacher_calls)
-    assert all(not c["out"].requires_grad for c in rec.calls[:-1]) and rec.calls[-1]["out"].requires_grad
+    assert all(c["out"].requires_grad == c["grad"] for c in rec.calls)
     assert math.isfinite(out.loss.item())
 
 
@@ -77,32 +79,31 @@ def test_gradient_equals_the_hand_computed_one():
     cfg = _cfg(teacher="online", loss="mse", kappa=0.5, rollout_order=2)
     B, delta, n_el = 8, cfg.delta, 2
     out, rec, x0, _ = _run(cfg, B=B, conditional=False, seed=3)
-    c0, c1, c2, c3 = rec.calls
-    t, r, x_t, G = c3["t"], c3["r"], c3["x"], c3["out"]
+    c0, c1, c2, c3 = rec.calls  # stage A, rollout sub-step 1, grad, rectify pair + last sub-step
+    t, r, x_t, G = c2["t"], c2["r"], c2["x"], c2["out"]
     E, base, V = slice(0, 2), slice(0, 6), slice(6, 8)
     assert torch.all(t[E] == 1) and torch.all(t[V] < 0) and t[2:6].min() > 0.02
 
-    x_fake = c0["x"][:2] - c0["out"][:2]
+    x_fake = c0["x"] - c0["out"]
     s = -t[V]
     v_adv = (x_t[V] - x_fake) / s[:, None]  # eps - x_fake, eps recovered from x_s
     assert torch.allclose(x_t[V], (1 - s)[:, None] * x_fake + s[:, None] * (v_adv + x_fake), atol=1e-5)
     v = (x_t[base] - x0[base]) / t[base][:, None]  # eps - x0 from x_t = (1-t) x0 + t eps
-    assert torch.allclose(x_t[E], c0["x"][2:4])  # E2E rows: x_t = eps, same noise as stage A
-    assert torch.allclose(c0["out"][2:4], G[E].detach())  # the stage-A one-step values ARE G_e
 
     # Only rows whose residual reads D are rolled out; this seed leaves some out.
     keep = ((t[base] - r[base]) >= delta).nonzero().flatten()
-    assert 0 < len(keep) < 6 and c1["x"].shape[0] == 4 + len(keep)
-    assert torch.allclose(c1["t"][4:], torch.maximum(t[base] - delta, r[base])[keep])
-    assert torch.allclose(c1["x"][4:], (x_t[base] - delta * v)[keep], atol=1e-5)
-    s0, s1, s2 = c1["t"][4:], c1["r"][4:], c2["r"]
-    assert torch.allclose(c2["t"], s1) and torch.allclose(s2, r[base][keep])
-    assert torch.allclose(c2["x"], c1["x"][4:] - (s0 - s1)[:, None] * c1["out"][4:], atol=1e-6)
+    nK = len(keep)
+    assert 0 < nK < 6 and c1["x"].shape[0] == nK and c3["x"].shape[0] == 4 + nK
+    assert torch.allclose(c1["t"], torch.maximum(t[base] - delta, r[base])[keep])
+    assert torch.allclose(c1["x"], (x_t[base] - delta * v)[keep], atol=1e-5)
+    s0, s1, s2 = c1["t"], c1["r"], c3["r"][4:]
+    assert torch.allclose(c3["t"][4:], s1) and torch.allclose(s2, r[base][keep])
+    assert torch.allclose(c3["x"][4:], c1["x"] - (s0 - s1)[:, None] * c1["out"], atol=1e-6)
     D = torch.zeros_like(v)
-    D[keep] = (s0 - s1)[:, None] * c1["out"][4:] + (s1 - s2)[:, None] * c2["out"]
-    tau = c1["t"][2:4]
-    assert torch.allclose(c1["t"][:2], -tau) and torch.allclose(c1["x"][:2], c1["x"][2:4])
-    dv = (c1["out"][:2] - c1["out"][2:4]).clamp(-1, 1)
+    D[keep] = (s0 - s1)[:, None] * c1["out"] + (s1 - s2)[:, None] * c3["out"][4:]
+    tau = c3["t"][2:4]
+    assert torch.allclose(c3["t"][:2], -tau) and torch.allclose(c3["x"][:2], c3["x"][2:4])
+    dv = (c3["out"][:2] - c3["out"][2:4]).clamp(-1, 1)
 
     Gd = G.detach()
     gap = (t[base] - r[base])[:, None]
@@ -171,11 +172,11 @@ def test_lambda_zero_never_touches_the_fake_branch():
 
 def test_cfg_pair_uses_cond_and_null_at_r_equals_t():
     out, rec, _, _ = _run(_cfg(teacher="online"), conditional=True)
-    first = rec.calls[0]
-    pair_t = first["t"][8:]
-    assert torch.equal(first["r"][8:], pair_t)
-    assert torch.all(first["cond"]["label"][16:] == 4) and torch.all(first["cond"]["label"][8:16] < 4)
-    assert torch.equal(first["x"][8:16], first["x"][16:])
+    first = rec.calls[0]  # stage A: 4 fake-sample rows, then the CFG pair (2 x 8)
+    pair_t = first["t"][4:]
+    assert torch.equal(first["r"][4:], pair_t)
+    assert torch.all(first["cond"]["label"][12:] == 4) and torch.all(first["cond"]["label"][4:12] < 4)
+    assert torch.equal(first["x"][4:12], first["x"][12:])
 
 
 def test_cfg_changes_the_loss_only_through_the_target():
@@ -311,7 +312,7 @@ def test_rectify_push_per_e2e_row_does_not_depend_on_lambda(monkeypatch, loss):
                 teacher=None,
                 generator=torch.Generator().manual_seed(2),
             )
-            G = rec.calls[-1]["out"]
+            (G,) = [c["out"] for c in rec.calls if c["grad"]]
             per_lambda.append(torch.autograd.grad(out.loss, G)[0])
         nE = cfg.split(B).size("e2e")
         rect = (per_lambda[0] - per_lambda[1])[:nE]

@@ -4,26 +4,30 @@ Row layout (contiguous): [E2E | MUL | ANY | ADV]; E2E+MUL+ANY are the "base" row
 MUL+ANY the "cfg" rows. Call plan (B rows, sizes nE, nM, nA, nV, nC = nM + nA, nB = B - nV, nK <= nB
 the base rows whose residual uses the rollout):
 
-  stage A  online : fake samples G(eps', 1, 0)        nV rows   (ADV data)
-                    one-step G(eps, 1, 0) for E2E rows nE rows   (x_g = eps - G_e, values only)
-           teacher: CFG pair G_hat(x_t, t, t | c/null) 2 nC rows
-  stage B  online : rectify pair G(y, -tau, -tau), G(y, tau, tau)  2 nE rows
-           rollout: rollout sub-step 1                 nK rows
-  stage k  rollout: rollout sub-step k (k = 2..N)      nK rows
-  grad            : G(x_t, t, r) on all B rows         B rows
+  stage A  online : fake samples G(eps', 1, 0)           nV rows   (ADV data)
+           teacher: CFG pair G_hat(x_t, t, t | c/null)    2 nC rows
+  stage k  rollout: rollout sub-step k (k = 1..N-1)       nK rows
+  grad            : G(x_t, t, r) on all B rows            B rows
+  last     online : rectify pair G(y, -tau, -tau), G(y, tau, tau)  2 nE rows
+           rollout: rollout sub-step N                    nK rows
 
+The rectify pair needs the one-step samples x_g = eps - G(eps, 1, 0) of the E2E rows, and those
+queries ARE the grad forward's E2E rows (x_t = eps at t = 1, r = 0), which is where the reference takes
+them: so the grad forward runs before the last no-grad call and no separate one-step pass is made
+(nE rows fewer). Only that one no-grad call runs while the grad forward's activations are held; without
+a rectify pair (lambda = 0 or kappa = 0) the grad forward is the last call.
 Rows with t - r < delta (about half the MUL rows) take the flow-matching residual G - v, which never
 reads the rollout's displacement D, so they are not rolled out (the reference rolls out every row; the
-maths is unchanged). At lambda 1/2, B = 32: about 104 instead of 112 no-grad rows per step.
-The one-step values of the E2E rows equal the grad forward's E2E rows (x_t = eps at t = 1), which is
-where the reference takes them; running the grad forward first to reuse them saves nE rows but was
-measured slower on CPU (the backward no longer follows its forward: docs/benchmarks.md), so the grad
-forward stays last.
+maths is unchanged). At lambda 1/2, B = 32: about 95 instead of 112 no-grad rows per step.
+All random draws of a step happen first, in a fixed order (times, eps, fake noise, tau, rectify
+noise), so the plan can move calls without changing any value (tests/method/test_twinflow_plan.py
+checks loss and gradients against an unbatched step).
 
 The rollout runs on the teacher, except with the frozen teacher: the frozen initial model never learned
 jumps (r < t), so, as in the reference, the rollout uses the online model (no grad) and only the CFG pair
 comes from the frozen copy. With an online teacher each stage is ONE call, so a step is N + 2 calls; an
-EMA teacher makes stages A and B two calls each (N + 4); a frozen one adds one call (stage A: N + 3).
+EMA teacher makes stage A and the last stage two calls each (N + 4); a frozen one adds one call (stage
+A: N + 3).
 Empty parts are skipped: no E2E or ADV rows (lambda = 0) drops the fake and rectify parts, an
 unconditional model (cond == {}) drops the CFG pair (it would be exactly zero).
 
@@ -144,17 +148,18 @@ class TwinFlowObjective:
         g = generator
         x = x0.float()
         shape = tuple(x.shape[1:])
+        # Every random draw of the step, in one fixed order.
         t, r = sample_times(split, device=dev, generator=g)
         eps = normal(x.shape, device=dev, generator=g)
+        eps_fake = normal((nV, *shape), device=dev, generator=g)
+        if rectify:
+            tau = uniform((nE,), device=dev, generator=g)
+            noise_r = normal((nE, *shape), device=dev, generator=g)
         cond_e, cond_c, cond_v, cond_b = (take_cond(cond, s) for s in (E, C, V, base))
 
-        # Stage A: fake samples, E2E one-step values, CFG pair.
-        online_q: list[Query] = []
+        # Stage A: fake samples (online), CFG pair (teacher).
         ones_v, zeros_v = torch.ones(nV, device=dev), torch.zeros(nV, device=dev)
-        eps_fake = normal((nV, *shape), device=dev, generator=g)
-        online_q.append(Query(eps_fake, ones_v, zeros_v, cond_v))
-        if rectify:
-            online_q.append(Query(eps[E], torch.ones(nE, device=dev), torch.zeros(nE, device=dev), cond_e))
+        online_q = [Query(eps_fake, ones_v, zeros_v, cond_v)]
         teacher_q: list[Query] = []
         t_c = t[C]
         if use_cfg:
@@ -174,35 +179,41 @@ class TwinFlowObjective:
             )
             v_base = torch.cat([v[E], v_c, v[C.stop : nB]])
 
-        # Stage B: rectify pair (online) + first rollout sub-step (teacher). The rollout only runs on
-        # rows whose residual uses it (t - r >= delta, see rcgm_residual); the others keep D = 0.
-        online_q = []
-        if rectify:
-            x_g = eps[E] - out_online[1]
-            tau = uniform((nE,), device=dev, generator=g)
-            y_r = noisy(x_g, tau, normal(x_g.shape, device=dev, generator=g))
-            online_q += [Query(y_r, -tau, -tau, cond_e), Query(y_r, tau, tau, cond_e)]
+        # Rollout (teacher), only on rows whose residual uses it (t - r >= delta, see rcgm_residual);
+        # the others keep D = 0. With the rectify pair on, its last sub-step waits for the grad forward.
         x_start, t_start = rollout_start(x_t[base], v_base, t[base], r[base], cfg.delta)
         keep = rollout_rows(t[base], r[base], cfg.delta)
         times = rollout_times(t_start[keep], r[base][keep], cfg.rollout_order)
         cond_k = take_cond(cond_b, keep)
         y = x_start[keep]
-        teacher_q = [Query(y, times[0], times[1], cond_k)] if y.shape[0] else []
-        out_online, out_teacher = self._stage(log, model, rollout_fn, online_q, teacher_q)
-        dv = velocity_gap(out_online[0], out_online[1]) if rectify else None
-        D = torch.zeros_like(x_start)
-        if y.shape[0]:
-            y, D_k = rollout_step(y, times[0], times[1], out_teacher[0])
-            for k in range(1, cfg.rollout_order):
-                _, (g_k,) = self._stage(
-                    log, model, rollout_fn, [], [Query(y, times[k], times[k + 1], cond_k)]
-                )
-                y, disp = rollout_step(y, times[k], times[k + 1], g_k)
-                D_k = D_k + disp
-            D[keep] = D_k
+        rolled = y.shape[0] > 0
+        D_k = torch.zeros_like(y)
+        steps = [(times[k], times[k + 1]) for k in range(cfg.rollout_order)] if rolled else []
+        last = steps.pop() if rectify and steps else None
+        for s, s_next in steps:
+            _, (g_k,) = self._stage(log, model, rollout_fn, [], [Query(y, s, s_next, cond_k)])
+            y, disp = rollout_step(y, s, s_next, g_k)
+            D_k = D_k + disp
 
         # The one forward with gradient, over all B rows.
         (G,) = log.run(model, [Query(x_t, t, r, cond)], grad=True)
+
+        # Last stage: the rectify pair (online) on the one-step samples x_g = eps - G_e, whose values
+        # are the grad forward's E2E rows (x_t = eps, t = 1, r = 0), + the last rollout sub-step.
+        if rectify:
+            x_g = eps[E] - G[E].detach()
+            y_r = noisy(x_g, tau, noise_r)
+            online_q = [Query(y_r, -tau, -tau, cond_e), Query(y_r, tau, tau, cond_e)]
+            teacher_q = [Query(y, last[0], last[1], cond_k)] if last is not None else []
+            out_online, out_teacher = self._stage(log, model, rollout_fn, online_q, teacher_q)
+            dv = velocity_gap(out_online[0], out_online[1])
+            if last is not None:
+                _, disp = rollout_step(y, last[0], last[1], out_teacher[0])
+                D_k = D_k + disp
+        D = torch.zeros_like(x_start)
+        if rolled:
+            D[keep] = D_k
+
         with torch.no_grad():
             T_base = rcgm_target_from_residual(
                 G[base], rcgm_residual(G[base], v_base, D, t[base], r[base], cfg.delta)
