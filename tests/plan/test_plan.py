@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from twinflow.plan.memory import Layout, copy_count, forward_rows, model_states
+from twinflow.plan.memory import Layout, forward_rows, model_states
+from twinflow.train.modelling import copies_made
 
 QWEN_IMAGE_20B = {
     "_class_name": "QwenImageTransformer2DModel",
@@ -120,8 +121,8 @@ def _job(**changes):
 
 
 def test_copies_follow_teacher_and_sample_ema():
-    assert copy_count(_job(**{"method.teacher": "online", "train.sample_ema": "null"})) == 0
-    assert copy_count(_job(**{"method.teacher": "ema", "train.sample_ema": 0.999})) == 2
+    assert copies_made(_job(**{"method.teacher": "online", "train.sample_ema": "null"})) == 0
+    assert copies_made(_job(**{"method.teacher": "ema", "train.sample_ema": 0.999})) == 2
 
 
 def test_plan_cli_says_fits_and_names_the_cheapest_layout(capsys):

@@ -9,8 +9,9 @@ shape and dtype.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -273,8 +274,28 @@ def _state_geometry(cfg: ModelConfig, preset_size: int | None, preset_channels: 
     }
 
 
-def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
-    """A generator from the job's `model:` section (random-init preset or pretrained diffusers weights)."""
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """New floating tensors (module weights) in `dtype` inside the block; None: unchanged."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_generator(cfg: ModelConfig, dtype: torch.dtype | None = None) -> TwinFlowGenerator:
+    """A generator from the job's `model:` section (random-init preset or pretrained diffusers weights).
+
+    `dtype` (the training precision): every weight is made or loaded in it directly, so a 20B bf16
+    model never exists in fp32 first (41 GB instead of 82 GB on the way to an 80 GB GPU)."""
+    with default_dtype(dtype):
+        return _build_generator(cfg, dtype)
+
+
+def _build_generator(cfg: ModelConfig, dtype: torch.dtype | None) -> TwinFlowGenerator:
     family = get_family(cfg.family)
     text_dim, text_projection, text_name, text_spec = _text_input(cfg)
     if cfg.preset is not None:
@@ -291,7 +312,7 @@ def build_generator(cfg: ModelConfig) -> TwinFlowGenerator:
         backbone = family.build_backbone(config)
     else:
         geo = _state_geometry(cfg, None, None)
-        backbone = family.load_backbone(cfg.pretrained_path)
+        backbone = family.load_backbone(cfg.pretrained_path, torch_dtype=dtype)
         have = family.channels(backbone)
         if have != geo["state_channels"]:
             space = "latent" if cfg.vae_path else "pixel"

@@ -43,8 +43,9 @@ def render(result, gpu_label: str) -> str:
     lines.append("")
     if result.cheapest is None and any(e.training <= result.capacity < e.startup for e in result.table):
         lines.append(
-            "no layout fits because of the startup peak: the worker builds the whole generator in fp32 on "
-            "each GPU before DeepSpeed casts and shards it (startup column); training itself would fit"
+            "no layout fits because of the startup peak: the worker moves the whole generator (built in "
+            "the training precision; fp32 while teacher/EMA copies are made) to each GPU before DeepSpeed "
+            "shards it (startup column); training itself would fit"
         )
     elif result.cheapest is None:
         lines.append(

@@ -7,10 +7,12 @@ under ZeRO-0/1 and sharded from ZeRO-2 on; ZeRO-3 shards the weights too and add
 (its bf16 weights and gradients). Frozen (LoRA base) weights cost only their weights.
 
 Beyond DeepSpeed (what the worker loop does, train/worker.py and train/modelling.py):
-- the generator is built in fp32 and moved to the GPU whole before DeepSpeed casts and shards it:
-  the **startup** peak is 4 bytes per parameter plus the copies below;
+- the generator is built directly in the training precision (`modelling.build_model`) and moved
+  to the GPU whole before DeepSpeed shards it: the **startup** peak is 2 (bf16) or 4 (fp32) bytes
+  per parameter; while the copies below are made, a bf16 model is cast to fp32 (exact round trip),
+  so with copies the startup peak is 4 bytes per parameter plus the copies;
 - an EMA teacher, a frozen teacher without LoRA and `train.sample_ema` are each an fp32 deep copy
-  of the whole generator on every GPU, never sharded (**copies**);
+  of the whole generator on every GPU, never sharded (**copies**, `modelling.copies_made`);
 - TwinFlow's no-grad forwards (fake samples, CFG pair, rectify pair, rollout) run before the one
   forward with gradient; their activations are freed block by block, so only the largest call's
   working set counts (**no-grad peak**), not their sum.
@@ -25,7 +27,7 @@ import torch
 from twinflow.plan.activations import ActivationModel
 from twinflow.plan.counts import ModelCounts
 
-BUILD_BYTES = 4  # the generator (and its deep copies) is built in fp32
+COPY_BYTES = 4  # the teacher / EMA deep copies are fp32 whatever the training precision
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,8 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     # the backward's working set is about one no-grad forward's on top of what the forward saved
     activations = int(work.grad_rows * (saved + transient) * scale)
     nograd = int(work.nograd_rows * transient * scale)
-    copies = work.copies * BUILD_BYTES * c.total
+    copies = work.copies * COPY_BYTES * c.total
+    build = (2 if work.precision == "bf16" else 4) * c.total
     return Estimate(
         layout=layout,
         weights=weights,
@@ -138,7 +141,7 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
         activations=activations,
         nograd_peak=nograd,
         copies=copies,
-        startup=BUILD_BYTES * c.total + copies,
+        startup=COPY_BYTES * c.total + copies if copies else build,
         cpu=host,
     )
 
@@ -170,10 +173,3 @@ def forward_rows(method, batch: int, conditional: bool = True) -> tuple[int, int
     grad = max((n for n, g in calls if g), default=0)
     nograd = max((n for n, g in calls if not g), default=0)
     return grad, nograd
-
-
-def copy_count(job) -> int:
-    """fp32 copies of the generator the worker keeps (see modelling.build_averages)."""
-    teacher = getattr(job.method, "teacher", "online")
-    n = int(teacher == "ema") + int(teacher == "frozen" and job.model.lora is None)
-    return n + int(job.train.sample_ema is not None)

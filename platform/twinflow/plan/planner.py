@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from twinflow.plan.activations import load_fit
 from twinflow.plan.counts import count_model
-from twinflow.plan.memory import Estimate, Layout, Workload, copy_count, estimate, forward_rows
+from twinflow.plan.memory import Estimate, Layout, Workload, estimate, forward_rows
+from twinflow.train.modelling import copies_made
 
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 _OFFLOADS = {
@@ -28,7 +29,7 @@ def workload(job) -> Workload:
         micro_batch=job.train.micro_batch,
         grad_rows=grad_rows,
         nograd_rows=nograd_rows,
-        copies=copy_count(job),
+        copies=copies_made(job),
         tokens=counts.image_tokens * (2 if edit else 1) + counts.text_tokens,
         activations=load_fit(job.model.family),
     )

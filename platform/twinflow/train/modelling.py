@@ -23,9 +23,15 @@ from twinflow.train.config import JobConfig
 from twinflow.train.editing import export_metadata
 
 
+def train_dtype(job: JobConfig) -> torch.dtype:
+    return torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
+
+
 def build_model(job: JobConfig) -> torch.nn.Module:
-    """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match)."""
-    model = build_generator(job.model.model_copy(update={"lora": None}))
+    """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match).
+
+    Built in the training dtype (DeepSpeed would cast it anyway): the startup peak is the bf16 size."""
+    model = build_generator(job.model.model_copy(update={"lora": None}), dtype=train_dtype(job))
     if job.train.init_from:
         base = open_export(job.train.init_from, job.output.s3_endpoint).generator()
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -85,9 +91,26 @@ class Averages:
 
 
 def build_averages(job: JobConfig, model: torch.nn.Module) -> Averages:
-    """Teacher + sampling EMA; both copy the model as it is now (build them before DeepSpeed shards it)."""
-    sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
-    return Averages(build_teacher(job, model), sample_ema)
+    """Teacher + sampling EMA; both copy the model as it is now (build them before DeepSpeed shards it).
+
+    Their copies are fp32 (a bf16 EMA rounds away steps of (1 - d) * delta): a bf16 model is cast to
+    fp32 while they are made, then back (bf16 -> fp32 -> bf16 is exact); `twinflow plan` counts it."""
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32 and copies_made(job):
+        model.float()
+    try:
+        sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
+        return Averages(build_teacher(job, model), sample_ema)
+    finally:
+        model.to(dtype)
+
+
+def copies_made(job: JobConfig) -> int:
+    """Deep copies of the generator `build_averages` makes: an EMA teacher, a frozen teacher without
+    LoRA (with LoRA it is the model with adapters off), the sampling EMA."""
+    teacher = getattr(job.method, "teacher", "online")
+    n = int(teacher == "ema") + int(teacher == "frozen" and job.model.lora is None)
+    return n + int(job.train.sample_ema is not None)
 
 
 def build_objective(job: JobConfig):
