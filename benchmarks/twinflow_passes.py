@@ -10,7 +10,8 @@ does not count the time other processes held the cores: the steadier figure on a
 --baseline REV also times the TwinFlow objective as it was at git revision REV (its twinflow.py loaded
 from git into a scratch module; the rest of the package is today's), to show a change's effect in the
 same run. Prints one JSON object: per objective the median wall and CPU step time, their ratios to flow
-matching, model calls and no-grad rows per step.
+matching, model calls and no-grad rows per step, and what one no-grad row costs against one trained row
+(CPU time; the no-grad calls' fixed costs spread over their rows).
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             "model_calls": info[name]["model_calls"],
             "nograd_rows_mean": round(statistics.mean(info[name]["nograd_rows"]), 1),
         }
+        rows = statistics.mean(info[name]["nograd_rows"])
+        if rows:  # CPU cost of one extra no-grad row (its call's fixed cost included) per trained row
+            extra_per_row = (med_cpu - fm_cpu) / rows
+            result["objectives"][name]["nograd_row_vs_trained_row_cpu"] = round(
+                extra_per_row / (fm_cpu / B), 3
+            )
     print(json.dumps(result, indent=2))
     return 0
 
