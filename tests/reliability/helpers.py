@@ -1,4 +1,4 @@
-"""Small jobs for the reliability tests: the tiny Fashion-MNIST job of tests/train, a few steps."""
+"""Small jobs for the integration tests (tests/reliability, tests/train): the tiny Fashion-MNIST job, a few steps."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ MICRO = 8
 WORLD = 2
 
 
-def make_job(shards, out, name: str, *extra: str):
-    """2 workers x 8 rows, a checkpoint every 2 steps, no eval prompts (nothing but training)."""
+def make_job(shards, out, name: str, *extra: str, base: str = "fashion_base_fm.yaml"):
+    """2 workers x 8 rows, 4 steps, a checkpoint every 2, no eval prompts unless `extra` sets them."""
     return load_job(
-        JOBS / "fashion_base_fm.yaml",
+        JOBS / base,
         [
             f"name={name}",
             f"data.path={shards}",

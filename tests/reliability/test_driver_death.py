@@ -1,5 +1,9 @@
 """Defect 8 (driver death): a SIGKILLed driver left its workers training ~20 more steps and Ray helper
-processes alive. Workers now watch their driver (twinflow.train.lifeline) and exit within a second."""
+processes alive. Workers now watch their driver (twinflow.train.lifeline) and exit within a second.
+
+No test here for a driver that joined a running cluster by `--address`: on one machine Ray's ownership
+(the driver owns the Train controller, which owns the workers) ends them ~3 s after the SIGKILL with or
+without the watch (measured), so such a test passed on the old code too and proved nothing of ours."""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def _session_processes(session: str) -> list[str]:
     return found
 
 
-def _start_driver(shards, tmp_path, *extra: str) -> subprocess.Popen:
+def _start_driver(shards, tmp_path) -> subprocess.Popen:
     log = open(tmp_path / "driver.log", "w")
     try:
         return subprocess.Popen(
@@ -53,7 +57,6 @@ def _start_driver(shards, tmp_path, *extra: str) -> subprocess.Popen:
                 "orphan",
                 "train.steps=5000",
                 "train.checkpoint_every=5000",
-                *extra,
             ],
             env=_env(),
             cwd=REPO,
@@ -106,23 +109,6 @@ def test_workers_end_promptly_when_the_driver_is_killed(fashion_small, tmp_path)
         while _session_processes(session) and time.time() - killed_at < 30:  # raylet, GCS, helpers
             time.sleep(0.5)
         assert _session_processes(session) == []
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-
-
-def test_workers_end_promptly_when_a_driver_that_joined_by_address_is_killed(
-    ray_cluster, fashion_small, tmp_path
-):
-    """The driver joined a running cluster (`twinflow train --address ...`), whose raylet outlives it.
-    Measured: gone ~3 s after the SIGKILL with or without the workers' driver watch
-    (twinflow.train.lifeline): Ray's ownership ends the driver's Train controller and its workers on
-    one machine. The test holds the guarantee for this launch mode."""
-    address = ray_cluster.get_runtime_context().gcs_address
-    driver = _start_driver(fashion_small, tmp_path, f"--address={address}")
-    try:
-        pids, killed_at, step_at_kill = _kill_when_training(driver, tmp_path)
-        _assert_workers_end_promptly(pids, killed_at, step_at_kill, tmp_path / "orphan")
     finally:
         if driver.poll() is None:
             driver.kill()
