@@ -1,16 +1,19 @@
 """Serving latency, Serve overhead and batching throughput of the TwinFlow app (issue 6's benchmark).
 
 Starts a local Ray cluster and Serve on a free 127.0.0.1 port (nothing else is contacted) with two
-copies of the app on the same checkpoint: `/b` batches (@serve.batch, up to 16 images per call) and
-`/u` does not (max_batch_images 1). Request counts are fixed and small.
+copies of the app on the same checkpoint: `/b` batches (compute turns of up to 16 images) and `/u`
+does not (max_batch_images 1). Request counts are fixed and small.
 
 - latency: one client, sequential requests (fresh seed each, one prompt) at 1, 2, 4 and 50 NFE, p50/p95
   over HTTP (png responses; base64-json too at 1 NFE) for both apps, and the same work in process
   (`engine.run_items`: cached text states, sampling, PNG encoding) on the same model, in alternating
-  blocks of 5 requests: the Serve overhead is the p50 difference. At 1 NFE an empty FastAPI app on
+  blocks of 5 requests: the Serve overhead is the p50 difference. At 1 NFE an empty deployment on
   the same proxy (`echo_app`) gives Serve's own floor on this machine;
 - throughput: C concurrent closed-loop clients (aiohttp, one thread) for C = 1, 4, 16, with and
-  without batching, at 1, 4 and 50 NFE; requests/s over the whole run;
+  without batching, at 1, 4 and 50 NFE; requests/s over the whole run. `--repeats N` runs u, b, u, b,
+  ... back to back and reports the median of the N ratios;
+- where the replica's time goes per request (`/v1/stats` phases, twinflow.serve.phases: parse, queue
+  wait, handoff, batch assembly, model, encoding, response) for every throughput run;
 - CPU time per request of the Serve processes (proxy, replica; from /proc), which unlike wall time
   does not depend on what else runs on a shared machine.
 
@@ -29,6 +32,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from twinflow.serve.phases import per_request
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_bench.json"
@@ -114,6 +119,24 @@ def echo_app():
             return Response(b"\0" * 100, media_type="image/png")
 
     return Echo.bind()
+
+
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 2)
+
+
+def _pairs(rows: dict[str, list]) -> dict[str, list[tuple[dict, dict]]]:
+    """{clients: [(unbatched run, batched run), ...]}, each pair measured back to back."""
+    out: dict[str, list] = {}
+    for ru, rb in zip(rows["u"], rows["b"]):
+        out.setdefault(str(ru["clients"]), []).append((ru, rb))
+    return out
+
+
+def _mean_phases(runs: list[dict]) -> dict[str, float]:
+    """Per-request replica phases (twinflow.serve.phases), averaged over repeated runs."""
+    keys = runs[0]["replica_phases_ms"].keys()
+    return {k: round(statistics.fmean(r["replica_phases_ms"][k] for r in runs), 3) for k in keys}
 
 
 def _summary(ms: list[float]) -> dict:
@@ -203,6 +226,11 @@ async def _latency(
     return out
 
 
+async def _phases(session, url: str) -> dict:
+    async with session.get(url.replace("/v1/generate", "/v1/stats")) as r:
+        return (await r.json())["phases"]
+
+
 async def _closed_loop(
     session, url: str, nfe: int, clients: int, per_client: int, pids: dict[str, int], app: str
 ) -> dict:
@@ -218,12 +246,14 @@ async def _closed_loop(
 
     await asyncio.gather(*(client(c) for c in range(min(clients, 2))))  # warm-up
     lat.clear()
+    before = await _phases(session, url)
     meter = CpuMeter(pids, app)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(clients)))
     wall = time.perf_counter() - t0
     n = clients * per_client
     cpu = meter.per_request(n)
+    phases = per_request(before, await _phases(session, url))
     return {
         "clients": clients,
         "requests": n,
@@ -231,6 +261,7 @@ async def _closed_loop(
         "req_per_s": round(n / wall, 1),
         **_summary(lat),
         "cpu_ms_per_request": cpu,
+        "replica_phases_ms": phases,
         # what the replica could sustain with a whole core to itself
         "replica_cap_req_per_s": round(1000.0 / cpu["replica"], 1) if cpu.get("replica") else None,
     }
@@ -254,10 +285,11 @@ async def measure(base: str, local: InProcess, args) -> dict:
             for c in args.clients:
                 total = args.throughput_requests if nfe < 50 else args.throughput_requests // 5
                 per = max(4 if nfe < 50 else 2, total // c)
-                for app in ("u", "b"):
-                    rows[app].append(
-                        await _closed_loop(session, f"{base}/{app}/v1/generate", nfe, c, per, pids, app)
-                    )
+                for _ in range(args.repeats):  # u, b, u, b, ...: a load change hits both alike
+                    for app in ("u", "b"):
+                        rows[app].append(
+                            await _closed_loop(session, f"{base}/{app}/v1/generate", nfe, c, per, pids, app)
+                        )
             out["throughput"][str(nfe)] = rows
             print(f"throughput {nfe} NFE:", json.dumps(rows), flush=True)
         async with session.get(f"{base}/b/v1/stats") as r:
@@ -278,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=160,
         help="requests per throughput run (bounded; 50+ NFE: a fifth, at least 4 per client)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="u/b throughput pairs per client count (median ratio)"
     )
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="as in serve/fashion_demo.yaml")
     p.add_argument("--out", default=str(RESULTS))
@@ -330,27 +365,39 @@ def main(argv: list[str] | None = None) -> int:
     overhead["u_above_floor"] = {"1": round(overhead["u"]["1"] - lat["1"]["echo"]["p50_ms"], 2)}
     overhead["u_json"] = {"1": round(lat["1"]["u_json"]["p50_ms"] - lat["1"]["in_process"]["p50_ms"], 2)}
     overhead["b_json"] = {"1": round(lat["1"]["b_json"]["p50_ms"] - lat["1"]["in_process"]["p50_ms"], 2)}
+    pairs = {nfe: _pairs(rows) for nfe, rows in http["throughput"].items()}
     speedup = {
+        nfe: {c: _median([rb["req_per_s"] / ru["req_per_s"] for ru, rb in runs]) for c, runs in by_c.items()}
+        for nfe, by_c in pairs.items()
+    }
+    speedup_runs = {
+        nfe: {c: [round(rb["req_per_s"] / ru["req_per_s"], 2) for ru, rb in runs] for c, runs in by_c.items()}
+        for nfe, by_c in pairs.items()
+    }
+    decomposition = {
         nfe: {
-            str(ru["clients"]): round(rb["req_per_s"] / ru["req_per_s"], 2)
-            for ru, rb in zip(rows["u"], rows["b"])
+            c: {app: _mean_phases([run[i] for run in runs]) for i, app in enumerate("ub")}
+            for c, runs in by_c.items()
         }
-        for nfe, rows in http["throughput"].items()
+        for nfe, by_c in pairs.items()
     }
     # the same comparison in CPU time per request (what throughput becomes on a machine of our own)
     cpu_speedup = {
         nfe: {
-            str(ru["clients"]): {
-                "replica": round(
-                    ru["cpu_ms_per_request"]["replica"] / rb["cpu_ms_per_request"]["replica"], 2
+            c: {
+                "replica": _median(
+                    [
+                        ru["cpu_ms_per_request"]["replica"] / rb["cpu_ms_per_request"]["replica"]
+                        for ru, rb in runs
+                    ]
                 ),
-                "all_serve_processes": round(
-                    ru["cpu_ms_per_request"]["total"] / rb["cpu_ms_per_request"]["total"], 2
+                "all_serve_processes": _median(
+                    [ru["cpu_ms_per_request"]["total"] / rb["cpu_ms_per_request"]["total"] for ru, rb in runs]
                 ),
             }
-            for ru, rb in zip(rows["u"], rows["b"])
+            for c, runs in by_c.items()
         }
-        for nfe, rows in http["throughput"].items()
+        for nfe, by_c in pairs.items()
     }
     cpu_overhead = {
         nfe: {
@@ -374,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         **http,
         "serve_overhead_p50_ms": overhead,
         "batching_speedup": speedup,
+        "batching_speedup_runs": speedup_runs,
+        "replica_phases_ms": decomposition,
         "batching_speedup_cpu": cpu_speedup,
         "serve_overhead_cpu_ms": cpu_overhead,
     }
@@ -387,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                     "serve_overhead_p50_ms",
                     "serve_overhead_cpu_ms",
                     "batching_speedup",
+                    "batching_speedup_runs",
                     "batching_speedup_cpu",
+                    "replica_phases_ms",
                 )
             }
         )

@@ -96,6 +96,20 @@ def test_image_never_depends_on_batch_mates(served):
     assert img.size == (28, 28) and img.mode == "L"
 
 
+def test_run_items_accounts_its_phases(served):
+    from twinflow.serve.engine import Item, run_items
+
+    models, enc = served
+    phases: dict[str, float] = {}
+    run_items(
+        models, enc, [Item("tiny", "a photo of a bag", 1, 1), Item("tiny", "a photo of a bag", 2, 2)], phases
+    )
+    assert set(phases) == {"assembly", "model", "encoding"} and all(v > 0 for v in phases.values())
+    once = dict(phases)
+    run_items(models, enc, [Item("tiny", "a photo of a bag", 1, 1)], phases)  # sums across calls
+    assert all(phases[k] > once[k] for k in once)
+
+
 def test_row_stable_padding_sizes(served):
     models, _ = served
     fn = models["tiny"].model_fn(False)

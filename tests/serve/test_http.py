@@ -70,13 +70,14 @@ def test_same_seed_same_image_over_http_and_in_process(serve_app, served):
 
 
 def test_concurrent_requests_are_batched_and_unchanged_by_it(serve_app):
-    """12 simultaneous requests (NFE 1 and 2 mixed) share @serve.batch calls; every image equals the one
-    the same request gets alone."""
+    """12 simultaneous requests (NFE 1 and 2 mixed) share compute turns; every image equals the one
+    the same request gets alone; /v1/stats accounts for their time by phase."""
     reqs = [
         {"prompt": f"a photo of a {w}", "seed": 100 + i, "nfe": 1 + i % 2, "num_images": 1 + i % 2}
         for i, w in enumerate(["dress", "bag", "coat", "shirt"] * 3)
     ]
-    before = requests.get(serve_app + "/v1/stats", timeout=10).json()["batches"]
+    stats0 = requests.get(serve_app + "/v1/stats", timeout=10).json()
+    before = stats0["batches"]
     barrier = threading.Barrier(len(reqs))
     out: list = [None] * len(reqs)
 
@@ -94,7 +95,11 @@ def test_concurrent_requests_are_batched_and_unchanged_by_it(serve_app):
     assert any(o["batch"]["group_requests"] < o["batch"]["requests"] for o in out) or max(sizes) < len(reqs)
     for o in out:  # a batch never holds more images than max_batch_images
         assert o["batch"]["images"] <= 16
-    after = requests.get(serve_app + "/v1/stats", timeout=10).json()["batches"]
+    stats1 = requests.get(serve_app + "/v1/stats", timeout=10).json()
+    after = stats1["batches"]
+    p0, p1 = stats0["phases"], stats1["phases"]
+    assert p1["requests"] - p0["requests"] == len(reqs) and p1["turns"] - p0["turns"] < len(reqs)
+    assert all(p1["ms"][k] > p0["ms"][k] for k in ("parse", "queue_wait", "model", "encoding", "response"))
     multi = sum(v for k, v in after.items() if int(k) > 1) - sum(v for k, v in before.items() if int(k) > 1)
     assert multi >= 1, (before, after)
     for req, o in zip(reqs, out):  # alone, one at a time

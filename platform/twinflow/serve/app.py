@@ -6,9 +6,11 @@ One deployment, `TwinFlow`, is both the FastAPI ingress and the model holder:
 - `@serve.multiplexed` loads checkpoints by id (LRU per replica). The id comes from the body's `model`;
   a client that also sends the `serve_multiplexed_model_id` header gets routed by Serve to a replica
   that already holds that model;
-- one `@serve.batch` method collects concurrent requests (Serve splits a batch by multiplexed model
-  id; the engine groups the rest by model, NFE, guidance and task). The batch size counts images.
-  Torch runs on one worker thread, so the replica keeps taking requests for the next batch meanwhile.
+- the replica's `Batcher` (twinflow.serve.batcher) turns concurrent requests into compute turns of up
+  to `max_batch_images` images (the engine groups them by model, NFE, guidance and task). Torch runs on
+  one worker thread, so the replica keeps taking requests for the next turn meanwhile. It replaced
+  `@serve.batch`, whose fixed window cost a lone request 2 ms and split load into small batches;
+- `PhaseTotals` (twinflow.serve.phases) sums where request time goes, shown in `/v1/stats`.
 
 An earlier version split this into an API deployment and a model deployment behind a handle: the
 extra hop cost about 9 ms of CPU per request on this 2-core machine (docs/serving.md), more than the
@@ -22,7 +24,6 @@ FastAPI could then no longer resolve string annotations (a `request: Request` be
 
 import asyncio
 import base64
-import collections
 import hmac
 import json
 import os
@@ -43,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinflow.exports import read_export_metadata
 from twinflow.method.config import sample_guidance_of
+from twinflow.serve.batcher import Batcher
 from twinflow.serve.body import BodyReaders, parse_json
 from twinflow.serve.config import DEPLOYMENT, ServeAppConfig, parse_args
 from twinflow.serve.engine import (
@@ -56,6 +58,7 @@ from twinflow.serve.engine import (
     tasks_of,
 )
 from twinflow.serve.images import ImageBounds, base64_bytes, form_values, open_image, parse_multipart
+from twinflow.serve.phases import PhaseTotals
 from twinflow.serve.schemas import (
     API_VERSION,
     ApiError,
@@ -76,10 +79,6 @@ PLAYGROUND = "playground.html"
 
 
 # ------------------------------------------------------------------------------------ model replicas
-def _item_weight(items: list[Item]) -> int:
-    return sum(it.weight for it in items)
-
-
 def _edit_form_schema() -> dict[str, Any]:
     schema = EditFields.model_json_schema()
     schema["properties"]["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
@@ -161,11 +160,9 @@ class TwinFlow:
         self.encoders = TextEncoders(self.cfg.text_cache_size)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinflow-torch")
         self.max_rows = max(self.max_batch, self.limits.max_images)
-        self.generate_batch.set_max_batch_size(self.max_batch)
-        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        self.batcher = Batcher(self._turn, self.max_batch, self.cfg.batching.batch_wait_timeout_s)
         self.batch_sizes: dict[int, int] = {}  # requests per model batch -> count
-        self.pending: collections.deque = collections.deque()  # (Item, Future) waiting for a compute turn
-        self.compute_lock = asyncio.Lock()
+        self.phases = PhaseTotals()
         self.loads: list[str] = []
 
     # ---------------------------------------------------------------- model side
@@ -186,37 +183,18 @@ class TwinFlow:
             ),
         )
 
-    @serve.batch(
-        max_batch_size=16, batch_wait_timeout_s=0.002, batch_size_fn=_item_weight, max_concurrent_batches=16
-    )
-    async def generate_batch(self, items: list[Item]) -> list[Result]:
-        """Serve hands over the requests that arrived together. Serve forms a batch as soon as its wait
-        ends, so during a long forward the next arrivals become many small batches (measured: mostly
-        1-2 requests at 16 clients). Here they join one replica queue instead, and whoever gets the
-        compute turn samples everything queued, up to max_batch_images: a batch fills while the
-        previous one runs."""
-        loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in items]
-        self.pending.extend(zip(items, futs))
-        while not all(f.done() for f in futs):
-            async with self.compute_lock:
-                if all(f.done() for f in futs):
-                    break
-                take, weight = [], 0
-                while self.pending and (not take or weight + self.pending[0][0].weight <= self.max_batch):
-                    take.append(self.pending.popleft())
-                    weight += take[-1][0].weight
-                await self._compute(take)
-        return [f.result() for f in futs]
+    async def _turn(self, take: list) -> None:
+        """One compute turn of the batcher (twinflow.serve.batcher)."""
+        now = time.perf_counter()
+        for it, _ in take:
+            self.phases.add("queue_wait", (now - it.queued_at) * 1e3)
+        await self._compute(take)
 
     async def _compute(self, take: list) -> None:
         """Sample one turn's requests together; when that fails, each runs alone, so a bad request
         fails by itself instead of taking its batch mates down with it."""
         try:
             await self._sample(take)
-        except asyncio.CancelledError:  # put back what this turn took, for the next turn
-            self.pending.extendleft(reversed([t for t in take if not t[1].done()]))
-            raise
         except Exception as exc:
             if len(take) == 1:
                 if not take[0][1].done():
@@ -228,12 +206,20 @@ class TwinFlow:
         self.batch_sizes[len(take)] = self.batch_sizes.get(len(take), 0) + 1
 
     async def _sample(self, take: list) -> None:
+        t0 = time.perf_counter()
         batch = [it for it, _ in take]
         models = {mid: await self.get_model(mid) for mid in dict.fromkeys(it.model_id for it in batch)}
+        phases: dict[str, float] = {}
         results = await asyncio.get_running_loop().run_in_executor(
-            self.pool, run_items, models, self.encoders, batch
+            self.pool, run_items, models, self.encoders, batch, phases
         )
+        ready = time.perf_counter()
+        for name, ms in phases.items():
+            self.phases.add(name, ms)
+        self.phases.add("handoff", (ready - t0) * 1e3 - sum(phases.values()))
+        self.phases.turns += 1
         for (_, f), r in zip(take, results):
+            r.ready_at = ready
             if not f.done():
                 f.set_result(r)
 
@@ -292,6 +278,24 @@ class TwinFlow:
                 422, "invalid_request", "request does not match the schema", validation_details(exc)
             ) from None
 
+    def _edit_image(self, info: ModelInfo, raw: bytes):
+        bounds = ImageBounds(
+            self.limits.max_image_bytes, self.limits.max_image_side, self.limits.max_image_pixels
+        )
+        try:
+            img = open_image(raw, bounds)  # format, bytes and header pixels checked before decoding
+        except OverflowError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(400, "bad_image", str(exc)) from None
+        if EDIT_TASK not in info.tasks:
+            raise ApiError(
+                501,
+                "not_implemented",
+                f"model {info.id!r} does not support editing (its tasks: {info.tasks})",
+            )
+        return image_to_model(img, info.channels, info.image_size)
+
     def _model(self, model_id: str | None) -> ModelInfo:
         header = serve.get_multiplexed_model_id()
         if model_id and header and model_id != header:
@@ -317,9 +321,11 @@ class TwinFlow:
             req.guidance,
             image,
             weight=min(req.num_images, self.max_batch),
+            queued_at=time.perf_counter(),
         )
+        self.phases.add("parse", (item.queued_at - t0) * 1e3)
         try:
-            result: Result = await self.generate_batch(item)
+            result: Result = await self.batcher.submit(item)
         except Exception as exc:  # loading or sampling failed: answer 500 and stay up
             raise ApiError(
                 500,
@@ -336,7 +342,7 @@ class TwinFlow:
                 "X-TwinFlow-Total-Ms": str(total),
                 "X-TwinFlow-Model-Ms": str(round(result.model_ms, 3)),
             }
-            return Response(result.pngs[0], media_type="image/png", headers=headers)
+            return self._answered(result, Response(result.pngs[0], media_type="image/png", headers=headers))
         out = GenerateResponse(
             id=uuid.uuid4().hex,
             model=info.id,
@@ -353,7 +359,12 @@ class TwinFlow:
                 group_requests=result.group_requests,
             ),
         )
-        return Response(out.model_dump_json(), media_type="application/json")
+        return self._answered(result, Response(out.model_dump_json(), media_type="application/json"))
+
+    def _answered(self, result: Result, response: Response) -> Response:
+        self.phases.add("response", (time.perf_counter() - result.ready_at) * 1e3)
+        self.phases.requests += 1
+        return response
 
     # ---------------------------------------------------------------- routes
     @api.post(
@@ -368,10 +379,11 @@ class TwinFlow:
     )
     async def generate(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        self._auth(request)
-        req = await self._body(request, GenerateRequest)
-        info = self._model(req.model)
-        check_limits(req, req.prompt, self.limits)
+        with self.batcher.arriving_request():
+            self._auth(request)
+            req = await self._body(request, GenerateRequest)
+            info = self._model(req.model)
+            check_limits(req, req.prompt, self.limits)
         return await self._run(t0, info, req, req.prompt, "generate")
 
     @api.post(
@@ -389,26 +401,12 @@ class TwinFlow:
     )
     async def edit(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        self._auth(request)
-        req, raw = await self._edit_body(request)
-        info = self._model(req.model)
-        check_limits(req, req.instruction, self.limits)
-        bounds = ImageBounds(
-            self.limits.max_image_bytes, self.limits.max_image_side, self.limits.max_image_pixels
-        )
-        try:
-            img = open_image(raw, bounds)  # format, bytes and header pixels checked before decoding
-        except OverflowError as exc:
-            raise ApiError(413, "image_too_large", str(exc)) from None
-        except ValueError as exc:
-            raise ApiError(400, "bad_image", str(exc)) from None
-        if EDIT_TASK not in info.tasks:
-            raise ApiError(
-                501,
-                "not_implemented",
-                f"model {info.id!r} does not support editing (its tasks: {info.tasks})",
-            )
-        image = image_to_model(img, info.channels, info.image_size)
+        with self.batcher.arriving_request():
+            self._auth(request)
+            req, raw = await self._edit_body(request)
+            info = self._model(req.model)
+            check_limits(req, req.instruction, self.limits)
+            image = self._edit_image(info, raw)
         return await self._run(t0, info, req, req.instruction, "edit", image)
 
     @api.get("/v1/models", response_model=ModelsResponse)
@@ -425,6 +423,7 @@ class TwinFlow:
             "text_cache": self.encoders.cache_info(),
             "model_loads": list(self.loads),
             "max_batch_images": self.max_batch,
+            "phases": self.phases.snapshot(),
         }
 
     @api.get("/healthz")

@@ -98,11 +98,13 @@ class Batching(_Strict):
         16,
         ge=1,
         le=1024,
-        description="images per @serve.batch call (1 turns batching off); a "
-        "request with more images runs alone",
+        description="images per compute turn (1 turns batching off); a request with more images runs alone",
     )
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0.0, le=10.0, description="how long a batch waits for more requests after its first"
+        0.002,
+        ge=0.0,
+        le=10.0,
+        description="how long a turn waits for requests still being read and validated (never when none are)",
     )
     row_stable: bool | int = Field(
         True,

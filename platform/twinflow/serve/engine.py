@@ -48,6 +48,7 @@ class Item:
     guidance: float | None = None  # None: the CFG the export recommends (0 for TwinFlow)
     image: np.ndarray | None = None  # edit: (H, W, C) uint8 at the model's pixel size
     weight: int = 1  # counted by @serve.batch's batch_size_fn
+    queued_at: float = 0.0  # perf_counter when the route queued it (the replica's phase times)
 
     @property
     def task(self) -> str:
@@ -64,6 +65,7 @@ class Result:
     batch_requests: int = 1
     batch_images: int = 1
     group_requests: int = 1
+    ready_at: float = 0.0  # perf_counter when its compute turn finished (the replica's phase times)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -244,8 +246,15 @@ class TextEncoders:
         return info
 
 
-def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item]) -> list[list[bytes]]:
-    """Sample every item of one group (same model, NFE, guidance, task) in one batch; PNGs per item."""
+def run_group(
+    model: ServedModel,
+    encoders: TextEncoders,
+    items: Sequence[Item],
+    phases: dict[str, float] | None = None,
+) -> list[list[bytes]]:
+    """Sample every item of one group (same model, NFE, guidance, task) in one batch; PNGs per item.
+    `phases` gains the ms spent assembling the batch (noise, text states), in the model, and encoding."""
+    t0 = time.perf_counter()
     nfe, task = items[0].nfe, items[0].task
     settings = replace(model.export.settings(nfe), guidance=model.guidance(items[0].guidance))
     gen = model.generator
@@ -266,6 +275,7 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
         cond["ref_image"] = ref.to(dtype)
         if null is not None:
             null["ref_image"] = cond["ref_image"]
+    t1 = time.perf_counter()
     with torch.no_grad():
         x = sample(
             model.model_fn(task == EDIT_TASK),
@@ -277,11 +287,15 @@ def run_group(model: ServedModel, encoders: TextEncoders, items: Sequence[Item])
         )
         if model.codec is not None:
             x = model.codec.decode(x)
+    t2 = time.perf_counter()
     pngs = png_bytes(x)
     out, start = [], 0
     for c in counts:
         out.append(pngs[start : start + c])
         start += c
+    if phases is not None:
+        for name, ms in (("assembly", t1 - t0), ("model", t2 - t1), ("encoding", time.perf_counter() - t2)):
+            phases[name] = phases.get(name, 0.0) + ms * 1e3
     return out
 
 
@@ -294,10 +308,14 @@ def _ref_tensor(model: ServedModel, image: np.ndarray):
 
 
 def run_items(
-    models: Mapping[str, ServedModel], encoders: TextEncoders, items: Sequence[Item]
+    models: Mapping[str, ServedModel],
+    encoders: TextEncoders,
+    items: Sequence[Item],
+    phases: dict[str, float] | None = None,
 ) -> list[Result]:
     """Group a batch by (model, NFE, guidance, task) and sample each group in one go (in-process,
-    what one compute turn of the deployment's batch does; also the benchmark's in-process baseline)."""
+    what one compute turn of the deployment's batch does; also the benchmark's in-process baseline).
+    `phases` (optional) sums run_group's assembly/model/encoding ms over the groups."""
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
         it.guidance = models[it.model_id].guidance(it.guidance)  # None -> the export's own, before grouping
@@ -306,7 +324,7 @@ def run_items(
     total_images = sum(it.num_images for it in items)
     for key, idxs in groups.items():
         t0 = time.perf_counter()
-        pngs = run_group(models[key[0]], encoders, [items[i] for i in idxs])
+        pngs = run_group(models[key[0]], encoders, [items[i] for i in idxs], phases)
         ms = (time.perf_counter() - t0) * 1e3
         for i, p in zip(idxs, pngs):
             results[i] = Result(p, ms, len(items), total_images, len(idxs))
