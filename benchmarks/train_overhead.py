@@ -5,11 +5,16 @@ flow-matching training, on the same model (tiny Qwen-Image, Fashion-MNIST) and m
                                                              # benchmarks/results/train_overhead.json
 
 Plain loop: one process, one thread, AdamW + clipping, batches decoded and embedded once up front (no
-data cost at all: the best case). Ray: `twinflow train jobs/fashion_base_fm.yaml` with ONE worker of one
-CPU (same threads), Ray Data streaming and the DeepSpeed engine (ZeRO-2). Steady state: the time between
-the log lines at `--warmup` and at the last step, from each run's own clock (metrics.jsonl `elapsed_s`,
-which includes waiting for data). Peak memory: the worker's peak resident set (CPU) at the end of a
-flow-matching and a TwinFlow job of the same size.
+data cost at all: the best case); it runs before AND after the Ray job, so a load change during the
+run shows as a difference between the two. Ray: `twinflow train jobs/fashion_base_fm.yaml` with ONE
+worker of one CPU (same threads), Ray Data streaming and the DeepSpeed engine (ZeRO-2 asked; one rank
+runs it as stage 0). Steady state: between the log lines at `--warmup` and at the last step, from the
+worker's own metrics (metrics.jsonl): wall (`elapsed_s`, includes waiting for data), the in-loop
+compute per step (`step_s`: objective, backward, engine step, metric bookkeeping), the data wait and
+the rest (iterator, the sampling EMA's update, logging; the plain loop updates that EMA too, timed
+apart); and CPU seconds per step (`cpu_s`: the worker process, all its threads; the plain loop's own
+process time), which a loaded shared machine inflates far less than wall time. Peak memory: the worker's peak resident set (CPU) at the end of a flow-matching and a
+TwinFlow job of the same size.
 """
 
 from __future__ import annotations
@@ -52,23 +57,35 @@ def plain_loop(job, steps: int, warmup: int) -> dict:
                 )
             )
     model = build_generator(job.model)
-    teacher = modelling.build_teacher(job, model)
+    averages = modelling.build_averages(job, model)  # the teacher and the sampling EMA, as the worker
+    teacher = averages.teacher
     objective = modelling.build_objective(job)
     null = {k: v for k, v in enc.null_condition().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=job.train.lr, betas=job.train.betas)
     gen = torch.Generator().manual_seed(0)
-    times = []
+    times, cpu, ema = [], [], []
     for i in range(steps):
         x, cond = pool[i % len(pool)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         teacher.update()
         out = objective(model, x, cond, teacher=teacher, null_cond=null, generator=gen, update_teacher=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), job.deepspeed.gradient_clipping)
         opt.step()
+        t_ema = time.perf_counter()
+        if averages.sample_ema is not None:
+            averages.sample_ema.update(model)
+        ema.append(time.perf_counter() - t_ema)
         times.append(time.perf_counter() - t0)
-    return {"step_s": float(np.mean(times[warmup:])), "steps": steps}
+        cpu.append(time.process_time() - c0)
+    return {
+        "step_s": float(np.mean(times[warmup:])),
+        "step_s_median": float(np.median(times[warmup:])),
+        "cpu_s": float(np.mean(cpu[warmup:])),
+        "sample_ema_s": float(np.mean(ema[warmup:])),
+        "steps": steps,
+    }
 
 
 def ray_job(job, steps: int, warmup: int, out_dir: Path) -> dict:
@@ -81,15 +98,26 @@ def ray_job(job, steps: int, warmup: int, out_dir: Path) -> dict:
         json.loads(line)
         for line in (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
     ]
-    at = {r["step"]: r for r in rows}
+    at = {r["step"]: r for r in rows if "elapsed_s" in r}
     a, b = at[warmup], at[steps]
-    return {
-        "step_s": (b["elapsed_s"] - a["elapsed_s"]) / (steps - warmup),
+    n = steps - warmup
+    wall = (b["elapsed_s"] - a["elapsed_s"]) / n
+    # step_s and data_wait_frac are running means since the first batch: difference the totals
+    busy_a, busy_b = a["step_s"] * a["step"], b["step_s"] * b["step"]
+    wait_a = a["data_wait_frac"] / (1 - a["data_wait_frac"]) * busy_a
+    wait_b = b["data_wait_frac"] / (1 - b["data_wait_frac"]) * busy_b
+    out = {
+        "step_s": wall,
         "steps": steps,
+        "compute_s": (busy_b - busy_a) / n,
+        "data_wait_s": (wait_b - wait_a) / n,
         "data_wait_frac": b["data_wait_frac"],
         "peak_mem_mb": b["peak_mem_mb"],
         "final_loss": b["total"],
     }
+    if "cpu_s" in a:
+        out["cpu_s"] = (b["cpu_s"] - a["cpu_s"]) / n
+    return out
 
 
 def main() -> int:
@@ -121,13 +149,30 @@ def main() -> int:
     job = load_job(base, [*common, f"train.steps={args.steps}", "name=overhead_fm"])
     res["plain_loop"] = plain_loop(job, args.steps, args.warmup)
     print("plain", res["plain_loop"], flush=True)
-    res["ray_train_deepspeed"] = ray_job(job, args.steps, args.warmup, tmp)
-    print("ray", res["ray_train_deepspeed"], flush=True)
-    res["overhead"] = res["ray_train_deepspeed"]["step_s"] / res["plain_loop"]["step_s"]
+    ray_res = res["ray_train_deepspeed"] = ray_job(job, args.steps, args.warmup, tmp)
+    print("ray", ray_res, flush=True)
+    res["plain_loop_after"] = plain_loop(job, args.steps, args.warmup)
+    print("plain after", res["plain_loop_after"], flush=True)
+    plain = {
+        k: (res["plain_loop"][k] + res["plain_loop_after"][k]) / 2
+        for k in ("step_s", "cpu_s", "sample_ema_s")
+    }
+    res["overhead"] = ray_res["step_s"] / plain["step_s"]
+    wait = ray_res["data_wait_s"]
+    res["decomposition_ms"] = {  # Ray's wall per step minus the plain loop's, split
+        "compute_vs_plain": 1e3 * (ray_res["compute_s"] - (plain["step_s"] - plain["sample_ema_s"])),
+        "data_wait": 1e3 * wait,
+        # iterator, sampling EMA, logging, minus the plain loop's sampling EMA
+        "rest_vs_plain": 1e3 * (ray_res["step_s"] - ray_res["compute_s"] - wait - plain["sample_ema_s"]),
+    }
+    if "cpu_s" in ray_res:
+        res["cpu_overhead"] = ray_res["cpu_s"] / plain["cpu_s"]
+        res["cpu_fixed_ms"] = 1e3 * (ray_res["cpu_s"] - plain["cpu_s"])
 
     if args.mem_steps <= 0:  # --mem-steps 0: the step-time comparison only
         Path(args.out).write_text(json.dumps(res, indent=2))
-        print(json.dumps({"overhead": res["overhead"]}))
+        keys = ("overhead", "decomposition_ms", "cpu_overhead", "cpu_fixed_ms")
+        print(json.dumps({k: res[k] for k in keys if k in res}, indent=2))
         return 0
     mem = {}
     for name, path, extra in [

@@ -101,7 +101,7 @@ def train_loop(config: dict[str, Any]) -> None:
     step_time = 0.0
     micro = 0
     first_wait: float | None = None
-    t_first = time.perf_counter()
+    t_first, cpu_first = time.perf_counter(), time.process_time()
     logged: dict[str, float] = {}  # the latest rank-averaged metrics, reported with each checkpoint
     last_eval: dict[str, float] = {}  # the latest judge metrics ("eval/..."), kept in later reports
 
@@ -129,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
             t_start = time.perf_counter()
             if first_wait is None:  # pipeline start-up (read, embed actors) is not steady-state wait
                 first_wait = t_start - t_wait
-                t_first = t_start
+                t_first, cpu_first = t_start, time.process_time()
             else:
                 data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
@@ -177,6 +177,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["elapsed_s"] = (
                     time.perf_counter() - t_first
                 )  # wall since the first batch (this attempt)
+                # this worker process's CPU seconds since the first batch (all its threads, Ray's too):
+                # per step it is the step's cost that other processes on a shared machine do not inflate
+                metrics["cpu_s"] = time.process_time() - cpu_first
                 metrics["peak_mem_mb"] = peak_memory_mb(device)
                 if rank == 0:  # counted by the data pipeline's one counter actor, so far
                     metrics.update(bad_record_metrics(job.data))
