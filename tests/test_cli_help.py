@@ -6,10 +6,8 @@ import json
 import subprocess
 import sys
 
-# `tune --help` is not here: importing the `twinflow.tune` package loads torch (its config imports
-# train.config -> twinflow.method).
 HELPS = ["--help", "train --help", "demo --help", "data --help", "eval --help", "judges --help"]
-HELPS += ["export --help", "plan --help", "serve --help", "bogus"]
+HELPS += ["export --help", "plan --help", "serve --help", "tune --help", "bogus"]
 
 PROBE = """
 import contextlib, io, json, sys

@@ -20,7 +20,7 @@ from twinflow.config import ConfigError
 from twinflow.storage import is_s3
 from twinflow.train.config import JobConfig, load_job
 from twinflow.train.failures import train_loop_keeping_traceback, write_failure_log
-from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, remove_run_dir
+from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, check_text_states, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
 from twinflow.train.summary import write_summary
 
@@ -211,6 +211,7 @@ def check_inputs(job: JobConfig) -> None:
     for field_name, uri, _ in inputs:  # under `ray job submit`: say what to do, not just "missing"
         check_not_in_runtime_env(field_name, uri or "", must_exist=True)
     check_not_in_runtime_env("output.dir", job.output.dir, must_exist=False)
+    check_text_states(job)  # data carrying another encoder's text states than the model reads
     for field_name, uri, endpoint in inputs:
         if not uri:
             continue
