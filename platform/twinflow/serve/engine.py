@@ -28,9 +28,10 @@ import torch
 from PIL import Image
 
 from twinflow.exports import Export, open_export, shared_text_encoder
-from twinflow.imaging import png_bytes
+from twinflow.imaging import to_uint8
 from twinflow.method.sampler import renoise_generator, sample, seeded_noise
 from twinflow.models.text_encoder import TextEncoder
+from twinflow.serve.png import encode_pngs
 
 EDIT_TASK = "edit"
 
@@ -288,7 +289,7 @@ def run_group(
         if model.codec is not None:
             x = model.codec.decode(x)
     t2 = time.perf_counter()
-    pngs = png_bytes(x)
+    pngs = encode_pngs(to_uint8(x))  # the bytes Pillow writes, for the whole batch in one pass
     out, start = [], 0
     for c in counts:
         out.append(pngs[start : start + c])
