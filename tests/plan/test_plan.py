@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twinflow.plan.memory import Layout, forward_rows, model_states
+from twinflow.plan.planner import workload
 from twinflow.train.modelling import copies_made
 
 QWEN_IMAGE_20B = {
@@ -108,9 +109,32 @@ def test_activation_formula_predicts_a_config_it_was_not_fitted_on():
 def test_twinflow_rows_come_from_the_real_objective():
     from twinflow.method.config import FlowMatchingConfig, TwinFlowConfig
 
-    grad, nograd = forward_rows(TwinFlowConfig(), 8)
-    assert grad == 8 and 0 < nograd <= 4 * 8
-    assert forward_rows(FlowMatchingConfig(), 8) == (8, 0)
+    grad, before, after = forward_rows(TwinFlowConfig(), 8)
+    assert grad == 8 and 0 < before <= 4 * 8
+    # the rectify pair (2 x the E2E rows) and the last rollout sub-step run after the grad forward
+    assert 2 <= after <= 2 * 8
+    assert forward_rows(TwinFlowConfig(rollout_order=1, **{"lambda": 0.0}), 8)[2] == 0
+    assert forward_rows(FlowMatchingConfig(), 8) == (8, 0, 0)
+    # the rollout's rows depend on the drawn times: the plan must not
+    torch.manual_seed(123)
+    assert forward_rows(TwinFlowConfig(), 8) == (grad, before, after)
+
+
+def test_a_no_grad_call_after_the_grad_forward_counts_on_top_of_its_saved_activations():
+    from dataclasses import replace
+
+    from twinflow.plan.memory import estimate
+
+    job = _job()
+    base = workload(job)
+    alone = replace(base, overlap_rows=0)
+    held = replace(base, overlap_rows=3 * base.grad_rows)
+    layout = Layout(gpus=1, zero_stage=0)
+    saved, transient = base.activations.per_row(
+        base.counts.layers, base.tokens, base.counts.width, base.counts.heads, False
+    )
+    extra = estimate(held, layout).activations - estimate(alone, layout).activations
+    assert extra == pytest.approx(2 * base.grad_rows * transient, rel=1e-6)
 
 
 def _job(**changes):

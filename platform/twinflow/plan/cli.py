@@ -23,7 +23,8 @@ def render(result, gpu_label: str) -> str:
         f"model: {c.total:,} parameters ({c.trainable:,} trainable), {c.layers} blocks x {c.width} "
         f"({c.heads} heads), largest block {c.largest_layer:,}",
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
-        f"largest no-grad forward {w.nograd_rows} rows, {w.copies} fp32 model copies, precision {w.precision}",
+        f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
+        f"{w.copies} fp32 model copies, precision {w.precision}",
         f"GPU: {gpu_label}, usable {result.capacity / GIB:.1f} GiB after the reserve; figures in GiB per GPU",
         "",
         f"{'layout':50s}"

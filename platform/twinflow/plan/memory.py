@@ -13,9 +13,11 @@ Beyond DeepSpeed (what the worker loop does, train/worker.py and train/modelling
   so with copies the startup peak is 4 bytes per parameter plus the copies;
 - an EMA teacher, a frozen teacher without LoRA and `train.sample_ema` are each an fp32 deep copy
   of the whole generator on every GPU, never sharded (**copies**, `modelling.copies_made`);
-- TwinFlow's no-grad forwards (fake samples, CFG pair, rectify pair, rollout) run before the one
-  forward with gradient; their activations are freed block by block, so only the largest call's
-  working set counts (**no-grad peak**), not their sum.
+- TwinFlow's no-grad forwards (fake samples, CFG pair, rollout) run before the one forward with
+  gradient; their activations are freed block by block, so only the largest call's working set
+  counts (**no-grad peak**), not their sum. One no-grad call (the rectify pair with the last rollout
+  sub-step, method/twinflow.py) runs after the grad forward, while its saved activations are held:
+  its working set counts on top of them (**overlap rows**), like the backward's.
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ class Workload:
     precision: str  # "bf16" or "fp32"
     micro_batch: int
     grad_rows: int  # rows of the forward with gradient (the micro-batch)
-    nograd_rows: int  # rows of the largest no-grad forward
+    nograd_rows: int  # rows of the largest no-grad forward before the grad forward
     copies: int  # fp32 deep copies of the generator (EMA teacher, frozen teacher, sample EMA)
     tokens: int  # tokens per row through every block (image + reference + text)
     activations: ActivationModel
+    overlap_rows: int = (
+        0  # rows of the largest no-grad forward run while the grad forward's activations are held
+    )
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,9 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     )
     saved, transient = work.activations.per_row(c.layers, work.tokens, c.width, c.heads, layout.checkpointing)
     scale = 0.5 if work.precision == "bf16" else 1.0  # the fit is at fp32
-    # the backward's working set is about one no-grad forward's on top of what the forward saved
-    activations = int(work.grad_rows * (saved + transient) * scale)
+    # the backward's working set is about one no-grad forward's on top of what the forward saved, and
+    # so is a no-grad call made between the grad forward and the backward
+    activations = int((work.grad_rows * saved + max(work.grad_rows, work.overlap_rows) * transient) * scale)
     nograd = int(work.nograd_rows * transient * scale)
     copies = work.copies * COPY_BYTES * c.total
     build = (2 if work.precision == "bf16" else 4) * c.total
@@ -146,9 +152,15 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     )
 
 
-def forward_rows(method, batch: int, conditional: bool = True) -> tuple[int, int]:
-    """(rows of the forward with gradient, rows of the largest no-grad forward) of one training step,
-    found by running the job's real objective on a one-parameter stand-in model."""
+PROBE_SEEDS = 16  # the rows of some calls depend on the step's random times: the plan takes the largest seen
+
+
+def forward_rows(method, batch: int, conditional: bool = True) -> tuple[int, int, int]:
+    """(rows of the forward with gradient, of the largest no-grad forward before it, of the largest
+    one after it) of one training step, found by running the job's real objective on a one-parameter
+    stand-in model. The rollout's rows depend on the drawn times (only rows with t - r >= delta are
+    rolled out), so the probe runs a fixed set of seeds and keeps the largest of each: the same
+    job always gets the same plan."""
     from twinflow.method import build_objective
 
     calls: list[tuple[int, bool]] = []
@@ -163,13 +175,23 @@ def forward_rows(method, batch: int, conditional: bool = True) -> tuple[int, int
             return x * self.w
 
     objective = build_objective(method)
-    model = Probe()
-    make_teacher = getattr(objective, "make_teacher", None)
-    teacher = make_teacher(model) if make_teacher is not None else None
-    x = torch.randn(batch, 1, 2, 2)
-    cond = {"text_states": torch.randn(batch, 2, 4), "text_mask": torch.ones(batch, 2, dtype=torch.int64)}
-    null = {"text_states": torch.zeros(1, 2, 4), "text_mask": torch.ones(1, 2, dtype=torch.int64)}
-    objective(model, x, cond if conditional else None, teacher=teacher, null_cond=null)
-    grad = max((n for n, g in calls if g), default=0)
-    nograd = max((n for n, g in calls if not g), default=0)
-    return grad, nograd
+    grad = before = after = 0
+    for seed in range(PROBE_SEEDS):
+        calls.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Probe()
+            make_teacher = getattr(objective, "make_teacher", None)
+            teacher = make_teacher(model) if make_teacher is not None else None
+            x = torch.randn(batch, 1, 2, 2)
+            cond = {
+                "text_states": torch.randn(batch, 2, 4),
+                "text_mask": torch.ones(batch, 2, dtype=torch.int64),
+            }
+            null = {"text_states": torch.zeros(1, 2, 4), "text_mask": torch.ones(1, 2, dtype=torch.int64)}
+            objective(model, x, cond if conditional else None, teacher=teacher, null_cond=null)
+        first_grad = next((i for i, (_, g) in enumerate(calls) if g), len(calls))
+        grad = max(grad, *(n for n, g in calls if g), 0)
+        before = max(before, *(n for n, g in calls[:first_grad] if not g), 0)
+        after = max(after, *(n for n, g in calls[first_grad:] if not g), 0)
+    return grad, before, after

@@ -22,13 +22,16 @@ def workload(job) -> Workload:
     """What the job's sections say about memory (model built on the meta device)."""
     counts = count_model(job.model)
     edit = job.data.text_column == "instruction"  # the reference image's tokens ride along
-    grad_rows, nograd_rows = forward_rows(job.method, job.train.micro_batch, conditional=job.data.embed_text)
+    grad_rows, nograd_rows, overlap_rows = forward_rows(
+        job.method, job.train.micro_batch, conditional=job.data.embed_text
+    )
     return Workload(
         counts=counts,
         precision=job.deepspeed.precision,
         micro_batch=job.train.micro_batch,
         grad_rows=grad_rows,
         nograd_rows=nograd_rows,
+        overlap_rows=overlap_rows,
         copies=copies_made(job),
         tokens=counts.image_tokens * (2 if edit else 1) + counts.text_tokens,
         activations=load_fit(job.model.family),
