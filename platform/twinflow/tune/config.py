@@ -39,7 +39,7 @@ from twinflow.train.paths import NAME_PATTERN
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
 TRAIN_METRIC = re.compile(
     r"^(step|samples_seen|total|dv_abs|model_calls|nograd_rows|nonfinite|samples_per_s"
-    r"|data_wait_frac|data_startup_s|step_s|elapsed_s|peak_mem_mb|loss_[a-z0-9_]+)$"
+    r"|data_wait_frac|data_startup_s|step_s|elapsed_s|cpu_s|peak_mem_mb|loss_[a-z0-9_]+)$"
 )
 # Job fields holding local paths: resolved against the driver's working directory before the trials
 # start (a Tune trial runs in its own trial directory).
