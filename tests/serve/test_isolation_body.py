@@ -4,7 +4,6 @@ bodies are bounded in time, concurrency and nesting, and strict about JSON (defe
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,7 @@ import pytest
 from twinflow.serve import app as app_module
 from twinflow.serve.body import BodyReaders, nesting_depth, parse_json
 from twinflow.serve.engine import Item, Result
+from twinflow.serve.phases import PhaseTotals
 from twinflow.serve.schemas import ApiError, GenerateRequest
 
 
@@ -22,9 +22,8 @@ def _replica():
     rep = cls.__new__(cls)
     rep.pool = ThreadPoolExecutor(max_workers=1)
     rep.encoders = None
-    rep.pending = collections.deque()
-    rep.compute_lock = asyncio.Lock()
     rep.batch_sizes = {}
+    rep.phases = PhaseTotals()
 
     async def get_model(model_id):
         return object()
@@ -33,7 +32,7 @@ def _replica():
     return rep
 
 
-def fake_run_items(models, encoders, items):
+def fake_run_items(models, encoders, items, phases=None):
     """Fails the whole call when any prompt is 'BAD' (as a tokenizer error on one prompt would)."""
     if any(it.prompt == "BAD" for it in items):
         raise UnicodeEncodeError("utf-8", "BAD", 0, 1, "surrogates not allowed")

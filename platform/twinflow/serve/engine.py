@@ -48,7 +48,7 @@ class Item:
     num_images: int = 1
     guidance: float | None = None  # None: the CFG the export recommends (0 for TwinFlow)
     image: np.ndarray | None = None  # edit: (H, W, C) uint8 at the model's pixel size
-    weight: int = 1  # counted by @serve.batch's batch_size_fn
+    weight: int = 1  # images it adds to a compute turn (twinflow.serve.batcher)
     queued_at: float = 0.0  # perf_counter when the route queued it (the replica's phase times)
 
     @property

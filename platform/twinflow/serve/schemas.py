@@ -121,7 +121,7 @@ class Timings(BaseModel):
 
 
 class BatchInfo(BaseModel):
-    requests: int = Field(description="requests served by the same @serve.batch call")
+    requests: int = Field(description="requests served by the same compute turn")
     images: int = Field(description="images in that call")
     group_requests: int = Field(description="requests sampled together (same model, NFE, guidance, task)")
 
