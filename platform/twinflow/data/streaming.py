@@ -7,6 +7,7 @@ batch_size=...)``. Rows: ``image`` float32 (C, H, W) in [-1, 1], ``text_states``
 ``instruction``. Bad records are counted by one named actor per data config; see
 ``bad_record_report``.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from twinflow.data.tracking import RayTracker, live_tracker, make_tracker, track
 
 log = logging.getLogger("twinflow.data")
 
+
 def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str, Any]:
     """The bad-record summary of the dataset streamed for ``cfg`` (counts per reason with ids), from
     the driver or a worker of the same Ray job; ``write_to`` (local path or s3 URI) also saves it as JSON."""
@@ -37,16 +39,23 @@ def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str,
 
         storage.write_bytes(write_to, json.dumps(summary, indent=2).encode(), cfg.s3_endpoint)
     if summary["bad"]:
-        log.warning("%s/%s: skipped %d bad records: %s", cfg.path, cfg.split, summary["bad"],
-                    {k: v["count"] for k, v in summary["by_reason"].items()})
+        log.warning(
+            "%s/%s: skipped %d bad records: %s",
+            cfg.path,
+            cfg.split,
+            summary["bad"],
+            {k: v["count"] for k, v in summary["by_reason"].items()},
+        )
     return summary
 
 
-def bad_record_metrics(cfg: DataConfig) -> dict[str, float]:
+def bad_record_metrics(cfg: DataConfig, tracker: RayTracker | None = None) -> dict[str, float]:
     """The streamed split's bad-record counts so far as step metrics: `data/bad_records` and one
-    `data/bad_records/<reason>` each; empty when the counter cannot be reached (nothing streamed)."""
+    `data/bad_records/<reason>` each; empty when the counter cannot be reached (nothing streamed).
+    `tracker`: the counter's handle when the caller has it (a training worker gets the driver's), else
+    it is looked up by name."""
     try:
-        summary = live_tracker(tracker_name(cfg)).summary()
+        summary = (tracker or live_tracker(tracker_name(cfg))).summary()
     except Exception:  # no counter actor in this job (e.g. a local iterator): nothing to report
         return {}
     out = {"data/bad_records": float(summary["bad"])}
@@ -54,7 +63,9 @@ def bad_record_metrics(cfg: DataConfig) -> dict[str, float]:
     return out
 
 
-def decode_stage(batch: dict[str, np.ndarray], spec: DecodeSpec, tracker: RayTracker) -> dict[str, np.ndarray]:
+def decode_stage(
+    batch: dict[str, np.ndarray], spec: DecodeSpec, tracker: RayTracker
+) -> dict[str, np.ndarray]:
     out, bad = decode_rows(batch, spec)
     tracker.report(bad)
     return out
@@ -65,7 +76,10 @@ def iter_torch_kwargs(cfg: DataConfig, device: Any = "cpu") -> dict[str, Any]:
     (numeric columns -> tensors on ``device``, string columns -> lists of str), prefetching and the
     local shuffle buffer. The caller adds ``batch_size`` (and ``drop_last``)."""
     refs = CaptionRefs(table_name(cfg), cfg.text_max_length)
-    kwargs: dict[str, Any] = {"collate_fn": TorchBatchCollate(device, refs), "prefetch_batches": cfg.prefetch_batches}
+    kwargs: dict[str, Any] = {
+        "collate_fn": TorchBatchCollate(device, refs),
+        "prefetch_batches": cfg.prefetch_batches,
+    }
     if cfg.shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.shuffle_seed)
     return kwargs
@@ -83,7 +97,9 @@ class TorchBatchCollate(NumpyBatchCollateFn):
 
         if REF_COLUMN in batch and self.refs is not None:
             batch = dict(batch)
-            batch["text_states"], batch["text_mask"] = self.refs.resolve([str(k) for k in batch.pop(REF_COLUMN)])
+            batch["text_states"], batch["text_mask"] = self.refs.resolve(
+                [str(k) for k in batch.pop(REF_COLUMN)]
+            )
         out: dict[str, Any] = {}
         for key, value in batch.items():
             if value.dtype == object or value.dtype.kind in "US":
@@ -116,7 +132,9 @@ def build_train_dataset(cfg: DataConfig):
     source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     kind = source.manifest.kind
     if cfg.text_column == "instruction" and kind != "edit_pairs":
-        raise ValueError(f"{cfg.path}: text_column=instruction needs an edit-pairs dataset (this one is {kind})")
+        raise ValueError(
+            f"{cfg.path}: text_column=instruction needs an edit-pairs dataset (this one is {kind})"
+        )
     upfront = list(source.bad)
     read_from = source
     cache_info = None
@@ -128,43 +146,72 @@ def build_train_dataset(cfg: DataConfig):
         from twinflow.data.embed_cache import ensure_embed_cache
 
         cache_uri, cache_manifest = ensure_embed_cache(cfg, source)
-        read_from = open_split(cache_uri, cfg.split, cfg.s3_endpoint, cfg.verify_shards,
-                               columns=tuple(shards.REQUIRED[kind]) + ("text_states", "text_len"))
+        read_from = open_split(
+            cache_uri,
+            cfg.split,
+            cfg.s3_endpoint,
+            cfg.verify_shards,
+            columns=tuple(shards.REQUIRED[kind]) + ("text_states", "text_len"),
+        )
         cache_info = cache_manifest.embedding
         upfront += _cached_bad(cache_manifest, cfg.split) + read_from.bad
 
-    tracker = make_tracker(tracker_name(cfg), source.expected, cfg.max_bad_fraction, f"records in {cfg.split}")
+    tracker = make_tracker(
+        tracker_name(cfg), source.expected, cfg.max_bad_fraction, f"records in {cfg.split}"
+    )
     tracker.report(upfront)  # raises here, before any reading, when missing shards exceed the budget
     if not read_from.usable:
         raise BadDataError(f"{cfg.path}: split {cfg.split!r} has no readable shards")
 
-    ds = read_shards(read_from, _columns(kind, read_from.columns, cache_info is not None), tracker,
-                     shuffle_seed=cfg.shuffle_seed if cfg.shuffle != "none" else None, num_cpus=cfg.decode_num_cpus)
+    ds = read_shards(
+        read_from,
+        _columns(kind, read_from.columns, cache_info is not None),
+        tracker,
+        shuffle_seed=cfg.shuffle_seed if cfg.shuffle != "none" else None,
+        num_cpus=cfg.decode_num_cpus,
+    )
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     if cfg.shuffle == "global":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
-    spec = DecodeSpec(image_size=cfg.image_size, channels=cfg.channels, crop=cfg.crop, seed=cfg.shuffle_seed,
-                      text_column=cfg.text_column, edit_pairs=kind == "edit_pairs",
-                      text_max_length=cfg.text_max_length,
-                      text_dim=int(cache_info["dim"]) if cache_info else 384,
-                      cached_dtype=cache_info["dtype"] if cache_info else None)
-    ds = ds.map_batches(decode_stage, fn_kwargs={"spec": spec, "tracker": tracker}, batch_format="numpy",
-                        batch_size=cfg.decode_batch_size, num_cpus=cfg.decode_num_cpus)
+    spec = DecodeSpec(
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        crop=cfg.crop,
+        seed=cfg.shuffle_seed,
+        text_column=cfg.text_column,
+        edit_pairs=kind == "edit_pairs",
+        text_max_length=cfg.text_max_length,
+        text_dim=int(cache_info["dim"]) if cache_info else 384,
+        cached_dtype=cache_info["dtype"] if cache_info else None,
+    )
+    ds = ds.map_batches(
+        decode_stage,
+        fn_kwargs={"spec": spec, "tracker": tracker},
+        batch_format="numpy",
+        batch_size=cfg.decode_batch_size,
+        num_cpus=cfg.decode_num_cpus,
+    )
     if cache_info is None and cfg.embed_text:
         from twinflow.data.embed import TextEmbedStage
 
         # each distinct caption's states once, rows carry refs (twinflow.data.caption_refs)
         refs = CaptionRefs(table_name(cfg), cfg.text_max_length, open_table(table_name(cfg)))
-        ds = ds.map_batches(TextEmbedStage, fn_constructor_kwargs=embed_kwargs(cfg, refs=refs),
-                            batch_format="numpy",
-                            batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
-                            num_cpus=cfg.embed_num_cpus, num_gpus=cfg.embed_num_gpus or None)
+        ds = ds.map_batches(
+            TextEmbedStage,
+            fn_constructor_kwargs=embed_kwargs(cfg, refs=refs),
+            batch_format="numpy",
+            batch_size=cfg.embed_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+            num_cpus=cfg.embed_num_cpus,
+            num_gpus=cfg.embed_num_gpus or None,
+        )
     return ds
 
 
-def read_shards(source, columns: list[str], tracker: RayTracker, shuffle_seed: int | None = None,
-                num_cpus: float = 0.5):
+def read_shards(
+    source, columns: list[str], tracker: RayTracker, shuffle_seed: int | None = None, num_cpus: float = 0.5
+):
     """One read task per shard, row group by row group (twinflow.data.safe_read): a garbled shard
     becomes counted bad records instead of a failed job. `shuffle_seed`: the shard order is shuffled
     anew for each pass over the data (epoch), from the seed and the pass's index, so it never repeats
@@ -178,16 +225,24 @@ def read_shards(source, columns: list[str], tracker: RayTracker, shuffle_seed: i
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
-    return ds.map_batches(read_stage, batch_size=1, batch_format="numpy", zero_copy_batch=True, num_cpus=num_cpus,
-                          fn_kwargs={"fs": source.fs, "columns": columns, "tracker": tracker})
+    return ds.map_batches(
+        read_stage,
+        batch_size=1,
+        batch_format="numpy",
+        zero_copy_batch=True,
+        num_cpus=num_cpus,
+        fn_kwargs={"fs": source.fs, "columns": columns, "tracker": tracker},
+    )
 
 
 def check_cache_matches(cfg: DataConfig, manifest: shards.Manifest) -> dict[str, Any]:
     emb = manifest.embedding or {}
     for field, want in (("text_column", cfg.text_column), ("max_length", cfg.text_max_length)):
         if emb.get(field) != want:
-            raise ValueError(f"{cfg.path}: this embedding cache has {field}={emb.get(field)!r} but the config "
-                             f"asks for {want!r}; rebuild it with `twinflow data embed` or change the config")
+            raise ValueError(
+                f"{cfg.path}: this embedding cache has {field}={emb.get(field)!r} but the config "
+                f"asks for {want!r}; rebuild it with `twinflow data embed` or change the config"
+            )
     return emb
 
 

@@ -276,12 +276,16 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
 
     from twinflow.data import build_train_dataset
     from twinflow.data.latent_cache import check_cache_for_model
+    from twinflow.data.tracking import live_tracker, tracker_name
     from twinflow.train.lifeline import driver_info
 
     check_cache_for_model(job)  # a latent cache made with another VAE/text encoder is refused here
     null_cond, eval_cond = encode_conditions(job)
     # The worker prints its own progress line; Ray Data's per-operator bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    train_data = build_train_dataset(
+        job.data
+    )  # makes the split's bad-record counter (twinflow.data.tracking)
     return TorchTrainer(
         train_loop_keeping_traceback,
         train_loop_config={
@@ -291,6 +295,8 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
             "eval_cond": eval_cond,
             "driver": driver_info(),
             "checkpoint_root": remote_run_uri(job) or str(run_dir),
+            # the counter's handle itself: rank 0 reads it every log step without a by-name lookup
+            "bad_records": live_tracker(tracker_name(job.data)),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.cluster.num_workers,
@@ -308,7 +314,7 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
             worker_runtime_env={"env_vars": worker_env()},
             callbacks=callbacks or None,
         ),
-        datasets={"train": build_train_dataset(job.data)},
+        datasets={"train": train_data},
     )
 
 

@@ -182,7 +182,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["cpu_s"] = time.process_time() - cpu_first
                 metrics["peak_mem_mb"] = peak_memory_mb(device)
                 if rank == 0:  # counted by the data pipeline's one counter actor, so far
-                    metrics.update(bad_record_metrics(job.data))
+                    metrics.update(bad_record_metrics(job.data, config.get("bad_records")))
                 logged = {**metrics, **last_eval}
                 if metrics_log is not None:
                     metrics_log.write({"step": state.step, **metrics})
