@@ -1,8 +1,9 @@
 """The in-process reader, bad-record accounting, storage helpers and the CLI (no Ray)."""
+
 from __future__ import annotations
 
-from pathlib import Path
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,9 @@ def test_bad_records_are_skipped_and_counted_with_ids(tmp_path):
 def test_too_many_bad_records_stop_with_a_clear_error(tmp_path):
     broken_dataset(tmp_path)
     cfg = DataConfig(path=str(tmp_path), image_size=8, channels=1, max_bad_fraction=0.2)  # allows 3 of 16
-    with pytest.raises(BadDataError, match=r"too many bad records in train: 4 of 16 .*allows 3.*raise max_bad_fraction"):
+    with pytest.raises(
+        BadDataError, match=r"too many bad records in train: 4 of 16 .*allows 3.*raise max_bad_fraction"
+    ):
         list(iter_local_records(cfg))
 
 
@@ -112,7 +115,9 @@ def test_ray_counter_body_dedupes_and_reports_past_budget():
 
 def test_cached_states_are_unpadded_exactly(tmp_path):
     write_dataset(tmp_path, [cached_row(i) for i in range(5)], shard_size=5, embedding=cache_embedding())
-    batch = next(iter_local_batches(DataConfig(path=str(tmp_path), image_size=8, channels=1, text_max_length=4)))
+    batch = next(
+        iter_local_batches(DataConfig(path=str(tmp_path), image_size=8, channels=1, text_max_length=4))
+    )
     assert batch["text_states"].shape == (5, 4, 6) and batch["text_mask"].tolist()[0] == [1, 1, 1, 0]
     assert batch["text_states"][2, 1, 3] == pytest.approx(2 + 0.1 + 0.03)
     assert (batch["text_states"][:, 3] == 0).all()
@@ -123,7 +128,9 @@ def test_edit_pairs_decode_with_instruction_text(tmp_path):
 
     PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
-    build_pipeline(load_pipeline(PIPELINES / "emoji_edits.yaml", [f"output={tmp_path}", "limit=4"]), progress=False)
+    build_pipeline(
+        load_pipeline(PIPELINES / "emoji_edits.yaml", [f"output={tmp_path}", "limit=4"]), progress=False
+    )
     cfg = DataConfig(path=str(tmp_path), image_size=32, channels=3, text_column="instruction")
     batch = next(iter_local_batches(cfg, batch_size=12))
     assert batch["image"].shape == batch["source_image"].shape == (12, 3, 32, 32)
@@ -148,7 +155,9 @@ def test_missing_path_is_one_clear_error(tmp_path):
 
 
 def test_unknown_split_names_the_ones_that_exist(fashion_small):
-    with pytest.raises(ValueError, match=r"split 'test' not in dataset 'fashion_mnist'; it has \['eval', 'train'\]"):
+    with pytest.raises(
+        ValueError, match=r"split 'test' not in dataset 'fashion_mnist'; it has \['eval', 'train'\]"
+    ):
         list(iter_local_records(DataConfig(path=str(fashion_small), split="test")))
 
 
@@ -174,8 +183,21 @@ def test_storage_paths_and_errors(tmp_path, monkeypatch):
 
 
 def test_cli_build_and_inspect(tmp_path, capsys):
-    assert main_data(["build", "pipelines/mnist_digits.yaml", "--output", str(tmp_path), "--limit", "7",
-                      "--no-progress", "--quiet"]) == 0
+    assert (
+        main_data(
+            [
+                "build",
+                "pipelines/mnist_digits.yaml",
+                "--output",
+                str(tmp_path),
+                "--limit",
+                "7",
+                "--no-progress",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train: 7 records in 1 shards" in out and "eval: 7 records" in out
     assert main_data(["inspect", str(tmp_path), "--verify", "--samples", "2", "--split", "train"]) == 0
@@ -195,9 +217,14 @@ def test_cli_is_mounted_under_twinflow_data(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_data_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["data", "build", "pipelines/emoji.yaml", "--set", "limit=3", "--output", str(tmp_path)])
+    args = parser.parse_args(
+        ["data", "build", "pipelines/emoji.yaml", "--set", "limit=3", "--output", str(tmp_path)]
+    )
     assert args.set == ["limit=3"] and callable(args.func)
-    assert parser.parse_args(["data", "inspect", "s3://b/p", "--endpoint", "http://h:1"]).endpoint == "http://h:1"
+    assert (
+        parser.parse_args(["data", "inspect", "s3://b/p", "--endpoint", "http://h:1"]).endpoint
+        == "http://h:1"
+    )
 
 
 def test_png_helper_round_trip():

@@ -1,4 +1,5 @@
 """Pipeline YAMLs, shard building from the real offline data, splits, edits and the manifest (no Ray)."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,18 @@ from twinflow.data.shards import read_manifest, verify_checksums
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 YAMLS = sorted(PIPELINES.glob("*.yaml"))
-FASHION_NOUNS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat",
-                 "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+FASHION_NOUNS = [
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -81,9 +92,11 @@ def test_each_shipped_pipeline_builds_a_small_slice(yaml_path, tmp_path):
     m = read_manifest(str(tmp_path))
     per_image = cfg.edits.per_image if cfg.edits else 1
     assert set(m.splits) == set(cfg.splits)
-    for name, split in m.splits.items():
+    for split in m.splits.values():
         assert split.count == 12 * per_image
-        assert [s.count for s in split.shards] == [10] * (split.count // 10) + ([split.count % 10] if split.count % 10 else [])
+        assert [s.count for s in split.shards] == [10] * (split.count // 10) + (
+            [split.count % 10] if split.count % 10 else []
+        )
         assert split.selection["limit"] == 12
     assert verify_checksums(str(tmp_path), m) == {}
     assert result.bad.count == 0 and m.bad_records["bad"] == 0
@@ -123,7 +136,10 @@ def test_full_source_sizes():
     from twinflow.data.config import EmojiSource, FashionMnistSource, MnistDigitsSource
     from twinflow.data.sources import make_source
 
-    assert make_source(FashionMnistSource(type="fashion_mnist"), 0).splits() == {"train": 60000, "test": 10000}
+    assert make_source(FashionMnistSource(type="fashion_mnist"), 0).splits() == {
+        "train": 60000,
+        "test": 10000,
+    }
     assert make_source(MnistDigitsSource(type="mnist_digits"), 0).splits() == {"all": 10000}
     assert make_source(EmojiSource(type="emoji"), 0).splits()["all"] > 1000
 
@@ -161,17 +177,25 @@ def test_emoji_captions_are_unicode_names_and_rgb(tmp_path):
 
 def test_splits_by_fraction_are_disjoint_and_reproducible(tmp_path):
     over = ["splits.eval.fraction=0.25", "limit=40"]
-    a = build_pipeline(load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'a'}", *over]), progress=False)
-    b = build_pipeline(load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'b'}", *over]), progress=False)
+    a = build_pipeline(
+        load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'a'}", *over]), progress=False
+    )
+    b = build_pipeline(
+        load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'b'}", *over]), progress=False
+    )
     sel = a.manifest.splits["eval"].selection
     assert sel["slice"] == round(0.25 * a.manifest.source["code_points"])
     assert a.manifest.splits["train"].selection["offset"] == sel["slice"]
     for split in ("train", "eval"):
-        assert [s.sha256 for s in a.manifest.splits[split].shards] == \
-               [s.sha256 for s in b.manifest.splits[split].shards], "same seed, same bytes"
-    other = build_pipeline(load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'c'}", "seed=1", *over]),
-                           progress=False)
-    assert {r["id"] for r in rows(tmp_path / "a", "train")} != {r["id"] for r in rows(tmp_path / "c", "train")}
+        assert [s.sha256 for s in a.manifest.splits[split].shards] == [
+            s.sha256 for s in b.manifest.splits[split].shards
+        ], "same seed, same bytes"
+    other = build_pipeline(
+        load_pipeline(PIPELINES / "emoji.yaml", [f"output={tmp_path / 'c'}", "seed=1", *over]), progress=False
+    )
+    assert {r["id"] for r in rows(tmp_path / "a", "train")} != {
+        r["id"] for r in rows(tmp_path / "c", "train")
+    }
     assert other.manifest.total == a.manifest.total
 
 
@@ -179,7 +203,9 @@ def test_split_sizes_beyond_the_source_are_refused(tmp_path):
     cfg = load_pipeline(PIPELINES / "mnist_digits.yaml", [f"output={tmp_path}", "splits.eval.count=20000"])
     with pytest.raises(ValueError, match="ask for 20000 records"):
         build_pipeline(cfg, progress=False)
-    cfg = load_pipeline(PIPELINES / "fashion_mnist.yaml", [f"output={tmp_path}", "splits.eval.source_split=val"])
+    cfg = load_pipeline(
+        PIPELINES / "fashion_mnist.yaml", [f"output={tmp_path}", "splits.eval.source_split=val"]
+    )
     with pytest.raises(ValueError, match="source_split 'val' does not exist"):
         build_pipeline(cfg, progress=False)
 
@@ -199,8 +225,9 @@ def test_edit_pairs_targets_are_exact_edits_of_the_source(tmp_path):
         assert r["caption"] == f"a handwritten digit {WORDS[r['label']]}"
         text = r["instruction"]
         if op == "rotate":
-            assert {90: "90 degrees clockwise", 180: "180 degrees",
-                    270: "90 degrees counterclockwise"}[spec["degrees"]] in text
+            assert {90: "90 degrees clockwise", 180: "180 degrees", 270: "90 degrees counterclockwise"}[
+                spec["degrees"]
+            ] in text
         elif op == "shift":
             assert f"{spec['pixels']} pixels" in text and spec["direction"] in text
         elif op == "flip":
@@ -233,10 +260,15 @@ def test_edit_ops_do_what_the_instruction_says():
 
 
 def test_incompatible_edit_ops_fail_before_building(tmp_path):
-    cfg = load_pipeline(PIPELINES / "mnist_edits.yaml", [f"output={tmp_path}", "edits.ops=[grayscale, rotate]"])
+    cfg = load_pipeline(
+        PIPELINES / "mnist_edits.yaml", [f"output={tmp_path}", "edits.ops=[grayscale, rotate]"]
+    )
     with pytest.raises(ValueError, match=r"\['grayscale'\] need a RGB source"):
         build_pipeline(cfg, progress=False)
-    cfg = load_pipeline(PIPELINES / "emoji_edits.yaml", [f"output={tmp_path}", "edits.instructions={rotate: ['spin {angle}']}"])
+    cfg = load_pipeline(
+        PIPELINES / "emoji_edits.yaml",
+        [f"output={tmp_path}", "edits.instructions={rotate: ['spin {angle}']}"],
+    )
     with pytest.raises(ValueError, match="unknown field"):
         build_pipeline(cfg, progress=False)
     assert not (tmp_path / "manifest.json").exists()
@@ -244,8 +276,10 @@ def test_incompatible_edit_ops_fail_before_building(tmp_path):
 
 def test_user_folder_with_sidecars(tmp_path):
     folder = export_folder(tmp_path)
-    cfg = load_pipeline(PIPELINES / "image_folder.yaml", [f"source.path={folder}", f"output={tmp_path / 'out'}",
-                                                           "splits.eval.fraction=0.34", "image_size=32"])
+    cfg = load_pipeline(
+        PIPELINES / "image_folder.yaml",
+        [f"source.path={folder}", f"output={tmp_path / 'out'}", "splits.eval.fraction=0.34", "image_size=32"],
+    )
     build_pipeline(cfg, progress=False)
     got = rows(tmp_path / "out", "train") + rows(tmp_path / "out", "eval")
     assert len(got) == 6
@@ -259,18 +293,31 @@ def test_user_folder_with_sidecars(tmp_path):
 def test_user_index_and_bad_files_are_skipped_and_counted(tmp_path, fmt):
     folder = export_folder(tmp_path)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    entries = [("item0.png", "a first caption"), ("sub/item1.png", "a second caption"),
-               ("broken.png", "an undecodable image"), ("item2.png", "  "), ("gone.png", "a missing file")]
+    entries = [
+        ("item0.png", "a first caption"),
+        ("sub/item1.png", "a second caption"),
+        ("broken.png", "an undecodable image"),
+        ("item2.png", "  "),
+        ("gone.png", "a missing file"),
+    ]
     index = folder / f"index.{fmt}"
     if fmt == "jsonl":
         index.write_text("\n".join(json.dumps({"path": p, "caption": c}) for p, c in entries) + "\n")
     else:
         index.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in entries))
-    over = [f"source.index={index}", "source.path=null", f"output={tmp_path / 'out'}", "splits.eval={count: 1}"]
-    with pytest.raises(BadDataError, match=r"too many bad source records: 1 of 5 expected \(max_bad_fraction=0.05 allows 0\)"):
+    over = [
+        f"source.index={index}",
+        "source.path=null",
+        f"output={tmp_path / 'out'}",
+        "splits.eval={count: 1}",
+    ]
+    with pytest.raises(
+        BadDataError, match=r"too many bad source records: 1 of 5 expected \(max_bad_fraction=0.05 allows 0\)"
+    ):
         build_pipeline(load_pipeline(PIPELINES / "image_folder.yaml", over), progress=False)
-    result = build_pipeline(load_pipeline(PIPELINES / "image_folder.yaml", over + ["max_bad_fraction=0.6"]),
-                            progress=False)
+    result = build_pipeline(
+        load_pipeline(PIPELINES / "image_folder.yaml", over + ["max_bad_fraction=0.6"]), progress=False
+    )
     by = result.manifest.bad_records["by_reason"]
     assert by["decode_error"]["ids"] == ["img-broken"]
     assert by["empty_caption"]["ids"] == ["img-item2"]
@@ -279,10 +326,14 @@ def test_user_index_and_bad_files_are_skipped_and_counted(tmp_path, fmt):
 
 
 def test_rebuild_replaces_the_previous_shards(tmp_path):
-    build_pipeline(load_pipeline(PIPELINES / "mnist_digits.yaml", [f"output={tmp_path}", "limit=30",
-                                                                   "shard_size=10"]), progress=False)
+    build_pipeline(
+        load_pipeline(PIPELINES / "mnist_digits.yaml", [f"output={tmp_path}", "limit=30", "shard_size=10"]),
+        progress=False,
+    )
     assert len(list((tmp_path / "train").glob("*.parquet"))) == 3
-    build_pipeline(load_pipeline(PIPELINES / "mnist_digits.yaml", [f"output={tmp_path}", "limit=30"]), progress=False)
+    build_pipeline(
+        load_pipeline(PIPELINES / "mnist_digits.yaml", [f"output={tmp_path}", "limit=30"]), progress=False
+    )
     assert len(list((tmp_path / "train").glob("*.parquet"))) == 1
 
 

@@ -1,9 +1,10 @@
 """Ray Data streaming from local disk and from a local S3 server (moto), with and without the cache."""
+
 from __future__ import annotations
 
-from pathlib import Path
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from twinflow import storage
 from twinflow.data import BadDataError, DataConfig, MissingPathError, build_pipeline, load_pipeline
 from twinflow.data.shards import read_manifest, verify_checksums
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 from .helpers import cache_embedding, cached_edit_row, cached_row, write_dataset
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +43,15 @@ def test_embed_cache_is_built_once_and_matches_the_encoder(ray_cluster, fashion_
     from twinflow.data.local import iter_local_records
     from twinflow.data.streaming import build_train_dataset
 
-    cfg = DataConfig(path=str(fashion_small), split="eval", image_size=28, channels=1, text_max_length=16,
-                     embed_cache=True, embed_batch_size=16)
+    cfg = DataConfig(
+        path=str(fashion_small),
+        split="eval",
+        image_size=28,
+        channels=1,
+        text_max_length=16,
+        embed_cache=True,
+        embed_batch_size=16,
+    )
     rows = consume(build_train_dataset(cfg), cfg)
     assert len(rows["id"]) == 32
     assert sorted(rows["id"]) == sorted(r["id"] for r in iter_local_records(str(fashion_small), "eval"))
@@ -62,7 +71,9 @@ def test_embed_cache_is_built_once_and_matches_the_encoder(ray_cluster, fashion_
 
     local = next(iter_local_batches(cfg, batch_size=32))
     order = [rows["id"].index(i) for i in local["id"]]
-    torch.testing.assert_close(torch.from_numpy(local["text_states"]), torch.stack(rows["text_states"])[order])
+    torch.testing.assert_close(
+        torch.from_numpy(local["text_states"]), torch.stack(rows["text_states"])[order]
+    )
 
 
 def broken_cache(root, n=40):
@@ -92,7 +103,9 @@ def test_corrupt_records_are_skipped_and_counted_by_ray(ray_cluster, tmp_path):
     strict = cfg.model_copy(update={"max_bad_fraction": 0.05})  # allows 2 of 40
     # Tasks report a whole batch at once, so the job stops at the first report past the budget.
     # Ray Data wraps the stage's exception; our message comes through in the consumer's error.
-    with pytest.raises(Exception, match=r"BadDataError: too many bad records in train: [34] of 40 .*allows 2"):
+    with pytest.raises(
+        Exception, match=r"BadDataError: too many bad records in train: [34] of 40 .*allows 2"
+    ):
         consume(build_train_dataset(strict), strict, batch_size=8)
 
 
@@ -104,7 +117,10 @@ def test_missing_shards_count_up_front(ray_cluster, tmp_path):
     cfg = DataConfig(path=str(tmp_path), image_size=8, channels=1, text_max_length=4, max_bad_fraction=0.3)
     build_train_dataset(cfg)  # nothing read yet; the missing shard is already counted
     assert bad_record_report(cfg)["by_reason"]["missing_shard"] == {
-        "count": 10, "ids": ["train/part-00003.parquet"], "details": {"train/part-00003.parquet": "10 records"}}
+        "count": 10,
+        "ids": ["train/part-00003.parquet"],
+        "details": {"train/part-00003.parquet": "10 records"},
+    }
     with pytest.raises(BadDataError, match="missing_shard=10"):
         build_train_dataset(cfg.model_copy(update={"max_bad_fraction": 0.25 - 1e-9}))  # allows 9
 
@@ -135,9 +151,16 @@ def test_per_worker_shards_split_the_rows(ray_cluster, tmp_path):
 def test_edit_pairs_stream_source_and_target(ray_cluster, tmp_path):
     from twinflow.data.streaming import build_train_dataset
 
-    write_dataset(tmp_path, [cached_edit_row(i) for i in range(12)], shard_size=6, kind="edit_pairs",
-                  embedding=cache_embedding(text_column="instruction"))
-    cfg = DataConfig(path=str(tmp_path), image_size=8, channels=1, text_max_length=4, text_column="instruction")
+    write_dataset(
+        tmp_path,
+        [cached_edit_row(i) for i in range(12)],
+        shard_size=6,
+        kind="edit_pairs",
+        embedding=cache_embedding(text_column="instruction"),
+    )
+    cfg = DataConfig(
+        path=str(tmp_path), image_size=8, channels=1, text_max_length=4, text_column="instruction"
+    )
     rows = consume(build_train_dataset(cfg), cfg, batch_size=4)
     assert len(rows["id"]) == 12 and set(rows["instruction"]) == {"invert the image"}
     src, tgt = torch.stack(rows["source_image"]), torch.stack(rows["image"])
@@ -152,8 +175,10 @@ def test_s3_round_trip_build_inspect_and_stream(ray_cluster, s3_server, bucket, 
     from twinflow.data.streaming import bad_record_report, build_train_dataset
 
     uri = f"s3://{bucket}/fashion"
-    cfg = load_pipeline(PIPELINES / "fashion_mnist.yaml",
-                        [f"output={uri}", "shard_size=32", "splits.train.count=96", "splits.eval.count=32"])
+    cfg = load_pipeline(
+        PIPELINES / "fashion_mnist.yaml",
+        [f"output={uri}", "shard_size=32", "splits.train.count=96", "splits.eval.count=32"],
+    )
     build_pipeline(cfg, progress=False)
     m = read_manifest(uri)
     local = read_manifest(str(fashion_small))
@@ -162,8 +187,16 @@ def test_s3_round_trip_build_inspect_and_stream(ray_cluster, s3_server, bucket, 
     assert len(list(iter_local_records(DataConfig(path=uri, split="eval", image_size=28, channels=1)))) == 32
 
     # The full path a job takes: S3 shards -> decode -> text-encoder actor pool -> torch batches.
-    data = DataConfig(path=uri, split="train", image_size=32, channels=1, text_max_length=16, embed_batch_size=48,
-                      decode_batch_size=32, s3_endpoint=s3_server)
+    data = DataConfig(
+        path=uri,
+        split="train",
+        image_size=32,
+        channels=1,
+        text_max_length=16,
+        embed_batch_size=48,
+        decode_batch_size=32,
+        s3_endpoint=s3_server,
+    )
     rows = consume(build_train_dataset(data), data)
     assert sorted(rows["id"]) == sorted(r["id"] for r in iter_local_records(str(fashion_small), "train"))
     img = torch.stack(rows["image"])

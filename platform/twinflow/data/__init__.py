@@ -2,6 +2,7 @@
 
 Importing this package is cheap (no Ray): the streaming names load on first use.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,5 +35,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'twinflow.data' has no attribute {name!r}")
 
 
-__all__ = ["BadDataError", "BadRecord", "BadRecordLog", "DataConfig", "MissingPathError", "PipelineConfig",
-           "StorageError", "load_pipeline", "open_filesystem", *_LAZY]
+__all__ = [
+    "BadDataError",
+    "BadRecord",
+    "BadRecordLog",
+    "DataConfig",
+    "MissingPathError",
+    "PipelineConfig",
+    "StorageError",
+    "load_pipeline",
+    "open_filesystem",
+    *_LAZY,
+]

@@ -5,6 +5,7 @@ A bad record is skipped, never silently: it is counted per reason with its id. T
 waiting for a fraction over an unknown total. Ids are de-duplicated, so a second epoch over the same
 broken record does not count it twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,12 @@ class BadRecordLog:
             return False
         bucket[record.id] = record
         if len(bucket) <= LOGGED_PER_REASON:
-            log.warning("skipping bad record (%s) %s%s", record.reason, record.id,
-                        f": {record.detail}" if record.detail else "")
+            log.warning(
+                "skipping bad record (%s) %s%s",
+                record.reason,
+                record.id,
+                f": {record.detail}" if record.detail else "",
+            )
         self.check()
         return True
 
@@ -89,9 +94,11 @@ class BadRecordLog:
     def message(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items())) or "none"
         first = [f"{r.reason}:{r.id}" for recs in self.entries.values() for r in list(recs.values())[:5]]
-        return (f"too many bad {self.what}: {self.count} of {self.expected} expected "
-                f"(max_bad_fraction={self.max_bad_fraction} allows {self.budget}); by reason: {counts}; "
-                f"first ids: {', '.join(first)}. Fix the data or raise max_bad_fraction.")
+        return (
+            f"too many bad {self.what}: {self.count} of {self.expected} expected "
+            f"(max_bad_fraction={self.max_bad_fraction} allows {self.budget}); by reason: {counts}; "
+            f"first ids: {', '.join(first)}. Fix the data or raise max_bad_fraction."
+        )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able report: totals, and per reason the count and (the first) ids with details."""

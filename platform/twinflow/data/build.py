@@ -1,4 +1,5 @@
 """`twinflow data build`: run a pipeline YAML into parquet shards + manifest (local or s3://)."""
+
 from __future__ import annotations
 
 import logging
@@ -75,11 +76,17 @@ def build_pipeline(cfg: PipelineConfig, *, output: str | None = None, progress: 
                 pairs = maker.make(item.id, image)
                 skipped_edits += cfg.edits.per_image - len(pairs)
                 for edit, target in pairs:
-                    writer.add({"id": f"{item.id}-{edit.op}", "image": encode_image(target, cfg.image_format,
-                                                                                   cfg.jpeg_quality),
-                                "caption": item.caption, "label": item.label, "source_image": data,
-                                "instruction": maker.instruction(item.id, edit, item.name or "image"),
-                                "edit": edit.spec()})
+                    writer.add(
+                        {
+                            "id": f"{item.id}-{edit.op}",
+                            "image": encode_image(target, cfg.image_format, cfg.jpeg_quality),
+                            "caption": item.caption,
+                            "label": item.label,
+                            "source_image": data,
+                            "instruction": maker.instruction(item.id, edit, item.name or "image"),
+                            "edit": edit.spec(),
+                        }
+                    )
             info = writer.close()
             info.selection = plan.selection(cfg.seed, cfg.limit)
             if maker is not None:
@@ -89,14 +96,28 @@ def build_pipeline(cfg: PipelineConfig, *, output: str | None = None, progress: 
         bar.close()
 
     manifest = shards.Manifest(
-        name=cfg.name, kind=cfg.kind, columns={f.name: str(f.type) for f in schema},
-        image_format=cfg.image_format, image_mode=source.mode,
-        image_size=list(next(iter(sizes))) if len(sizes) == 1 else None, seed=cfg.seed,
-        source=source.describe(), pipeline=cfg.model_dump(mode="json"), splits=splits,
-        bad_records=bad.summary())
+        name=cfg.name,
+        kind=cfg.kind,
+        columns={f.name: str(f.type) for f in schema},
+        image_format=cfg.image_format,
+        image_mode=source.mode,
+        image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
+        seed=cfg.seed,
+        source=source.describe(),
+        pipeline=cfg.model_dump(mode="json"),
+        splits=splits,
+        bad_records=bad.summary(),
+    )
     shards.write_manifest(out, manifest, endpoint)
     seconds = time.perf_counter() - t0
     counts = ", ".join(f"{k}={v.count}" for k, v in splits.items())
-    log.info("built %s at %s: %s records (%s), %d bad, %.1fs", cfg.name, out, manifest.total, counts,
-             bad.count, seconds)
+    log.info(
+        "built %s at %s: %s records (%s), %d bad, %.1fs",
+        cfg.name,
+        out,
+        manifest.total,
+        counts,
+        bad.count,
+        seconds,
+    )
     return BuildResult(uri=out, manifest=manifest, bad=bad, seconds=seconds)

@@ -3,6 +3,7 @@
 The template is picked by a hash of (seed, record id) rather than by a running RNG, so a record's
 caption does not depend on which slice, split or order it was built in.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,9 @@ def check_templates(templates: Sequence[str], allowed: set[str], where: str) -> 
     for t in templates:
         unknown = template_fields(t) - allowed
         if unknown:
-            raise ValueError(f"{where}: template {t!r} uses unknown field(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"{where}: template {t!r} uses unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
 
 
 def fill(templates: Sequence[str], seed: int, key: str, **fields: str) -> str:

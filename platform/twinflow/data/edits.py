@@ -5,6 +5,7 @@ an HSV hue rotation), so re-running the pipeline gives byte-identical pairs and 
 compared against the exact target. Which edits and which parameters a record gets depend only on
 (seed, record id).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,32 @@ DEFAULT_INSTRUCTIONS: dict[str, list[str]] = {
     "flip": ["flip the {name} {how}", "mirror the image {how}", "flip the picture {how}"],
     "invert": ["invert the colors of the {name}", "make a negative of the image", "invert the image"],
     "grayscale": ["make the {name} black and white", "convert the image to grayscale", "remove the colors"],
-    "hue_shift": ["shift the hue by {degrees} degrees", "change the hue of the {name} by {degrees} degrees",
-                  "rotate the colors {degrees} degrees around the color wheel"],
+    "hue_shift": [
+        "shift the hue by {degrees} degrees",
+        "change the hue of the {name} by {degrees} degrees",
+        "rotate the colors {degrees} degrees around the color wheel",
+    ],
     "shift": ["move the {name} {pixels} pixels {direction}", "shift the image {pixels} pixels {direction}"],
-    "thicker": ["make the strokes thicker", "draw the {name} with bolder lines",
-                "thicken the lines of the {name}"],
-    "thinner": ["make the strokes thinner", "draw the {name} with finer lines", "thin the lines of the {name}"],
+    "thicker": [
+        "make the strokes thicker",
+        "draw the {name} with bolder lines",
+        "thicken the lines of the {name}",
+    ],
+    "thinner": [
+        "make the strokes thinner",
+        "draw the {name} with finer lines",
+        "thin the lines of the {name}",
+    ],
 }
 OP_FIELDS: dict[str, set[str]] = {
-    "rotate": {"turn", "degrees"}, "flip": {"how", "axis"}, "invert": set(), "grayscale": set(),
-    "hue_shift": {"degrees"}, "shift": {"pixels", "direction"}, "thicker": set(), "thinner": set(),
+    "rotate": {"turn", "degrees"},
+    "flip": {"how", "axis"},
+    "invert": set(),
+    "grayscale": set(),
+    "hue_shift": {"degrees"},
+    "shift": {"pixels", "direction"},
+    "thicker": set(),
+    "thinner": set(),
 }
 RGB_ONLY = {"grayscale", "hue_shift"}
 GRAY_ONLY = {"thicker", "thinner"}
@@ -50,7 +67,9 @@ class Edit:
 
 def background_value(arr: np.ndarray) -> np.ndarray:
     """The most common border pixel: what fills space uncovered by a shift, and the 'paper' colour."""
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).reshape(-1, arr.shape[2] if arr.ndim == 3 else 1)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).reshape(
+        -1, arr.shape[2] if arr.ndim == 3 else 1
+    )
     values, counts = np.unique(border, axis=0, return_counts=True)
     return values[np.argmax(counts)]
 
@@ -64,11 +83,15 @@ def ink(arr: np.ndarray, bg: np.ndarray) -> float:
 def apply_edit(im: Image.Image, edit: Edit, stroke_radius: int = 1) -> Image.Image:
     p = edit.params
     if edit.op == "rotate":
-        return im.transpose({90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
-                             270: Image.Transpose.ROTATE_90}[p["degrees"]])
+        return im.transpose(
+            {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}[
+                p["degrees"]
+            ]
+        )
     if edit.op == "flip":
-        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if p["axis"] == "horizontal"
-                            else Image.Transpose.FLIP_TOP_BOTTOM)
+        return im.transpose(
+            Image.Transpose.FLIP_LEFT_RIGHT if p["axis"] == "horizontal" else Image.Transpose.FLIP_TOP_BOTTOM
+        )
     if edit.op == "invert":
         return ImageOps.invert(im)
     if edit.op == "grayscale":
@@ -119,7 +142,9 @@ class EditMaker:
     def choose(self, rid: str, size: tuple[int, int]) -> list[Edit]:
         """All ops in a per-record order, each with its parameters (caller takes what applies)."""
         ops = list(self.cfg.ops)
-        order = sorted(range(len(ops)), key=lambda i: stable_index(self.seed, f"{rid}/order/{ops[i]}", 1 << 30))
+        order = sorted(
+            range(len(ops)), key=lambda i: stable_index(self.seed, f"{rid}/order/{ops[i]}", 1 << 30)
+        )
         return [self._params(ops[i], rid, size) for i in order]
 
     def _params(self, op: str, rid: str, size: tuple[int, int]) -> Edit:

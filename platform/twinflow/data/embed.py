@@ -6,6 +6,7 @@ cache; ``refs`` (a CaptionRefs) publishes each distinct caption's states once an
 ``text_ref`` (twinflow.data.caption_refs: what streaming uses); otherwise rows get fixed-length
 ``text_states`` (L, dim) float32 and ``text_mask`` (L) int64.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,9 +20,18 @@ from twinflow.data.config import DataConfig
 
 
 class TextEmbedStage:
-    def __init__(self, text_column: str = "caption", max_length: int = 32, model_dir: str | None = None,
-                 device: str = "cpu", lru_size: int = 4096, compact: bool = False,
-                 cache_dtype: str = "float16", tracker: Any = None, refs: Any = None) -> None:
+    def __init__(
+        self,
+        text_column: str = "caption",
+        max_length: int = 32,
+        model_dir: str | None = None,
+        device: str = "cpu",
+        lru_size: int = 4096,
+        compact: bool = False,
+        cache_dtype: str = "float16",
+        tracker: Any = None,
+        refs: Any = None,
+    ) -> None:
         from twinflow.models.text_encoder import text_encoder_for_dir
 
         self.encoder = text_encoder_for_dir(model_dir, max_length, device, lru_size)
@@ -43,8 +53,10 @@ class TextEmbedStage:
         """Mask of rows with usable text; the others are reported (or refused without a tracker)."""
         keep = np.array([isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool)
         if not keep.all():
-            bad = [BadRecord("empty_caption", str(ids[i]), f"empty {self.text_column}")
-                   for i in np.flatnonzero(~keep)]
+            bad = [
+                BadRecord("empty_caption", str(ids[i]), f"empty {self.text_column}")
+                for i in np.flatnonzero(~keep)
+            ]
             if self.tracker is None:
                 raise ValueError(f"{len(bad)} rows without {self.text_column} reached the text encoder")
             self.tracker.report(bad)
@@ -71,7 +83,8 @@ class TextEmbedStage:
         if self.compact:
             blobs, lengths = self._compact(states, mask)
             return table.append_column("text_states", pa.array(blobs, pa.binary())).append_column(
-                "text_len", pa.array(lengths, pa.int32()))
+                "text_len", pa.array(lengths, pa.int32())
+            )
         raise ValueError("padded text states need batch_format='numpy'")
 
     def _call_numpy(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

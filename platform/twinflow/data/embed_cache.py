@@ -7,6 +7,7 @@ the encoder entirely. Repeated captions cost little on disk: parquet dictionary-
 The cache is keyed by the source shards' checksums, the encoder, max_length, text column and dtype; a
 stale cache is rebuilt, never silently used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,15 +27,24 @@ log = logging.getLogger("twinflow.data")
 def cache_uri(cfg: DataConfig) -> str:
     if cfg.embed_cache_path:
         return cfg.embed_cache_path
-    encoder = "minilm" if not cfg.text_encoder_dir else re.sub(r"[^A-Za-z0-9_.-]+", "_",
-                                                                  Path(cfg.text_encoder_dir).name)
-    return storage.join(cfg.path, "embeddings",
-                        f"{encoder}-L{cfg.text_max_length}-{cfg.text_column}-{cfg.embed_cache_dtype}")
+    encoder = (
+        "minilm"
+        if not cfg.text_encoder_dir
+        else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.text_encoder_dir).name)
+    )
+    return storage.join(
+        cfg.path, "embeddings", f"{encoder}-L{cfg.text_max_length}-{cfg.text_column}-{cfg.embed_cache_dtype}"
+    )
 
 
 def cache_key(cfg: DataConfig, manifest: shards.Manifest) -> dict[str, Any]:
-    return {"source_digest": manifest.digest(), "encoder_dir": cfg.text_encoder_dir or "default",
-            "max_length": cfg.text_max_length, "text_column": cfg.text_column, "dtype": cfg.embed_cache_dtype}
+    return {
+        "source_digest": manifest.digest(),
+        "encoder_dir": cfg.text_encoder_dir or "default",
+        "max_length": cfg.text_max_length,
+        "text_column": cfg.text_column,
+        "dtype": cfg.embed_cache_dtype,
+    }
 
 
 def _read_cache(uri: str, endpoint: str | None) -> shards.Manifest | None:
@@ -52,7 +62,12 @@ def ensure_embed_cache(cfg: DataConfig, source=None) -> tuple[str, shards.Manife
     uri = cache_uri(cfg)
     existing = _read_cache(uri, cfg.s3_endpoint)
     key = cache_key(cfg, source.manifest)
-    if existing and existing.embedding and _same_key(existing.embedding, key) and cfg.split in existing.splits:
+    if (
+        existing
+        and existing.embedding
+        and _same_key(existing.embedding, key)
+        and cfg.split in existing.splits
+    ):
         return uri, existing
     log.info("embedding cache %s missing or stale for split %r: building it", uri, cfg.split)
     return uri, build_embed_cache(cfg, source=source)
@@ -76,8 +91,12 @@ def build_embed_cache(cfg: DataConfig, *, source=None, progress: bool = True) ->
     uri = cache_uri(cfg)
     storage.makedirs(uri, cfg.s3_endpoint)
     key = cache_key(cfg, source.manifest)
-    tracker = make_tracker(tracker_name(cfg, "embed-cache"), source.expected, cfg.max_bad_fraction,
-                           f"records embedded from {cfg.split}")
+    tracker = make_tracker(
+        tracker_name(cfg, "embed-cache"),
+        source.expected,
+        cfg.max_bad_fraction,
+        f"records embedded from {cfg.split}",
+    )
     tracker.report(list(source.bad))
     # Keep the other splits of a current cache; drop the manifest while this split is rewritten, so an
     # interrupted build leaves no manifest pointing at half-written shards.
@@ -88,18 +107,27 @@ def build_embed_cache(cfg: DataConfig, *, source=None, progress: bool = True) ->
         fs.delete_file(f"{base}/{shards.MANIFEST}")
     storage.delete_dir(storage.join(uri, cfg.split), cfg.s3_endpoint)
     ds = ray.data.read_parquet(source.paths, filesystem=source.fs)
-    ds = ds.map_batches(TextEmbedStage, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
-                        fn_constructor_kwargs=embed_kwargs(cfg, compact=True, cache_dtype=cfg.embed_cache_dtype,
-                                                           tracker=tracker),
-                        compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_cpus=cfg.embed_num_cpus,
-                        num_gpus=cfg.embed_num_gpus or None)
+    ds = ds.map_batches(
+        TextEmbedStage,
+        batch_format="pyarrow",
+        batch_size=cfg.embed_batch_size,
+        fn_constructor_kwargs=embed_kwargs(
+            cfg, compact=True, cache_dtype=cfg.embed_cache_dtype, tracker=tracker
+        ),
+        compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+        num_cpus=cfg.embed_num_cpus,
+        num_gpus=cfg.embed_num_gpus or None,
+    )
     kind = source.manifest.kind
     shard_size = max((s.count for s in source.manifest.split(cfg.split).shards), default=5000)
-    writer = shards.ShardWriter(uri, cfg.split, shards.schema_for(kind, embedded=True), shard_size, cfg.s3_endpoint)
+    writer = shards.ShardWriter(
+        uri, cfg.split, shards.schema_for(kind, embedded=True), shard_size, cfg.s3_endpoint
+    )
     dim = None
     itemsize = 2 if cfg.embed_cache_dtype == "float16" else 4
-    with tqdm(total=source.expected, disable=not progress, unit="rec", desc=f"embed {cfg.split}",
-              mininterval=0.5) as bar:
+    with tqdm(
+        total=source.expected, disable=not progress, unit="rec", desc=f"embed {cfg.split}", mininterval=0.5
+    ) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if dim is None and batch.num_rows:
                 blob, n = batch.column("text_states")[0].as_py(), batch.column("text_len")[0].as_py()
@@ -116,11 +144,19 @@ def build_embed_cache(cfg: DataConfig, *, source=None, progress: bool = True) ->
     reports[cfg.split] = tracker.summary()
     src = source.manifest
     manifest = shards.Manifest(
-        name=f"{src.name}-embeddings", kind=kind,
+        name=f"{src.name}-embeddings",
+        kind=kind,
         columns={f.name: str(f.type) for f in shards.schema_for(kind, embedded=True)},
-        image_format=src.image_format, image_mode=src.image_mode, image_size=src.image_size, seed=src.seed,
-        source={**src.source, "embedded_from": cfg.path, "dataset_name": src.name}, pipeline=src.pipeline,
-        splits=splits, bad_records=reports, embedding={**key, "dim": dim or 0, "bad": all_bad})
+        image_format=src.image_format,
+        image_mode=src.image_mode,
+        image_size=src.image_size,
+        seed=src.seed,
+        source={**src.source, "embedded_from": cfg.path, "dataset_name": src.name},
+        pipeline=src.pipeline,
+        splits=splits,
+        bad_records=reports,
+        embedding={**key, "dim": dim or 0, "bad": all_bad},
+    )
     shards.write_manifest(uri, manifest, cfg.s3_endpoint)
     log.info("wrote embedding cache %s: %d records of %s", uri, info.count, cfg.split)
     return manifest

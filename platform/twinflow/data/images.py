@@ -1,4 +1,5 @@
 """Image bytes <-> arrays: encode for shards, decode + resize/crop + normalise for training."""
+
 from __future__ import annotations
 
 import io
@@ -61,5 +62,7 @@ def to_chw(im: Image.Image) -> np.ndarray:
     return arr / 127.5 - 1.0
 
 
-def load_chw(data: bytes, size: int, channels: int, crop: str = "center", key: str = "", seed: int = 0) -> np.ndarray:
+def load_chw(
+    data: bytes, size: int, channels: int, crop: str = "center", key: str = "", seed: int = 0
+) -> np.ndarray:
     return to_chw(square(decode_image(data, channels), size, crop, key, seed))

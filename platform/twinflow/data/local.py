@@ -2,6 +2,7 @@
 
 Same decoding and bad-record rules as the Ray pipeline (`decode.decode_rows`), same row layout.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -19,7 +20,9 @@ from twinflow.data.reader import SplitShards, open_split
 _COLUMNS = ["id", "image", "caption", "label", "source_image", "instruction", "text_states", "text_len"]
 
 
-def _config(data: DataConfig | str, split: str | None, image_size: int | None, channels: int | None) -> tuple[DataConfig, SplitShards]:
+def _config(
+    data: DataConfig | str, split: str | None, image_size: int | None, channels: int | None
+) -> tuple[DataConfig, SplitShards]:
     if isinstance(data, DataConfig):
         cfg = data if split is None else data.model_copy(update={"split": split})
         source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
@@ -33,8 +36,13 @@ def _config(data: DataConfig | str, split: str | None, image_size: int | None, c
     size = image_size or (m.image_size[0] if m.image_size and m.image_size[0] == m.image_size[1] else None)
     if size is None:
         raise ValueError(f"{data}: images differ in size; pass image_size=")
-    cfg = DataConfig(path=str(data), split=split or "train", image_size=size,
-                     channels=channels or (1 if m.image_mode == "L" else 3), shuffle="none")
+    cfg = DataConfig(
+        path=str(data),
+        split=split or "train",
+        image_size=size,
+        channels=channels or (1 if m.image_mode == "L" else 3),
+        shuffle="none",
+    )
     return cfg, source
 
 
@@ -50,9 +58,17 @@ def _current_cache(cfg: DataConfig, manifest: shards.Manifest) -> SplitShards | 
     return cache if all(cache.manifest.embedding.get(k) == v for k, v in key.items()) else None
 
 
-def iter_local_batches(data: DataConfig | str, split: str | None = None, *, batch_size: int = 256,
-                       encoder: Any = None, bad: BadRecordLog | None = None, image_size: int | None = None,
-                       channels: int | None = None, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def iter_local_batches(
+    data: DataConfig | str,
+    split: str | None = None,
+    *,
+    batch_size: int = 256,
+    encoder: Any = None,
+    bad: BadRecordLog | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches shaped like the Ray pipeline's rows; ``text_states``/``text_mask`` come from
     ``encoder`` (a TextEncoder) when given, else from the shards when they are an embedding cache (or
     ``cfg.embed_cache`` is on and a current cache exists).
@@ -63,14 +79,24 @@ def iter_local_batches(data: DataConfig | str, split: str | None = None, *, batc
     """
     cfg, source = _config(data, split, image_size, channels)
     m = source.manifest
-    bad = bad if bad is not None else BadRecordLog(source.expected, cfg.max_bad_fraction, f"records in {cfg.split}")
+    bad = (
+        bad
+        if bad is not None
+        else BadRecordLog(source.expected, cfg.max_bad_fraction, f"records in {cfg.split}")
+    )
     bad.extend(source.bad)
     cached = m.embedding is not None
-    spec = DecodeSpec(image_size=cfg.image_size, channels=cfg.channels, crop=cfg.crop, seed=cfg.shuffle_seed,
-                      text_column=cfg.text_column, edit_pairs=m.kind == "edit_pairs",
-                      text_max_length=cfg.text_max_length,
-                      text_dim=int(m.embedding["dim"]) if cached else 384,
-                      cached_dtype=m.embedding["dtype"] if cached else None)
+    spec = DecodeSpec(
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        crop=cfg.crop,
+        seed=cfg.shuffle_seed,
+        text_column=cfg.text_column,
+        edit_pairs=m.kind == "edit_pairs",
+        text_max_length=cfg.text_max_length,
+        text_dim=int(m.embedding["dim"]) if cached else 384,
+        cached_dtype=m.embedding["dtype"] if cached else None,
+    )
     remaining = limit if limit is not None else cfg.limit
     for shard in source.usable:
         pf = pq.ParquetFile(source.fs.open_input_file(posixpath.join(source.base, shard.path)))
@@ -92,7 +118,9 @@ def iter_local_batches(data: DataConfig | str, split: str | None = None, *, batc
                 return
 
 
-def iter_local_records(data: DataConfig | str, split: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+def iter_local_records(
+    data: DataConfig | str, split: str | None = None, **kwargs: Any
+) -> Iterator[dict[str, Any]]:
     """One dict per good record (``image`` float32 (C, H, W) in [-1, 1], ``caption``, ``id``, ``label``,
     and ``source_image``/``instruction`` for edit pairs); same arguments as ``iter_local_batches``."""
     for batch in iter_local_batches(data, split, **kwargs):

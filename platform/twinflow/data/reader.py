@@ -3,6 +3,7 @@
 A missing shard, an unreadable one or one without a required column is turned into bad records here
 (with the shard's ids when they can be read), so readers start with an exact count of what is lost.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -39,8 +40,13 @@ class SplitShards:
         return [posixpath.join(self.base, s.path) for s in self.usable]
 
 
-def open_split(root: str, split: str, endpoint: str | None = None, verify: bool = True,
-               columns: tuple[str, ...] | None = None) -> SplitShards:
+def open_split(
+    root: str,
+    split: str,
+    endpoint: str | None = None,
+    verify: bool = True,
+    columns: tuple[str, ...] | None = None,
+) -> SplitShards:
     """Read the manifest and check the split's shards (existence, and columns when ``verify``)."""
     manifest = shards.read_manifest(root, endpoint)
     try:
@@ -48,7 +54,9 @@ def open_split(root: str, split: str, endpoint: str | None = None, verify: bool 
     except KeyError as exc:
         raise ValueError(f"{root}: {exc.args[0]}") from None
     fs, base = storage.open_filesystem(root, endpoint)
-    need = columns or (shards.REQUIRED[manifest.kind] + (("text_states", "text_len") if manifest.embedding else ()))
+    need = columns or (
+        shards.REQUIRED[manifest.kind] + (("text_states", "text_len") if manifest.embedding else ())
+    )
     out = SplitShards(root, endpoint, manifest, split, fs, base)
     for shard in info.shards:
         path = posixpath.join(base, shard.path)
@@ -57,12 +65,16 @@ def open_split(root: str, split: str, endpoint: str | None = None, verify: bool 
             out.columns = set(manifest.columns)
             continue
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            out.bad.append(BadRecord("missing_shard", shard.path, f"{shard.count} records", weight=shard.count))
+            out.bad.append(
+                BadRecord("missing_shard", shard.path, f"{shard.count} records", weight=shard.count)
+            )
             continue
         try:
             schema = pq.read_schema(fs.open_input_file(path))
         except Exception as exc:  # a truncated or non-parquet file
-            out.bad.append(BadRecord("missing_shard", shard.path, f"unreadable: {exc}"[:200], weight=shard.count))
+            out.bad.append(
+                BadRecord("missing_shard", shard.path, f"unreadable: {exc}"[:200], weight=shard.count)
+            )
             continue
         lacking = [c for c in need if c not in schema.names]
         if lacking:
@@ -73,8 +85,9 @@ def open_split(root: str, split: str, endpoint: str | None = None, verify: bool 
     return out
 
 
-def _whole_shard_missing(fs: pafs.FileSystem, path: str, shard: shards.ShardInfo, lacking: list[str],
-                         has_ids: bool) -> list[BadRecord]:
+def _whole_shard_missing(
+    fs: pafs.FileSystem, path: str, shard: shards.ShardInfo, lacking: list[str], has_ids: bool
+) -> list[BadRecord]:
     detail = f"shard {shard.path} lacks column(s) {', '.join(lacking)}"
     if has_ids:
         ids = pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()

@@ -6,6 +6,7 @@ rows were never counted. Here a row group that cannot be read is counted (one re
 `id` column still reads, else one record weighing the row group's rows, named `<shard>#row_group<i>`)
 under the job's bad-record budget, and reading goes on.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -25,16 +26,23 @@ def _lost(pf: pq.ParquetFile, shard: str, index: int, exc: Exception) -> list[Ba
             return [BadRecord("decode_error", str(i), detail) for i in ids]
     except Exception:
         pass
-    return [BadRecord("decode_error", f"{shard}#row_group{index}", detail,
-                      weight=pf.metadata.row_group(index).num_rows)]
+    return [
+        BadRecord(
+            "decode_error", f"{shard}#row_group{index}", detail, weight=pf.metadata.row_group(index).num_rows
+        )
+    ]
 
 
-def iter_row_groups(fs, path: str, shard: str, count: int, columns: list[str]) -> Iterator[pa.Table | list[BadRecord]]:
+def iter_row_groups(
+    fs, path: str, shard: str, count: int, columns: list[str]
+) -> Iterator[pa.Table | list[BadRecord]]:
     """Tables of one shard's readable row groups, and lists of bad records for the others."""
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
     except Exception as exc:  # unreadable since the up-front check (replaced, cut): the whole shard
-        yield [BadRecord("decode_error", shard, f"unreadable: {type(exc).__name__}: {exc}"[:200], weight=count)]
+        yield [
+            BadRecord("decode_error", shard, f"unreadable: {type(exc).__name__}: {exc}"[:200], weight=count)
+        ]
         return
     for i in range(pf.num_row_groups):
         try:

@@ -8,6 +8,7 @@ Layout under a dataset root (local folder or s3 prefix)::
 Shards are encoded in memory, hashed, then written, so the manifest's sha256 is of the exact bytes
 stored and the same code writes to a local disk and to S3.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -42,8 +43,10 @@ EMBED_FIELDS = [
     pa.field("text_states", pa.binary()),
     pa.field("text_len", pa.int32()),
 ]
-REQUIRED = {"image_text": ("id", "image", "caption"),
-            "edit_pairs": ("id", "image", "caption", "source_image", "instruction")}
+REQUIRED = {
+    "image_text": ("id", "image", "caption"),
+    "edit_pairs": ("id", "image", "caption", "source_image", "instruction"),
+}
 
 
 def schema_for(kind: str, embedded: bool = False) -> pa.Schema:
@@ -65,7 +68,9 @@ class SplitInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     count: int = 0
     shards: list[ShardInfo] = Field(default_factory=list)
-    selection: dict[str, Any] = Field(default_factory=dict, description="how the split was cut from the source")
+    selection: dict[str, Any] = Field(
+        default_factory=dict, description="how the split was cut from the source"
+    )
 
 
 class Manifest(BaseModel):
@@ -76,7 +81,9 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     name: str
     kind: str
-    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = Field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
     columns: dict[str, str]
     image_format: str
     image_mode: str
@@ -113,7 +120,8 @@ def read_manifest(root: str, endpoint: str | None = None) -> Manifest:
     if not storage.exists(uri, endpoint):
         raise storage.MissingPathError(
             f"{uri}: no manifest.json (not a twinflow shard folder, or an interrupted build; "
-            "rebuild with `twinflow data build pipelines/<name>.yaml`)")
+            "rebuild with `twinflow data build pipelines/<name>.yaml`)"
+        )
     try:
         data = json.loads(storage.read_bytes(uri, endpoint))
     except json.JSONDecodeError as exc:
@@ -121,8 +129,10 @@ def read_manifest(root: str, endpoint: str | None = None) -> Manifest:
     if data.get("format") != FORMAT:
         raise ValueError(f"{uri}: format is {data.get('format')!r}, expected {FORMAT!r}")
     if int(data.get("schema_version", 0)) > SCHEMA_VERSION:
-        raise ValueError(f"{uri}: schema_version {data['schema_version']} is newer than this reader "
-                         f"({SCHEMA_VERSION}); upgrade twinflow")
+        raise ValueError(
+            f"{uri}: schema_version {data['schema_version']} is newer than this reader "
+            f"({SCHEMA_VERSION}); upgrade twinflow"
+        )
     return Manifest.model_validate(data)
 
 
@@ -134,16 +144,18 @@ def encode_table(table: pa.Table, row_group_size: int = 1024) -> bytes:
     buf = io.BytesIO()
     # Binary columns keep dictionary encoding: repeated captions and cached text states of repeated
     # captions are stored once per row group.
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size,
-                   dictionary_pagesize_limit=4 << 20)
+    pq.write_table(
+        table, buf, compression="zstd", row_group_size=row_group_size, dictionary_pagesize_limit=4 << 20
+    )
     return buf.getvalue()
 
 
 class ShardWriter:
     """Buffers rows of one split and writes `<root>/<split>/part-NNNNN.parquet` every `shard_size` rows."""
 
-    def __init__(self, root: str, split: str, schema: pa.Schema, shard_size: int,
-                 endpoint: str | None = None) -> None:
+    def __init__(
+        self, root: str, split: str, schema: pa.Schema, shard_size: int, endpoint: str | None = None
+    ) -> None:
         self.root, self.split, self.schema = root, split, schema
         self.shard_size, self.endpoint = shard_size, endpoint
         self.rows: list[dict[str, Any]] = []  # pending rows, after the pending tables
@@ -181,8 +193,9 @@ class ShardWriter:
         data = encode_table(head)
         rel = posixpath.join(self.split, f"part-{len(self.shards):05d}.parquet")
         storage.write_bytes(storage.join(self.root, rel), data, self.endpoint)
-        self.shards.append(ShardInfo(path=rel, count=head.num_rows, sha256=hashlib.sha256(data).hexdigest(),
-                                     bytes=len(data)))
+        self.shards.append(
+            ShardInfo(path=rel, count=head.num_rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        )
 
     def close(self) -> SplitInfo:
         while self.pending or self.rows:
@@ -238,8 +251,9 @@ def verify_checksums(root: str, manifest: Manifest, endpoint: str | None = None)
     return problems
 
 
-def iter_shard_tables(root: str, shards: list[ShardInfo], endpoint: str | None = None,
-                      columns: list[str] | None = None) -> Iterator[tuple[ShardInfo, pa.Table]]:
+def iter_shard_tables(
+    root: str, shards: list[ShardInfo], endpoint: str | None = None, columns: list[str] | None = None
+) -> Iterator[tuple[ShardInfo, pa.Table]]:
     """Read shards one by one with pyarrow (no Ray); missing files raise MissingPathError."""
     fs, base = storage.open_filesystem(root, endpoint)
     for shard in shards:

@@ -4,6 +4,7 @@ Records of one source split are permuted with the pipeline seed; the output spli
 consecutive, disjoint slices of that permutation in declaration order. So a held-out eval split never
 shares a record with train, and `limit` (a quick build) takes a prefix of each slice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,15 @@ class SplitPlan:
 
     def selection(self, seed: int, limit: int | None) -> dict:
         """What the manifest records of this split: enough to recompute its records (`split_indices`)."""
-        return {"source_split": self.source_split, "permutation_seed": seed, "offset": self.offset,
-                "slice": self.available, "limit": limit, "count": int(len(self.indices)),
-                "source_records": self.source_records}
+        return {
+            "source_split": self.source_split,
+            "permutation_seed": seed,
+            "offset": self.offset,
+            "slice": self.available,
+            "limit": limit,
+            "count": int(len(self.indices)),
+            "source_records": self.source_records,
+        }
 
 
 def _permutation(seed: int, source_split: str, n: int) -> np.ndarray:
@@ -58,8 +65,9 @@ def global_to_source(source_splits: dict[str, int], split: str, index: int) -> t
     raise IndexError("index past the end of the source")
 
 
-def plan_splits(specs: dict[str, SplitSpec], source_splits: dict[str, int], seed: int,
-                limit: int | None = None) -> list[SplitPlan]:
+def plan_splits(
+    specs: dict[str, SplitSpec], source_splits: dict[str, int], seed: int, limit: int | None = None
+) -> list[SplitPlan]:
     groups: dict[str, list[tuple[str, SplitSpec]]] = {}
     sizes: dict[str, int] = {}
     for name, spec in specs.items():
@@ -71,21 +79,32 @@ def plan_splits(specs: dict[str, SplitSpec], source_splits: dict[str, int], seed
         n = sizes[key]
         rest = [name for name, s in members if s.count is None and s.fraction is None]
         if len(rest) > 1:
-            raise ValueError(f"splits {rest} both take 'the rest' of source split {key!r}; "
-                             "give all but one a count or fraction")
-        want = {name: (s.count if s.count is not None else
-                       int(round(s.fraction * n)) if s.fraction is not None else None) for name, s in members}
+            raise ValueError(
+                f"splits {rest} both take 'the rest' of source split {key!r}; "
+                "give all but one a count or fraction"
+            )
+        want = {
+            name: (
+                s.count
+                if s.count is not None
+                else int(round(s.fraction * n))
+                if s.fraction is not None
+                else None
+            )
+            for name, s in members
+        }
         fixed = sum(v for v in want.values() if v is not None)
         if fixed > n:
-            raise ValueError(f"splits {[m for m, _ in members]} ask for {fixed} records but source split "
-                             f"{key!r} has {n}")
+            raise ValueError(
+                f"splits {[m for m, _ in members]} ask for {fixed} records but source split {key!r} has {n}"
+            )
         perm = _permutation(seed, key, n)
         start = 0
         for name, _ in members:
             size = want[name] if want[name] is not None else n - fixed
             if size == 0:
                 raise ValueError(f"split {name!r} would be empty (source split {key!r} has {n} records)")
-            idx = perm[start:start + size]
+            idx = perm[start : start + size]
             plans.append(SplitPlan(name, key, idx[:limit] if limit else idx, start, size, n))
             start += size
     order = list(specs)
@@ -108,16 +127,24 @@ def split_indices(manifest: dict, split: str, where: str = "manifest") -> np.nda
     if n is None:
         n = _covered_source_records(manifest, sel["source_split"], where)
     perm = _permutation(int(sel["permutation_seed"]), sel["source_split"], int(n))
-    return perm[int(sel["offset"]):int(sel["offset"]) + int(sel["slice"])]
+    return perm[int(sel["offset"]) : int(sel["offset"]) + int(sel["slice"])]
 
 
 def _covered_source_records(manifest: dict, source_split: str, where: str) -> int:
     specs = (manifest.get("pipeline") or {}).get("splits") or {}
-    members = {name: info["selection"] for name, info in manifest["splits"].items()
-               if (info.get("selection") or {}).get("source_split") == source_split}
-    takes_rest = [name for name in members
-                  if (specs.get(name) or {}).get("count") is None and (specs.get(name) or {}).get("fraction") is None]
+    members = {
+        name: info["selection"]
+        for name, info in manifest["splits"].items()
+        if (info.get("selection") or {}).get("source_split") == source_split
+    }
+    takes_rest = [
+        name
+        for name in members
+        if (specs.get(name) or {}).get("count") is None and (specs.get(name) or {}).get("fraction") is None
+    ]
     if not specs or len(takes_rest) != 1:
-        raise ValueError(f"{where}: cannot tell how many records source split {source_split!r} had (no "
-                         "selection.source_records and no split taking the rest); rebuild the shards")
+        raise ValueError(
+            f"{where}: cannot tell how many records source split {source_split!r} had (no "
+            "selection.source_records and no split taking the rest); rebuild the shards"
+        )
     return sum(int(sel["slice"]) for sel in members.values())

@@ -1,4 +1,5 @@
 """What every pipeline source provides: named source splits of indexable records with captions."""
+
 from __future__ import annotations
 
 import abc

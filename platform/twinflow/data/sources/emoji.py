@@ -1,4 +1,5 @@
 """Single-code-point emoji rendered from Noto Color Emoji, captioned with their Unicode names."""
+
 from __future__ import annotations
 
 import glob
@@ -33,8 +34,10 @@ def find_font(explicit: str | None = None) -> Path:
         out = subprocess.run(["fc-list", ":family=Noto Color Emoji", "file"], capture_output=True, text=True)
         hits = [line.split(":")[0] for line in out.stdout.splitlines() if line.strip()]
     if not hits:
-        raise FileNotFoundError(f"{FONT_NAME} not found under /usr/share/fonts; run scripts/setup.sh "
-                                "(apt package fonts-noto-color-emoji)")
+        raise FileNotFoundError(
+            f"{FONT_NAME} not found under /usr/share/fonts; run scripts/setup.sh "
+            "(apt package fonts-noto-color-emoji)"
+        )
     return Path(hits[0])
 
 
@@ -90,7 +93,14 @@ class Emoji(Source):
         return SourceItem(id=rid, image=self.render(cp), caption=caption, label=cp, name=name)
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "emoji", "name": "Noto Color Emoji", "font": str(self.font_path),
-                "license": "OFL-1.1 (Google Noto fonts)", "code_points": len(self.code_points),
-                "unicode_version": unicodedata.unidata_version, "caption_templates": list(self.cfg.captions),
-                "mode": self.mode, "label": "Unicode code point"}
+        return {
+            "type": "emoji",
+            "name": "Noto Color Emoji",
+            "font": str(self.font_path),
+            "license": "OFL-1.1 (Google Noto fonts)",
+            "code_points": len(self.code_points),
+            "unicode_version": unicodedata.unidata_version,
+            "caption_templates": list(self.cfg.captions),
+            "mode": self.mode,
+            "label": "Unicode code point",
+        }

