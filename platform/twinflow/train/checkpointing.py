@@ -74,16 +74,9 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list:
-    """Checkpoints to try, best first: Ray's latest, then the run's other checkpoint directories
-    newest first (Ray names them by time). The directories count even when Ray registered none: a
-    worker group restarted after losing a machine found no registered checkpoint although step 4's
-    was complete in storage, and started over. (`--fresh` deletes the run's directory.)"""
-    out = [latest] if latest is not None else []
-    if run_uri is None:
-        return out
+def checkpoint_dirs(run_uri: str, endpoint: str | None = None):
+    """(filesystem, the run's `checkpoint_*` directories newest first: Ray names them by time)."""
     import pyarrow.fs as pafs
-    import ray.train
 
     from twinflow.storage import open_filesystem
 
@@ -97,6 +90,20 @@ def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list
         ),
         reverse=True,
     )
+    return fs, dirs
+
+
+def candidates(latest, run_uri: str | None, endpoint: str | None = None) -> list:
+    """Checkpoints to try, best first: Ray's latest, then the run's other checkpoint directories
+    newest first (Ray names them by time). The directories count even when Ray registered none: a
+    worker group restarted after losing a machine found no registered checkpoint although step 4's
+    was complete in storage, and started over. (`--fresh` deletes the run's directory.)"""
+    out = [latest] if latest is not None else []
+    if run_uri is None:
+        return out
+    import ray.train
+
+    fs, dirs = checkpoint_dirs(run_uri, endpoint)
     seen = {str(latest.path).rstrip("/")} if latest is not None else set()
     out += [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs if d.rstrip("/") not in seen]
     return out
@@ -107,20 +114,7 @@ def newest_layout(run_uri: str, endpoint: str | None = None) -> tuple[str, int, 
     manifest, read without downloading the checkpoint; None when it has none."""
     import json
 
-    import pyarrow.fs as pafs
-
-    from twinflow.storage import open_filesystem
-
-    fs, base = open_filesystem(run_uri, endpoint)
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    dirs = sorted(
-        (
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-        ),
-        reverse=True,
-    )
+    fs, dirs = checkpoint_dirs(run_uri, endpoint)
     for d in dirs:
         try:
             with fs.open_input_stream(f"{d}/{manifest.manifest_name(0)}") as fh:
