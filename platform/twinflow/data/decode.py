@@ -27,6 +27,22 @@ class DecodeSpec:
     text_dim: int = 384
     cached_dtype: str | None = None  # rows carry cached text states of this dtype
 
+    @classmethod
+    def for_data(cls, cfg: Any, kind: str, embedding: Mapping[str, Any] | None = None) -> DecodeSpec:
+        """The spec a data config (`DataConfig`) asks for on shards of `kind`; `embedding`: the
+        manifest's embedding-cache record when the rows carry cached text states."""
+        return cls(
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+            crop=cfg.crop,
+            seed=cfg.shuffle_seed,
+            text_column=cfg.text_column,
+            edit_pairs=kind == "edit_pairs",
+            text_max_length=cfg.text_max_length,
+            text_dim=int(embedding["dim"]) if embedding else 384,
+            cached_dtype=embedding["dtype"] if embedding else None,
+        )
+
 
 def unpack_states(
     blob: bytes, length: int, max_length: int, dtype: str

@@ -85,18 +85,7 @@ def iter_local_batches(
         else BadRecordLog(source.expected, cfg.max_bad_fraction, f"records in {cfg.split}")
     )
     bad.extend(source.bad)
-    cached = m.embedding is not None
-    spec = DecodeSpec(
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        crop=cfg.crop,
-        seed=cfg.shuffle_seed,
-        text_column=cfg.text_column,
-        edit_pairs=m.kind == "edit_pairs",
-        text_max_length=cfg.text_max_length,
-        text_dim=int(m.embedding["dim"]) if cached else 384,
-        cached_dtype=m.embedding["dtype"] if cached else None,
-    )
+    spec = DecodeSpec.for_data(cfg, m.kind, m.embedding)
     remaining = limit if limit is not None else cfg.limit
     for shard in source.usable:
         pf = pq.ParquetFile(source.fs.open_input_file(posixpath.join(source.base, shard.path)))

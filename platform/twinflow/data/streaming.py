@@ -174,17 +174,7 @@ def build_train_dataset(cfg: DataConfig):
         ds = ds.limit(cfg.limit)
     if cfg.shuffle == "global":
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
-    spec = DecodeSpec(
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        crop=cfg.crop,
-        seed=cfg.shuffle_seed,
-        text_column=cfg.text_column,
-        edit_pairs=kind == "edit_pairs",
-        text_max_length=cfg.text_max_length,
-        text_dim=int(cache_info["dim"]) if cache_info else 384,
-        cached_dtype=cache_info["dtype"] if cache_info else None,
-    )
+    spec = DecodeSpec.for_data(cfg, kind, cache_info)
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={"spec": spec, "tracker": tracker},
