@@ -26,7 +26,7 @@ def test_a_stopped_job_reruns_from_its_newest_good_checkpoint(ray_cluster, fashi
             fashion_small, tmp_path, "ckfall", "train.steps=8", "train.keep_checkpoints=3", *extra
         )
 
-    first = run_job(job("train.fail_at_step=7", "train.max_failures=0"))
+    first = run_job(job("train.max_failures=0"), fault_at_step=7)
     assert not first.ok and first.state == "ERRORED"
     run = Path(first.run_dir)
     assert json.loads((run / "summary.json").read_text())["state"] == "ERRORED"

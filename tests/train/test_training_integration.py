@@ -101,9 +101,9 @@ def test_zero3_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, fashio
             "deepspeed.zero_stage=3",
             "method.cond_dropout=0.0",
             "method.sample_guidance=0.0",
-            "train.fail_at_step=3",
             "train.max_failures=1",
-        )
+        ),
+        fault_at_step=3,
     )
     run = check_finished(result, 4)
     assert (run / ".injected_failure_step3").exists()  # the process really died once

@@ -225,6 +225,12 @@ class DataConfig(StrictModel):
         True, description="read each shard's footer up front (missing shards/columns)"
     )
 
+    @property
+    def is_edit(self) -> bool:
+        """Edit pairs (the one test for it): the text is an instruction and the source image rides along
+        as the model's reference."""
+        return self.text_column == "instruction"
+
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
     return load_config(path, PipelineConfig, overrides)

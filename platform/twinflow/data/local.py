@@ -97,7 +97,7 @@ def iter_local_batches(
                 out = {k: v[:remaining] for k, v in out.items()}
                 remaining -= len(out["id"])
             if encoder is not None and len(out["id"]):
-                texts = out["instruction"] if cfg.text_column == "instruction" else out["caption"]
+                texts = out["instruction"] if cfg.is_edit else out["caption"]
                 enc = encoder.encode([str(t) for t in texts])
                 out["text_states"] = enc["text_states"].cpu().numpy().astype(np.float32)
                 out["text_mask"] = enc["text_mask"].cpu().numpy().astype(np.int64)

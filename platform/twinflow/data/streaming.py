@@ -131,7 +131,7 @@ def build_train_dataset(cfg: DataConfig):
         return latent_train_dataset(cfg)
     source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     kind = source.manifest.kind
-    if cfg.text_column == "instruction" and kind != "edit_pairs":
+    if cfg.is_edit and kind != "edit_pairs":
         raise ValueError(
             f"{cfg.path}: text_column=instruction needs an edit-pairs dataset (this one is {kind})"
         )

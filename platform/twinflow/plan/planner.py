@@ -21,7 +21,7 @@ _OFFLOADS = {
 def workload(job) -> Workload:
     """What the job's sections say about memory (model built on the meta device)."""
     counts = count_model(job.model)
-    edit = job.data.text_column == "instruction"  # the reference image's tokens ride along
+    edit = job.data.is_edit  # the reference image's tokens ride along
     grad_rows, nograd_rows, overlap_rows = forward_rows(
         job.method, job.train.micro_batch, conditional=job.data.embed_text
     )

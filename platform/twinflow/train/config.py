@@ -39,9 +39,27 @@ class JobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _edit_job(self) -> JobConfig:
-        from twinflow.train.editing import check_edit_job
-
-        check_edit_job(self)
+        """Fields an edit job cannot use: it trains without a null condition (edit pairs have one right
+        answer per source and instruction), so no condition dropout or baked-in CFG, whose null
+        condition would carry no reference image; and it is scored on held-out pairs, not prompts."""
+        if not self.data.is_edit:
+            return self
+        m = self.method
+        bad = [
+            f"method.{name}={getattr(m, name)}"
+            for name in ("cond_dropout", "enhanced_ratio")
+            if getattr(m, name, 0) > 0
+        ]
+        if bad:
+            raise ValueError(
+                f"an edit job (data.text_column: instruction) trains without a null condition; set "
+                f"{' and '.join(b.split('=')[0] + ': 0' for b in bad)} (got {', '.join(bad)})"
+            )
+        if self.eval.prompts:
+            raise ValueError(
+                "eval.prompts are text-to-image prompts; an edit job is scored on held-out edit pairs by "
+                "`twinflow eval` (set eval.prompts: [])"
+            )
         return self
 
 

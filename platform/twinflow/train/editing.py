@@ -20,32 +20,6 @@ if TYPE_CHECKING:
 EDIT_TASKS = ["generate", "edit"]
 
 
-def is_edit_job(job: JobConfig) -> bool:
-    return job.data.text_column == "instruction"
-
-
-def check_edit_job(job: JobConfig) -> None:
-    """Fields an edit job cannot use; a ValueError names them."""
-    if not is_edit_job(job):
-        return
-    m = job.method
-    bad = []
-    if getattr(m, "cond_dropout", 0) > 0:
-        bad.append(f"method.cond_dropout={m.cond_dropout}")
-    if getattr(m, "enhanced_ratio", 0) > 0:
-        bad.append(f"method.enhanced_ratio={m.enhanced_ratio}")
-    if bad:
-        raise ValueError(
-            f"an edit job (data.text_column: instruction) trains without a null condition; set "
-            f"{' and '.join(b.split('=')[0] + ': 0' for b in bad)} (got {', '.join(bad)})"
-        )
-    if job.eval.prompts:
-        raise ValueError(
-            "eval.prompts are text-to-image prompts; an edit job is scored on held-out edit pairs by "
-            "`twinflow eval` (set eval.prompts: [])"
-        )
-
-
 def add_reference(
     cond: dict[str, torch.Tensor], batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -60,6 +34,6 @@ def add_reference(
 
 def export_metadata(job: JobConfig) -> dict[str, Any]:
     """Extra `twinflow.json` keys: an editor declares `tasks` (serving's /v1/edit reads it) and its data."""
-    if not is_edit_job(job):
+    if not job.data.is_edit:
         return {}
     return {"tasks": list(EDIT_TASKS), "edit_data": job.data.path}

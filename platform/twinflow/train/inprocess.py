@@ -1,17 +1,16 @@
 """Train a job in this process, without Ray or DeepSpeed: recipe search, image-scale regression tests,
 quick looks at a method change.
 
-The same model builder, objective, teacher and shard decoding as the distributed loop (`worker.py`);
-plain torch AdamW with the job's lr, betas, weight decay, warm-up and gradient clipping instead of the
-DeepSpeed engine. The data is decoded once into memory and each distinct caption is encoded once
-(captions repeat per class), so a step costs the model's compute and nothing else.
+Data in memory, then the same loop as a Ray Train worker (`train.loop`) on the plain torch engine
+(`engines.TorchEngine`: AdamW with the job's lr, betas, weight decay, clipping and accumulation). The
+data is decoded once and each distinct caption is encoded once (captions repeat per class), so a step
+costs the model's compute and nothing else.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -19,9 +18,10 @@ from torch import Tensor
 from twinflow.data.config import DataConfig
 from twinflow.data.local import iter_local_batches
 from twinflow.method.ema import EMA
-from twinflow.train import modelling
+from twinflow.train import loop, modelling
+from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
-from twinflow.train.schedule import lr_factor, set_lr
+from twinflow.train.engines import TorchEngine
 
 
 @dataclass
@@ -52,13 +52,13 @@ def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -
     """Decode a split (local or s3://) with the pipeline's own rules and encode its distinct captions
     (instructions for an edit job, which also keeps the source images)."""
     images, labels, captions, refs = [], [], [], []
-    edits = data.text_column == "instruction"
+    edits = data.is_edit
     for b in iter_local_batches(data, limit=limit):
         images.append(torch.as_tensor(b["image"]))
         if edits:
             refs.append(torch.as_tensor(b["source_image"]))
         labels.append(torch.as_tensor(b["label"]).long() if "label" in b else torch.full((len(b["id"]),), -1))
-        texts = b["instruction"] if data.text_column == "instruction" else b["caption"]
+        texts = b["instruction"] if edits else b["caption"]
         captions.extend(str(t) for t in texts)
     if not images:
         raise ValueError(f"{data.path} ({data.split}): no usable records")
@@ -99,6 +99,20 @@ class InProcessRun:
         return self.averages.sampling_module(self.model)
 
 
+def memory_batches(
+    data: MemoryData, micro_batch: int, seed: int, order: Literal["shuffled", "stored"] = "shuffled"
+) -> Iterator[loop.Batch]:
+    """Micro-batches of `micro_batch` rows forever: a fresh permutation per pass (from `seed`), or the
+    stored order ("stored": the order a one-worker Ray Data stream of unshuffled shards delivers)."""
+    order_gen = torch.Generator().manual_seed(seed + 17)
+    while True:
+        idx = (
+            torch.randperm(len(data), generator=order_gen) if order == "shuffled" else torch.arange(len(data))
+        )
+        for pos in range(0, len(idx) - micro_batch + 1, micro_batch):
+            yield data.rows(idx[pos : pos + micro_batch])
+
+
 def train_in_process(
     job: JobConfig,
     *,
@@ -110,12 +124,14 @@ def train_in_process(
     on_log: Callable[[dict[str, float]], None] | None = None,
     on_step: Callable[[int, InProcessRun], None] | None = None,
     null_cond: Mapping[str, Tensor] | None = None,
+    order: Literal["shuffled", "stored"] = "shuffled",
 ) -> InProcessRun:
     """Run `job`'s method for `steps` (default `job.train.steps`) optimizer steps of `train.micro_batch`
-    rows. `model` defaults to `modelling.build_model(job)` (with `init_from` and LoRA). `on_log` gets
-    each logged row; `on_step(step, run)` runs after every optimizer step (e.g. to evaluate)."""
+    rows x `deepspeed.gradient_accumulation_steps`. `model` defaults to `modelling.build_model(job)`
+    (with `init_from` and LoRA). `on_log` gets each logged row; `on_step(step, run)` runs after every
+    optimizer step (e.g. to evaluate)."""
     steps = int(steps if steps is not None else job.train.steps)
-    log_every = int(log_every or job.train.log_every)
+    job = job.model_copy(update={"train": job.train.model_copy(update={"steps": steps})})
     torch.manual_seed(job.train.seed)
     if encoder is None and (data is None or null_cond is None):
         from twinflow.models.text_encoder import open_text_encoder
@@ -128,50 +144,25 @@ def train_in_process(
     model = model if model is not None else modelling.build_model(job)
     model.train()
     averages = modelling.build_averages(job, model)
-    teacher, sample_ema = averages.teacher, averages.sample_ema
-    objective = modelling.build_objective(job)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=job.train.lr, betas=job.train.betas, weight_decay=job.train.weight_decay
-    )
-    gen = torch.Generator().manual_seed(job.train.seed * 100_003)
-    order = torch.Generator().manual_seed(job.train.seed + 17)
+    engine = TorchEngine(model, [p for p in model.parameters() if p.requires_grad], job.train, job.deepspeed)
     run = InProcessRun(model, averages)
-    perm, pos = torch.randperm(len(data), generator=order), 0
-    window: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    B = job.train.micro_batch
-    for step in range(1, steps + 1):
-        if pos + B > len(perm):
-            perm, pos = torch.randperm(len(data), generator=order), 0
-        x, cond = data.rows(perm[pos : pos + B])
-        pos += B
-        set_lr(opt, job.train.lr * lr_factor(step - 1, job.train.warmup_steps))
-        teacher.update()
-        out = objective(
-            model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
-        )
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if job.deepspeed.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(params, job.deepspeed.gradient_clipping)
-        opt.step()
-        if sample_ema is not None:
-            sample_ema.update(model)
-        for k, v in out.metrics.items():
-            window.setdefault(k, []).append(float(v))
-        if step % log_every == 0 or step == steps:
-            row = {
-                "step": float(step),
-                "elapsed_s": time.perf_counter() - t0,
-                "lr": opt.param_groups[0]["lr"],
-                **{k: sum(v) / len(v) for k, v in window.items()},
-            }
-            window.clear()
-            run.history.append(row)
-            if on_log is not None:
-                on_log(row)
-        if on_step is not None:
-            on_step(step, run)
+
+    def keep(step: int, metrics: dict[str, float]) -> None:
+        row = {"step": float(step), **metrics}
+        run.history.append(row)
+        if on_log is not None:
+            on_log(row)
+
+    components: list[loop.Scheduled] = [loop.LogMetrics(int(log_every or job.train.log_every), keep)]
+    if on_step is not None:
+        components.append(loop.Callback(lambda step, _: on_step(step, run)))
+    loop.run(
+        loop.Loop(job, engine, averages, TrainState()),
+        modelling.build_objective(job),
+        memory_batches(data, job.train.micro_batch, job.train.seed, order),
+        null_cond=null_cond,
+        generator=torch.Generator().manual_seed(job.train.seed * 100_003),
+        components=components,
+    )
     model.eval()
     return run

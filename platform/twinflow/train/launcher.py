@@ -268,8 +268,11 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
     return run_dir
 
 
-def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = None):
-    """The TorchTrainer for one job (Ray must be initialised). Also used by Tune, one per trial."""
+def build_trainer(
+    job: JobConfig, run_dir: Path, *, callbacks: list | None = None, fault_at_step: int | None = None
+):
+    """The TorchTrainer for one job (Ray must be initialised). Also used by Tune, one per trial.
+    `fault_at_step` is the tests' fault injection (a worker dies for real once at that step)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -297,6 +300,7 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
             "checkpoint_root": remote_run_uri(job) or str(run_dir),
             # the counter's handle itself: rank 0 reads it every log step without a by-name lookup
             "bad_records": live_tracker(tracker_name(job.data)),
+            "fault_at_step": fault_at_step,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.cluster.num_workers,
@@ -315,17 +319,35 @@ def build_trainer(job: JobConfig, run_dir: Path, *, callbacks: list | None = Non
             callbacks=callbacks or None,
         ),
         datasets={"train": train_data},
+        dataset_config=ingest_config(job),
     )
 
 
-def run_job(job: JobConfig, address: str | None = None, fresh: bool = False) -> JobResult:
+def ingest_config(job: JobConfig):
+    """How Ray Train feeds the workers. `data.shuffle: none` means the stored order, so the stream keeps
+    its order (Ray Data reorders finished blocks otherwise): a one-worker run then sees the batches an
+    in-process run over the same shards sees (`tests/train/test_loop_engines.py`)."""
+    import ray.train
+
+    if job.data.shuffle != "none" or job.data.shuffle_buffer:
+        return ray.train.DataConfig()
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options={"train": options})
+
+
+def run_job(
+    job: JobConfig, address: str | None = None, fresh: bool = False, *, fault_at_step: int | None = None
+) -> JobResult:
+    """Run one job to its end (or failure) and return its summary. `fault_at_step`: tests only, a
+    worker process exits for real once at that step (Ray Train then restarts the group)."""
     import ray.train
 
     check_inputs(job)  # a missing data path is one line, before Ray starts
     run_dir = prepare_run(job, fresh)
     check_resume_layout(job, run_dir)
     ensure_ray(job, address)
-    trainer = build_trainer(job, run_dir)
+    trainer = build_trainer(job, run_dir, fault_at_step=fault_at_step)
     try:
         with follow_run(run_dir):
             result = trainer.fit()

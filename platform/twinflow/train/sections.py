@@ -72,9 +72,6 @@ class TrainConfig(StrictModel):
     init_from: str | None = Field(
         None, description="an exported model directory (e.g. runs/<job>/export) to fine-tune from"
     )
-    fail_at_step: int | None = Field(
-        None, description="fault injection for tests: rank 1 kills its process once at this step"
-    )
 
 
 class EvalConfig(StrictModel):

@@ -1,29 +1,27 @@
-"""The training loop each Ray Train worker runs: readable top to bottom, like DiT's train.py.
+"""What a Ray Train worker adds to the training loop (`train.loop`): its rank, its data shard, the
+DeepSpeed engine, and the hand-off of checkpoints and metrics to Ray Train.
 
-build model -> (init_from) -> (LoRA) -> teacher -> DeepSpeed engine -> restore -> loop:
-    teacher.update(); loss = objective(engine, x, cond); engine.backward(loss); engine.step()
-    log / sample grids / checkpoint+report
--> final checkpoint, export (rank 0), barrier.
+build model -> (init_from) -> (LoRA) -> teacher -> DeepSpeed engine -> restore -> loop.run(...)
+-> final grid, export (rank 0), barrier.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
 from twinflow.data import bad_record_metrics, iter_torch_kwargs
-from twinflow.train import checkpointing, editing, lifeline, modelling
+from twinflow.train import checkpointing, editing, lifeline, loop, modelling
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
-from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
+from twinflow.train.engine import deepspeed_config, init_engine
+from twinflow.train.engines import DeepSpeedEngine
 from twinflow.train.progress import MetricsLog, ProgressLine, ProgressLog
-from twinflow.train.schedule import lr_factor, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +31,11 @@ def _as_cond(d: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in d.items()}
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     job = JobConfig.model_validate(config["job"])
     run_dir = Path(config["run_dir"])
-    null_cond = _as_cond(config["null_cond"])
     eval_cond = _as_cond(config["eval_cond"]) if config.get("eval_cond") else None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -57,20 +44,17 @@ def train_loop(config: dict[str, Any]) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if job.cluster.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
+    dtype = modelling.train_dtype(job)
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     model = modelling.build_model(job).to(device)
     averages = modelling.build_averages(job, model)
-    teacher = averages.teacher
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
-    dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
-    objective = modelling.build_objective(job)
-    edit_job = editing.is_edit_job(job)
-
+    ds_engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
+    engine = DeepSpeedEngine(ds_engine, job.deepspeed.zero_stage)
     state = (
         checkpointing.restore(
-            engine,
+            ds_engine,
             averages,
             config.get("checkpoint_root"),
             job.output.s3_endpoint,
@@ -78,60 +62,91 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         or TrainState()
     )
-    metrics_log = None
-    say = ProgressLog(run_dir / "logs" / "progress.log") if rank == 0 else None
+    null_cond = {k: v.to(device) for k, v in _as_cond(config["null_cond"]).items()}
+    run = loop.Loop(job, engine, averages, state)
+    progress = ProgressLine(
+        job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
+    )
+    metrics_log: MetricsLog | None = None
+    say: ProgressLog | None = None
     if rank == 0:
         metrics_log = MetricsLog(
             run_dir / "logs" / "metrics.jsonl",
             resume_step=state.step,
             tensorboard_dir=run_dir / "tensorboard" if job.output.tensorboard else None,
         )
+        say = ProgressLog(run_dir / "logs" / "progress.log")
         say(
             f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
             f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
         )
-    progress = ProgressLine(
-        job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
+
+    def write_metrics(step: int, metrics: dict[str, float]) -> None:
+        if metrics_log is not None and say is not None:
+            metrics_log.write({"step": step, **metrics})
+            say(progress.line(step, metrics))
+
+    def extra(step: int) -> dict[str, float]:
+        out = {
+            "samples_per_s": progress.rate(step) * progress.samples_per_step,
+            "peak_mem_mb": peak_memory_mb(device),
+        }
+        if rank == 0:  # counted by the data pipeline's one counter actor, so far
+            out.update(bad_record_metrics(job.data, config.get("bad_records")))
+        return out
+
+    components: list[loop.Scheduled] = []
+    if config.get("fault_at_step") is not None:  # tests only: not part of the job schema
+        components.append(KillWorker(int(config["fault_at_step"]), rank, job.cluster.num_workers, run_dir))
+    components.append(loop.LogMetrics(job.train.log_every, write_metrics, extra=extra))
+    if eval_cond is not None:
+        grid_args = {"rank": rank, "device": device, "dtype": dtype, "null_cond": null_cond}
+        components += [
+            SampleGrids(job, eval_cond, run_dir / "samples", grid_args),
+            PeriodicEval(job, eval_cond, device, null_cond, metrics_log, say),
+        ]
+    components.append(CheckpointAndReport(job, rank, world))
+
+    generator = torch.Generator(device=device).manual_seed(
+        job.train.seed * 100_003 + rank * 1009 + state.step
     )
-    gen = torch.Generator(device=device).manual_seed(job.train.seed * 100_003 + rank * 1009 + state.step)
-    shard = ray.train.get_dataset_shard("train")
-    window: dict[str, list[float]] = {}
-    null_cond = {k: v.to(device) for k, v in null_cond.items()}
-    data_wait = 0.0
-    step_time = 0.0
-    micro = 0
-    first_wait: float | None = None
-    t_first, cpu_first = time.perf_counter(), time.process_time()
-    logged: dict[str, float] = {}  # the latest rank-averaged metrics, reported with each checkpoint
-    last_eval: dict[str, float] = {}  # the latest judge metrics ("eval/..."), kept in later reports
+    batches = shard_batches(ray.train.get_dataset_shard("train"), job, state, rank, device, dtype)
+    loop.run(
+        run,
+        modelling.build_objective(job),
+        batches,
+        null_cond=null_cond,
+        generator=generator,
+        components=components,
+    )
 
-    def sampling() -> torch.nn.Module:
-        """Grids, judge metrics and the export use the sampling EMA when the job keeps one."""
-        return averages.sampling_module(engine.module)
+    with engine.gathered():
+        if rank == 0:
+            modelling.export(job, run.sampling_module(), run_dir / "export", steps=state.step)
+    if metrics_log is not None:
+        metrics_log.close()
+    if dist.is_initialized():
+        dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
 
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        checkpointing.save(engine, averages, state, rank, metrics)
 
-    while state.step < job.train.steps:
+def shard_batches(
+    shard: Any, job: JobConfig, state: TrainState, rank: int, device: torch.device, dtype: torch.dtype
+) -> Iterator[loop.Batch]:
+    """This rank's micro-batches, epoch after epoch, from where `state` says the data stopped: a resume
+    skips the batches of the current epoch already trained on. Keeps `state`'s data position current."""
+    edit_job = job.data.is_edit
+    while True:
         kwargs = iter_torch_kwargs(job.data, device)
         if "local_shuffle_seed" in kwargs:  # a different local shuffle each epoch and rank
             kwargs["local_shuffle_seed"] += state.epoch * 7919 + rank
         iterator = shard.iter_torch_batches(batch_size=job.train.micro_batch, drop_last=True, **kwargs)
-        skip = state.batches_in_epoch  # data position: resume mid-epoch where the checkpoint was
-        batches_this_epoch = 0
-        t_wait = time.perf_counter()
+        skip = state.batches_in_epoch
+        seen = 0
         for batch in iterator:
-            batches_this_epoch += 1
+            seen += 1
             if skip:
                 skip -= 1
-                t_wait = time.perf_counter()
                 continue
-            t_start = time.perf_counter()
-            if first_wait is None:  # pipeline start-up (read, embed actors) is not steady-state wait
-                first_wait = t_start - t_wait
-                t_first, cpu_first = t_start, time.process_time()
-            else:
-                data_wait += t_start - t_wait
             x = batch["image"].to(device, dtype)
             cond = {
                 "text_states": batch["text_states"].to(device, dtype),
@@ -139,111 +154,114 @@ def train_loop(config: dict[str, Any]) -> None:
             }
             if edit_job:  # the source image as reference tokens (Qwen-Image-Edit layout)
                 editing.add_reference(cond, batch, device, dtype)
-            if (
-                micro % job.deepspeed.gradient_accumulation_steps == 0
-            ):  # first micro-batch of a step (EMA before targets)
-                set_lr(engine.optimizer, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
-                with full_parameters(engine.module, job.deepspeed.zero_stage):
-                    teacher.update()
-            # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
-            out = objective(
-                engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
-            )
-            engine.backward(out.loss)
-            engine.step()
-            micro += 1
             state.batches_in_epoch += 1
-            state.samples_seen += x.shape[0]
-            for k, v in out.metrics.items():
-                window.setdefault(k, []).append(float(v))
-            step_time += time.perf_counter() - t_start
-            if engine.global_steps == state.step:  # mid gradient accumulation
-                t_wait = time.perf_counter()
-                continue
-            state.step = int(engine.global_steps)
-            if averages.sample_ema is not None:
-                with full_parameters(engine.module, job.deepspeed.zero_stage):
-                    averages.sample_ema.update(engine.module)
-            _maybe_inject_failure(job, rank, state.step, run_dir)
-
-            if state.step % job.train.log_every == 0 or state.step == job.train.steps:
-                metrics = _mean_across_ranks({k: sum(v) / len(v) for k, v in window.items()})
-                window.clear()
-                metrics["lr"] = float(engine.optimizer.param_groups[0]["lr"])
-                metrics["samples_per_s"] = progress.rate(state.step) * progress.samples_per_step
-                metrics["data_wait_frac"] = data_wait / max(step_time + data_wait, 1e-9)
-                metrics["data_startup_s"] = first_wait or 0.0
-                metrics["step_s"] = step_time / max(micro, 1)
-                metrics["elapsed_s"] = (
-                    time.perf_counter() - t_first
-                )  # wall since the first batch (this attempt)
-                # this worker process's CPU seconds since the first batch (all its threads, Ray's too):
-                # per step it is the step's cost that other processes on a shared machine do not inflate
-                metrics["cpu_s"] = time.process_time() - cpu_first
-                metrics["peak_mem_mb"] = peak_memory_mb(device)
-                if rank == 0:  # counted by the data pipeline's one counter actor, so far
-                    metrics.update(bad_record_metrics(job.data, config.get("bad_records")))
-                logged = {**metrics, **last_eval}
-                if metrics_log is not None:
-                    metrics_log.write({"step": state.step, **metrics})
-                    say(progress.line(state.step, metrics))
-            is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
-            at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
-            if at_eval and eval_cond is not None:
-                modelling.sample_grid(
-                    job,
-                    sampling(),
-                    eval_cond,
-                    run_dir / "samples" / f"step_{state.step:06d}.png",
-                    rank=rank,
-                    device=device,
-                    dtype=dtype,
-                    null_cond=null_cond,
-                )
-            if (at_eval or state.step == job.train.steps) and eval_cond is not None:
-                evaluated = modelling.eval_metrics(
-                    job, sampling(), eval_cond, device=device, null_cond=null_cond
-                )
-                if evaluated:
-                    last_eval = evaluated
-                    logged = {**logged, **evaluated}
-                    if metrics_log is not None:
-                        metrics_log.write({"step": state.step, **evaluated})
-                        say("eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()))
-                    if not is_ckpt:  # every rank reports (Tune reads these); checkpoints carry them too
-                        ray.train.report({**logged, "step": state.step})
-            if is_ckpt:
-                checkpoint({**logged, "step": state.step, "samples_seen": state.samples_seen * world})
-            if state.step >= job.train.steps:
-                break
-            t_wait = time.perf_counter()
-        if batches_this_epoch == 0:
+            yield x, cond
+        if seen == 0:
             raise RuntimeError(
                 f"rank {rank}: the training data yielded no full micro-batch of "
                 f"{job.train.micro_batch} rows; check data.path and the shard sizes"
             )
-        if state.step < job.train.steps:
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        state.epoch += 1
+        state.batches_in_epoch = 0
 
-    if eval_cond is not None:
-        modelling.sample_grid(
-            job,
-            sampling(),
-            eval_cond,
-            run_dir / "samples" / "final.png",
-            rank=rank,
-            device=device,
-            dtype=dtype,
-            null_cond=null_cond,
+
+class SampleGrids:
+    """`samples/step_N.png` every `eval.every` steps and `samples/final.png` at the end: one row per NFE
+    (every rank samples: ZeRO-3 forwards need all ranks; rank 0 writes)."""
+
+    def __init__(self, job: JobConfig, eval_cond: dict[str, torch.Tensor], out: Path, args: dict) -> None:
+        self.job, self.eval_cond, self.out, self.args = job, eval_cond, out, args
+
+    def _grid(self, run: loop.Loop, name: str) -> None:
+        # no gathering: under ZeRO-3 the forward gathers one layer at a time on every rank
+        modelling.sample_grid(self.job, run.sampling_module(), self.eval_cond, self.out / name, **self.args)
+
+    def after_step(self, run: loop.Loop) -> None:
+        step = run.state.step
+        if loop.every(self.job.eval.every, step, run.final_step, at_final=False):
+            self._grid(run, f"step_{step:06d}.png")
+
+    def at_end(self, run: loop.Loop) -> None:
+        self._grid(run, "final.png")
+
+
+class PeriodicEval:
+    """The judges' metrics every `eval.every` steps and at the last step, into metrics.jsonl and the
+    next report to Ray (Tune reads them); later reports keep the latest ones."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        eval_cond: dict[str, torch.Tensor],
+        device: torch.device,
+        null_cond: dict[str, torch.Tensor],
+        metrics_log: MetricsLog | None,
+        say: ProgressLog | None,
+    ) -> None:
+        self.job, self.eval_cond, self.device, self.null_cond = job, eval_cond, device, null_cond
+        self.metrics_log, self.say = metrics_log, say
+
+    def after_step(self, run: loop.Loop) -> None:
+        step = run.state.step
+        if not loop.every(self.job.eval.every, step, run.final_step):
+            return
+        evaluated = modelling.eval_metrics(
+            self.job, run.sampling_module(), self.eval_cond, device=self.device, null_cond=self.null_cond
         )
-    with full_parameters(engine.module, job.deepspeed.zero_stage):
-        if rank == 0:
-            modelling.export(job, sampling(), run_dir / "export", steps=state.step)
-    if metrics_log is not None:
-        metrics_log.close()
-    if dist.is_initialized():
-        dist.barrier()  # every rank before teardown: avoids "terminate called without an active exception"
+        if not evaluated:
+            return
+        run.last_eval = evaluated
+        run.latest = {**run.latest, **evaluated}
+        run.unreported = True
+        if self.metrics_log is not None and self.say is not None:
+            self.metrics_log.write({"step": step, **evaluated})
+            self.say("eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()))
+
+    def at_end(self, run: loop.Loop) -> None:
+        pass
+
+
+class CheckpointAndReport:
+    """Every `train.checkpoint_every` steps and at the last: each rank saves its shard and reports it
+    with the latest metrics; between checkpoints, new evaluation metrics are reported alone."""
+
+    def __init__(self, job: JobConfig, rank: int, world: int) -> None:
+        self.job, self.rank, self.world = job, rank, world
+
+    def after_step(self, run: loop.Loop) -> None:
+        import ray.train
+
+        state = run.state
+        if loop.every(self.job.train.checkpoint_every, state.step, run.final_step):
+            metrics = {**run.latest, "step": state.step, "samples_seen": state.samples_seen * self.world}
+            checkpointing.save(run.engine.model, run.averages, state, self.rank, metrics)
+        elif run.unreported:
+            ray.train.report({**run.latest, "step": state.step})
+        run.unreported = False
+
+    def at_end(self, run: loop.Loop) -> None:
+        pass
+
+
+class KillWorker:
+    """Fault injection for tests (`run_job(..., fault_at_step=N)`, never a job field): rank 1 (or 0 on
+    one worker) dies for real, once, at step N."""
+
+    def __init__(self, step: int, rank: int, num_workers: int, run_dir: Path) -> None:
+        self.step, self.rank, self.run_dir = step, rank, run_dir
+        self.victim = 1 if num_workers > 1 else 0
+
+    def after_step(self, run: loop.Loop) -> None:
+        marker = self.run_dir / f".injected_failure_step{self.step}"
+        if run.state.step != self.step or self.rank != self.victim or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        log.warning("fault injection: rank %d exits at step %d", self.rank, self.step)
+        os._exit(17)
+
+    def at_end(self, run: loop.Loop) -> None:
+        pass
 
 
 def _write_pid(run_dir: Path, rank: int) -> None:
@@ -257,19 +275,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or on CPU this process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    import resource  # Unix only; the worker reads it only on CPU
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _maybe_inject_failure(job: JobConfig, rank: int, step: int, run_dir: Path) -> None:
-    """Fault injection for tests: rank 1 (or 0 on one worker) dies for real, once, at `fail_at_step`."""
-    if job.train.fail_at_step is None or step != job.train.fail_at_step:
-        return
-    victim = 1 if job.cluster.num_workers > 1 else 0
-    marker = run_dir / f".injected_failure_step{step}"
-    if rank == victim and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        log.warning("fault injection: rank %d exits at step %d", rank, step)
-        os._exit(17)

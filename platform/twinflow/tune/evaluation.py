@@ -90,7 +90,7 @@ def _read_real(data_cfg, split: str, count: int, size: int) -> dict[str, Any]:
     images, captions, labels = [], [], []
     for batch in iter_local_batches(cfg, split, batch_size=min(count, 256), limit=count):
         images.append(shrink(batch["image"], size))
-        texts = batch["instruction"] if cfg.text_column == "instruction" else batch["caption"]
+        texts = batch["instruction"] if cfg.is_edit else batch["caption"]
         captions += [str(t) for t in texts]
         labels.append(batch["label"] if "label" in batch else np.full(len(batch["id"]), -1))
     if not images:
