@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from twinflow.config import StrictModel
-from twinflow.method.groups import GroupSplit, split_groups
+from twinflow.method.groups import GroupSplit, global_split, realises, smallest_batch
 
 
 class GroupWeights(StrictModel):
@@ -95,10 +95,31 @@ class TwinFlowConfig(StrictModel):
             )
         return self
 
-    def split(self, batch_size: int) -> GroupSplit:
+    def _shares(self) -> dict:
         if self.group_weights is not None:
-            return split_groups(batch_size, weights=self.group_weights.model_dump())
-        return split_groups(batch_size, lambda_=self.lambda_)
+            return {"weights": self.group_weights.model_dump()}
+        return {"lambda_": self.lambda_}
+
+    def split(self, batch_size: int) -> GroupSplit:
+        """Group sizes over a global batch of `batch_size` rows (`groups.global_split`)."""
+        return global_split(batch_size, **self._shares())
+
+    def check_global_batch(self, rows: int) -> str | None:
+        """Why a global batch of `rows` cannot realise the asked shares within one row (None if it can)."""
+        try:
+            split = self.split(rows)
+        except ValueError as exc:
+            split, reason = None, str(exc)
+        if split is not None and realises(split, **self._shares()):
+            return None
+        asked = (
+            f"group_weights {self.group_weights.model_dump()}"
+            if self.group_weights is not None
+            else f"lambda {self.lambda_:g} ({self.lambda_ * rows:.2f} of {rows} rows)"
+        )
+        got = f"gives {split.as_dict()}" if split is not None else reason
+        least = smallest_batch(**self._shares())
+        return f"{asked}: a global batch of {rows} rows {got}; it needs at least {least} rows"
 
 
 class FlowMatchingConfig(StrictModel):

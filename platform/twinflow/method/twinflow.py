@@ -40,6 +40,7 @@ one-step samples run away while the fake branch is still untrained.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -48,7 +49,7 @@ from torch import Tensor
 from twinflow.method.conditioning import Cond, cond_batch_size, expand_cond, take_cond
 from twinflow.method.config import TwinFlowConfig
 from twinflow.method.ema import Teacher
-from twinflow.method.groups import GroupSplit
+from twinflow.method.groups import BatchLayout, GroupSplit, deal_rows
 from twinflow.method.losses import barron_loss, mse_loss, time_weight
 from twinflow.method.objective import CallLog, ObjectiveOutput, Query, VelocityModel, finalize_metrics
 from twinflow.method.targets import (
@@ -71,17 +72,79 @@ RECTIFY_ROW_SHARE = 0.25
 SATURATION_LEVEL = 0.9
 
 
+@dataclass
+class Draws:
+    """Every random value of a step, drawn first in one fixed order: per-row times and noise, the fake
+    branch's noise (ADV rows), the rectify pair's tau and noise (E2E rows)."""
+
+    t: Tensor
+    r: Tensor
+    eps: Tensor
+    eps_fake: Tensor
+    tau: Tensor | None
+    noise_r: Tensor | None
+
+    @classmethod
+    def draw(
+        cls,
+        split: GroupSplit,
+        shape: tuple[int, ...],
+        *,
+        rectify: bool,
+        device: torch.device | str,
+        generator: torch.Generator | None,
+    ) -> Draws:
+        g, nE, nV = generator, split.size("e2e"), split.size("adv")
+        t, r = sample_times(split, device=device, generator=g)
+        eps = normal((split.batch_size, *shape), device=device, generator=g)
+        eps_fake = normal((nV, *shape), device=device, generator=g)
+        tau = uniform((nE,), device=device, generator=g) if rectify else None
+        noise_r = normal((nE, *shape), device=device, generator=g) if rectify else None
+        return cls(t, r, eps, eps_fake, tau, noise_r)
+
+    def take(self, rows: Tensor, adv_rows: Tensor, e2e_rows: Tensor) -> Draws:
+        """The values of a subset: `rows` of the batch, `adv_rows` / `e2e_rows` within those groups."""
+        return Draws(
+            self.t[rows],
+            self.r[rows],
+            self.eps[rows],
+            self.eps_fake[adv_rows],
+            self.tau[e2e_rows] if self.tau is not None else None,
+            self.noise_r[e2e_rows] if self.noise_r is not None else None,
+        )
+
+
 class TwinFlowObjective:
     """`objective(model, x0, cond, teacher=..., null_cond=...) -> ObjectiveOutput`; see module doc."""
 
     def __init__(self, config: TwinFlowConfig | None = None) -> None:
         self.config = config if config is not None else TwinFlowConfig()
         self._splits: dict[int, GroupSplit] = {}
+        self._dealt: dict[tuple[BatchLayout, int], list[GroupSplit]] = {}
 
     def split(self, batch_size: int) -> GroupSplit:
+        """The split of a batch that is a whole optimizer step (one rank, no accumulation)."""
         if batch_size not in self._splits:
             self._splits[batch_size] = self.config.split(batch_size)
         return self._splits[batch_size]
+
+    def slot_split(self, layout: BatchLayout, step: int, rank: int, micro: int, seed: int = 0) -> GroupSplit:
+        """This rank's and micro-batch's rows of the global split of step `step`: the shares are realised
+        over the whole optimizer step (ranks x micro-batch x accumulation), dealt over its micro-batches
+        with a rotation from the seed and step (`groups.deal_rows`), so every rank can compute its own
+        part without talking to the others, and a resumed run deals the same rows."""
+        offset = (seed + step) % layout.slots
+        key = (layout, offset)
+        if key not in self._dealt:
+            self._dealt[key] = deal_rows(self.split(layout.global_rows), layout, offset)
+        return self._dealt[key][layout.slot(rank, micro)]
+
+    def realised(self, layout: BatchLayout) -> dict[str, float]:
+        """The split every optimizer step realises: rows per group and the TwinFlow share (logged)."""
+        split = self.split(layout.global_rows)
+        out = {f"split/{k}": float(v) for k, v in split.as_dict().items()}
+        out["split/lambda"] = (split.size("e2e") + split.size("adv")) / split.batch_size
+        return out
 
     def make_teacher(self, model: torch.nn.Module, adapters_off=None) -> Teacher:
         """The teacher this config asks for (mode and EMA decay)."""
@@ -117,17 +180,25 @@ class TwinFlowObjective:
         null_cond: Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
         update_teacher: bool = True,
+        split: GroupSplit | None = None,
+        draws: Draws | None = None,
     ) -> ObjectiveOutput:
-        """One training step's loss. `teacher=None` means the online model under no_grad.
+        """One micro-batch's loss. `teacher=None` means the online model under no_grad.
         `update_teacher=False` on all but the first micro-batch of an accumulated step keeps the EMA
-        at one update per optimizer step."""
+        at one update per optimizer step. `split`: this micro-batch's rows of the step's global split
+        (`slot_split`); default: the batch is the whole step. Row weights are per micro-batch row, so
+        the mean of the micro-batches' losses (what accumulation and the all-reduce take) is the loss
+        of the global batch computed at once, with the rectify term at kappa * 4 / global rows.
+        `draws`: the step's random values given instead of drawn (tests split one global draw)."""
         cfg = self.config
         cond = dict(cond or {})
         B, dev = int(x0.shape[0]), x0.device
         nc = cond_batch_size(cond)
         if nc is not None and nc != B:
             raise ValueError(f"cond has batch size {nc} but x0 has {B}")
-        split = self.split(B)
+        split = split if split is not None else self.split(B)
+        if split.batch_size != B:
+            raise ValueError(f"group split of {split.batch_size} rows for a micro-batch of {B}")
         E, C, V, base = split.e2e, split.cfg, split.adv, split.base
         nE, nC, nV, nB = split.size("e2e"), C.stop - C.start, split.size("adv"), base.stop
         rectify = nE > 0 and cfg.kappa > 0
@@ -148,13 +219,16 @@ class TwinFlowObjective:
         g = generator
         x = x0.float()
         shape = tuple(x.shape[1:])
-        # Every random draw of the step, in one fixed order.
-        t, r = sample_times(split, device=dev, generator=g)
-        eps = normal(x.shape, device=dev, generator=g)
-        eps_fake = normal((nV, *shape), device=dev, generator=g)
-        if rectify:
-            tau = uniform((nE,), device=dev, generator=g)
-            noise_r = normal((nE, *shape), device=dev, generator=g)
+        if draws is None:
+            draws = Draws.draw(split, shape, rectify=rectify, device=dev, generator=g)
+        t, r, eps, eps_fake, tau, noise_r = (
+            draws.t,
+            draws.r,
+            draws.eps,
+            draws.eps_fake,
+            draws.tau,
+            draws.noise_r,
+        )
         cond_e, cond_c, cond_v, cond_b = (take_cond(cond, s) for s in (E, C, V, base))
 
         # Stage A: fake samples (online), CFG pair (teacher).

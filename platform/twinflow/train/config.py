@@ -37,6 +37,25 @@ class JobConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step: workers x micro-batch x gradient accumulation."""
+        return self.cluster.num_workers * self.train.micro_batch * self.deepspeed.gradient_accumulation_steps
+
+    @model_validator(mode="after")
+    def _global_split(self) -> JobConfig:
+        """TwinFlow's group shares are realised over the global batch: refuse one that cannot hold them
+        within a row (lambda would silently mean another value)."""
+        check = getattr(self.method, "check_global_batch", None)
+        why = check(self.global_batch) if check is not None else None
+        if why:
+            raise ValueError(
+                "method.lambda / group_weights need a larger global batch (cluster.num_workers x "
+                f"train.micro_batch x deepspeed.gradient_accumulation_steps = {self.cluster.num_workers} x "
+                f"{self.train.micro_batch} x {self.deepspeed.gradient_accumulation_steps}): {why}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _edit_job(self) -> JobConfig:
         """Fields an edit job cannot use: it trains without a null condition (edit pairs have one right

@@ -25,6 +25,8 @@ class Engine(Protocol):
     model: Any
     #: the plain module: sampling, EMA updates, export
     module: torch.nn.Module
+    rank: int
+    world: int
 
     def set_lr(self, lr: float) -> None: ...
 
@@ -46,6 +48,9 @@ class DeepSpeedEngine:
         self.model = ds_engine
         self.module = ds_engine.module
         self.zero_stage = zero_stage
+        distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
 
     @property
     def global_steps(self) -> int:
@@ -71,13 +76,18 @@ class DeepSpeedEngine:
         return full_parameters(self.module, self.zero_stage)
 
     def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        """Each metric averaged over the ranks that have it: with the global group split a rank may
+        have had no rows of a group since the last log (no `loss_adv` there)."""
+        if self.world == 1:
             return values
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        names: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(names, sorted(values))
+        keys = sorted(set().union(*names))
+        t = torch.tensor(
+            [[values.get(k, 0.0), float(k in values)] for k in keys], dtype=torch.float64
+        ).reshape(-1, 2)
         dist.all_reduce(t)
-        t /= dist.get_world_size()
-        return dict(zip(keys, t.tolist()))
+        return {k: s / n for k, (s, n) in zip(keys, t.tolist()) if n > 0}
 
 
 class TorchEngine:
@@ -93,6 +103,7 @@ class TorchEngine:
         ds: DeepSpeedConfig,
     ) -> None:
         self.model = self.module = module
+        self.rank, self.world = 0, 1
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay

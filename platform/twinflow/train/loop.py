@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 import torch
 from torch import Tensor
 
+from twinflow.method.groups import BatchLayout
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.engines import Engine
 from twinflow.train.schedule import lr_factor
@@ -72,6 +73,15 @@ class Loop:
     last_eval: dict[str, float] = field(default_factory=dict)
     #: metrics logged since the last report to Ray (the checkpoint component reports them)
     unreported: bool = False
+    #: the group split each optimizer step realises (TwinFlow), logged with every metrics row
+    realised: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> BatchLayout:
+        """The optimizer step's global batch: ranks x micro-batch x accumulation."""
+        return BatchLayout(
+            self.engine.world, self.job.train.micro_batch, self.job.deepspeed.gradient_accumulation_steps
+        )
 
     @property
     def final_step(self) -> int:
@@ -118,6 +128,10 @@ def run(
     job, engine, state, times = loop.job, loop.engine, loop.state, loop.times
     components = list(components)
     teacher = loop.averages.teacher
+    layout = loop.layout
+    slot_split = getattr(objective, "slot_split", None)  # objectives with row groups (TwinFlow)
+    if slot_split is not None:
+        loop.realised = objective.realised(layout)
     micro = 0
     it: Iterator[Batch] = iter(batches)
     while not loop.at_end:
@@ -183,6 +197,7 @@ class LogMetrics:
             return
         metrics = loop.engine.mean_across_ranks(loop.take_window())
         metrics["lr"] = loop.engine.lr()
+        metrics.update(loop.realised)
         if self.extra is not None:
             metrics.update(self.extra(step))
         metrics.update(loop.times.metrics())

@@ -194,6 +194,19 @@ def export(job: JobConfig, module: torch.nn.Module, out_dir: Path, *, steps: int
         "job": job.name,
         "steps": steps,
         "method_config": job.method.model_dump(by_alias=True),
+        **realised_split(job),
         **export_metadata(job),
     }
     return save_generator(module, out_dir, meta)
+
+
+def realised_split(job: JobConfig) -> dict:
+    """The TwinFlow group split every optimizer step trained on (rows of the global batch per group),
+    recorded in the export beside the lambda it realises; {} for objectives without groups."""
+    if not isinstance(job.method, TwinFlowConfig):
+        return {}
+    split = job.method.split(job.global_batch)
+    return {
+        "group_split": {**split.as_dict(), "global_batch": job.global_batch},
+        "lambda_realised": (split.size("e2e") + split.size("adv")) / split.batch_size,
+    }

@@ -33,6 +33,7 @@ from twinflow import storage
 from twinflow.config import ConfigError, StrictModel
 from twinflow.config.loading import apply_overrides, parse_override, read_yaml, validate, with_fields
 from twinflow.eval.sampling import OWN_RHO, OWN_STYLE
+from twinflow.method.groups import GROUP_NAMES
 from twinflow.train.config import JobConfig
 from twinflow.train.paths import NAME_PATTERN
 
@@ -447,6 +448,46 @@ def _locate(base_job: str, sweep_path: Path) -> Path:
     return alt if alt.is_file() else p
 
 
+def lambda_collapse(cfg: SweepConfig, base: JobConfig) -> str | None:
+    """Two lambdas of the grid that the trials' global batch realises as the same group split (the
+    trials would be one run twice), with the smallest global batch that tells them all apart."""
+    axis = cfg.search_space.get("method.lambda")
+    values = (axis.grid or axis.choice) if axis is not None else None
+    if not values or getattr(base.method, "name", None) != "twinflow":
+        return None
+
+    def splits(rows: int) -> dict[tuple, float]:
+        seen: dict[tuple, float] = {}
+        for lam in values:
+            sizes = base.method.model_copy(update={"lambda_": float(lam)}).split(rows).sizes
+            if sizes in seen:
+                raise ValueError(lam, seen[sizes], sizes)
+            seen[sizes] = float(lam)
+        return seen
+
+    rows = base.global_batch
+    try:
+        splits(rows)
+        return None
+    except ValueError as exc:
+        lam, other, sizes = exc.args
+    need = next((n for n in range(rows + 1, 4097) if _distinct(splits, n)), None)
+    return (
+        f"{other:g} and {float(lam):g} both give the group split {dict(zip(GROUP_NAMES, sizes))} of the "
+        f"trials' global batch of {rows} rows (cluster.num_workers x train.micro_batch x "
+        f"deepspeed.gradient_accumulation_steps): the trials would train the same thing; a global batch "
+        f"of {need} rows tells the grid apart"
+    )
+
+
+def _distinct(splits, rows: int) -> bool:
+    try:
+        splits(rows)
+        return True
+    except ValueError:
+        return False
+
+
 def check_metric(name: str, evaluation: EvaluationConfig, where: str) -> None:
     if name.startswith("eval/"):
         if evaluation.families and name not in evaluation.metric_names():
@@ -511,6 +552,9 @@ def load_sweep(
 
     sweep = Sweep(cfg, path, job_path, base, cwd)
     problems = []
+    collapsed = lambda_collapse(cfg, sweep.base_job())
+    if collapsed:
+        problems.append(f"{src}: search_space.method.lambda: {collapsed}")
     checks = [(cfg.metric, "metric")] + (
         [(cfg.scheduler.metric, "scheduler.metric")] if cfg.scheduler.metric else []
     )
