@@ -20,7 +20,7 @@ from twinflow.data import build_pipeline, load_pipeline
 from twinflow.eval.periodic import dataset_of, periodic_metrics
 from twinflow.exports import Export, open_export
 from twinflow.imaging import save_grid
-from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.train.launcher import run_job_file
 
 BASE_JOB = "jobs/mnist_base_fm.yaml"
@@ -48,19 +48,13 @@ def ensure_shards(pipeline: str = PIPELINE) -> Path:
 def sample_export(
     export: Export, model: torch.nn.Module, prompts: list[str], nfe: int, *, seed: int, per_prompt: int = 1
 ) -> torch.Tensor:
-    """The demo's sampler: rows prompt-major, noise from `seed`, the export's own sampler and CFG
-    (`Export.settings`): for one prompt the very images `twinflow eval` and `/v1/generate` give
-    for that seed and NFE."""
+    """The demo's sampler: rows prompt-major, noise from `seed`, the export's own sampler and CFG: for
+    one prompt the very images `twinflow eval` and `/v1/generate` give for that seed and NFE."""
     enc = export.text_encoder()
     cond = {k: v.repeat_interleave(per_prompt, 0) for k, v in enc.encode(prompts).items()}
-    settings = export.settings(nfe)
-    return sample(
-        model,
-        seeded_noise(len(prompts) * per_prompt, tuple(model.sample_shape), seed),
-        cond,
-        settings=settings,
-        null_cond=enc.null_condition() if settings.guidance else None,
-        generator=renoise_generator(seed),
+    settings = settings_for(export.method, nfe, guidance=export.sample_guidance)
+    return sample_seeded(
+        model, cond, settings, seed, null_cond=enc.null_condition() if settings.guidance else None
     )
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from twinflow import storage
 from twinflow.method.config import sample_guidance_of
-from twinflow.method.sampler import SamplerSettings, settings_for
 from twinflow.models.export import load_export_codec, load_generator
 from twinflow.models.text_encoder import (
     TextEncoder,
@@ -85,10 +84,6 @@ class Export:
     @property
     def text_max_length(self) -> int:
         return int(self.meta["text_encoder"]["max_length"])
-
-    def settings(self, nfe: int | str, style: str | None = None, rho: float | None = None) -> SamplerSettings:
-        """How this export is sampled at `nfe` (`settings_for` its method, with its own guidance)."""
-        return settings_for(self.method, nfe, style, rho, guidance=self.sample_guidance)
 
     def generator(self, torch_dtype=None):
         return load_generator(self.path, torch_dtype)[0]

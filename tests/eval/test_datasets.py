@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from twinflow.eval.datasets import UnknownDatasetError, canonical_name, get_dataset, mnist_split_indices
-from twinflow.eval.sampling import check_nfe, plan_units, resolve_sampler, sampler_settings
+from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, resolve_sampler
+from twinflow.method.sampler import settings_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,8 +113,8 @@ def test_nfe_and_sampler_checks():
     assert resolve_sampler("auto", "flow_matching") == "ode" and resolve_sampler("auto", "twinflow") == "few"
     with pytest.raises(ValueError, match="unknown sampler"):
         resolve_sampler("ddim", None)
-    assert sampler_settings(50, "ode").grid().tolist()[:2] == pytest.approx([1.0, 0.98])
-    assert sampler_settings(2, "few").grid().tolist() == pytest.approx([0.999, 0.6, 0.0])
+    assert settings_for(SAMPLER_METHODS["ode"], 50).grid().tolist()[:2] == pytest.approx([1.0, 0.98])
+    assert settings_for(SAMPLER_METHODS["few"], 2).grid().tolist() == pytest.approx([0.999, 0.6, 0.0])
     units = plan_units(250, 100, seed=3)
     assert [(u.start, u.stop) for u in units] == [(0, 100), (100, 200), (200, 250)]
     assert len({u.seed for u in units}) == 3 and plan_units(250, 100, seed=3) == units

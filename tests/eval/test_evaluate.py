@@ -59,14 +59,14 @@ class PerfectEditor(torch.nn.Module):
 def test_edit_metrics_psnr_and_class_kept(mnist_judge, text_encoder):
     from twinflow.eval.datasets import load_split
     from twinflow.eval.edits import EditPairs, edit_metrics, judge_floor, sample_edits
-    from twinflow.eval.sampling import sampler_settings
+    from twinflow.method.sampler import settings_for
 
     held = load_split("mnist", "heldout")
     src, labels = held.as_float()[:12], torch.as_tensor(held.labels[:12]).long()
     same = EditPairs(src, src, ["keep it"] * 12, labels, [str(i) for i in range(12)], ["?"] * 12)
     for nfe in (1, 2):
         out = sample_edits(
-            PerfectEditor(), same, sampler_settings(nfe, "few"), encoder=text_encoder, batch_size=5
+            PerfectEditor(), same, settings_for("twinflow", nfe), encoder=text_encoder, batch_size=5
         )
         m = edit_metrics(out, same, mnist_judge)
         assert m["edit_psnr"] == 100.0 and m["edit_mse"] == pytest.approx(0.0, abs=1e-10)
@@ -76,7 +76,7 @@ def test_edit_metrics_psnr_and_class_kept(mnist_judge, text_encoder):
     )
     # targets flipped upside down: the output (the source) misses them by a known MSE
     flipped = EditPairs(src, src.flip(-2), same.instructions, labels, same.ids, same.ops)
-    out = sample_edits(PerfectEditor(), flipped, sampler_settings(1, "few"), encoder=text_encoder)
+    out = sample_edits(PerfectEditor(), flipped, settings_for("twinflow", 1), encoder=text_encoder)
     got = edit_metrics(out, flipped)
     mse = (src - src.flip(-2)).pow(2).flatten(1).mean(1)
     assert got["edit_mse"] == pytest.approx(float(mse.mean()), rel=1e-5)

@@ -5,13 +5,18 @@ Importing this package is cheap (no Ray): the streaming names load on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from twinflow.data.bad_records import BadDataError as BadDataError
+from twinflow.data.bad_records import BadRecord as BadRecord
+from twinflow.data.bad_records import BadRecordLog as BadRecordLog
+from twinflow.data.config import DataConfig as DataConfig
+from twinflow.data.config import PipelineConfig as PipelineConfig
+from twinflow.data.config import load_pipeline as load_pipeline
+from twinflow.lazy import lazy_names
+from twinflow.storage import MissingPathError as MissingPathError
+from twinflow.storage import StorageError as StorageError
+from twinflow.storage import open_filesystem as open_filesystem
 
-from twinflow.data.bad_records import BadDataError, BadRecord, BadRecordLog
-from twinflow.data.config import DataConfig, PipelineConfig, load_pipeline
-from twinflow.storage import MissingPathError, StorageError, open_filesystem
-
-_LAZY = {
+_NAMES = {
     "build_pipeline": "twinflow.data.build",
     "BuildResult": "twinflow.data.build",
     "Manifest": "twinflow.data.shards",
@@ -26,24 +31,5 @@ _LAZY = {
     "TextEmbedStage": "twinflow.data.embed",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'twinflow.data' has no attribute {name!r}")
-
-
-__all__ = [
-    "BadDataError",
-    "BadRecord",
-    "BadRecordLog",
-    "DataConfig",
-    "MissingPathError",
-    "PipelineConfig",
-    "StorageError",
-    "load_pipeline",
-    "open_filesystem",
-    *_LAZY,
-]
+# the eager names above plus these, loaded on first use
+__getattr__, _, _ = lazy_names(__name__, _NAMES)

@@ -17,10 +17,9 @@ Importing `twinflow.eval` (or `.metrics`, `.judges`) imports neither Ray nor dif
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from twinflow.lazy import lazy_names
 
-_EXPORTS = {
+_NAMES = {
     "evaluate_generator": "twinflow.eval.metrics",
     "real_reference": "twinflow.eval.metrics",
     "frechet_distance": "twinflow.eval.metrics",
@@ -31,13 +30,4 @@ _EXPORTS = {
     "EvalRequest": "twinflow.eval.job",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'twinflow.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_names(__name__, _NAMES)

@@ -230,7 +230,8 @@ def evaluate_editor(
     device: str = "cpu",
 ) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
     """({nfe: metrics}, {nfe: outputs}) for one `twinflow.exports.Export`."""
-    from twinflow.eval.sampling import resolve_sampler, sampler_settings
+    from twinflow.eval.sampling import SAMPLER_METHODS, resolve_sampler
+    from twinflow.method.sampler import settings_for
 
     model = export.generator().to(device)
     codec = export.codec()
@@ -238,7 +239,7 @@ def evaluate_editor(
     chosen = resolve_sampler(sampler, export.method)
     per_nfe, outputs = {}, {}
     for nfe in nfe_list:
-        st = sampler_settings(nfe, chosen)
+        st = settings_for(SAMPLER_METHODS[chosen], nfe)
         t0 = time.perf_counter()
         out = sample_edits(
             model, pairs, st, encoder=encoder, codec=codec, seed=seed, batch_size=batch_size, device=device
@@ -409,8 +410,9 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
     from twinflow.data.local import read_split_manifest
     from twinflow.eval.datasets import SOURCE_TYPES
     from twinflow.eval.judges import load_judge
-    from twinflow.eval.sampling import setting_sampler
     from twinflow.exports import shared_text_encoder
+    from twinflow.method.config import sample_guidance_of
+    from twinflow.method.sampler import settings_for
 
     pairs = load_edit_pairs(
         job.data.path,
@@ -428,7 +430,9 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
         imgs = sample_edits(
             model,
             pairs,
-            setting_sampler(job, s),
+            settings_for(
+                job.method.name, s.nfe, **s.sampler_overrides(), guidance=sample_guidance_of(job.method)
+            ),
             encoder=encoder,
             codec=codec,
             seed=evaluation.seed,

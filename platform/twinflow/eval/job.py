@@ -30,15 +30,16 @@ from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import metrics_from_samples, real_reference
 from twinflow.eval.report import save_samples, write_reports
 from twinflow.eval.sampling import (
+    SAMPLER_METHODS,
     SampleUnit,
     check_nfe,
     plan_units,
     resolve_sampler,
     sample_unit,
-    sampler_settings,
 )
 from twinflow.exports import open_export
 from twinflow.method.config import sample_guidance_of
+from twinflow.method.sampler import settings_for
 
 
 class EvalRequest(StrictModel):
@@ -174,7 +175,7 @@ class SampleActor:
             encoder = export.text_encoder(self.device)
             cond = encoder.encode(self.prompts[ck][start:stop])
             cond = {k: v.to(self.device) for k, v in cond.items()}
-            settings = sampler_settings(nfe, self.samplers[ck], export.sample_guidance)
+            settings = settings_for(SAMPLER_METHODS[self.samplers[ck]], nfe, guidance=export.sample_guidance)
             out = sample_unit(
                 model,
                 SampleUnit(start, stop, seed),

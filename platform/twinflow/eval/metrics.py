@@ -30,9 +30,9 @@ from torch import Tensor
 
 from twinflow.eval.datasets import load_split
 from twinflow.eval.judges import Judge
-from twinflow.eval.sampling import check_nfe, plan_units, sample_unit, sampler_settings
+from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, sample_unit
 from twinflow.exports import shared_text_encoder
-from twinflow.method.sampler import SamplerSettings
+from twinflow.method.sampler import SamplerSettings, settings_for
 from twinflow.method.twinflow import SATURATION_LEVEL  # one threshold for training diagnostics and eval
 
 COLLAPSE_RATIO = 0.5
@@ -379,7 +379,10 @@ def evaluate_generator(
     "eval/fd_floor", "eval/diversity_floor"}`; pass a dict as `details` to also get per-class numbers.
     """
     if settings is None:
-        settings = {f"nfe{n}": sampler_settings(n, sampler, guidance) for n in check_nfe(nfe_list)}
+        settings = {
+            f"nfe{n}": settings_for(SAMPLER_METHODS[sampler], n, guidance=guidance)
+            for n in check_nfe(nfe_list)
+        }
     if not settings:
         raise ValueError("evaluate_generator needs at least one NFE or sampler setting")
     ds = judge.dataset

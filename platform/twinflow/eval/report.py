@@ -34,16 +34,6 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     return x, d["classes"]
 
 
-def pick_per_class(classes: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the first k rows of each class, class by class."""
-    classes = np.asarray(classes)
-    return (
-        np.concatenate([np.flatnonzero(classes == c)[:k] for c in sorted(set(classes.tolist()))])
-        if k
-        else np.zeros(0, int)
-    )
-
-
 def fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

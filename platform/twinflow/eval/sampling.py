@@ -9,8 +9,8 @@ Samplers:
 - `ode`: K uniform Euler steps of the probability-flow ODE from t = 1 at r = t ("mul" style, rho = 0):
   a flow-matching base's own sampler, and its best use of K NFE.
 - `auto`: `ode` for checkpoints whose export says `method: flow_matching`, else `few`.
-Both are `twinflow.method.sampler.settings_for` of the method they stand for, the choice Serve and the
-demo make for the same export.
+Both are `twinflow.method.sampler.settings_for` of the method they stand for (`SAMPLER_METHODS`), the
+choice Serve and the demo make for the same export; `sample_seeded` is the one sampling call.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from twinflow.method.conditioning import cond_to
-from twinflow.method.config import sample_guidance_of
-from twinflow.method.sampler import SamplerSettings, renoise_generator, sample, seeded_noise, settings_for
+from twinflow.method.sampler import SamplerSettings, sample_seeded
 
 SAMPLERS = ("auto", "few", "ode")
 MAX_NFE = 1000
@@ -53,33 +51,17 @@ def check_nfe(nfe_list: Sequence[Any]) -> list[int]:
     return sorted(set(out))
 
 
+#: the method whose sampler each of eval's sampler names stands for (`settings_for` that method)
+SAMPLER_METHODS = {"few": "twinflow", "ode": "flow_matching"}
+
+
 def resolve_sampler(sampler: str, method: str | None) -> str:
+    """`auto` -> the checkpoint's own (`ode` for a flow-matching export, else `few`); validates names."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if sampler != "auto":
         return sampler
     return "ode" if method == "flow_matching" else "few"
-
-
-def sampler_settings(nfe: int, sampler: str, guidance: float = 0.0) -> SamplerSettings:
-    """The settings of eval's `few` / `ode` sampler at `nfe`: those of the method each stands for."""
-    if sampler not in ("few", "ode"):
-        raise ValueError(f"sampler must be 'few' or 'ode' here, got {sampler!r}")
-    return settings_for("flow_matching" if sampler == "ode" else "twinflow", nfe, guidance=guidance)
-
-
-def setting_sampler(job: Any, setting: Any) -> SamplerSettings:
-    """The sampler of an evaluation setting (`.nfe`, `.style`, `.rho`; tune's evaluation axes) for a
-    job's model: (few, rho 1) is its own sampler (`settings_for` its method, with its sampling CFG);
-    any other style/rho overrides it."""
-    own = (setting.style, setting.rho) == (OWN_STYLE, OWN_RHO)
-    return settings_for(
-        job.method.name,
-        setting.nfe,
-        None if own else setting.style,
-        None if own else setting.rho,
-        guidance=sample_guidance_of(job.method),
-    )
 
 
 @dataclass(frozen=True)
@@ -119,19 +101,7 @@ def sample_unit(
     """Images (unit.size, C, H, W) in [-1, 1] from the unit's seed (`seeded_noise`): the same noise for a
     unit at every setting. Latent models need `codec` (the export's VAE) to decode; `settings.guidance`
     > 0 (a base's CFG) needs `null_cond`."""
-    device = torch.device(device)
-    dtype = next(model.parameters()).dtype
-    noise = seeded_noise(unit.size, tuple(model.sample_shape), unit.seed)
-    if null_cond is not None:
-        null_cond = cond_to(null_cond, device, dtype)
-    out = sample(
-        model,
-        noise.to(device, dtype),
-        dict(cond),
-        settings=settings,
-        null_cond=null_cond,
-        generator=renoise_generator(unit.seed, device),
-    )
+    out = sample_seeded(model, cond, settings, unit.seed, rows=unit.size, null_cond=null_cond)
     if getattr(model, "latent", None):
         if codec is None:
             raise ValueError("this generator works in a VAE latent space; pass the export's codec to decode")

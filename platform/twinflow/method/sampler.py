@@ -15,7 +15,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from twinflow.method.conditioning import cat_cond, expand_cond
+from twinflow.method.conditioning import cat_cond, cond_batch_size, cond_to, expand_cond
 from twinflow.method.objective import VelocityModel
 from twinflow.method.times import normal
 
@@ -97,6 +97,49 @@ def seeded_noise(rows: int, shape: Sequence[int], seed: int) -> Tensor:
 
 def renoise_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed) + 1)
+
+
+SeedRows = Sequence[tuple[int, int]]
+
+
+@torch.no_grad()
+def sample_seeded(
+    model: VelocityModel,
+    cond: Mapping[str, Tensor] | None,
+    settings: SamplerSettings,
+    seeds: int | SeedRows,
+    *,
+    rows: int | None = None,
+    null_cond: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Samples from seeds: the one call Serve, eval, tune, training's grids and the demo make, so the
+    same model, condition, seed and settings give the same images everywhere.
+
+    `seeds`: one seed for all rows (`rows` of them, default the condition's batch size), or
+    [(rows, seed), ...] giving consecutive rows their own seed (Serve's requests in one batch: each
+    gets exactly the images it gets alone). A seed's initial noise is `seeded_noise` and its re-noising
+    stream `renoise_generator` (CPU generators, so every device draws the same numbers). The model's
+    first parameter decides device and dtype; `null_cond` (CFG) is moved there."""
+    param = next(model.parameters())  # type: ignore[attr-defined]
+    device, dtype = param.device, param.dtype
+    if isinstance(seeds, int):
+        n = rows if rows is not None else cond_batch_size(dict(cond or {}))
+        if n is None:
+            raise ValueError("an unconditional sample from one seed needs rows=")
+        seeds = [(int(n), seeds)]
+    shape = tuple(model.sample_shape)  # type: ignore[attr-defined]
+    noise = torch.cat([seeded_noise(n, shape, seed) for n, seed in seeds]).to(device, dtype)
+    cond = cond_to(cond or {}, device, dtype)
+    if null_cond is not None:
+        null_cond = cond_to(null_cond, device, dtype)
+    return sample(
+        model,
+        noise,
+        cond,
+        settings=settings,
+        null_cond=null_cond,
+        row_groups=[(n, renoise_generator(seed)) for n, seed in seeds],
+    )
 
 
 def _fresh_noise(

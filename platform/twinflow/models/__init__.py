@@ -6,10 +6,9 @@ to import, while the generator pulls in diffusers and peft (seconds).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from twinflow.lazy import lazy_names
 
-_EXPORTS = {
+_NAMES = {
     "ModelConfig": "twinflow.models.config",
     "LoraSettings": "twinflow.models.config",
     "TextEncoder": "twinflow.models.text_encoder",
@@ -29,17 +28,4 @@ _EXPORTS = {
     "PRESETS": "twinflow.models.presets",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'twinflow.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(__name__, _NAMES)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +29,7 @@ from PIL import Image
 
 from twinflow.exports import Export, open_export, shared_text_encoder
 from twinflow.imaging import to_uint8
-from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.models.text_encoder import TextEncoder
 from twinflow.serve.png import encode_pngs
 
@@ -94,6 +94,14 @@ class RowStableModel:
 
     def padded_size(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.generator.sample_shape)
+
+    def parameters(self):
+        """The generator's (`sample_seeded` takes device and dtype from them)."""
+        return self.generator.parameters()
 
     def __call__(self, x, t, r, cond):
         cond = dict(cond or {})
@@ -257,13 +265,9 @@ def run_group(
     `phases` gains the ms spent assembling the batch (noise, text states), in the model, and encoding."""
     t0 = time.perf_counter()
     nfe, task = items[0].nfe, items[0].task
-    settings = replace(model.export.settings(nfe), guidance=model.guidance(items[0].guidance))
-    gen = model.generator
-    shape = tuple(gen.sample_shape)
-    dtype = next(gen.parameters()).dtype
+    settings = settings_for(model.export.method, nfe, guidance=model.guidance(items[0].guidance))
+    dtype = next(model.generator.parameters()).dtype
     counts = [it.num_images for it in items]
-    noise = torch.cat([seeded_noise(it.num_images, shape, it.seed) for it in items]).to(dtype)
-    groups = [(it.num_images, renoise_generator(it.seed)) for it in items]
     text = encoders.encode([it.prompt for it in items], model.text_max_length, model.export.text_encoder_spec)
     rep = torch.tensor(counts)
     cond = {k: v.repeat_interleave(rep, dim=0) for k, v in text.items()}
@@ -278,13 +282,12 @@ def run_group(
             null["ref_image"] = cond["ref_image"]
     t1 = time.perf_counter()
     with torch.no_grad():
-        x = sample(
+        x = sample_seeded(
             model.model_fn(task == EDIT_TASK),
-            noise,
             cond,
-            settings=settings,
+            settings,
+            [(it.num_images, it.seed) for it in items],  # each request its own seed, whatever its batch
             null_cond=null,
-            row_groups=groups,
         )
         if model.codec is not None:
             x = model.codec.decode(x)

@@ -11,10 +11,9 @@ from twinflow.exports import open_export
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher
 from twinflow.method import build_objective as _build_objective
-from twinflow.method.conditioning import cond_to
 from twinflow.method.config import TwinFlowConfig, sample_guidance_of
 from twinflow.method.ema import EMA
-from twinflow.method.sampler import renoise_generator, sample, seeded_noise, settings_for
+from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.models import build_generator
 from twinflow.models.export import save_generator
 from twinflow.models.lora import apply_lora, disable_adapters
@@ -125,29 +124,21 @@ def sample_grid(
     path: Path,
     *,
     rank: int,
-    device: torch.device,
-    dtype: torch.dtype,
     null_cond: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Every rank samples (ZeRO-3 forwards need all ranks); rank 0 writes one row per NFE."""
     n = job.eval.images_per_prompt
-    cond = {k: v.to(device).repeat_interleave(n, 0) for k, v in eval_cond.items()}
-    cond["text_states"] = cond["text_states"].to(dtype)
-    batch = cond["text_states"].shape[0]
-    noise = seeded_noise(batch, tuple(module.sample_shape), job.eval.seed).to(device, dtype)
+    cond = {k: v.repeat_interleave(n, 0) for k, v in eval_cond.items()}
     was_training = module.training
     module.eval()
     guidance = sample_guidance_of(job.method)
-    if guidance and null_cond is not None:
-        null_cond = cond_to(null_cond, device, dtype)
     rows = [
-        sample(
+        sample_seeded(
             module,
-            noise,
             cond,
-            settings=settings_for(job.method.name, nfe, guidance=guidance),
-            null_cond=null_cond,
-            generator=renoise_generator(job.eval.seed, device),
+            settings_for(job.method.name, nfe, guidance=guidance),
+            job.eval.seed,
+            null_cond=null_cond if guidance else None,
         )
         for nfe in job.eval.nfe
     ]

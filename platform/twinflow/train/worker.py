@@ -100,7 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
         components.append(KillWorker(int(config["fault_at_step"]), rank, job.cluster.num_workers, run_dir))
     components.append(loop.LogMetrics(job.train.log_every, write_metrics, extra=extra))
     if eval_cond is not None:
-        grid_args = {"rank": rank, "device": device, "dtype": dtype, "null_cond": null_cond}
+        grid_args = {"rank": rank, "null_cond": null_cond}
         components += [
             SampleGrids(job, eval_cond, run_dir / "samples", grid_args),
             PeriodicEval(job, eval_cond, device, null_cond, metrics_log, say),

@@ -4,20 +4,12 @@ stays instant): the names below load their module on first use."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from twinflow.lazy import lazy_names
 
-_EXPORTS = {
+_NAMES = {
     "EvaluationConfig": "twinflow.tune.config",
     "SweepConfig": "twinflow.tune.config",
     "load_sweep": "twinflow.tune.config",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'twinflow.tune' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__, __all__ = lazy_names(__name__, _NAMES)

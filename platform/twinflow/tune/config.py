@@ -140,6 +140,10 @@ class EvalSetting:
         return f"nfe{self.nfe}{extra}"
 
     def sampler_overrides(self) -> dict[str, Any]:
+        """`settings_for` arguments: none for the model's own sampler (few style, rho 1: TwinFlow's
+        presets, or a flow-matching base's ODE), else this style and rho."""
+        if (self.style, self.rho) == (PRESET_STYLE, PRESET_RHO):
+            return {}
         return {"style": self.style, "rho": self.rho}
 
 

@@ -40,10 +40,11 @@ from twinflow.data.local import iter_local_batches
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
 from twinflow.eval.periodic import dataset_of
-from twinflow.eval.sampling import setting_sampler
+from twinflow.eval.sampling import plan_units
 from twinflow.exports import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
-from twinflow.method.sampler import renoise_generator, sample, seeded_noise
+from twinflow.method.config import sample_guidance_of
+from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.train.config import JobConfig
 from twinflow.tune.config import EvalSetting, EvaluationConfig
 
@@ -165,24 +166,12 @@ def generate(
     """Images (N, C, H, W) in [-1, 1] for `captions` (area-downsampled to `shrink_to` when given);
     noise depends on `seed` only (common random numbers)."""
     encoder = encoder or _encoder(job)
-    settings = setting_sampler(job, setting)
+    settings = own_settings(job, setting)
     null = encoder.null_condition() if settings.guidance else None
-    n = len(captions)
-    noise = seeded_noise(n, tuple(model.sample_shape), seed)
-    renoise = renoise_generator(seed, device)
-    dtype = next(model.parameters()).dtype
     out = []
-    for i in range(0, n, batch_size):
-        cond = {k: v.to(device) for k, v in encoder.encode(captions[i : i + batch_size]).items()}
-        cond["text_states"] = cond["text_states"].to(dtype)
-        x = sample(
-            model,
-            noise[i : i + batch_size].to(device, dtype),
-            cond,
-            settings=settings,
-            null_cond=null,
-            generator=renoise,
-        )
+    for unit in plan_units(len(captions), batch_size, seed):  # eval's units: a seed per batch
+        cond = encoder.encode(captions[unit.start : unit.stop])
+        x = sample_seeded(model, cond, settings, unit.seed, null_cond=null)
         if codec is not None:
             x = codec.decode(x)
         out.append(
@@ -191,6 +180,13 @@ def generate(
             else torch.from_numpy(shrink(x.cpu(), shrink_to))
         )
     return torch.cat(out)
+
+
+def own_settings(job: JobConfig, setting: EvalSetting):
+    """The sampler of an evaluation setting for a trial's model (`settings_for` its method and CFG)."""
+    return settings_for(
+        job.method.name, setting.nfe, **setting.sampler_overrides(), guidance=sample_guidance_of(job.method)
+    )
 
 
 def builtin(
@@ -258,7 +254,7 @@ def judged(
         device=device,
         batch_size=evaluation.batch_size,
         codec=codec,
-        settings={s.suffix: setting_sampler(job, s) for s in settings},
+        settings={s.suffix: own_settings(job, s) for s in settings},
     )
 
 

@@ -1,6 +1,6 @@
 """Measure forward+backward time and parameter count of every preset on this CPU.
 
-    python -m twinflow.models.benchmark --threads 1 --batch 32
+    .venv/bin/python benchmarks/model_presets.py --threads 1 --batch 32
 
 Timings are medians over a few repeats after warm-up; they go into docs/models.md, never into tests.
 """
