@@ -94,8 +94,8 @@ def test_judged_evaluator_uses_the_judges(fashion_eval, monkeypatch):
     """twinflow.eval's judges at each eval setting: real images of the prompted class score near the
     floor with high adherence; noise scores far worse; the preset setting goes through `sample` with the
     preset's settings and a non-preset one with its own style/rho."""
-    from twinflow.eval import sampling as eval_sampling
     from twinflow.eval.datasets import load_split
+    from twinflow.method import sampler as method_sampler
 
     job = _job(fashion_eval)
     evaluation = EvaluationConfig(nfe=[1, 2], style=["few", "any"], rho=[1.0], samples=200, batch_size=64)
@@ -114,7 +114,7 @@ def test_judged_evaluator_uses_the_judges(fashion_eval, monkeypatch):
         idx = [by_class[r // per_class][(r % per_class) + 100] for r in rows]
         return torch.as_tensor(real.as_float(np.array(idx))).float().reshape(n, 1, 28, 28)
 
-    monkeypatch.setattr(eval_sampling, "sample", fake_sample)
+    monkeypatch.setattr(method_sampler, "sample", fake_sample)
     model = SimpleNamespace(
         sample_shape=(1, 28, 28),
         parameters=lambda: iter([torch.zeros(1)]),

@@ -102,12 +102,27 @@ def renoise_generator(seed: int, device: torch.device | str = "cpu") -> torch.Ge
 SeedRows = Sequence[tuple[int, int]]
 
 
+class SeedStream:
+    """One seed's sample set sampled in consecutive chunks (memory-sized batches): each call takes the
+    next rows of the seed's noise and continues its re-noising stream, so the initial noise of every
+    row depends on the seed and the row only, never on the chunk size (common random numbers)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.pos = int(seed), 0
+        self.renoise = renoise_generator(seed)
+
+    def take(self, rows: int, shape: Sequence[int]) -> Tensor:
+        noise = seeded_noise(self.pos + rows, shape, self.seed)[self.pos :]
+        self.pos += rows
+        return noise
+
+
 @torch.no_grad()
 def sample_seeded(
     model: VelocityModel,
     cond: Mapping[str, Tensor] | None,
     settings: SamplerSettings,
-    seeds: int | SeedRows,
+    seeds: int | SeedRows | SeedStream,
     *,
     rows: int | None = None,
     null_cond: Mapping[str, Tensor] | None = None,
@@ -115,20 +130,24 @@ def sample_seeded(
     """Samples from seeds: the one call Serve, eval, tune, training's grids and the demo make, so the
     same model, condition, seed and settings give the same images everywhere.
 
-    `seeds`: one seed for all rows (`rows` of them, default the condition's batch size), or
+    `seeds`: one seed for all rows (`rows` of them, default the condition's batch size),
     [(rows, seed), ...] giving consecutive rows their own seed (Serve's requests in one batch: each
-    gets exactly the images it gets alone). A seed's initial noise is `seeded_noise` and its re-noising
+    gets exactly the images it gets alone), or a `SeedStream` (the next rows of one seed's set). A seed's initial noise is `seeded_noise` and its re-noising
     stream `renoise_generator` (CPU generators, so every device draws the same numbers). The model's
     first parameter decides device and dtype; `null_cond` (CFG) is moved there."""
     param = next(model.parameters())  # type: ignore[attr-defined]
     device, dtype = param.device, param.dtype
-    if isinstance(seeds, int):
-        n = rows if rows is not None else cond_batch_size(dict(cond or {}))
-        if n is None:
-            raise ValueError("an unconditional sample from one seed needs rows=")
-        seeds = [(int(n), seeds)]
+    n = rows if rows is not None else cond_batch_size(dict(cond or {}))
     shape = tuple(model.sample_shape)  # type: ignore[attr-defined]
-    noise = torch.cat([seeded_noise(n, shape, seed) for n, seed in seeds]).to(device, dtype)
+    if isinstance(seeds, (int, SeedStream)) and n is None:
+        raise ValueError("an unconditional sample from one seed needs rows=")
+    if isinstance(seeds, SeedStream):
+        noise, groups = seeds.take(int(n), shape), [(int(n), seeds.renoise)]
+    else:
+        pairs = [(int(n), seeds)] if isinstance(seeds, int) else list(seeds)
+        noise = torch.cat([seeded_noise(k, shape, seed) for k, seed in pairs])
+        groups = [(k, renoise_generator(seed)) for k, seed in pairs]
+    noise = noise.to(device, dtype)
     cond = cond_to(cond or {}, device, dtype)
     if null_cond is not None:
         null_cond = cond_to(null_cond, device, dtype)
@@ -138,7 +157,7 @@ def sample_seeded(
         cond,
         settings=settings,
         null_cond=null_cond,
-        row_groups=[(n, renoise_generator(seed)) for n, seed in seeds],
+        row_groups=groups,
     )
 
 

@@ -40,11 +40,10 @@ from twinflow.data.local import iter_local_batches
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
 from twinflow.eval.periodic import dataset_of
-from twinflow.eval.sampling import plan_units
 from twinflow.exports import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
 from twinflow.method.config import sample_guidance_of
-from twinflow.method.sampler import sample_seeded, settings_for
+from twinflow.method.sampler import SeedStream, sample_seeded, settings_for
 from twinflow.train.config import JobConfig
 from twinflow.tune.config import EvalSetting, EvaluationConfig
 
@@ -169,9 +168,10 @@ def generate(
     settings = own_settings(job, setting)
     null = encoder.null_condition() if settings.guidance else None
     out = []
-    for unit in plan_units(len(captions), batch_size, seed):  # eval's units: a seed per batch
-        cond = encoder.encode(captions[unit.start : unit.stop])
-        x = sample_seeded(model, cond, settings, unit.seed, null_cond=null)
+    stream = SeedStream(seed)  # the seed's noise row by row, whatever the batch size
+    for i in range(0, len(captions), batch_size):
+        cond = encoder.encode(captions[i : i + batch_size])
+        x = sample_seeded(model, cond, settings, stream, null_cond=null)
         if codec is not None:
             x = codec.decode(x)
         out.append(
