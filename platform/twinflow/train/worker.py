@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from twinflow.data import bad_record_metrics, iter_torch_kwargs
-from twinflow.train import checkpointing, editing, lifeline, modelling
+from twinflow.train import checkpointing, editing, lifeline, modelling, tracking
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
@@ -90,6 +90,7 @@ def train_loop(config: dict[str, Any]) -> None:
             f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
             f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
         )
+    tracker = tracking.JobTracker.for_rank(job, run_dir, rank, say)  # MLflow (rank 0, when configured)
     progress = ProgressLine(
         job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
     )
@@ -187,6 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if metrics_log is not None:
                     metrics_log.write({"step": state.step, **metrics})
                     say(progress.line(state.step, metrics))
+                tracker.log_metrics(state.step, metrics)
             is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
             at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
             if at_eval and eval_cond is not None:
@@ -200,6 +202,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     dtype=dtype,
                     null_cond=null_cond,
                 )
+                tracker.log_samples(run_dir / "samples" / f"step_{state.step:06d}.png")
             if (at_eval or state.step == job.train.steps) and eval_cond is not None:
                 evaluated = modelling.eval_metrics(
                     job, sampling(), eval_cond, device=device, null_cond=null_cond
@@ -209,6 +212,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     logged = {**logged, **evaluated}
                     if metrics_log is not None:
                         metrics_log.write({"step": state.step, **evaluated})
+                        tracker.log_metrics(state.step, evaluated)
                         say("eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()))
                     if not is_ckpt:  # every rank reports (Tune reads these); checkpoints carry them too
                         ray.train.report({**logged, "step": state.step})
@@ -237,9 +241,11 @@ def train_loop(config: dict[str, Any]) -> None:
             dtype=dtype,
             null_cond=null_cond,
         )
+        tracker.log_samples(run_dir / "samples" / "final.png")
     with full_parameters(engine.module, job.deepspeed.zero_stage):
         if rank == 0:
             modelling.export(job, sampling(), run_dir / "export", steps=state.step)
+    tracker.finish(run_dir / "export")
     if metrics_log is not None:
         metrics_log.close()
     if dist.is_initialized():
