@@ -128,3 +128,23 @@ def test_a_sweep_logs_one_run_per_trial_and_tags_the_best(
         client.get_experiment(exp.experiment_id).tags["twinflow.best_run." + "tracked-sweep"]
         == best[0].info.run_id
     )
+
+
+@pytest.mark.timeout(600)
+def test_a_job_whose_tracking_server_is_unreachable_trains_and_says_so_once(
+    ray_cluster, fashion_small, tmp_path
+):
+    from reliability.helpers import logged_steps
+
+    from .conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    job = make_job(
+        fashion_small, tmp_path, "untracked", f"tracking.mlflow={{tracking_uri: '{uri}', experiment: e}}"
+    )
+    result = run_job(job)
+    assert result.ok, result.error
+    run = Path(result.run_dir)
+    assert logged_steps(run) == [1, 2, 3, 4] and (run / "export" / "twinflow.json").is_file()
+    said = [line for line in (run / "logs" / "progress.log").read_text().splitlines() if "tracking" in line]
+    assert len(said) == 1 and uri in said[0] and "training continues without tracking" in said[0]
