@@ -49,7 +49,7 @@ def mlflow_server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180  # the first start creates the sqlite schema (alembic migrations)
+        deadline = time.time() + 420  # the first start creates the sqlite schema (alembic migrations)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
@@ -59,7 +59,7 @@ def mlflow_server(tmp_path_factory):
             except requests.RequestException:
                 pass
             if time.time() > deadline:
-                raise TimeoutError("mlflow server did not answer /health in 180 s")
+                raise TimeoutError("mlflow server did not answer /health in 420 s")
             time.sleep(1)
         yield uri
     finally:

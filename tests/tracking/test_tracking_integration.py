@@ -28,7 +28,7 @@ def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set
     return out
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # the session's Ray, shards and MLflow server start inside it
 def test_a_training_job_logs_params_metrics_grids_and_export(
     ray_cluster, fashion_small, tmp_path, mlflow_server
 ):
@@ -66,7 +66,7 @@ def test_a_training_job_logs_params_metrics_grids_and_export(
     assert Path(local).read_bytes() == (Path(result.run_dir) / "samples" / "final.png").read_bytes()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_a_sweep_logs_one_run_per_trial_and_tags_the_best(
     ray_cluster, fashion_small, tmp_path, tmp_path_factory, mlflow_server
 ):
@@ -148,3 +148,26 @@ def test_a_job_whose_tracking_server_is_unreachable_trains_and_says_so_once(
     assert logged_steps(run) == [1, 2, 3, 4] and (run / "export" / "twinflow.json").is_file()
     said = [line for line in (run / "logs" / "progress.log").read_text().splitlines() if "tracking" in line]
     assert len(said) == 1 and uri in said[0] and "training continues without tracking" in said[0]
+
+
+@pytest.mark.timeout(600)
+def test_a_restarted_attempt_continues_its_run(tmp_path, mlflow_server):
+    """Rank 0 of a restarted attempt (same run dir) reopens the run instead of opening a second one."""
+    from twinflow.train.config import load_job
+    from twinflow.train.tracking import JobTracker
+
+    job = load_job(
+        REPO / "jobs" / "fashion_twinflow.yaml",
+        ["name=restarted", f"tracking.mlflow={{tracking_uri: '{mlflow_server}', experiment: restarts}}"],
+    )
+    said: list[str] = []
+    first = JobTracker.for_rank(job, tmp_path, 0, said.append)
+    first.log_metrics(1, {"total": 2.0})  # the attempt dies here, without finish()
+    second = JobTracker.for_rank(job, tmp_path, 0, said.append)
+    second.log_metrics(2, {"total": 1.0})
+    second.finish(None)
+    assert second.run.run_id == first.run.run_id and len(said) == 1  # "tracking: MLflow run ..." once
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("restarts").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["method.lambda"] == str(job.method.lambda_)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "total")] == [1, 2]
