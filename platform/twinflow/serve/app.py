@@ -58,6 +58,9 @@ from twinflow.serve.engine import (
     tasks_of,
 )
 from twinflow.serve.images import ImageBounds, base64_bytes, form_values, open_image, parse_multipart
+from twinflow.serve.metrics import RequestMetrics, label_request, record_turn
+from twinflow.serve.openai_api import OpenAIImages
+from twinflow.serve.openai_api import router as openai_router
 from twinflow.serve.phases import PhaseTotals
 from twinflow.serve.schemas import (
     API_VERSION,
@@ -88,6 +91,8 @@ def _edit_form_schema() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- API ingress
 api = FastAPI(title="TwinFlow", version=API_VERSION, docs_url="/docs", redoc_url=None)
+api.include_router(openai_router)  # /v1/images/*: routes of the OpenAIImages mixin
+api.add_middleware(RequestMetrics)
 
 
 @api.exception_handler(ApiError)
@@ -130,7 +135,7 @@ def _ms(t0: float) -> float:
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
-class TwinFlow:
+class TwinFlow(OpenAIImages):
     """HTTP API v1, the playground, and the checkpoints (multiplexed by id) with batched sampling."""
 
     def __init__(self, config: dict[str, Any], infos: list[dict[str, Any]], token: str | None) -> None:
@@ -214,6 +219,7 @@ class TwinFlow:
             self.pool, run_items, models, self.encoders, batch, phases
         )
         ready = time.perf_counter()
+        record_turn(batch, phases, t0)
         for name, ms in phases.items():
             self.phases.add(name, ms)
         self.phases.add("handoff", (ready - t0) * 1e3 - sum(phases.values()))
@@ -310,7 +316,8 @@ class TwinFlow:
             raise ApiError(404, "unknown_model", f"unknown model id {mid!r}", {"models": sorted(self.infos)})
         return info
 
-    async def _run(self, t0: float, info: ModelInfo, req, text: str, task: str, image=None) -> Response:
+    async def _submit(self, t0: float, info: ModelInfo, req, text: str, image=None) -> tuple[int, Result]:
+        """Queue a validated request for a compute turn: (its seed, its result)."""
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         item = Item(
             info.id,
@@ -332,6 +339,10 @@ class TwinFlow:
                 "model_error",
                 f"{type(exc).__name__} while generating: {str(exc).splitlines()[-1] if str(exc) else ''}",
             ) from None
+        return seed, result
+
+    async def _run(self, t0: float, info: ModelInfo, req, text: str, task: str, image=None) -> Response:
+        seed, result = await self._submit(t0, info, req, text, image)
         total = _ms(t0)
         if req.format == "png":
             headers = {
@@ -383,6 +394,7 @@ class TwinFlow:
             self._auth(request)
             req = await self._body(request, GenerateRequest)
             info = self._model(req.model)
+            label_request(info.id, req.nfe)
             check_limits(req, req.prompt, self.limits)
         return await self._run(t0, info, req, req.prompt, "generate")
 
@@ -405,6 +417,7 @@ class TwinFlow:
             self._auth(request)
             req, raw = await self._edit_body(request)
             info = self._model(req.model)
+            label_request(info.id, req.nfe)
             check_limits(req, req.instruction, self.limits)
             image = self._edit_image(info, raw)
         return await self._run(t0, info, req, req.instruction, "edit", image)

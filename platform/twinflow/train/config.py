@@ -17,6 +17,7 @@ from twinflow.method.config import MethodConfig
 from twinflow.models.config import ModelConfig
 from twinflow.train.paths import NAME_PATTERN
 from twinflow.train.sections import ClusterConfig, DeepSpeedConfig, EvalConfig, OutputConfig, TrainConfig
+from twinflow.train.tracking import TrackingConfig
 
 
 class JobConfig(StrictModel):
@@ -36,6 +37,7 @@ class JobConfig(StrictModel):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
     def global_batch(self) -> int:

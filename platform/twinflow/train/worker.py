@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from twinflow.data import bad_record_metrics, iter_torch_kwargs
-from twinflow.train import checkpointing, editing, lifeline, loop, modelling
+from twinflow.train import checkpointing, editing, lifeline, loop, modelling, tracking
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engine import deepspeed_config, init_engine
@@ -80,11 +80,13 @@ def train_loop(config: dict[str, Any]) -> None:
             f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
             f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
         )
+    tracker = tracking.JobTracker.for_rank(job, run_dir, rank, say)  # MLflow (rank 0, when configured)
 
     def write_metrics(step: int, metrics: dict[str, float]) -> None:
         if metrics_log is not None and say is not None:
             metrics_log.write({"step": step, **metrics})
             say(progress.line(step, metrics))
+        tracker.log_metrics(step, metrics)
 
     def extra(step: int) -> dict[str, float]:
         out = {
@@ -102,8 +104,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if eval_cond is not None:
         grid_args = {"rank": rank, "null_cond": null_cond}
         components += [
-            SampleGrids(job, eval_cond, run_dir / "samples", grid_args),
-            PeriodicEval(job, eval_cond, device, null_cond, metrics_log, say),
+            SampleGrids(job, eval_cond, run_dir / "samples", grid_args, tracker),
+            PeriodicEval(job, eval_cond, device, null_cond, metrics_log, say, tracker),
         ]
     components.append(CheckpointAndReport(job, rank, world))
 
@@ -123,6 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
     with engine.gathered():
         if rank == 0:
             modelling.export(job, run.sampling_module(), run_dir / "export", steps=state.step)
+    tracker.finish(run_dir / "export")
     if metrics_log is not None:
         metrics_log.close()
     if dist.is_initialized():
@@ -169,12 +172,20 @@ class SampleGrids:
     """`samples/step_N.png` every `eval.every` steps and `samples/final.png` at the end: one row per NFE
     (every rank samples: ZeRO-3 forwards need all ranks; rank 0 writes)."""
 
-    def __init__(self, job: JobConfig, eval_cond: dict[str, torch.Tensor], out: Path, args: dict) -> None:
-        self.job, self.eval_cond, self.out, self.args = job, eval_cond, out, args
+    def __init__(
+        self,
+        job: JobConfig,
+        eval_cond: dict[str, torch.Tensor],
+        out: Path,
+        args: dict,
+        tracker: tracking.JobTracker,
+    ) -> None:
+        self.job, self.eval_cond, self.out, self.args, self.tracker = job, eval_cond, out, args, tracker
 
     def _grid(self, run: loop.Loop, name: str) -> None:
         # no gathering: under ZeRO-3 the forward gathers one layer at a time on every rank
         modelling.sample_grid(self.job, run.sampling_module(), self.eval_cond, self.out / name, **self.args)
+        self.tracker.log_samples(self.out / name)
 
     def after_step(self, run: loop.Loop) -> None:
         step = run.state.step
@@ -197,9 +208,10 @@ class PeriodicEval:
         null_cond: dict[str, torch.Tensor],
         metrics_log: MetricsLog | None,
         say: ProgressLog | None,
+        tracker: tracking.JobTracker,
     ) -> None:
         self.job, self.eval_cond, self.device, self.null_cond = job, eval_cond, device, null_cond
-        self.metrics_log, self.say = metrics_log, say
+        self.metrics_log, self.say, self.tracker = metrics_log, say, tracker
 
     def after_step(self, run: loop.Loop) -> None:
         step = run.state.step
@@ -215,6 +227,7 @@ class PeriodicEval:
         run.unreported = True
         if self.metrics_log is not None and self.say is not None:
             self.metrics_log.write({"step": step, **evaluated})
+            self.tracker.log_metrics(step, evaluated)
             self.say("eval " + " ".join(f"{k[5:]}={v:.3g}" for k, v in evaluated.items()))
 
     def at_end(self, run: loop.Loop) -> None:

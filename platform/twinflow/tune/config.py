@@ -36,6 +36,7 @@ from twinflow.eval.sampling import OWN_RHO, OWN_STYLE
 from twinflow.method.groups import GROUP_NAMES
 from twinflow.train.config import JobConfig
 from twinflow.train.paths import NAME_PATTERN
+from twinflow.train.tracking import TrackingConfig
 
 # Metrics the training worker reports with each checkpoint (besides eval/*): see train/worker.py.
 TRAIN_METRIC = re.compile(
@@ -305,6 +306,10 @@ class SweepConfig(StrictModel):
     release_placement_groups: bool = Field(
         True,
         description="ray#54305 guard: remove a finished or stopped trial's Train placement group (keep on)",
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="mlflow: {tracking_uri, experiment}: one run per trial, the best tagged (twinflow.tune.tracking)",
     )
 
     @field_validator("search_space", "overrides")

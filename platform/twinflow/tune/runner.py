@@ -28,6 +28,7 @@ from twinflow.train.launcher import ensure_ray
 from twinflow.tune.config import Sweep, experiment_path, load_sweep, local_sweep_dir
 from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
 from twinflow.tune.report import SweepResult, write_report
+from twinflow.tune.tracking import SweepTracking
 from twinflow.tune.trainable import run_trial, trials_dir
 
 
@@ -138,9 +139,11 @@ def run_sweep(
     # Tune's strict check would reject a training result that lacks an eval/* scheduler metric which
     # only the final (post-training) report carries; metric names were checked by load_sweep instead.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    tracking = SweepTracking.of(sweep, trials_dir(str(local_sweep_dir(sweep))))  # MLflow, when configured
     callbacks = ([ReleaseTrialResources(registry)] if cfg.release_placement_groups else []) + list(
         extra_callbacks or []
     )
+    callbacks += [tracking] if tracking else []
     if can_restore:
         print(f"[twinflow] resuming sweep {sweep.name} from {path}", flush=True)
         # the RunConfig (callbacks included) comes back from the experiment's tuner.pkl
@@ -187,6 +190,8 @@ def run_sweep(
     except Exception:
         released = []
     out = write_report(sweep, grid, local_sweep_dir(sweep) / "report")
+    if tracking:
+        tracking.tag_best(out.best)
     out.experiment_path = path
     out.resumed = can_restore
     out.released = released

@@ -1,0 +1,236 @@
+"""OpenAI-compatible Images API on the same deployment: `POST /v1/images/generations` (JSON) and
+`POST /v1/images/edits` (multipart/form-data), so OpenAI clients, SDKs and gateways work unchanged.
+
+The routes translate to our own request and go through the replica's own path: bearer auth, body
+bounds, model lookup and multiplexing, limits, the batcher, and seeded noise (a request with `seed`
+gives the same images as `/v1/generate` with that seed). Our extras ride along as extra body fields
+(`nfe`, `seed`, `guidance`; the openai client's `extra_body`). Answers use that API's shapes:
+`{"created", "data": [{"b64_json"}], ...}` and errors as `{"error": {"message", "type", "param", "code"}}`;
+invalid values are 400 there (our own routes say 422).
+
+Routes live in the `OpenAIImages` mixin of the `TwinFlow` deployment class, on `router`, which the app
+includes; Serve's class ingress binds them to the replica. No `from __future__ import annotations`
+(FastAPI must resolve `request: Request` on the rebuilt routes).
+"""
+
+import base64
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from twinflow.serve.images import form_values, parse_multipart
+from twinflow.serve.metrics import label_request
+from twinflow.serve.schemas import (
+    MAX_SEED,
+    ApiError,
+    EditFields,
+    GenerateRequest,
+    ModelId,
+    Text,
+    check_limits,
+    json_safe,
+    validation_details,
+)
+
+router = APIRouter()
+
+# our field -> the OpenAI parameter a client sent it as
+_PARAM = {"num_images": "n", "instruction": "prompt"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+class ImagesRequest(BaseModel):
+    """The OpenAI Images parameters we take, plus our extras. Unsupported OpenAI parameters are
+    refused by name rather than ignored (except `user`, which only identifies the caller)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Text = Field(description="caption (generations) or instruction (edits)")
+    model: ModelId | None = Field(
+        None, description="a model id of GET /v1/models; default: the default model"
+    )
+    n: int = Field(1, description="images from this seed (at most the deployment's max_images)")
+    size: str | None = Field(None, description='"auto" or "<S>x<S>", the model\'s own side (GET /v1/models)')
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json only")
+    output_format: Literal["png"] | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    nfe: int = Field(1, description="extra: function evaluations")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="extra: same seed, same images")
+    guidance: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="extra: CFG weight w")
+
+
+def _param(loc: list[Any]) -> str | None:
+    name = next((str(p) for p in loc if p not in ("body",)), None)
+    return _PARAM.get(name, name) if name else None
+
+
+def openai_error(exc: ApiError) -> JSONResponse:
+    """Our ApiError in the OpenAI error shape; schema and limit errors (422) become 400."""
+    status = 400 if exc.status == 422 else exc.status
+    param = None
+    message = exc.message
+    if isinstance(exc.details, list) and exc.details and isinstance(exc.details[0], dict):
+        first = exc.details[0]
+        param = _param(first.get("loc") or [])
+        message = f"{exc.message}: {param}: {first.get('msg', '')}" if param else exc.message
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = {"unauthorized": "invalid_api_key", "unknown_model": "model_not_found"}.get(exc.type, exc.type)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(json_safe(body), status_code=status, headers=exc.headers)
+
+
+def _check_size(size: str | None, info) -> None:
+    own = f"{info.image_size}x{info.image_size}"
+    if size not in (None, "auto", own):
+        raise ApiError(
+            400,
+            "unsupported_size",
+            f"size {size!r}: model {info.id!r} makes {own} images; use size {own!r} or 'auto'",
+            [{"loc": ["size"], "msg": f"must be {own!r} or 'auto'"}],
+        )
+
+
+def _check_format(req: ImagesRequest) -> None:
+    if req.response_format == "url":
+        raise ApiError(
+            400,
+            "unsupported_response_format",
+            "response_format 'url' is not offered: this server stores no images; use 'b64_json'",
+            [{"loc": ["response_format"], "msg": "only 'b64_json' is supported"}],
+        )
+
+
+def _schema(data: Any) -> ImagesRequest:
+    try:
+        return ImagesRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_request", "request does not match the schema", validation_details(exc)
+        ) from None
+
+
+def _ours(req: ImagesRequest, model: str, kind) -> Any:
+    """The same request in our own schema (the limits check and the batcher take that)."""
+    text = {"prompt": req.prompt} if kind is GenerateRequest else {"instruction": req.prompt}
+    return kind.model_construct(
+        model=model,
+        nfe=req.nfe,
+        seed=req.seed,
+        num_images=req.n,
+        guidance=req.guidance,
+        format="base64-json",
+        **text,
+    )
+
+
+_EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
+        **{k: v for k, v in ImagesRequest.model_json_schema()["properties"].items() if k != "output_format"},
+    },
+}
+
+
+class OpenAIImages:
+    """Mixin of the `TwinFlow` deployment: uses its `_auth`, `_body`, `_model`, `_edit_image`,
+    `_submit`, `_answered`, `readers` and `limits`."""
+
+    @router.post(
+        "/v1/images/generations",
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": ImagesRequest.model_json_schema()}},
+                "required": True,
+            }
+        },
+    )
+    async def images_generations(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            with self.batcher.arriving_request():
+                self._auth(request)
+                req = await self._body(request, ImagesRequest)
+                info = self._model(req.model)
+                label_request(info.id, req.nfe)
+                _check_size(req.size, info)
+                _check_format(req)
+                ours = _ours(req, info.id, GenerateRequest)
+                check_limits(ours, req.prompt, self.limits)
+            return await self._images(t0, info, req, ours, None)
+        except ApiError as exc:
+            return openai_error(exc)
+
+    @router.post(
+        "/v1/images/edits",
+        openapi_extra={
+            "requestBody": {"content": {"multipart/form-data": {"schema": _EDIT_FORM}}, "required": True}
+        },
+    )
+    async def images_edits(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            with self.batcher.arriving_request():
+                self._auth(request)
+                req, raw = await self._edit_form(request)
+                info = self._model(req.model)
+                label_request(info.id, req.nfe)
+                _check_size(req.size, info)
+                _check_format(req)
+                ours = _ours(req, info.id, EditFields)
+                check_limits(ours, req.prompt, self.limits)
+                image = self._edit_image(info, raw)
+            return await self._images(t0, info, req, ours, image)
+        except ApiError as exc:
+            return openai_error(exc)
+
+    async def _edit_form(self, request: Request) -> tuple[ImagesRequest, bytes]:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "/v1/images/edits takes multipart/form-data (an image file part and the fields)",
+            )
+        raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
+        try:
+            fields, files = parse_multipart(raw, ctype)
+        except ValueError as exc:
+            raise ApiError(
+                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
+            ) from None
+        images = [k for k in files if k in ("image", "image[]")]
+        problems = [
+            {"loc": [k], "msg": "not supported: only the image is a file part"}
+            for k in files
+            if k not in images
+        ]
+        if len(images) != 1:
+            problems.append({"loc": ["image"], "msg": "exactly one image file part is required"})
+        n = fields.pop("n", None)
+        data, bad = form_values(fields)
+        problems += bad
+        if n is not None:
+            try:
+                data["n"] = int(n)
+            except ValueError:
+                problems.append({"loc": ["n"], "msg": "must be a whole number", "input": n})
+        if problems:
+            raise ApiError(422, "invalid_request", "request does not match the schema", problems)
+        return _schema(data), files[images[0]]
+
+    async def _images(self, t0: float, info, req: ImagesRequest, ours, image) -> Response:
+        text = req.prompt
+        seed, result = await self._submit(t0, info, ours, text, image)
+        body = {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(p).decode()} for p in result.pngs],
+            "output_format": "png",
+            "size": f"{info.image_size}x{info.image_size}",
+        }
+        headers = {"X-TwinFlow-Model": info.id, "X-TwinFlow-Seed": str(seed), "X-TwinFlow-NFE": str(req.nfe)}
+        return self._answered(result, JSONResponse(body, headers=headers))
