@@ -9,6 +9,7 @@ DeepSpeed engine. The data is decoded once into memory and each distinct caption
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -18,7 +19,6 @@ from torch import Tensor
 
 from twinflow.data.config import DataConfig
 from twinflow.data.local import iter_local_batches
-from twinflow.method.ema import EMA
 from twinflow.train import modelling
 from twinflow.train.config import JobConfig
 from twinflow.train.schedule import lr_factor, set_lr
@@ -90,13 +90,16 @@ class InProcessRun:
         return self.averages.teacher
 
     @property
-    def sample_ema(self) -> EMA | None:
+    def sample_ema(self) -> Any:
         return self.averages.sample_ema
 
     @property
     def sampling_model(self) -> torch.nn.Module:
-        """The weights a user samples from: the sampling EMA when the job keeps one."""
-        return self.averages.sampling_module(self.model)
+        """The weights a user samples from: a copy holding the sampling EMA when the job keeps one."""
+        if self.averages.sample_ema is None:
+            return self.model
+        with self.averages.sampling() as module:
+            return copy.deepcopy(module)
 
 
 def train_in_process(
@@ -128,7 +131,7 @@ def train_in_process(
     model = model if model is not None else modelling.build_model(job)
     model.train()
     averages = modelling.build_averages(job, model)
-    teacher, sample_ema = averages.teacher, averages.sample_ema
+    teacher = averages.teacher
     objective = modelling.build_objective(job)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
@@ -147,7 +150,7 @@ def train_in_process(
         x, cond = data.rows(perm[pos : pos + B])
         pos += B
         set_lr(opt, job.train.lr * lr_factor(step - 1, job.train.warmup_steps))
-        teacher.update()
+        averages.update_teacher()
         out = objective(
             model, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
         )
@@ -156,8 +159,7 @@ def train_in_process(
         if job.deepspeed.gradient_clipping > 0:
             torch.nn.utils.clip_grad_norm_(params, job.deepspeed.gradient_clipping)
         opt.step()
-        if sample_ema is not None:
-            sample_ema.update(model)
+        averages.update_sampling()
         for k, v in out.metrics.items():
             window.setdefault(k, []).append(float(v))
         if step % log_every == 0 or step == steps:

@@ -60,10 +60,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     model = modelling.build_model(job).to(device)
-    averages = modelling.build_averages(job, model)
-    teacher = averages.teacher
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
+    averages = modelling.build_averages(job, engine)  # on the engine's module: adapters or partitions
+    teacher = averages.teacher
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
     objective = modelling.build_objective(job)
     edit_job = editing.is_edit_job(job)
@@ -105,10 +105,6 @@ def train_loop(config: dict[str, Any]) -> None:
     logged: dict[str, float] = {}  # the latest rank-averaged metrics, reported with each checkpoint
     last_eval: dict[str, float] = {}  # the latest judge metrics ("eval/..."), kept in later reports
 
-    def sampling() -> torch.nn.Module:
-        """Grids, judge metrics and the export use the sampling EMA when the job keeps one."""
-        return averages.sampling_module(engine.module)
-
     def checkpoint(metrics: dict[str, Any]) -> None:
         checkpointing.save(engine, averages, state, rank, metrics)
 
@@ -143,9 +139,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 micro % job.deepspeed.gradient_accumulation_steps == 0
             ):  # first micro-batch of a step (EMA before targets)
                 set_lr(engine.optimizer, job.train.lr * lr_factor(state.step, job.train.warmup_steps))
-                with full_parameters(engine.module, job.deepspeed.zero_stage):
-                    teacher.update()
-            # the loop updates the teacher itself (gathered under ZeRO-3), once per optimizer step
+                averages.update_teacher()
+            # the loop updates the teacher itself, once per optimizer step
             out = objective(
                 engine, x, cond, teacher=teacher, null_cond=null_cond, generator=gen, update_teacher=False
             )
@@ -161,9 +156,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 continue
             state.step = int(engine.global_steps)
-            if averages.sample_ema is not None:
-                with full_parameters(engine.module, job.deepspeed.zero_stage):
-                    averages.sample_ema.update(engine.module)
+            averages.update_sampling()
             _maybe_inject_failure(job, rank, state.step, run_dir)
 
             if state.step % job.train.log_every == 0 or state.step == job.train.steps:
@@ -190,20 +183,22 @@ def train_loop(config: dict[str, Any]) -> None:
             is_ckpt = state.step % job.train.checkpoint_every == 0 or state.step == job.train.steps
             at_eval = bool(job.eval.every) and state.step % job.eval.every == 0
             if at_eval and eval_cond is not None:
-                modelling.sample_grid(
-                    job,
-                    sampling(),
-                    eval_cond,
-                    run_dir / "samples" / f"step_{state.step:06d}.png",
-                    rank=rank,
-                    device=device,
-                    dtype=dtype,
-                    null_cond=null_cond,
-                )
+                with averages.sampling() as sampling_module:
+                    modelling.sample_grid(
+                        job,
+                        sampling_module,
+                        eval_cond,
+                        run_dir / "samples" / f"step_{state.step:06d}.png",
+                        rank=rank,
+                        device=device,
+                        dtype=dtype,
+                        null_cond=null_cond,
+                    )
             if (at_eval or state.step == job.train.steps) and eval_cond is not None:
-                evaluated = modelling.eval_metrics(
-                    job, sampling(), eval_cond, device=device, null_cond=null_cond
-                )
+                with averages.sampling() as sampling_module:
+                    evaluated = modelling.eval_metrics(
+                        job, sampling_module, eval_cond, device=device, null_cond=null_cond
+                    )
                 if evaluated:
                     last_eval = evaluated
                     logged = {**logged, **evaluated}
@@ -227,19 +222,20 @@ def train_loop(config: dict[str, Any]) -> None:
             state.batches_in_epoch = 0
 
     if eval_cond is not None:
-        modelling.sample_grid(
-            job,
-            sampling(),
-            eval_cond,
-            run_dir / "samples" / "final.png",
-            rank=rank,
-            device=device,
-            dtype=dtype,
-            null_cond=null_cond,
-        )
-    with full_parameters(engine.module, job.deepspeed.zero_stage):
+        with averages.sampling() as sampling_module:
+            modelling.sample_grid(
+                job,
+                sampling_module,
+                eval_cond,
+                run_dir / "samples" / "final.png",
+                rank=rank,
+                device=device,
+                dtype=dtype,
+                null_cond=null_cond,
+            )
+    with averages.sampling() as sampling_module, full_parameters(sampling_module, job.deepspeed.zero_stage):
         if rank == 0:
-            modelling.export(job, sampling(), run_dir / "export", steps=state.step)
+            modelling.export(job, sampling_module, run_dir / "export", steps=state.step)
     if metrics_log is not None:
         metrics_log.close()
     if dist.is_initialized():
