@@ -128,15 +128,18 @@ def test_a_teacher_call_between_forward_and_backward_leaves_the_gradient_unchang
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_trainable_flags_and_active_adapter_survive_the_second_adapters():
+def test_the_second_adapters_are_fp32_buffers_and_leave_the_trained_set_alone():
+    """DeepSpeed sees only the trained model's parameters: the averages' adapters are non-persistent
+    fp32 buffers (no ZeRO partitioning, no bf16 cast, not in DeepSpeed's or the export's state dict)."""
     g = _generator(True)
     flags = {n: p.requires_grad for n, p in g.named_parameters()}
+    keys = set(g.state_dict())
     averages = avg.build(g, teacher_mode="ema", teacher_decay=DECAY, sample_decay=0.95)
-    after = {n: p.requires_grad for n, p in g.named_parameters()}
-    assert {n: after[n] for n in flags} == flags
-    added = sorted(set(after) - set(flags))
-    assert added and all(avg.TEACHER_ADAPTER in n or avg.SAMPLING_ADAPTER in n for n in added)
-    assert not any(after[n] for n in added)
+    assert {n: p.requires_grad for n, p in g.named_parameters()} == flags
+    assert set(g.state_dict()) == keys
+    added = [(n, b) for n, b in g.named_buffers() if avg.TEACHER_ADAPTER in n or avg.SAMPLING_ADAPTER in n]
+    assert len(added) == 2 * len(averages.teacher.average.pairs)
+    assert all(b.dtype == torch.float32 for _, b in added)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in g.modules() if isinstance(m, BaseTunerLayer)]

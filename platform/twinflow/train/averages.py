@@ -202,14 +202,31 @@ class ShardedAverage:
             s[: stop - start].copy_(whole[start:stop])
 
 
-def _lora_pairs(backbone: nn.Module, name: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """(average's parameter, trained parameter) for every LoRA weight of adapter `name`."""
+def _adapter_as_buffers(backbone: nn.Module, name: str, device: torch.device | None) -> None:
+    """Turn adapter `name`'s weights into fp32 non-persistent buffers: DeepSpeed walks every
+    parameter of the module it wraps (ZeRO-3 expects each to be partitioned, the bf16 cast and the
+    checkpoint take them all), and the average is neither trained nor DeepSpeed's to keep."""
+    for key, module in backbone.named_modules():
+        if key.rsplit(".", 1)[-1] != name:
+            continue
+        for sub in module.modules():
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                del sub._parameters[pname]
+                value = p.detach().to(device=device or p.device, dtype=torch.float32)
+                sub.register_buffer(pname, value, persistent=False)
+    left = [n for n, _ in backbone.named_parameters() if f".{name}." in f".{n}"]
+    if left:
+        raise ValueError(f"LoRA average {name!r}: adapter weights outside a layer module ({left[0]})")
+
+
+def _lora_pairs(backbone: nn.Module, name: str) -> list[tuple[str, Tensor, nn.Parameter]]:
+    """(trained parameter's name, average's buffer, trained parameter) for every weight of `name`."""
     params = dict(backbone.named_parameters())
     pairs = []
-    for key, p in params.items():
-        if f".{name}." in key:
+    for key, b in backbone.named_buffers():
+        if f".{name}." in f".{key}":
             online = key.replace(f".{name}.", f".{ADAPTER}.")
-            pairs.append((p, params[online]))
+            pairs.append((f"backbone.{online}", b, params[online]))
     return pairs
 
 
@@ -258,12 +275,12 @@ class AdapterAverage:
                 m._active_adapter = ADAPTER
         for p in generator.parameters():
             p.requires_grad_(grad_flags.get(id(p), False))
-        self.pairs = _lora_pairs(backbone, name)
-        if not self.pairs:
+        _adapter_as_buffers(backbone, name, device)
+        named = _lora_pairs(backbone, name)
+        if not named:
             raise ValueError(f"LoRA average {name!r}: the model has no {ADAPTER!r} adapter weights")
-        with torch.no_grad():
-            for ema, _ in self.pairs:
-                ema.data = ema.data.to(dtype=torch.float32, device=device or ema.device)
+        self.keys = [k for k, _, _ in named]
+        self.pairs = [(b, p) for _, b, p in named]
         self._copy_online()
         self.side = ShardedAverage(
             [(n, p) for n, p in generator.named_parameters() if p.requires_grad and ".lora_" not in f".{n}"],
@@ -338,15 +355,13 @@ class AdapterAverage:
 
     def full(self) -> dict[str, Tensor]:
         """The average's whole weights keyed like the trained model's parameters."""
-        names = {id(p): n for n, p in self.generator.named_parameters()}
-        out = {names[id(o)]: e.detach().float().cpu().clone() for e, o in self.pairs}
+        out = {k: e.detach().float().cpu().clone() for k, (e, _) in zip(self.keys, self.pairs)}
         return {**out, **self.side.full()}
 
     def state_dict(self) -> dict[str, Any]:
-        names = {id(p): n for n, p in self.generator.named_parameters()}
         return {
             "kind": "adapter",
-            "adapter": {names[id(e)]: e.detach().cpu().clone() for e, _ in self.pairs},
+            "adapter": {k: e.detach().cpu().clone() for k, (e, _) in zip(self.keys, self.pairs)},
             "side": self.side.state_dict(),
         }
 
@@ -361,8 +376,7 @@ class AdapterAverage:
     def _load_adapter(self, state: Mapping[str, Any]) -> None:
         if state["kind"] != "adapter":
             raise ValueError("the checkpoint's averages are not LoRA adapters; this job trains LoRA")
-        names = {id(p): n for n, p in self.generator.named_parameters()}
-        have = {names[id(e)]: e for e, _ in self.pairs}
+        have = {k: e for k, (e, _) in zip(self.keys, self.pairs)}
         if sorted(have) != sorted(state["adapter"]):
             raise ValueError("the checkpoint's averaged adapter does not match this model's LoRA layers")
         with torch.no_grad():
@@ -508,12 +522,31 @@ def _rank_of(path: Path) -> int:
     return int(path.stem.rsplit("rank", 1)[1])
 
 
+def _zero_subtrees(module: nn.Module) -> Iterator[nn.Module]:
+    """The largest submodules whose every parameter is a ZeRO-3 one (the averaged adapters, added
+    after DeepSpeed wrapped the model, are plain tensors that DeepSpeed's release must not see)."""
+    params = list(module.parameters())
+    if all(hasattr(p, "ds_id") for p in params):
+        yield module
+        return
+    if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):
+        raise ValueError(f"{type(module).__name__} mixes ZeRO-3 and plain parameters of its own")
+    for child in module.children():
+        yield from _zero_subtrees(child)
+
+
 def zero3_release(engine: Any) -> Callable[[], None] | None:
     """Releases every gathered ZeRO-3 parameter of `engine` (so a swap reaches the next gather)."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     if offload is None:
         return None
-    return lambda: offload.get_param_coordinator().release_and_reset_all(engine.module)
+
+    def release() -> None:
+        coordinator = offload.get_param_coordinator()
+        for sub in _zero_subtrees(engine.module):
+            coordinator.release_and_reset_all(sub)
+
+    return release
 
 
 def build(
