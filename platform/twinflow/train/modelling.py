@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from twinflow.eval.periodic import dataset_of, periodic_metrics
-from twinflow.exports import open_export
+from twinflow.exports import local_export
 from twinflow.imaging import save_grid
 from twinflow.method import build_objective as _build_objective
 from twinflow.method.conditioning import cond_to
@@ -16,8 +16,7 @@ from twinflow.method.sampler import renoise_generator, sample, seeded_noise, set
 from twinflow.models import build_generator
 from twinflow.models.export import save_generator
 from twinflow.models.lora import apply_lora
-from twinflow.models.time_embed import SIGN_NAME
-from twinflow.train import averages
+from twinflow.train import averages, sharded_build
 from twinflow.train.config import JobConfig
 from twinflow.train.editing import export_metadata
 
@@ -26,22 +25,18 @@ def train_dtype(job: JobConfig) -> torch.dtype:
     return torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
 
 
-def build_model(job: JobConfig) -> torch.nn.Module:
+def build_model(job: JobConfig, ds_cfg: dict | None = None) -> torch.nn.Module:
     """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match).
 
-    Built in the training dtype (DeepSpeed would cast it anyway): the startup peak is the bf16 size."""
-    model = build_generator(job.model.model_copy(update={"lora": None}), dtype=train_dtype(job))
+    Built in the training dtype (DeepSpeed would cast it anyway): the startup peak is the bf16 size.
+    With a ZeRO-3 `ds_cfg` it is built partitioned (`twinflow.train.sharded_build`): each rank holds
+    its share of the weights plus the one module being built or loaded."""
+    dtype = train_dtype(job)
+    with sharded_build.partitioned_construction(ds_cfg, dtype):
+        model = build_generator(job.model.model_copy(update={"lora": None}), dtype=dtype)
     if job.train.init_from:
-        base = open_export(job.train.init_from, job.output.s3_endpoint).generator()
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        # A "mirror" fake branch fine-tuned from a "signed" base: its sign embedding starts from its
-        # zero gate (the fake branch equals the real one), so those keys may be absent from the base.
-        missing = [k for k in missing if f".{SIGN_NAME}." not in k]
-        if unexpected or missing:
-            raise ValueError(
-                f"train.init_from {job.train.init_from}: weights do not match model "
-                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
-            )
+        source = local_export(job.train.init_from, job.output.s3_endpoint)
+        sharded_build.load_streamed(model, source, f"train.init_from {job.train.init_from}")
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
     return model

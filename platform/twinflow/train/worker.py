@@ -59,9 +59,10 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    model = modelling.build_model(job).to(device)
+    ds_cfg = deepspeed_config(job.deepspeed, job.train, world)
+    model = modelling.build_model(job, ds_cfg).to(device)  # partitioned as it is built at ZeRO-3
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
+    engine = init_engine(model, trainable, ds_cfg)
     averages = modelling.build_averages(job, engine)  # on the engine's module: adapters or partitions
     teacher = averages.teacher
     dtype = torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
