@@ -16,6 +16,7 @@ from twinflow.method.sampler import renoise_generator, sample, seeded_noise, set
 from twinflow.models import build_generator
 from twinflow.models.export import save_generator
 from twinflow.models.lora import apply_lora
+from twinflow.models.streamed import load_streamed
 from twinflow.train import averages, sharded_build
 from twinflow.train.config import JobConfig
 from twinflow.train.editing import export_metadata
@@ -36,7 +37,7 @@ def build_model(job: JobConfig, ds_cfg: dict | None = None) -> torch.nn.Module:
         model = build_generator(job.model.model_copy(update={"lora": None}), dtype=dtype)
     if job.train.init_from:
         source = local_export(job.train.init_from, job.output.s3_endpoint)
-        sharded_build.load_streamed(model, source, f"train.init_from {job.train.init_from}")
+        load_streamed(model, source, f"train.init_from {job.train.init_from}")
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
     return model
