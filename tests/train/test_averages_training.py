@@ -17,7 +17,7 @@ from twinflow.train.launcher import run_job
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reliability's job helpers
 from reliability.helpers import WORLD, checkpoint_dirs, make_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
