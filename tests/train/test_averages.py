@@ -223,3 +223,17 @@ def test_an_export_from_the_lora_sampling_ema_keeps_its_format(tmp_path):
     key = next(k for k in adapter if k.endswith(name.removeprefix("backbone.").replace(".default", "")))
     torch.testing.assert_close(adapter[key], full[name])
     assert not torch.allclose(adapter[key], online[name])
+
+
+def test_a_frozen_teacher_without_lora_answers_with_the_initial_weights():
+    g = _generator(False)
+    x, t, r, cond = _batch(7)
+    with torch.no_grad():
+        initial = g(x, t, r, cond)
+    averages = avg.build(g, teacher_mode="frozen", teacher_decay=DECAY, sample_decay=None)
+    assert averages.teacher.decay == 1.0 and not averages.teacher.is_online
+    _train(g, 3, averages.update_teacher)  # updates leave a frozen teacher as it was
+    with torch.no_grad():
+        trained = g(x, t, r, cond)
+    assert not torch.allclose(trained, initial, atol=1e-4)
+    assert torch.equal(averages.teacher(x, t, r, cond), initial)

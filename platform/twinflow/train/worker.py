@@ -89,7 +89,8 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         say(
             f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
-            f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
+            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable parameters, "
+            f"world size {world}"
         )
     progress = ProgressLine(
         job.train.steps, state.step, job.train.micro_batch * world * job.deepspeed.gradient_accumulation_steps
