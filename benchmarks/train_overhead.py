@@ -67,15 +67,14 @@ def plain_loop(job, steps: int, warmup: int) -> dict:
     for i in range(steps):
         x, cond = pool[i % len(pool)]
         t0, c0 = time.perf_counter(), time.process_time()
-        teacher.update()
+        averages.update_teacher()
         out = objective(model, x, cond, teacher=teacher, null_cond=null, generator=gen, update_teacher=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), job.deepspeed.gradient_clipping)
         opt.step()
         t_ema = time.perf_counter()
-        if averages.sample_ema is not None:
-            averages.sample_ema.update(model)
+        averages.update_sampling()
         ema.append(time.perf_counter() - t_ema)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)

@@ -206,3 +206,48 @@ def test_realises_is_within_one_row():
             if lam * rows >= 2 and (1 - lam) * rows >= 2:
                 assert ok  # whenever each non-empty group can have a row, lambda is met
     assert GROUP_NAMES == ("e2e", "mul", "any", "adv")
+
+
+@pytest.mark.parametrize("teacher_mode", ["online", "ema", "frozen"])
+def test_ranks_make_the_same_calls_whatever_rows_they_hold(teacher_mode):
+    """With the global split, one rank's micro-batch may hold no ADV or E2E rows; under ZeRO-3 every
+    forward gathers weights across ranks, so each rank must still make every call (`lockstep`): a call
+    with no rows of its own runs on one padding row. Its loss and gradients are those without padding."""
+    torch.manual_seed(1)
+    layout = BatchLayout(ranks=4, micro_batch=4, accumulation=1)
+    obj = TwinFlowObjective(
+        TwinFlowConfig(**{"lambda": 0.25, "teacher": teacher_mode, "enhanced_ratio": 0.5})
+    )
+    model = ToyVelocityMLP(num_classes=4)
+    teacher = Teacher(model, teacher_mode, decay=0.9)
+    teacher.update()
+    sizes, calls = set(), set()
+    for step in range(4):
+        for rank in range(layout.ranks):
+            part = obj.slot_split(layout, step, rank, 0)
+            sizes.add(part.sizes)
+            x0, cond = torch.randn(4, 2), {"label": torch.randint(0, 4, (4,))}
+
+            def run(lockstep):
+                model.zero_grad(set_to_none=True)
+                out = obj(
+                    model,
+                    x0,
+                    cond,
+                    teacher=teacher,
+                    null_cond=model.null_cond(),
+                    update_teacher=False,
+                    split=part,
+                    generator=torch.Generator().manual_seed(step),
+                    lockstep=lockstep,
+                )
+                out.loss.backward()
+                return out, [p.grad.clone() for p in model.parameters()]
+
+            padded, g_pad = run(True)
+            plain, g_plain = run(False)
+            calls.add(padded.model_calls)
+            assert padded.loss.item() == plain.loss.item()
+            assert all(torch.equal(a, b) for a, b in zip(g_pad, g_plain))
+    assert len(sizes) > 1  # the ranks really held different groups (some without E2E or ADV rows)
+    assert len(calls) == 1, calls  # and still made the same number of calls

@@ -72,19 +72,19 @@ def test_a_pretrained_backbone_loads_in_the_training_dtype(qwen_pipeline_dir):
         assert torch.equal(a.to(loaded[k].dtype), loaded[k]), k  # the same weights, loaded as bf16
 
 
-def test_teacher_and_ema_copies_stay_fp32_and_the_model_comes_back_unchanged():
-    from twinflow.plan.memory import Layout, estimate
-    from twinflow.plan.planner import workload
-
+def test_teacher_and_sampling_averages_are_fp32_and_leave_the_bf16_model_unchanged():
+    """The averages are made on the built model (after DeepSpeed, in the worker) in fp32, without
+    casting the model: its weights and dtype are exactly as built."""
     job = _job(**{"deepspeed.precision": "bf16", "method.teacher": "ema", "train.sample_ema": 0.99})
     model = modelling.build_model(job)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    averages = modelling.build_averages(job, model)
-    assert next(averages.teacher.module.parameters()).dtype == torch.float32
-    assert next(averages.sample_ema.module.parameters()).dtype == torch.float32
+    with registered_bytes() as seen:
+        averages = modelling.build_averages(job, model)
+    assert seen == {}  # no parameter made: the averages are fp32 shards, not module copies
+    for kept in (averages.teacher.average, averages.sample_ema):
+        assert {s.dtype for s in kept.shards} == {torch.float32}
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert sum(s.numel() for s in kept.shards) == n  # one rank: its share is all of it
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
-    n = sum(p.numel() for p in model.parameters())
-    # while the copies are made the model is fp32 too: 4 bytes per parameter + two fp32 copies
     assert modelling.copies_made(job) == 2
-    assert estimate(workload(job), Layout(1, 2)).startup == 4 * n + 2 * 4 * n

@@ -95,6 +95,12 @@ class TwinFlowConfig(StrictModel):
             )
         return self
 
+    @property
+    def rectifies(self) -> bool:
+        """Whether a step has E2E rows (and so a rectify pair) somewhere in its global batch."""
+        e2e = self.group_weights.e2e if self.group_weights is not None else self.lambda_
+        return self.kappa > 0 and e2e > 0
+
     def _shares(self) -> dict:
         if self.group_weights is not None:
             return {"weights": self.group_weights.model_dump()}

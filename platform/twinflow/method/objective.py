@@ -62,6 +62,8 @@ class CallLog:
     """Concatenates queries into single model calls and counts calls and no-grad rows."""
 
     input_dtype: torch.dtype = torch.float32
+    #: with lockstep (several ranks), a call with no rows of its own runs on this one row instead
+    pad: Query | None = None
     calls: int = 0
     nograd_rows: int = 0
     sizes: list[int] = field(default_factory=list)
@@ -70,6 +72,11 @@ class CallLog:
         """One call of `fn` on all (non-empty) queries; outputs are split back per query (float32)."""
         live = [q for q in queries if q.rows > 0]
         if not live:
+            if self.pad is not None:  # the other ranks make this call: make it too, keep nothing
+                p = self.pad
+                with torch.no_grad():
+                    fn(p.x.to(self.input_dtype), p.t, p.r, p.cond)
+                self.calls += 1
             return [q.x.new_empty(q.x.shape) for q in queries]
         x = torch.cat([q.x for q in live]).to(self.input_dtype)
         t = torch.cat([q.t for q in live])

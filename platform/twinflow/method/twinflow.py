@@ -182,6 +182,7 @@ class TwinFlowObjective:
         update_teacher: bool = True,
         split: GroupSplit | None = None,
         draws: Draws | None = None,
+        lockstep: bool = False,
     ) -> ObjectiveOutput:
         """One micro-batch's loss. `teacher=None` means the online model under no_grad.
         `update_teacher=False` on all but the first micro-batch of an accumulated step keeps the EMA
@@ -189,7 +190,11 @@ class TwinFlowObjective:
         (`slot_split`); default: the batch is the whole step. Row weights are per micro-batch row, so
         the mean of the micro-batches' losses (what accumulation and the all-reduce take) is the loss
         of the global batch computed at once, with the rectify term at kappa * 4 / global rows.
-        `draws`: the step's random values given instead of drawn (tests split one global draw)."""
+        `draws`: the step's random values given instead of drawn (tests split one global draw).
+        `lockstep` (several ranks): every rank makes the same model calls in the same order whatever
+        rows its micro-batch holds, a call whose rows all sit on other ranks running on one padding row
+        and discarding it: ZeRO-3 gathers weights inside every forward, and an averaged teacher of a
+        sharded model gathers its slices, so a rank that skipped a call would hang the others."""
         cfg = self.config
         cond = dict(cond or {})
         B, dev = int(x0.shape[0]), x0.device
@@ -202,6 +207,8 @@ class TwinFlowObjective:
         E, C, V, base = split.e2e, split.cfg, split.adv, split.base
         nE, nC, nV, nB = split.size("e2e"), C.stop - C.start, split.size("adv"), base.stop
         rectify = nE > 0 and cfg.kappa > 0
+        # with lockstep, the last stage runs wherever the step has E2E rows on any rank
+        last_stage = rectify or (lockstep and cfg.rectifies)
         use_cfg = cfg.enhanced_ratio > 0 and nC > 0 and bool(cond)
         if use_cfg and null_cond is None:
             raise ValueError(
@@ -216,6 +223,9 @@ class TwinFlowObjective:
         )
 
         log = CallLog(input_dtype=x0.dtype if x0.is_floating_point() else torch.float32)
+        if lockstep:
+            one = torch.ones(1, device=dev)
+            log.pad = Query(x0[:1].float(), one, one, take_cond(cond, slice(0, 1)))
         g = generator
         x = x0.float()
         shape = tuple(x.shape[1:])
@@ -262,8 +272,8 @@ class TwinFlowObjective:
         y = x_start[keep]
         rolled = y.shape[0] > 0
         D_k = torch.zeros_like(y)
-        steps = [(times[k], times[k + 1]) for k in range(cfg.rollout_order)] if rolled else []
-        last = steps.pop() if rectify and steps else None
+        steps = [(times[k], times[k + 1]) for k in range(cfg.rollout_order)] if rolled or lockstep else []
+        last = steps.pop() if last_stage and steps else None
         for s, s_next in steps:
             _, (g_k,) = self._stage(log, model, rollout_fn, [], [Query(y, s, s_next, cond_k)])
             y, disp = rollout_step(y, s, s_next, g_k)
@@ -274,13 +284,16 @@ class TwinFlowObjective:
 
         # Last stage: the rectify pair (online) on the one-step samples x_g = eps - G_e, whose values
         # are the grad forward's E2E rows (x_t = eps, t = 1, r = 0), + the last rollout sub-step.
-        if rectify:
-            x_g = eps[E] - G[E].detach()
-            y_r = noisy(x_g, tau, noise_r)
-            online_q = [Query(y_r, -tau, -tau, cond_e), Query(y_r, tau, tau, cond_e)]
+        if last_stage:
+            online_q = []
+            if rectify:
+                x_g = eps[E] - G[E].detach()
+                y_r = noisy(x_g, tau, noise_r)
+                online_q = [Query(y_r, -tau, -tau, cond_e), Query(y_r, tau, tau, cond_e)]
             teacher_q = [Query(y, last[0], last[1], cond_k)] if last is not None else []
             out_online, out_teacher = self._stage(log, model, rollout_fn, online_q, teacher_q)
-            dv = velocity_gap(out_online[0], out_online[1])
+            if rectify:
+                dv = velocity_gap(out_online[0], out_online[1])
             if last is not None:
                 _, disp = rollout_step(y, last[0], last[1], out_teacher[0])
                 D_k = D_k + disp

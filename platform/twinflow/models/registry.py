@@ -105,6 +105,15 @@ class Family(ABC):
         kwargs: dict[str, Any] = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
+        if _inside_zero_init():
+            # diffusers' loader builds on the meta device first, which deepspeed.zero.Init cannot
+            # partition: build from the config (partitioned as each module is made), then stream
+            from twinflow.models.streamed import load_backbone_streamed
+
+            backbone = cls.from_config(cls.load_config(str(root)))
+            load_backbone_streamed(backbone, root)
+            self.check_backbone(backbone)
+            return backbone
         notice = _DropE2Notice()
         diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
         diffusers_log.addFilter(notice)
@@ -114,6 +123,14 @@ class Family(ABC):
             diffusers_log.removeFilter(notice)
         self.check_backbone(backbone)
         return backbone
+
+
+def _inside_zero_init() -> bool:
+    """Whether modules built now are partitioned by an active `deepspeed.zero.Init`."""
+    import sys
+
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return bool(module is not None and getattr(module, "zero_init_context", 0))
 
 
 class _DropE2Notice(logging.Filter):

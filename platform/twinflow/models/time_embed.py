@@ -109,6 +109,24 @@ def _init_small_random(module: nn.Module, std: float = 0.02) -> None:
                     nn.init.zeros_(m.bias)
 
 
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with ordinary parameters. Built inside `deepspeed.zero.Init` the source is already
+    partitioned: it is gathered for the copy (one embedder), and the copy's plain weights are
+    partitioned by `deepspeed.initialize` like any other."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return copy.deepcopy(module)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        out = copy.deepcopy(module)
+        for m in out.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m.register_parameter(name, nn.Parameter(p.data.clone(), requires_grad=p.requires_grad))
+    return out
+
+
 def install_two_time(
     module: nn.Module,
     twin_cls: type,
@@ -132,11 +150,11 @@ def install_two_time(
         raise ValueError(f"fake_branch must be 'signed' or 'mirror', got {fake_branch!r}")
     if fake_branch == "mirror" and not width:
         raise ValueError("fake_branch='mirror' needs the embedding width for its gate")
-    e2 = copy.deepcopy(module)
+    e2 = _plain_copy(module)
     if e2_init == "random":
         _init_small_random(e2)
     if fake_branch == "mirror":
-        e2.add_module(SIGN_NAME, SignEmbedding(copy.deepcopy(module), int(width)))
+        e2.add_module(SIGN_NAME, SignEmbedding(_plain_copy(module), int(width)))
     module.__class__ = twin_cls
     module.twin_e2 = e2
     module.twin_time_scale = float(time_scale)

@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from twinflow.train import manifest
 
 log = logging.getLogger(__name__)
 
 TAG = "ckpt"
-TEACHER_FILE = "teacher.pt"
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's directory names inside the run's storage
 
 
@@ -65,8 +62,8 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
     tmp = Path(tempfile.mkdtemp(prefix=f"twinflow-ckpt-s{state.step}-r{rank}-"))
     try:
         engine.save_checkpoint(str(tmp), tag=TAG, client_state={"train_state": state.as_dict()})
-        if rank == 0 and teacher is not None and teacher.state_dict():
-            torch.save(teacher.state_dict(), tmp / TEACHER_FILE)
+        if teacher is not None:
+            teacher.save(tmp)  # every rank: its own partition of the averages
         # last: it vouches for the files above
         manifest.write_manifest(tmp, rank, world, state.step, engine.zero_optimization_stage())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
@@ -176,9 +173,8 @@ def restore(
             load_path, client = engine.load_checkpoint(d, tag=TAG)
             if load_path is None:
                 raise CheckpointError(f"checkpoint {ckpt.path} holds no DeepSpeed state under tag {TAG!r}")
-            teacher_file = Path(d) / TEACHER_FILE
-            if teacher is not None and teacher_file.exists():
-                teacher.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=False))
+            if teacher is not None:
+                teacher.load(d)
             state = TrainState.from_dict(client["train_state"])
             note(f"{'fell back to' if skipped else 'restored'} checkpoint {ckpt.path} (step {state.step})")
         return state

@@ -9,6 +9,7 @@ costs the model's compute and nothing else.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping
 
@@ -17,8 +18,8 @@ from torch import Tensor
 
 from twinflow.data.config import DataConfig
 from twinflow.data.local import iter_local_batches
-from twinflow.method.ema import EMA
 from twinflow.train import loop, modelling
+from twinflow.train.averages import Averages
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
 from twinflow.train.engines import TorchEngine
@@ -78,11 +79,11 @@ def load_memory_data(data: DataConfig, encoder: Any, limit: int | None = None) -
 
 @dataclass
 class InProcessRun:
-    """What a run leaves: the online model, its teacher and sampling EMA (`modelling.Averages`), and one
+    """What a run leaves: the online model, its teacher and sampling EMA (`train.averages.Averages`), and one
     metrics dict per logged step (means over the steps since the last log)."""
 
     model: torch.nn.Module
-    averages: modelling.Averages
+    averages: Averages
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -90,13 +91,16 @@ class InProcessRun:
         return self.averages.teacher
 
     @property
-    def sample_ema(self) -> EMA | None:
+    def sample_ema(self) -> Any:
         return self.averages.sample_ema
 
     @property
     def sampling_model(self) -> torch.nn.Module:
-        """The weights a user samples from: the sampling EMA when the job keeps one."""
-        return self.averages.sampling_module(self.model)
+        """The weights a user samples from: a copy holding the sampling EMA when the job keeps one."""
+        if self.averages.sample_ema is None:
+            return self.model
+        with self.averages.sampling() as module:
+            return copy.deepcopy(module)
 
 
 def memory_batches(

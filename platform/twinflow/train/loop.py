@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -91,9 +91,10 @@ class Loop:
     def at_end(self) -> bool:
         return self.state.step >= self.final_step
 
-    def sampling_module(self) -> torch.nn.Module:
-        """Grids, judge metrics and the export use the sampling EMA when the job keeps one."""
-        return self.averages.sampling_module(self.engine.module)
+    def sampling(self) -> ContextManager[torch.nn.Module]:
+        """The module grids, judge metrics and the export sample from, holding the sampling EMA when
+        the job keeps one (every rank enters: under ZeRO-3 it gathers layer by layer as in training)."""
+        return self.averages.sampling()
 
     def take_window(self) -> dict[str, float]:
         means = {k: sum(v) / len(v) for k, v in self.window.items()}
@@ -144,8 +145,11 @@ def run(
         times.waited(t_start - t_wait)
         if micro == 0:  # the first micro-batch of an optimizer step: EMA before any target
             engine.set_lr(job.train.lr * lr_factor(state.step, job.train.warmup_steps))
-            with engine.gathered():
-                teacher.update()
+            loop.averages.update_teacher()
+        rows = {}
+        if slot_split is not None:  # this rank's and micro-batch's part of the step's global split
+            rows["split"] = slot_split(layout, state.step, engine.rank, micro, job.train.seed)
+            rows["lockstep"] = engine.world > 1  # ranks hold different rows but make the same calls
         out = objective(
             engine.model,
             x,
@@ -154,6 +158,7 @@ def run(
             null_cond=null_cond,
             generator=generator,
             update_teacher=False,
+            **rows,
         )
         engine.backward(out.loss)
         stepped = engine.step()
@@ -167,9 +172,7 @@ def run(
             continue
         micro = 0
         state.step += 1
-        if loop.averages.sample_ema is not None:
-            with engine.gathered():
-                loop.averages.sample_ema.update(engine.module)
+        loop.averages.update_sampling()
         for c in components:
             c.after_step(loop)
     for c in components:

@@ -7,17 +7,16 @@ from pathlib import Path
 import torch
 
 from twinflow.eval.periodic import dataset_of, periodic_metrics
-from twinflow.exports import open_export
+from twinflow.exports import local_export
 from twinflow.imaging import save_grid
-from twinflow.method import Teacher
 from twinflow.method import build_objective as _build_objective
 from twinflow.method.config import TwinFlowConfig, sample_guidance_of
-from twinflow.method.ema import EMA
 from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.models import build_generator
 from twinflow.models.export import save_generator
-from twinflow.models.lora import apply_lora, disable_adapters
-from twinflow.models.time_embed import SIGN_NAME
+from twinflow.models.lora import apply_lora
+from twinflow.models.streamed import load_streamed
+from twinflow.train import averages, sharded_build
 from twinflow.train.config import JobConfig
 from twinflow.train.editing import export_metadata
 
@@ -26,87 +25,44 @@ def train_dtype(job: JobConfig) -> torch.dtype:
     return torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
 
 
-def build_model(job: JobConfig) -> torch.nn.Module:
+def build_model(job: JobConfig, ds_cfg: dict | None = None) -> torch.nn.Module:
     """The backbone, loaded from `train.init_from` when set, THEN adapted with LoRA (base keys must match).
 
-    Built in the training dtype (DeepSpeed would cast it anyway): the startup peak is the bf16 size."""
-    model = build_generator(job.model.model_copy(update={"lora": None}), dtype=train_dtype(job))
+    Built in the training dtype (DeepSpeed would cast it anyway): the startup peak is the bf16 size.
+    With a ZeRO-3 `ds_cfg` it is built partitioned (`twinflow.train.sharded_build`): each rank holds
+    its share of the weights plus the one module being built or loaded."""
+    dtype = train_dtype(job)
+    with sharded_build.partitioned_construction(ds_cfg, dtype):
+        model = build_generator(job.model.model_copy(update={"lora": None}), dtype=dtype)
     if job.train.init_from:
-        base = open_export(job.train.init_from, job.output.s3_endpoint).generator()
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        # A "mirror" fake branch fine-tuned from a "signed" base: its sign embedding starts from its
-        # zero gate (the fake branch equals the real one), so those keys may be absent from the base.
-        missing = [k for k in missing if f".{SIGN_NAME}." not in k]
-        if unexpected or missing:
-            raise ValueError(
-                f"train.init_from {job.train.init_from}: weights do not match model "
-                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
-            )
+        source = local_export(job.train.init_from, job.output.s3_endpoint)
+        load_streamed(model, source, f"train.init_from {job.train.init_from}")
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
     return model
 
 
-def build_teacher(job: JobConfig, model: torch.nn.Module) -> Teacher:
-    """The objective's own teacher (online for flow matching); a frozen teacher of a LoRA model is the
-    base with the adapters switched off, so no second copy of the weights is kept."""
-    adapters_off = None
-    if (
-        isinstance(job.method, TwinFlowConfig)
-        and job.method.teacher == "frozen"
-        and job.model.lora is not None
-    ):
-        adapters_off = lambda: disable_adapters(model)  # noqa: E731
-    return build_objective(job).make_teacher(model, adapters_off)
-
-
-class Averages:
-    """The teacher and the optional sampling EMA (`train.sample_ema`), checkpointed together: the
-    teacher's state dict gains a `sample_ema` entry, which `Teacher.load_state_dict` ignores."""
-
-    def __init__(self, teacher: Teacher, sample_ema: EMA | None) -> None:
-        self.teacher = teacher
-        self.sample_ema = sample_ema
-
-    def sampling_module(self, online: torch.nn.Module) -> torch.nn.Module:
-        """The weights grids, evaluation and the export use."""
-        return self.sample_ema.module if self.sample_ema is not None else online
-
-    def state_dict(self) -> dict:
-        state = self.teacher.state_dict()
-        if self.sample_ema is not None:
-            state["sample_ema"] = self.sample_ema.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.teacher.load_state_dict(state)
-        if self.sample_ema is not None:
-            if "sample_ema" not in state:
-                raise ValueError(
-                    "the checkpoint holds no sampling EMA but train.sample_ema is set; "
-                    "resume with the job's original settings or start over with --fresh"
-                )
-            self.sample_ema.load_state_dict(state["sample_ema"])
-
-
-def build_averages(job: JobConfig, model: torch.nn.Module) -> Averages:
-    """Teacher + sampling EMA; both copy the model as it is now (build them before DeepSpeed shards it).
-
-    Their copies are fp32 (a bf16 EMA rounds away steps of (1 - d) * delta): a bf16 model is cast to
-    fp32 while they are made, then back (bf16 -> fp32 -> bf16 is exact); `twinflow plan` counts it."""
-    dtype = next(model.parameters()).dtype
-    if dtype != torch.float32 and copies_made(job):
-        model.float()
-    try:
-        sample_ema = EMA(model, job.train.sample_ema) if job.train.sample_ema else None
-        return Averages(build_teacher(job, model), sample_ema)
-    finally:
-        model.to(dtype)
+def build_averages(job: JobConfig, engine) -> averages.Averages:
+    """The teacher and the optional sampling EMA (`train.sample_ema`) on the training module itself
+    (`twinflow.train.averages`): built after DeepSpeed wrapped it (`engine`; a plain module in
+    process), so an average is the fp32 adapter of a LoRA job or each rank's fp32 partition of a full
+    one (on the host when the job offloads), never a whole copy of the generator per GPU."""
+    module = getattr(engine, "module", engine)
+    method = job.method
+    return averages.build(
+        module,
+        teacher_mode=getattr(method, "teacher", "online"),
+        teacher_decay=getattr(method, "ema_decay", 0.99),
+        sample_decay=job.train.sample_ema,
+        release=averages.zero3_release(engine),
+        host=job.deepspeed.offload_optimizer or job.deepspeed.offload_params,
+    )
 
 
 def copies_made(job: JobConfig) -> int:
-    """Deep copies of the generator `build_averages` makes: an EMA teacher, a frozen teacher without
-    LoRA (with LoRA it is the model with adapters off), the sampling EMA."""
+    """Averages of the generator `build_averages` keeps: an EMA teacher, a frozen teacher without LoRA
+    (with LoRA it is the model with adapters off), the sampling EMA. Each is an fp32 LoRA adapter plus
+    the trained E2 and text projection (LoRA), or fp32 1/world of the trainable weights per rank."""
     teacher = getattr(job.method, "teacher", "online")
     n = int(teacher == "ema") + int(teacher == "frozen" and job.model.lora is None)
     return n + int(job.train.sample_ema is not None)

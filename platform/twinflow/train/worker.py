@@ -19,7 +19,7 @@ from twinflow.data import bad_record_metrics, iter_torch_kwargs
 from twinflow.train import checkpointing, editing, lifeline, loop, modelling, tracking
 from twinflow.train.checkpointing import TrainState
 from twinflow.train.config import JobConfig
-from twinflow.train.engine import deepspeed_config, init_engine
+from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
 from twinflow.train.engines import DeepSpeedEngine
 from twinflow.train.progress import MetricsLog, ProgressLine, ProgressLog
 
@@ -47,10 +47,11 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = modelling.train_dtype(job)
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    model = modelling.build_model(job).to(device)
-    averages = modelling.build_averages(job, model)
+    ds_cfg = deepspeed_config(job.deepspeed, job.train, world)
+    model = modelling.build_model(job, ds_cfg).to(device)  # partitioned as it is built at ZeRO-3
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_engine = init_engine(model, trainable, deepspeed_config(job.deepspeed, job.train, world))
+    ds_engine = init_engine(model, trainable, ds_cfg)
+    averages = modelling.build_averages(job, ds_engine)  # on the engine's module: adapters or partitions
     engine = DeepSpeedEngine(ds_engine, job.deepspeed.zero_stage)
     state = (
         checkpointing.restore(
@@ -78,7 +79,8 @@ def train_loop(config: dict[str, Any]) -> None:
         say = ProgressLog(run_dir / "logs" / "progress.log")
         say(
             f"{'resuming from step ' + str(state.step) if state.step else 'starting'}: "
-            f"{sum(p.numel() for p in trainable):,} trainable parameters, world size {world}"
+            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable parameters, "
+            f"world size {world}"
         )
     tracker = tracking.JobTracker.for_rank(job, run_dir, rank, say)  # MLflow (rank 0, when configured)
 
@@ -122,9 +124,9 @@ def train_loop(config: dict[str, Any]) -> None:
         components=components,
     )
 
-    with engine.gathered():
+    with run.sampling() as module, full_parameters(module, job.deepspeed.zero_stage):
         if rank == 0:
-            modelling.export(job, run.sampling_module(), run_dir / "export", steps=state.step)
+            modelling.export(job, module, run_dir / "export", steps=state.step)
     tracker.finish(run_dir / "export")
     if metrics_log is not None:
         metrics_log.close()
@@ -184,7 +186,8 @@ class SampleGrids:
 
     def _grid(self, run: loop.Loop, name: str) -> None:
         # no gathering: under ZeRO-3 the forward gathers one layer at a time on every rank
-        modelling.sample_grid(self.job, run.sampling_module(), self.eval_cond, self.out / name, **self.args)
+        with run.sampling() as module:
+            modelling.sample_grid(self.job, module, self.eval_cond, self.out / name, **self.args)
         self.tracker.log_samples(self.out / name)
 
     def after_step(self, run: loop.Loop) -> None:
@@ -217,9 +220,10 @@ class PeriodicEval:
         step = run.state.step
         if not loop.every(self.job.eval.every, step, run.final_step):
             return
-        evaluated = modelling.eval_metrics(
-            self.job, run.sampling_module(), self.eval_cond, device=self.device, null_cond=self.null_cond
-        )
+        with run.sampling() as module:
+            evaluated = modelling.eval_metrics(
+                self.job, module, self.eval_cond, device=self.device, null_cond=self.null_cond
+            )
         if not evaluated:
             return
         run.last_eval = evaluated
