@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from twinflow.eval.periodic import dataset_of, periodic_metrics
+from twinflow.eval.periodic import dataset_of, periodic_metrics, reference_of
 from twinflow.exports import open_export
 from twinflow.imaging import save_grid
 from twinflow.method import Teacher
@@ -174,6 +174,7 @@ def eval_metrics(
         return periodic_metrics(
             module,
             dataset=dataset_of(job.data.path, job.data.s3_endpoint),
+            reference=reference_of(job),
             prompts=job.eval.prompts,
             cond=eval_cond,
             nfe=job.eval.nfe,
