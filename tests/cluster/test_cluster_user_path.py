@@ -53,7 +53,33 @@ JOBS = {
     "mnist_twinflow": ("mnist", "mnist_base_fm"),
     "fashion_twinflow": ("fashion", "fashion_base_fm"),
     "mnist_edit_twinflow": ("edits", "mnist_edit_fm"),
+    "qwen_image_lora": ("qwen", None),
 }
+# The 20B Qwen-Image LoRA recipe, cut down: the tiny Qwen-Image pipeline of tests/models (its own VAE
+# and Qwen2.5-VL encoder) and the latent cache of the Fashion shards instead of /mnt/models and S3, one
+# CPU worker, 28 px; ZeRO-3, bf16, LoRA, gradient checkpointing, micro_batch and the online teacher as
+# shipped. Its sample grids are off (eval.prompts: []): a latent job's grid is drawn from undecoded
+# latents and fails (reported; the judge metrics are off as shipped: no judge for web images).
+QWEN_SETS = [
+    "cluster={num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}",
+    "data.image_size=28",
+    "data.text_max_length=16",
+    "model.image_size=28",
+    "model.text_max_length=16",
+    "model.lora={rank: 4, alpha: 4}",
+    "eval.prompts=[]",
+]
+QWEN_CACHE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import ray
+from qwen_pipeline import build_tiny_pipeline
+from twinflow.data.latent_cache import CacheSpec, build_latent_cache
+pipe = build_tiny_pipeline(sys.argv[3] + "/pipe")
+ray.init(address=sys.argv[5], log_to_driver=False)
+build_latent_cache(sys.argv[2], CacheSpec(str(pipe), "qwen2.5-vl", str(pipe), 16, 28), sys.argv[4], actors=1, batch_size=32)
+"""
+
 # Every shipped sweep, one trial: (its shards, the job whose export it fine-tunes, its cut-down search and evaluation).
 SWEEPS = {
     "fashion_lambda_nfe": (
@@ -137,7 +163,8 @@ def head(tmp_path_factory):
         assert attempt == 0, log_path.read_text()[-3000:]
         _kill_group(proc.pid)  # whatever the failed start left behind
     try:
-        yield {"dashboard": dashboard, "env": _user_env(dashboard), "temp": temp}
+        gcs = f"127.0.0.1:{ports['gcs']}"
+        yield {"dashboard": dashboard, "gcs": gcs, "env": _user_env(dashboard), "temp": temp}
     finally:
         _end_cluster(proc)
 
@@ -220,8 +247,8 @@ def wait_job(head: dict, job_id: str, timeout: float = 900) -> tuple[str, str]:
     raise AssertionError(f"{job_id} still running after {timeout} s")
 
 
-def _train(head: dict, job: str, data: Path, out: Path, init_from: Path | None) -> str:
-    sets = [f"data.path={data}", f"output.dir={out}", *TINY, *EVAL_ON]
+def _train(head: dict, job: str, data: Path, out: Path, init_from: Path | None, extra=()) -> str:
+    sets = [f"data.path={data}", f"output.dir={out}", *TINY, *EVAL_ON, *extra]
     if init_from is not None:
         sets.append(f"train.init_from={init_from}")
     return submit(
@@ -257,10 +284,37 @@ def shipped(head, fashion_small, mnist_small, mnist_edits_small, tmp_path_factor
     results: dict[str, tuple[str, str, Path]] = {}
     times: dict[str, float] = {}
     t0 = time.perf_counter()
+    qwen = tmp_path_factory.mktemp("qwen")  # the pipeline and its latent cache, built beside the first wave
+    cache = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            QWEN_CACHE,
+            str(REPO / "tests" / "models"),
+            str(fashion_small),
+            str(qwen),
+            str(qwen / "cache"),
+            head["gcs"],
+        ],
+        env=head["env"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for wave in ("base", "fine-tune"):
         ids = {}
         for job, (shards, base) in JOBS.items():
-            if (base is None) == (wave == "base"):
+            if shards == "qwen" and wave == "fine-tune":  # after the cache: with the fine-tunes
+                log, _ = cache.communicate(timeout=1200)
+                assert cache.returncode == 0, log[-3000:]
+                sets = [
+                    f"model.pretrained_path={qwen / 'pipe'}",
+                    f"model.vae_path={qwen / 'pipe'}",
+                    *QWEN_SETS,
+                ]
+                ids[job] = _train(head, job, qwen / "cache", out, None, sets)
+            elif shards != "qwen" and (base is None) == (wave == "base"):
                 init = out / base / "export" if base else None
                 ids[job] = _train(head, job, data[shards], out, init)
         for job, job_id in ids.items():
@@ -281,9 +335,10 @@ def shipped(head, fashion_small, mnist_small, mnist_edits_small, tmp_path_factor
 
 
 def test_every_shipped_job_and_sweep_is_covered():
-    assert sorted(JOBS) == sorted(
-        p.stem for p in (REPO / "jobs").glob("*.yaml") if not p.stem.startswith("qwen_")
-    )
+    """Every jobs/*.yaml runs here; every tune/*.yaml but the Qwen-Image sweep, which needs what this
+    machine cannot give it (an eval split of real images beside the latent cache for its builtin
+    evaluator, ASHA rungs at step 1500, 8-GPU trials) and is validated in tests/tune instead."""
+    assert sorted(JOBS) == sorted(p.stem for p in (REPO / "jobs").glob("*.yaml"))
     assert sorted(SWEEPS) == sorted(
         p.stem for p in (REPO / "tune").glob("*.yaml") if not p.stem.startswith("qwen_")
     )
@@ -298,7 +353,12 @@ def test_a_shipped_job_runs_on_the_cluster_with_periodic_eval(shipped, job):
     assert f"job {job} FINISHED at step 2/2" in logs
     model, meta = load_generator(export)
     assert meta["job"] == job and sum(p.numel() for p in model.parameters()) > 0
-    if "edit" not in job:  # text-to-image jobs are judged during training: the numbers are in the log
+    if job in (
+        "mnist_base_fm",
+        "mnist_twinflow",
+        "fashion_base_fm",
+        "fashion_twinflow",
+    ):  # judged while training
         assert re.search(r"eval fd_nfe1=\S+ adherence_nfe1=", logs), logs[-4000:]
     # quiet as the local CLI: our progress lines and results, not Ray's or DeepSpeed's own output
     assert "step 1/2" in logs
