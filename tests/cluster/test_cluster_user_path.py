@@ -114,7 +114,7 @@ def _user_env(dashboard: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> str:
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> str:
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
