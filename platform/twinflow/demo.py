@@ -135,6 +135,7 @@ def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100)
         m = periodic_metrics(
             export.generator(),
             dataset=dataset,
+            reference=(DATA, None),
             prompts=list(range(10)),
             cond=None,
             nfe=nfe,

@@ -156,13 +156,14 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
     save_generator(
         tiny_generator(seed=3), run / "export", {"method": "flow_matching", "job": "tiny_mnist", "steps": 7}
     )
-    data = tmp_path / "data" / "mnist_digits"
-    data.mkdir(parents=True)
-    (data / "manifest.json").write_text(json.dumps({"source": {"type": "mnist_digits"}}))
-    (run / "job.json").write_text(
-        json.dumps({"data": {"path": str(data)}})
-    )  # the dataset is inferred from here
     from twinflow.data import build_pipeline, load_pipeline
+
+    # the shipped MNIST shards: the dataset is inferred from them, the real images read from them
+    data = tmp_path / "data" / "mnist_digits"
+    build_pipeline(
+        load_pipeline(REPO / "pipelines" / "mnist_digits.yaml", [f"output={data}"]), progress=False
+    )
+    (run / "job.json").write_text(json.dumps({"data": {"path": str(data)}}))
 
     edits = tmp_path / "mnist_edits"
     build_pipeline(
@@ -233,9 +234,16 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
 
 
 def test_periodic_metrics_hook(tmp_path, mnist_judge, mnist_reference, text_encoder):
-    """Training's hook: dataset from the shards' manifest, sampler from the method, same numbers as
-    evaluate_generator; unknown data (a user folder) gives no metrics instead of failing the job."""
+    """Training's hook: dataset from the shards' manifest, sampler from the method, real images from
+    the shards (pipelines/mnist_digits.yaml as shipped: the same numbers as evaluate_generator with
+    the source's reference); unknown data (a user folder) gives no metrics instead of failing the job."""
+    from twinflow.data import build_pipeline, load_pipeline
     from twinflow.eval.periodic import check_prompts, dataset_of, periodic_metrics
+
+    shards = tmp_path / "mnist_digits"
+    build_pipeline(
+        load_pipeline(REPO / "pipelines" / "mnist_digits.yaml", [f"output={shards}"]), progress=False
+    )
 
     (tmp_path / "manifest.json").write_text(json.dumps({"source": {"type": "mnist_digits"}}))
     assert dataset_of(str(tmp_path)) == "mnist" and dataset_of(str(tmp_path / "nope")) is None
@@ -245,6 +253,7 @@ def test_periodic_metrics_hook(tmp_path, mnist_judge, mnist_reference, text_enco
     got = periodic_metrics(
         model,
         dataset="mnist",
+        reference=(str(shards), None),
         prompts=prompts,
         cond=cond,
         nfe=[1],
@@ -264,6 +273,9 @@ def test_periodic_metrics_hook(tmp_path, mnist_judge, mnist_reference, text_enco
         seed=9,
     )
     assert got == pytest.approx(want)
-    assert periodic_metrics(model, dataset=None, prompts=prompts, cond=cond, nfe=[1], method="twinflow") == {}
+    none = periodic_metrics(
+        model, dataset=None, reference=None, prompts=prompts, cond=cond, nfe=[1], method="twinflow"
+    )
+    assert none == {}
     with pytest.raises(ValueError, match="a handwritten cat"):
         check_prompts("mnist", ["a handwritten cat"])

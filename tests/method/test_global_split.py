@@ -228,7 +228,7 @@ def test_ranks_make_the_same_calls_whatever_rows_they_hold(teacher_mode):
             sizes.add(part.sizes)
             x0, cond = torch.randn(4, 2), {"label": torch.randint(0, 4, (4,))}
 
-            def run(lockstep):
+            def run(lockstep, x0=x0, cond=cond, part=part, step=step):
                 model.zero_grad(set_to_none=True)
                 out = obj(
                     model,

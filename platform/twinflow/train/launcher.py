@@ -19,7 +19,12 @@ from typing import Any, Iterable
 from twinflow.config import ConfigError
 from twinflow.storage import is_s3
 from twinflow.train.config import JobConfig, load_job
-from twinflow.train.failures import train_loop_keeping_traceback, write_failure_log
+from twinflow.train.failures import (
+    StopOnDeterministicFailure,
+    deterministic_message,
+    train_loop_keeping_traceback,
+    write_failure_log,
+)
 from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, check_text_states, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
 from twinflow.train.summary import write_summary
@@ -131,8 +136,18 @@ def ensure_ray(job: JobConfig, address: str | None) -> None:
         # The job's actors (Train's placement-group cleaner among them) find the state API through
         # RAY_ADDRESS; unset, they scan the machine for clusters ("Found multiple active Ray instances").
         env = {**WORKER_ENV, **_cluster_address_env(address)}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        _forwarding = True  # on a cluster `ray job logs` is where the output goes: keep all of it
+        # Quiet as locally: the driver prints rank 0's lines from the run directory on shared storage
+        # (FollowLines), so `ray job logs` shows our progress and results, not DeepSpeed's or Ray's
+        # chatter. With s3:// output rank 0 writes them into its own node's staging folder, which
+        # this driver may not see: then Ray forwards the workers' output.
+        forward = verbose or is_remote(job)
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env},
+            log_to_driver=forward,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+        _forwarding = forward
     else:
         # The raylet warns ("N PYTHON worker processes have been started ... 4x the maximum expected
         # startup concurrency") once a job has started 4x as many workers as the machine's physical
@@ -199,15 +214,32 @@ def run_job_file(
     return run_job(job, address=address, fresh=fresh)
 
 
+def job_inputs(job: JobConfig) -> list[tuple[str, str, str | None]]:
+    """(field, path, endpoint) of every file or folder the job reads on its workers: its data, the
+    export it starts from, model weights, text encoder, and periodic eval's real images."""
+    from twinflow.eval.periodic import reference_of, uses_reference
+
+    model = job.model
+    named = [
+        ("data.path", job.data.path, job.data.s3_endpoint),
+        ("train.init_from", job.train.init_from, job.output.s3_endpoint),
+        ("model.pretrained_path", model.pretrained_path, job.data.s3_endpoint),
+        ("model.vae_path", model.vae_path, job.data.s3_endpoint),
+        ("model.text_encoder_path", model.text_encoder_path, job.data.s3_endpoint),
+        ("data.text_encoder_dir", job.data.text_encoder_dir, job.data.s3_endpoint),
+    ]
+    if job.eval.reference and uses_reference(job):
+        named.append(("eval.reference", *reference_of(job)))
+    return [(f, str(p), e) for f, p, e in named if p and p != "default"]
+
+
 def check_inputs(job: JobConfig) -> None:
     """Paths the job reads exist and outputs do not go into a Ray runtime-env folder (before Ray
     starts): a ConfigError naming the field and what to do otherwise."""
     from twinflow import storage
+    from twinflow.eval.periodic import check_reference
 
-    inputs = (
-        ("data.path", job.data.path, job.data.s3_endpoint),
-        ("train.init_from", job.train.init_from, job.output.s3_endpoint),
-    )
+    inputs = job_inputs(job)
     for field_name, uri, _ in inputs:  # under `ray job submit`: say what to do, not just "missing"
         check_not_in_runtime_env(field_name, uri or "", must_exist=True)
     check_not_in_runtime_env("output.dir", job.output.dir, must_exist=False)
@@ -221,6 +253,7 @@ def check_inputs(job: JobConfig) -> None:
             raise ConfigError(f"{field_name}: {uri}: cannot be read ({exc})") from None
         if not found:
             raise ConfigError(f"{field_name}: {uri} does not exist")
+    check_reference(job)  # periodic eval's real images: shards with an eval and a train split
 
 
 def check_resume_layout(job: JobConfig, run_dir: Path) -> None:
@@ -249,6 +282,8 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
         job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
     if "://" not in job.data.path:  # the workers read the data manifest too (periodic eval's judge)
         job.data.path = str(Path(job.data.path).expanduser().resolve())
+    if job.eval.reference and "://" not in job.eval.reference:
+        job.eval.reference = str(Path(job.eval.reference).expanduser().resolve())
     if fresh:  # only ever <output.dir>/<name>, proven to be one run directory (twinflow.train.paths)
         remove_run_dir(run_dir.parent, job.name)
     if fresh and is_remote(job):
@@ -316,7 +351,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env()},
-            callbacks=callbacks or None,
+            callbacks=[StopOnDeterministicFailure(), *(callbacks or [])],
         ),
         datasets={"train": train_data},
         dataset_config=ingest_config(job),
@@ -353,13 +388,14 @@ def run_job(
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         errors = write_failure_log(run_dir, exc)
-        message = str(exc) + (f"\n(full tracebacks: {errors})" if errors else "")
+        message = deterministic_message(exc) or str(exc)  # an input error: the worker's one line, not retried
+        message += f"\n(full tracebacks: {errors})" if errors else ""
         out = JobResult(
             ok=False, state="ERRORED", run_dir=str(run_dir), error=message, bad_records=_bad_records(job)
         )
         write_summary(run_dir / "summary.json", asdict(out))
         _publish(job, run_dir, out)
-        log.error("job %s ERRORED: %s", job.name, exc)
+        log.error("job %s ERRORED: %s", job.name, message)
         return out
 
     metrics = dict(result.metrics or {})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from twinflow.eval.periodic import dataset_of, periodic_metrics
+from twinflow.eval.periodic import dataset_of, periodic_metrics, reference_of
 from twinflow.exports import local_export
 from twinflow.imaging import save_grid
 from twinflow.method import build_objective as _build_objective
@@ -16,6 +16,7 @@ from twinflow.models import build_generator
 from twinflow.models.export import save_generator
 from twinflow.models.lora import apply_lora
 from twinflow.models.streamed import load_streamed
+from twinflow.models.vae import LatentCodec
 from twinflow.train import averages, sharded_build
 from twinflow.train.config import JobConfig
 from twinflow.train.editing import export_metadata
@@ -100,7 +101,25 @@ def sample_grid(
     ]
     module.train(was_training)
     if rank == 0:
+        codec = grid_codec(module)
+        if codec is not None:  # a latent model's rows are latents: the job's VAE makes them images
+            rows = [codec.to(row.device).decode(row.float()) for row in rows]
         save_grid(rows, [f"{nfe} NFE" for nfe in job.eval.nfe], path)
+
+
+_CODECS: dict[str, LatentCodec] = {}
+
+
+def grid_codec(module: torch.nn.Module) -> LatentCodec | None:
+    """The VAE that decodes a latent model's samples (rank 0, loaded at the first grid and kept): the
+    workers of a job on a latent cache never load it for training, only to draw its grids."""
+    latent = getattr(module, "latent", None)
+    if not latent:
+        return None
+    path = str(latent["vae_path"])
+    if path not in _CODECS:
+        _CODECS[path] = LatentCodec.from_pretrained(path)
+    return _CODECS[path]
 
 
 def eval_metrics(
@@ -121,6 +140,7 @@ def eval_metrics(
         return periodic_metrics(
             module,
             dataset=dataset_of(job.data.path, job.data.s3_endpoint),
+            reference=reference_of(job),
             prompts=job.eval.prompts,
             cond=eval_cond,
             nfe=job.eval.nfe,

@@ -86,6 +86,11 @@ class EvalConfig(StrictModel):
         "NFE) at each eval when the data has a judge (twinflow.eval)",
     )
     metric_images_per_prompt: int = Field(32, ge=2, description="samples per prompt for the metrics")
+    reference: str | None = Field(
+        None,
+        description="shards (local or s3://) whose eval/train splits are the metrics' real images; "
+        "default: data.path",
+    )
 
     @model_validator(mode="after")
     def _positive_nfe(self) -> EvalConfig:

@@ -39,7 +39,7 @@ from twinflow.data.config import DataConfig
 from twinflow.data.local import iter_local_batches
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
-from twinflow.eval.periodic import dataset_of
+from twinflow.eval.periodic import dataset_of, reference_of
 from twinflow.exports import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
 from twinflow.method.config import sample_guidance_of
@@ -247,7 +247,7 @@ def judged(
         list(range(judge.dataset.num_classes)),
         None,
         judge,
-        reference=real_reference(judge),
+        reference=real_reference(judge, *reference_of(job)),
         text_encoder=_encoder(job),
         images_per_prompt=math.ceil(evaluation.samples / judge.dataset.num_classes),
         seed=evaluation.seed,
