@@ -7,7 +7,7 @@ import sys
 
 from twinflow.plan.gpus import GIB, GPUS_MIB, gpu_memory, parse_size
 
-_COLUMNS = ("weights", "gradients", "optimizer", "gathered", "activations", "nograd_peak", "copies")
+_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "activations", "nograd_peak", "copies")
 
 
 def _gib(n: int) -> str:
@@ -24,7 +24,9 @@ def render(result, gpu_label: str) -> str:
         f"({c.heads} heads), largest block {c.largest_layer:,}",
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
         f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
+        f"{w.emas} fp32 EMA(s) ({'second adapter' if w.lora else 'sharded with the optimizer'}), "
         f"{w.copies} fp32 model copies, precision {w.precision}",
+        *(f"config {line}" for line in c.configs),
         f"GPU: {gpu_label}, usable {result.capacity / GIB:.1f} GiB after the reserve; figures in GiB per GPU",
         "",
         f"{'layout':50s}"
