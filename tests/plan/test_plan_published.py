@@ -11,6 +11,21 @@ import pytest
 from twinflow.plan.memory import Layout, ema_states
 
 SHIPPED_JOB = "jobs/qwen_image_lora.yaml"
+# the published values that decide the plan, written out here by hand (diffusers docs, model cards)
+QWEN_IMAGE_20B = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "in_channels": 64,
+    "out_channels": 16,
+    "patch_size": 2,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+}
+QWEN_VAE = {"_class_name": "AutoencoderKLQwenImage", "z_dim": 16, "temperal_downsample": [False, True, True]}
+QWEN_ENCODER = {"model_type": "qwen2_5_vl", "hidden_size": 3584}
 
 
 def _no_weights(tmp_path: Path) -> list[str]:
@@ -20,14 +35,30 @@ def _no_weights(tmp_path: Path) -> list[str]:
 
 
 def test_plan_answers_for_the_shipped_qwen_recipe_with_no_model_files(tmp_path, capsys):
+    """Without weights or configs the plan equals the plan of a pipeline directory holding the
+    Qwen-Image configs (the values above), and says which config it used."""
     from twinflow.cli import main
 
     assert main(["plan", SHIPPED_JOB, "--gpu", "h100-80g", *_no_weights(tmp_path)]) == 0
     out = capsys.readouterr().out
     for part in ("transformer", "vae", "text_encoder"):
         assert f"config {part}: published config of Qwen/Qwen-Image shipped with twinflow" in out
-    assert "21,031,061,056 parameters (600,659,968 trainable), 60 blocks x 3072 (24 heads)" in out
     assert "cheapest layout that fits: 1 GPU" in out
+
+    pipeline = tmp_path / "configs-only"
+    for sub, cfg in (("transformer", QWEN_IMAGE_20B), ("vae", QWEN_VAE), ("text_encoder", QWEN_ENCODER)):
+        (pipeline / sub).mkdir(parents=True)
+        (pipeline / sub / "config.json").write_text(json.dumps(cfg))
+    (pipeline / "tokenizer").mkdir()
+    sets = ["--set", f"model.pretrained_path={pipeline}", "--set", f"model.vae_path={pipeline}"]
+    assert main(["plan", SHIPPED_JOB, "--gpu", "h100-80g", *sets]) == 0
+    local = capsys.readouterr().out
+
+    def table(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("config ")]
+
+    assert table(out) == table(local)
+    assert "60 blocks x 3072 (24 heads)" in out
 
 
 def test_plan_of_the_job_file_as_shipped_needs_no_model_files(capsys):
