@@ -24,7 +24,8 @@ Beyond DeepSpeed (what the worker loop does, train/worker.py and train/modelling
   gradient; their activations are freed block by block, so only the largest call's working set
   counts (**no-grad peak**), not their sum. One no-grad call (the rectify pair with the last rollout
   sub-step, method/twinflow.py) runs after the grad forward, while its saved activations are held:
-  its working set counts on top of them (**overlap rows**), like the backward's.
+  its working set counts on top of them (**overlap rows**), or the backward's, whichever is larger.
+  Activation bytes come from fits measured at the job's precision (`activations.py`).
 """
 
 from __future__ import annotations
@@ -149,12 +150,16 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     weights, gradients, optimizer, gathered, host = model_states(
         c.total, c.trainable, c.largest_layer, layout, work.precision
     )
-    saved, transient = work.activations.per_row(c.layers, work.tokens, c.width, c.heads, layout.checkpointing)
-    scale = 0.5 if work.precision == "bf16" else 1.0  # the fit is at fp32
-    # the backward's working set is about one no-grad forward's on top of what the forward saved, and
-    # so is a no-grad call made between the grad forward and the backward
-    activations = int((work.grad_rows * saved + max(work.grad_rows, work.overlap_rows) * transient) * scale)
-    nograd = int(work.nograd_rows * transient * scale)
+    row = work.activations.per_row(
+        c.layers, work.tokens, c.width, c.heads, layout.checkpointing, work.precision
+    )
+    # what the forward with gradient saved stays until its backward; on top of it comes either the
+    # no-grad call made between that forward and the backward, or the backward's own working set
+    # (with checkpointing: the recomputed block and its gradients), whichever is larger
+    activations = work.grad_rows * row.saved + max(
+        work.grad_rows * row.backward, work.overlap_rows * row.transient
+    )
+    nograd = work.nograd_rows * row.transient
     copies = work.copies * COPY_BYTES * c.total
     ema, ema_host = ema_states(c.trainable, work.emas, work.lora, layout)
     build = (2 if work.precision == "bf16" else 4) * c.total
