@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in planned.items():
                 got = [r[k] for r in ranks]
                 print(
-                    f"  {k:12s} {got[0]:>12,d} {got[1]:>12,d}   plan {v:>12,d}   plan/measured {v / max(got):.2f}"
+                    f"  {k:12s} {got[0]:>12,d} {got[1]:>12,d}   plan {v:>12,d}   plan/measured {v / max(got) if max(got) else float('nan'):.2f}"
                 )
     return 0
 
