@@ -157,6 +157,6 @@ def test_spec_from_the_shipped_20b_job():
         "qwen2.5-vl",
         "/mnt/models/Qwen-Image",
     )
-    assert (spec.image_size, spec.max_length, spec.text_column) == (1024, 256, "caption")
+    assert (spec.image_size, spec.max_length, spec.text_column) == (512, 256, "caption")
     with pytest.raises(FileNotFoundError, match="neither a job YAML nor an export"):
         spec_for_model(str(Path(__file__).parent))

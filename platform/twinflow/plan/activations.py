@@ -1,18 +1,23 @@
 """Activation memory, measured on small configs on the CPU and fitted to a per-layer per-token formula.
 
-Two quantities per batch row, both in bytes at fp32 (bf16 halves them):
+Three quantities per batch row, in bytes, fitted separately for each training precision (fp32 and
+bf16: in bf16 not everything halves, the norms, time embeddings and rotary tables stay fp32):
 
 - **saved**: what a forward with gradient leaves alive for its backward (each storage once,
   parameters excluded). With activation checkpointing it is the checkpoints; the backward then
   recomputes one block at a time, whose activations (the per-layer terms of the plain formula)
   come on top.
+- **backward**: the backward's own working set on top of what was saved (incoming gradients and
+  temporaries; with checkpointing, on top of the recomputed block). Parameter gradients are not in
+  it (they are model states).
 - **transient**: the peak of live tensors a no-grad forward creates (a `TorchDispatchMode` counts
   every new storage until it is freed). TwinFlow's extra passes run without gradient, so their
   activations are freed layer by layer and only this working set counts.
 
-Both are fitted by least squares as `a*L*N*d + b*N*d + c*L*d + e*L*N*h` (L layers, N image + text
-tokens, d width, h heads), which also captures the per-row modulation vectors. Attention here is
-SDPA (flash/memory-efficient on GPU, the fused CPU kernel here): nothing grows with N^2.
+saved is fitted by least squares as `a*L*N*d + b*N*d + c*L*d + e*L*N*h` (L layers, N image + text
+tokens, d width, h heads), which also captures the per-row modulation vectors; backward and transient,
+which do not grow with depth (blocks run one at a time), as `a*N*d + b*N*h + c*d + e*L*d`. Attention
+here is SDPA (flash/memory-efficient on GPU, the fused CPU kernel here): nothing grows with N^2.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def transient_features(layers: int, tokens: int, width: int, heads: int) -> np.n
     return np.array([tokens * width, tokens * heads, width, layers * width], dtype=np.float64)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def probe_config(
     family: str, layers: int, heads: int, head_dim: int, size: int, text: int, checkpointing: bool
 ) -> ModelConfig:
@@ -83,6 +91,7 @@ def probe_config(
 @dataclass(frozen=True)
 class Measured:
     saved: int  # bytes per row kept for the backward
+    backward: int  # peak bytes per row the backward adds to what was saved
     transient: int  # peak bytes per row of a no-grad forward
     layers: int
     tokens: int
@@ -90,29 +99,39 @@ class Measured:
     heads: int
 
 
-def _inputs(gen, rows: int, text: int):
+def _inputs(gen, rows: int, text: int, dtype: torch.dtype = torch.float32):
     c, h, w = gen.sample_shape
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, c, h, w, generator=g)
-    t = torch.rand(rows, generator=g)
+    x = torch.randn(rows, c, h, w, generator=g).to(dtype)
+    t = torch.rand(rows, generator=g).to(dtype)
     cond = {
-        "text_states": torch.randn(rows, text, 384, generator=g),
+        "text_states": torch.randn(rows, text, 384, generator=g).to(dtype),
         "text_mask": torch.ones(rows, text, dtype=torch.int64),
     }
     return x, t, 0.5 * t, cond
 
 
-def saved_bytes(gen, inputs) -> int:
-    """Bytes one forward with gradient leaves alive for its backward (output excluded; parameters
-    were made before the meter, so never counted). Counting live storages instead of only
-    `saved_tensors_hooks` also catches the block inputs that activation checkpointing holds."""
+def saved_and_backward_bytes(gen, inputs) -> tuple[int, int]:
+    """(bytes one forward with gradient leaves alive for its backward, output excluded; peak bytes its
+    backward adds on top). Parameters and their gradients were made before the meter (the gradients
+    are preallocated, so accumulating into them adds only the incoming temporaries), so neither is
+    counted. Counting live storages instead of only `saved_tensors_hooks` also catches the block
+    inputs that activation checkpointing holds."""
     gen.train()
+    for p in gen.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     meter = LiveBytes()
     with meter:
         out = gen(*inputs)
-    kept = meter.alive - out.untyped_storage().nbytes()
+        kept = meter.alive - out.untyped_storage().nbytes()
+        base = meter.alive
+        meter.peak = base
+        out.float().square().mean().backward()
+        extra = meter.peak - base
     del out
-    return kept
+    gen.zero_grad(set_to_none=True)
+    return kept, extra
 
 
 class LiveBytes(TorchDispatchMode):
@@ -166,20 +185,23 @@ def transient_bytes(gen, inputs) -> int:
     return meter.peak
 
 
-def measure(cfg: ModelConfig, rows: int = ROWS) -> Measured:
-    """Per-row saved and transient activation bytes of `cfg`, built and run for real on the CPU."""
+def measure(cfg: ModelConfig, rows: int = ROWS, precision: str = "fp32") -> Measured:
+    """Per-row saved, backward and transient activation bytes of `cfg`, built in `precision` and run
+    for real on the CPU."""
     from twinflow.models import build_generator
 
+    dtype = PRECISIONS[precision]
     torch.manual_seed(0)
-    gen = build_generator(cfg)
-    inputs = _inputs(gen, rows, cfg.text_max_length)
-    saved = saved_bytes(gen, inputs)
+    gen = build_generator(cfg, dtype=dtype)
+    inputs = _inputs(gen, rows, cfg.text_max_length, dtype)
+    saved, backward = saved_and_backward_bytes(gen, inputs)
     transient = transient_bytes(gen, inputs)
     c = gen.backbone.config
     heads = int(c.num_attention_heads)
     _, h, w = gen.sample_shape
     return Measured(
         saved=saved // rows,
+        backward=backward // rows,
         transient=transient // rows,
         layers=int(c.num_layers),
         tokens=(h // gen.patch) * (w // gen.patch) + cfg.text_max_length,
@@ -192,24 +214,49 @@ _PER_LAYER = np.array([1.0, 0.0, 1.0, 1.0])  # which `features` terms belong to 
 
 
 @dataclass(frozen=True)
-class ActivationModel:
-    """Fitted coefficients (bytes at fp32 per feature unit) for one family."""
+class Coefficients:
+    """Fitted bytes per feature unit for one family at one precision."""
 
-    family: str
     saved: tuple[float, ...]
     saved_ckpt: tuple[float, ...]
+    backward: tuple[float, ...]
+    backward_ckpt: tuple[float, ...]  # on top of the recomputed block
     transient: tuple[float, ...]
 
+
+@dataclass(frozen=True)
+class PerRow:
+    """Bytes per batch row of one step's activations (see the module docstring)."""
+
+    saved: int  # held from the forward with gradient until its backward
+    backward: int  # on top of `saved` during the backward (the recomputed block included)
+    transient: int  # a no-grad forward's peak
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Fitted coefficients for one family, per training precision."""
+
+    family: str
+    fits: dict[str, Coefficients]
+
     def per_row(
-        self, layers: int, tokens: int, width: int, heads: int, checkpointing: bool
-    ) -> tuple[int, int]:
-        """(saved, transient) fp32 bytes for one row."""
-        saved = features(layers, tokens, width, heads) @ np.array(self.saved)
-        if checkpointing:  # the checkpoints, plus one block recomputed in the backward
-            kept = features(layers, tokens, width, heads) @ np.array(self.saved_ckpt)
-            saved = kept + features(1, tokens, width, heads) @ (np.array(self.saved) * _PER_LAYER)
-        transient = transient_features(layers, tokens, width, heads) @ np.array(self.transient)
-        return int(saved), int(transient)
+        self, layers: int, tokens: int, width: int, heads: int, checkpointing: bool, precision: str = "fp32"
+    ) -> PerRow:
+        if precision not in self.fits:
+            raise ValueError(f"no activation fit for {self.family} at precision {precision!r}")
+        k = self.fits[precision]
+        shape = (layers, tokens, width, heads)
+        flat = transient_features(*shape)
+        transient = flat @ np.array(k.transient)
+        if checkpointing:  # the checkpoints; the backward recomputes one block at a time on top
+            saved = features(*shape) @ np.array(k.saved_ckpt)
+            block = features(1, tokens, width, heads) @ (np.array(k.saved) * _PER_LAYER)
+            backward = block + flat @ np.array(k.backward_ckpt)
+        else:
+            saved = features(*shape) @ np.array(k.saved)
+            backward = flat @ np.array(k.backward)
+        return PerRow(int(saved), int(backward), int(transient))
 
 
 def nonnegative_fit(rows: list[np.ndarray], values: list[int]) -> tuple[float, ...]:
@@ -226,32 +273,45 @@ def nonnegative_fit(rows: list[np.ndarray], values: list[int]) -> tuple[float, .
         active.pop(int(coef.argmin()))
 
 
-@functools.lru_cache(maxsize=4)
-def fit(family: str, configs: tuple[tuple[int, ...], ...] = FIT_CONFIGS) -> ActivationModel:
-    """Measure `configs` (without and with checkpointing) and fit the formula; ~2 s on one CPU core."""
-    feats, tfeats, saved, saved_ckpt, transient = [], [], [], [], []
+@functools.lru_cache(maxsize=8)
+def fit(
+    family: str, precision: str = "fp32", configs: tuple[tuple[int, ...], ...] = FIT_CONFIGS
+) -> Coefficients:
+    """Measure `configs` (without and with checkpointing) in `precision` and fit the formulas."""
+    shapes, saved, saved_ckpt, backward, backward_ckpt, transient = [], [], [], [], [], []
     for layers, heads, head_dim, size, text in configs:
-        plain = measure(probe_config(family, layers, heads, head_dim, size, text, False))
-        ckpt = measure(probe_config(family, layers, heads, head_dim, size, text, True))
-        shape = (plain.layers, plain.tokens, plain.width, plain.heads)
-        feats.append(features(*shape))
-        tfeats.append(transient_features(*shape))
+        plain = measure(probe_config(family, layers, heads, head_dim, size, text, False), precision=precision)
+        ckpt = measure(probe_config(family, layers, heads, head_dim, size, text, True), precision=precision)
+        shapes.append((plain.layers, plain.tokens, plain.width, plain.heads))
         saved.append(plain.saved)
         saved_ckpt.append(ckpt.saved)
+        backward.append(plain.backward)
+        backward_ckpt.append(ckpt.backward)
         transient.append(plain.transient)
-    return ActivationModel(
-        family,
-        nonnegative_fit(feats, saved),
-        nonnegative_fit(feats, saved_ckpt),
-        nonnegative_fit(tfeats, transient),
+    feats = [features(*shape) for shape in shapes]
+    tfeats = [transient_features(*shape) for shape in shapes]
+    plain_saved = nonnegative_fit(feats, saved)
+    # the recomputed block is the per-layer share of the plain fit; what the backward adds on top
+    # of it is fitted on its own
+    block = [features(1, n, d, h) @ (np.array(plain_saved) * _PER_LAYER) for _, n, d, h in shapes]
+    rest = [max(0.0, b - k) for b, k in zip(backward_ckpt, block, strict=True)]
+    return Coefficients(
+        saved=plain_saved,
+        saved_ckpt=nonnegative_fit(feats, saved_ckpt),
+        backward=nonnegative_fit(tfeats, backward),
+        backward_ckpt=nonnegative_fit(tfeats, rest),
+        transient=nonnegative_fit(tfeats, transient),
     )
 
 
 FIT_FILE = Path(__file__).with_name("activation_fit.json")
 
 
+_FIELDS = ("saved", "saved_ckpt", "backward", "backward_ckpt", "transient")
+
+
 def load_fit(family: str, path: Path = FIT_FILE) -> ActivationModel:
-    """The stored fit for `family` (written by `python -m twinflow.plan.activations --write`)."""
+    """The stored fits for `family` (written by `python -m twinflow.plan.activations --write`)."""
     fits = json.loads(path.read_text()) if path.is_file() else {}
     if family not in fits:
         raise ValueError(
@@ -259,12 +319,15 @@ def load_fit(family: str, path: Path = FIT_FILE) -> ActivationModel:
             f"`python -m twinflow.plan.activations --family {family} --write`"
         )
     f = fits[family]
-    return ActivationModel(family, tuple(f["saved"]), tuple(f["saved_ckpt"]), tuple(f["transient"]))
+    return ActivationModel(
+        family,
+        {p: Coefficients(*(tuple(f[p][k]) for k in _FIELDS)) for p in PRECISIONS if p in f},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="measure small configs on the CPU and fit the activation formula"
+        description="measure small configs on the CPU and fit the activation formulas (fp32 and bf16)"
     )
     parser.add_argument("--family", action="append", default=None, help="default: qwen_image")
     parser.add_argument("--write", action="store_true", help=f"store the fit in {FIT_FILE.name}")
@@ -272,14 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     fits = json.loads(FIT_FILE.read_text()) if FIT_FILE.is_file() else {}
     for family in args.family or ["qwen_image"]:
-        m = fit(family)
-        fits[family] = {
-            "saved": m.saved,
-            "saved_ckpt": m.saved_ckpt,
-            "transient": m.transient,
-            "configs": [list(c) for c in FIT_CONFIGS],
-        }
-        print(family, json.dumps(fits[family]))
+        entry: dict = {"configs": [list(c) for c in FIT_CONFIGS]}
+        for precision in PRECISIONS:
+            k = fit(family, precision)
+            entry[precision] = {name: list(getattr(k, name)) for name in _FIELDS}
+        fits[family] = entry
+        print(family, json.dumps(entry))
     if args.write:
         FIT_FILE.write_text(json.dumps(fits, indent=2) + "\n")
     return 0

@@ -7,7 +7,7 @@ import sys
 
 from twinflow.plan.gpus import GIB, GPUS_MIB, gpu_memory, parse_size
 
-_COLUMNS = ("weights", "gradients", "optimizer", "gathered", "activations", "nograd_peak", "copies")
+_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "activations", "nograd_peak", "copies")
 
 
 def _gib(n: int) -> str:
@@ -24,7 +24,9 @@ def render(result, gpu_label: str) -> str:
         f"({c.heads} heads), largest block {c.largest_layer:,}",
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
         f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
+        f"{w.emas} fp32 EMA(s) ({'second adapter' if w.lora else 'sharded with the optimizer'}), "
         f"{w.copies} fp32 model copies, precision {w.precision}",
+        *(f"config {line}" for line in c.configs),
         f"GPU: {gpu_label}, usable {result.capacity / GIB:.1f} GiB after the reserve; figures in GiB per GPU",
         "",
         f"{'layout':50s}"
@@ -58,6 +60,23 @@ def render(result, gpu_label: str) -> str:
     return "\n".join(lines)
 
 
+def group_split_line(job) -> str | None:
+    """TwinFlow's group split every optimizer step trains (over the global batch), as the job runs it."""
+    from twinflow.train.modelling import realised_split
+
+    found = realised_split(job)
+    if not found:
+        return None
+    g = dict(found["group_split"])
+    rows = g.pop("global_batch")
+    return (
+        f"TwinFlow groups per optimizer step ({rows} rows = {job.cluster.num_workers} workers x "
+        f"{job.train.micro_batch} x {job.deepspeed.gradient_accumulation_steps} accumulation): "
+        + ", ".join(f"{k} {v}" for k, v in g.items())
+        + f"; lambda {getattr(job.method, 'lambda_', 0):g} realised as {found['lambda_realised']:.3f}"
+    )
+
+
 def _plan(args: argparse.Namespace) -> int:
     from twinflow.plan.planner import plan
     from twinflow.train.config import load_job
@@ -74,6 +93,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"error: {args.job}: {exc}", file=sys.stderr)
         return 2
     print(render(result, label))
+    split = group_split_line(job)
+    if split:
+        print(split)
     fits = any(e.peak <= result.capacity for e in result.table)
     return 0 if fits else 3
 

@@ -6,6 +6,7 @@ config under a preset of the same family, which the model section's `backbone:` 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class ModelCounts:
     image_tokens: int  # tokens of one target image (editing doubles them)
     text_tokens: int
     state_shape: tuple[int, int, int]  # (C, H, W) of the pixel or latent state
+    configs: tuple[str, ...] = ()  # which config each pretrained component was counted from
 
 
 def meta_model_config(cfg: ModelConfig) -> ModelConfig:
@@ -37,11 +39,14 @@ def meta_model_config(cfg: ModelConfig) -> ModelConfig:
     if cfg.pretrained_path is None:
         return cfg
     from twinflow.models.presets import PRESETS
-    from twinflow.models.registry import transformer_dir
+    from twinflow.models.registry import get_family, transformer_dir
 
     root = transformer_dir(cfg.pretrained_path)
     raw = json.loads((root / "config.json").read_text())
-    backbone = {k: v for k, v in raw.items() if k not in _META_KEYS}
+    # like diffusers' from_pretrained, keys the class no longer takes are ignored (the published
+    # Qwen-Image config still carries `pooled_projection_dim`)
+    accepted = set(inspect.signature(get_family(cfg.family).backbone_class().__init__).parameters)
+    backbone = {k: v for k, v in raw.items() if k not in _META_KEYS and k in accepted}
     preset = next(iter(PRESETS[cfg.family].values()))
     return cfg.model_copy(
         update={
@@ -63,7 +68,12 @@ def build_meta_generator(cfg: ModelConfig):
 
 
 def count_model(cfg: ModelConfig) -> ModelCounts:
-    gen = build_meta_generator(cfg)
+    """Counts from the job's own config.json files, or the family's published ones where its paths
+    hold none (`plan.published`)."""
+    from twinflow.plan.published import with_published_configs
+
+    with with_published_configs(cfg) as (resolved, configs):
+        gen = build_meta_generator(resolved)
     backbone = gen.backbone
     blocks = _blocks(backbone)
     c = backbone.config
@@ -79,6 +89,7 @@ def count_model(cfg: ModelConfig) -> ModelCounts:
         image_tokens=(h // gen.patch) * (w // gen.patch),
         text_tokens=int(cfg.text_max_length),
         state_shape=(int(c_state), int(h), int(w)),
+        configs=tuple(configs),
     )
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twinflow.method.groups import BatchLayout
 from twinflow.plan.activations import load_fit
 from twinflow.plan.counts import count_model
 from twinflow.plan.memory import Estimate, Layout, Workload, estimate, forward_rows
-from twinflow.train.modelling import copies_made
 
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 _OFFLOADS = {
@@ -21,9 +21,15 @@ _OFFLOADS = {
 def workload(job) -> Workload:
     """What the job's sections say about memory (model built on the meta device)."""
     counts = count_model(job.model)
+    teacher = getattr(job.method, "teacher", "online")
     edit = job.data.is_edit  # the reference image's tokens ride along
     grad_rows, nograd_rows, overlap_rows = forward_rows(
-        job.method, job.train.micro_batch, conditional=job.data.embed_text
+        job.method,
+        job.train.micro_batch,
+        conditional=job.data.embed_text,
+        layout=BatchLayout(
+            job.cluster.num_workers, job.train.micro_batch, job.deepspeed.gradient_accumulation_steps
+        ),
     )
     return Workload(
         counts=counts,
@@ -32,7 +38,9 @@ def workload(job) -> Workload:
         grad_rows=grad_rows,
         nograd_rows=nograd_rows,
         overlap_rows=overlap_rows,
-        copies=copies_made(job),
+        copies=int(teacher == "frozen" and job.model.lora is None),
+        emas=int(teacher == "ema") + int(job.train.sample_ema is not None),
+        lora=job.model.lora is not None,
         tokens=counts.image_tokens * (2 if edit else 1) + counts.text_tokens,
         activations=load_fit(job.model.family),
     )
