@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from twinflow.atomic_files import current_umask
 from twinflow.models.generator import TwinFlowGenerator
 from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
 from twinflow.models.vae import LatentCodec
@@ -88,6 +89,8 @@ def save_generator(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # mkdtemp's 0700 would follow the folder into place: a serving account in the group could not read it
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         lora_info = None
         model = generator
