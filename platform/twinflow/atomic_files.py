@@ -47,3 +47,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> Path:
     """`json.dumps(data, **dump_kwargs)` written with `write_text_atomic`."""
     return write_text_atomic(path, json.dumps(data, **dump_kwargs))
+
+
+def usual_modes(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes a plain mkdir() / open() would have: temporary
+    folders (0700) and safetensors files (0600) would otherwise hide an export from the group."""
+    mask = current_umask()
+    root = Path(root)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask, follow_symlinks=False)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)

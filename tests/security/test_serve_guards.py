@@ -116,7 +116,9 @@ def test_multipart_caps_refuse_a_100k_part_body_fast():
 
 
 def test_multipart_caps_on_fields_headers_and_files():
-    limits = FormLimits(max_parts=4, max_field_bytes=10, max_file_bytes=100, max_headers=3, max_header_bytes=64)
+    limits = FormLimits(
+        max_parts=4, max_field_bytes=10, max_file_bytes=100, max_headers=3, max_header_bytes=64
+    )
     with pytest.raises(FormTooLarge, match="field 'a'"):
         parse_multipart(_body([("a", b"x" * 11, None)]), CTYPE, limits)
     with pytest.raises(FormTooLarge, match="file part 'image'"):

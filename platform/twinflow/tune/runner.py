@@ -88,9 +88,12 @@ def _wipe(sweep: Sweep) -> None:
                     f"{uri} holds no {' or '.join(SWEEP_MARKERS)}: not a sweep; refusing to delete it"
                 )
             fs.delete_dir(key)
-    local = local_sweep_dir(sweep)
+    cfg = sweep.config
+    # the root is resolved, the sweep's own name is not: a symlink there is refused, never followed
+    root = (sweep.cwd / Path(cfg.staging_dir if cfg.is_s3 else cfg.storage).expanduser()).resolve()
+    local = root / cfg.name
     marker = next((m for m in SWEEP_MARKERS if (local / m).is_file()), SWEEP_MARKERS[0])
-    remove_run_dir(local.parent, local.name, marker=marker)
+    remove_run_dir(root, cfg.name, marker=marker)
 
 
 def build_scheduler(sweep: Sweep):
