@@ -312,13 +312,22 @@ class TwinFlow:
                 raise ApiError(413, "image_too_large", str(exc)) from None
             except ValueError as exc:
                 raise ApiError(400, "bad_image", str(exc)) from None
+        refused: list[Exception] = []
+
+        async def feed(chunk: bytes) -> None:
+            # after a refusal the rest of the body is read (within the reader's size and time bounds)
+            # but not parsed, so the client gets the 4xx instead of a reset connection
+            if not refused:
+                try:
+                    await loop.run_in_executor(self.uploads, form.feed, chunk)
+                except (ValueError, FormTooLarge) as exc:
+                    refused.append(exc)
+
         try:
             form = StreamingForm(ctype, self.form_limits)
-
-            async def feed(chunk: bytes) -> None:
-                await loop.run_in_executor(self.uploads, form.feed, chunk)
-
             await self.readers.read(request.stream(), request.headers.get("content-length"), sink=feed)
+            if refused:
+                raise refused[0]
             fields, files = form.result()
         except FormTooLarge as exc:
             raise ApiError(413, "form_too_large", f"multipart/form-data body refused: {exc}") from None
