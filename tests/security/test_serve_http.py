@@ -18,9 +18,9 @@ BOUNDARY = "f"
 
 
 def flood_body(parts: int, size: int) -> bytes:
-    """`parts` one-byte fields, the last one padded so the body is exactly `size` bytes."""
-    one = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n'.encode()
-    body = one * (parts - 1)
+    """`parts` one-byte fields of distinct names, the last one padded so the body is exactly `size` bytes."""
+    one = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{{:x}}"\r\n\r\nx\r\n'
+    body = "".join(one.format(i) for i in range(parts - 1)).encode()
     last_head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="z"\r\n\r\n'.encode()
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
     pad = size - len(body) - len(last_head) - len(tail)
