@@ -312,29 +312,7 @@ class TwinFlow:
                 raise ApiError(413, "image_too_large", str(exc)) from None
             except ValueError as exc:
                 raise ApiError(400, "bad_image", str(exc)) from None
-        refused: list[Exception] = []
-
-        async def feed(chunk: bytes) -> None:
-            # after a refusal the rest of the body is read (within the reader's size and time bounds)
-            # but not parsed, so the client gets the 4xx instead of a reset connection
-            if not refused:
-                try:
-                    await loop.run_in_executor(self.uploads, form.feed, chunk)
-                except (ValueError, FormTooLarge) as exc:
-                    refused.append(exc)
-
-        try:
-            form = StreamingForm(ctype, self.form_limits)
-            await self.readers.read(request.stream(), request.headers.get("content-length"), sink=feed)
-            if refused:
-                raise refused[0]
-            fields, files = form.result()
-        except FormTooLarge as exc:
-            raise ApiError(413, "form_too_large", f"multipart/form-data body refused: {exc}") from None
-        except ValueError as exc:
-            raise ApiError(
-                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
-            ) from None
+        fields, files = await self._form(request)
         data, problems = form_values(fields)
         problems += [{"loc": [k], "msg": "only the image is a file part"} for k in files if k != "image"]
         if "image" not in files:
@@ -346,6 +324,34 @@ class TwinFlow:
         except ValidationError as exc:
             raise ApiError(
                 422, "invalid_request", "request does not match the schema", validation_details(exc)
+            ) from None
+
+    async def _form(self, request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
+        """A multipart/form-data body, parsed on the upload threads as it streams in, under the form
+        caps: (text fields, file fields), or ApiError 413 / 400."""
+        loop = asyncio.get_running_loop()
+        refused: list[ValueError] = []
+
+        async def feed(chunk: bytes) -> None:
+            # after a refusal the rest of the body is read (within the reader's size and time bounds)
+            # but not parsed, so the client gets the 4xx instead of a reset connection
+            if not refused:
+                try:
+                    await loop.run_in_executor(self.uploads, form.feed, chunk)
+                except ValueError as exc:  # FormTooLarge included
+                    refused.append(exc)
+
+        try:
+            form = StreamingForm(request.headers.get("content-type", ""), self.form_limits)
+            await self.readers.read(request.stream(), request.headers.get("content-length"), sink=feed)
+            if refused:
+                raise refused[0]
+            return form.result()
+        except FormTooLarge as exc:
+            raise ApiError(413, "form_too_large", f"multipart/form-data body refused: {exc}") from None
+        except ValueError as exc:
+            raise ApiError(
+                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
             ) from None
 
     def _edit_image(self, info: ModelInfo, raw: bytes):

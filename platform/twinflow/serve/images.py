@@ -94,7 +94,7 @@ def parse_multipart(
     raw: bytes, content_type: str, limits: FormLimits = FormLimits()
 ) -> tuple[dict[str, str], dict[str, bytes]]:
     """A whole multipart/form-data body -> (text fields, file fields). ValueError names what is wrong;
-    OverflowError (uploads.FormTooLarge): over one of `limits`."""
+    its subclass uploads.FormTooLarge: over one of `limits`."""
     form = StreamingForm(content_type, limits)
     form.feed(raw)
     return form.result()

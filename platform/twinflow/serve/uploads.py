@@ -24,8 +24,9 @@ class FormLimits:
     max_header_bytes: int = 1024  # one header line
 
 
-class FormTooLarge(OverflowError):
-    """Over a cap (answered 413)."""
+class FormTooLarge(ValueError):
+    """Over a cap: answered 413 where it is caught first, and a malformed form (400) by a caller that
+    only knows ValueError."""
 
 
 class StreamingForm:
