@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
+
+
+# The session's S3 credentials: distinctive values (tests/security scans every written file for them),
+# in this process's environment before the local Ray cluster starts, so its workers inherit them the
+# way a KubeRay pod gets them from its secret: the platform never forwards credentials itself.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIATF" + secrets.token_hex(7).upper(),
+    "AWS_SECRET_ACCESS_KEY": "tfsecret" + secrets.token_hex(16),
+}
 
 
 def _free_port() -> int:
@@ -30,6 +40,7 @@ def ray_cluster():
 
     from twinflow.train.launcher import API_SERVER_ENV
 
+    os.environ.update(S3_CREDENTIALS)
     for attempt in range(2):  # a heavily loaded machine can time out the raylet's first start-up
         if ray.is_initialized():
             break
@@ -69,8 +80,7 @@ def s3_server():
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "TWINFLOW_S3_ENDPOINT")
     }
     os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        **S3_CREDENTIALS,
         AWS_REGION="us-east-1",
         TWINFLOW_S3_ENDPOINT=endpoint,
     )

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "twinflow"
 # Bottom to top (docs/architecture.md): a subpackage or top-level module imports only from layers
 # below its own (and from itself).
 LAYERS = [
-    {"config", "storage", "imaging", "lazy"},
+    {"config", "storage", "imaging", "lazy", "atomic_files"},
     {"method", "models"},
     {"data", "exports"},
     {"eval"},

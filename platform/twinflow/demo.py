@@ -9,13 +9,13 @@ work (Ray Train restores each job's last checkpoint); `--fresh` starts both jobs
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from twinflow.atomic_files import write_json_atomic
 from twinflow.data import build_pipeline, load_pipeline
 from twinflow.eval.periodic import dataset_of, periodic_metrics
 from twinflow.exports import Export, open_export
@@ -110,7 +110,7 @@ def run_demo(
         wall_seconds=time.perf_counter() - t_start,
     )
     report.update(_evaluation(base.export_dir, twin.export_dir))
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=float))
+    write_json_atomic(out / "demo.json", report, indent=2, default=float)
     print("\n[demo] done in {:.0f} s".format(report["wall_seconds"]))
     print(
         f"  comparison grid  {report['grid']}  (rows: base 50 NFE, base 1 NFE, TwinFlow 1 NFE, 2 NFE; "

@@ -2,9 +2,14 @@
 
 The S3 endpoint comes from an explicit argument, else ``TWINFLOW_S3_ENDPOINT``, else
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (so a MinIO, moto or other S3-protocol server works);
-credentials come from the usual ``AWS_*`` environment variables, read once here and carried inside
-the filesystem object so Ray workers that never saw the driver's environment can still use it.
-One S3 filesystem is built per (endpoint, credentials) and process, and reused by every call.
+credentials are never handed to the filesystem object: the AWS SDK inside pyarrow resolves them
+where each call runs, through the standard chain (``AWS_*`` environment variables, the shared
+credentials file, web identity, the instance or pod role). A filesystem built with explicit keys
+carries them into every pickle of it (Ray Tune's tuner.pkl, Train's run state, task arguments),
+so anyone who can read a sweep prefix would read the keys; one resolved by the chain pickles
+only the endpoint and region. Each process (driver, Ray worker, Serve replica) therefore needs the
+credentials in its own environment or role, as a KubeRay pod gets them from its secret.
+One S3 filesystem is built per (endpoint, region) and process, and reused by every call.
 
 Used by every layer that reads or writes outside the process: data (shards, caches), train
 (checkpoints, exports), eval, tune and serve (exports via `twinflow.exports`).
@@ -58,30 +63,16 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     """The pyarrow S3 filesystem for ``endpoint`` (None: env vars, then AWS itself), cached per
-    endpoint and credentials (a changed ``AWS_*`` variable gets a new one)."""
+    endpoint and region; credentials come from the AWS chain on every call, never from arguments."""
     return _s3_filesystem(
         resolve_endpoint(endpoint),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        os.environ.get("AWS_SESSION_TOKEN"),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
 
 
 @lru_cache(maxsize=16)
-def _s3_filesystem(
-    endpoint: str | None, access_key: str | None, secret_key: str | None, token: str | None, region: str
-) -> pafs.S3FileSystem:
-    kwargs: dict = {
-        "access_key": access_key,
-        "secret_key": secret_key,
-        "session_token": token,
-        "region": region,
-        "connect_timeout": 5.0,
-        "request_timeout": 30.0,
-    }
-    if not (kwargs["access_key"] and kwargs["secret_key"]):
-        kwargs.pop("access_key"), kwargs.pop("secret_key"), kwargs.pop("session_token")
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region, "connect_timeout": 5.0, "request_timeout": 30.0}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if not parsed.netloc:

@@ -1,5 +1,6 @@
 """Uploaded edit images are checked before decoding (format, bytes, header pixels), multipart bodies parse
-with the standard library, and whatever slips through the routes still answers the JSON error model."""
+with the streaming parser (serve.uploads), and whatever slips through the routes still answers the JSON
+error model."""
 
 from __future__ import annotations
 

@@ -20,9 +20,31 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors (a typo must never be silently ignored)."""
+    """Base for config sections: unknown keys are errors (a typo must never be silently ignored), and
+    so is a non-finite number (`.inf`, `.nan`) in any float field, whatever its bounds say."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False, allow_inf_nan=False)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a few hundred bytes of nested `*a` references expand into
+    billions of nodes once copied, and a self-referencing one recurses forever."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"YAML aliases (*{event.anchor}) are not allowed in config files",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load without aliases (anchors alone are harmless and stay allowed)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -34,7 +56,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty field name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
     return key.split("."), value
@@ -89,7 +111,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

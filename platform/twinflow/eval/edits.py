@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from twinflow.atomic_files import write_json_atomic
 from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset, job_data
 from twinflow.eval.metrics import mse_psnr
 
@@ -353,7 +354,7 @@ def run_edit_eval(
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = edit_markdown(report)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out_dir / "results.json", report, indent=2)
     (out_dir / "results.md").write_text(md + "\n")
     report["markdown"] = md
     report["files"] = {

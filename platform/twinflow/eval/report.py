@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from twinflow.atomic_files import write_json_atomic
 from twinflow.eval.datasets import get_dataset
 from twinflow.imaging import to_uint8
 
@@ -163,4 +163,4 @@ def write_reports(report: dict[str, Any], out_dir: Path, grid_per_class: int) ->
         "grids": grids,
     }
     (out_dir / "results.md").write_text(md)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(out_dir / "results.json", report, indent=2, default=str)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from twinflow.atomic_files import usual_modes
 from twinflow.models.generator import TwinFlowGenerator
 from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
 from twinflow.models.vae import LatentCodec
@@ -157,6 +158,7 @@ def save_generator(
             **metadata,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default, sort_keys=True))
+        usual_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide the export from the group
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -238,6 +238,25 @@ def check_formats(formats: list[str]) -> list[str]:
     return list(formats)
 
 
+def check_replaceable(target: Path, fmt: str) -> None:
+    """`twinflow export --out` replaces `<out>/diffusers` whole and writes files into the other formats'
+    folders: refuse a symlink, a file, or a diffusers folder that is not one of our pipeline exports."""
+    if target.is_symlink():
+        raise ValueError(
+            f"--out: {target} is a symlink (to {target.resolve()}); refusing to write through it"
+        )
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"--out: {target} exists and is not a directory; refusing to replace it")
+    if fmt == "diffusers" and any(target.iterdir()):
+        if not ((target / "model_index.json").is_file() and (target / "twinflow.json").is_file()):
+            raise ValueError(
+                f"--out: {target} holds no model_index.json + twinflow.json, so it is not a diffusers "
+                "export of ours; refusing to replace it (move it away or pick another --out)"
+            )
+
+
 def convert_export(path: str | Path, formats: list[str], out_dir: str | Path) -> dict[str, Path]:
     """Write each format of a native export under `out_dir/<format>` (what `twinflow export` runs)."""
     from twinflow.models.export import _RESERVED, load_export_codec, load_generator, read_metadata
@@ -246,7 +265,10 @@ def convert_export(path: str | Path, formats: list[str], out_dir: str | Path) ->
     check_pipeline_meta(meta, f"{path}")
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    for fmt in check_formats(formats):
+    formats = check_formats(formats)
+    for fmt in formats:  # all checked before anything is written
+        check_replaceable(out_dir / fmt, fmt)
+    for fmt in formats:
         target = out_dir / fmt
         if fmt == "diffusers":
             generator, _ = load_generator(path)

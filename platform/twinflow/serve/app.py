@@ -24,8 +24,7 @@ FastAPI could then no longer resolve string annotations (a `request: Request` be
 
 import asyncio
 import base64
-import hmac
-import json
+import logging
 import os
 import secrets
 import sys
@@ -57,7 +56,19 @@ from twinflow.serve.engine import (
     run_items,
     tasks_of,
 )
-from twinflow.serve.images import ImageBounds, base64_bytes, form_values, open_image, parse_multipart
+from twinflow.serve.exposure import (
+    SecurityHeaders,
+    check_exposure,
+    cross_site,
+    default_allowed_hosts,
+    host_allowed,
+    media_type,
+    normalise_token,
+    page_headers,
+    script_string,
+    tokens_match,
+)
+from twinflow.serve.images import ImageBounds, base64_bytes, form_values, open_image
 from twinflow.serve.metrics import RequestMetrics, label_request, record_turn
 from twinflow.serve.openai_api import OpenAIImages
 from twinflow.serve.openai_api import router as openai_router
@@ -77,8 +88,12 @@ from twinflow.serve.schemas import (
     check_limits,
     validation_details,
 )
+from twinflow.serve.uploads import FormLimits, FormTooLarge, StreamingForm
 
 PLAYGROUND = "playground.html"
+log = logging.getLogger("ray.serve")
+JSON = "application/json"
+FORM = "multipart/form-data"
 
 
 # ------------------------------------------------------------------------------------ model replicas
@@ -93,6 +108,7 @@ def _edit_form_schema() -> dict[str, Any]:
 api = FastAPI(title="TwinFlow", version=API_VERSION, docs_url="/docs", redoc_url=None)
 api.include_router(openai_router)  # /v1/images/*: routes of the OpenAIImages mixin
 api.add_middleware(RequestMetrics)
+api.add_middleware(SecurityHeaders)
 
 
 @api.exception_handler(ApiError)
@@ -144,8 +160,23 @@ class TwinFlow(OpenAIImages):
         self.cfg = parse_args(config)
         self.infos = {i["id"]: ModelInfo.model_validate(i) for i in infos}
         env = self.cfg.auth_token_env
-        self.token = token or (os.environ.get(env) if env else None) or None
+        self.token = normalise_token(token or (os.environ.get(env) if env else None))
+        if self.cfg.auth == "none":
+            self.token = None
+        elif self.cfg.auth == "token" and not self.token:
+            raise RuntimeError(
+                f"auth: token, but {env or 'auth_token_env'} is unset or empty in this replica"
+            )
+        # build_application resolved the default from the bind address; None here: a direct caller
+        self.allowed_hosts = self.cfg.allowed_hosts or default_allowed_hosts("127.0.0.1")
         self.limits = self.cfg.limits
+        self.form_limits = FormLimits(
+            max_parts=self.limits.max_form_parts,
+            max_field_bytes=self.limits.max_form_field_bytes,
+            max_file_bytes=self.limits.max_image_bytes,
+        )
+        # multipart parsing, base64 and image decoding run here, never on the event loop
+        self.uploads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="twinflow-upload")
         self.max_batch = self.cfg.batching.max_batch_images
         self.readers = BodyReaders(
             self.limits.max_body_readers, self.limits.body_timeout_s, self.limits.max_body_bytes
@@ -230,12 +261,31 @@ class TwinFlow(OpenAIImages):
                 f.set_result(r)
 
     # ---------------------------------------------------------------- helpers
+    def _guard(self, request: Request, *media: str) -> None:
+        """Host, cross-site, Content-Type (when `media` names the accepted ones), then the token."""
+        authority = request.headers.get("host")
+        if not host_allowed(authority, self.allowed_hosts):
+            raise ApiError(
+                400, "host_not_allowed", f"Host {authority!r} is not one this service answers (allowed_hosts)"
+            )
+        if cross_site(request.headers, authority) and not host_allowed(
+            request.headers.get("origin", "").partition("://")[2], [h for h in self.allowed_hosts if h != "*"]
+        ):
+            raise ApiError(403, "cross_site", "cross-site requests are refused (Origin / Sec-Fetch-Site)")
+        if media and media_type(request.headers.get("content-type")) not in media:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be {' or '.join(media)}, not {request.headers.get('content-type')!r}",
+            )
+        self._auth(request)
+
     def _auth(self, request: Request) -> None:
         if not self.token:
             return
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+        if scheme.lower() != "bearer" or not tokens_match(value, self.token):
             raise ApiError(
                 401,
                 "unauthorized",
@@ -256,21 +306,19 @@ class TwinFlow(OpenAIImages):
     async def _edit_body(self, request: Request) -> tuple[EditFields, bytes]:
         """The edit request and its image bytes, from JSON (base64 image) or multipart/form-data."""
         ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
+        loop = asyncio.get_running_loop()
+        if media_type(ctype) == JSON:
             req = await self._body(request, EditRequest)
             try:
-                return req, base64_bytes(req.image, self.limits.max_image_bytes)
+                raw = await loop.run_in_executor(
+                    self.uploads, base64_bytes, req.image, self.limits.max_image_bytes
+                )
+                return req, raw
             except OverflowError as exc:
                 raise ApiError(413, "image_too_large", str(exc)) from None
             except ValueError as exc:
                 raise ApiError(400, "bad_image", str(exc)) from None
-        raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
-        try:
-            fields, files = parse_multipart(raw, ctype)
-        except ValueError as exc:
-            raise ApiError(
-                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
-            ) from None
+        fields, files = await self._form(request)
         data, problems = form_values(fields)
         problems += [{"loc": [k], "msg": "only the image is a file part"} for k in files if k != "image"]
         if "image" not in files:
@@ -284,7 +332,36 @@ class TwinFlow(OpenAIImages):
                 422, "invalid_request", "request does not match the schema", validation_details(exc)
             ) from None
 
+    async def _form(self, request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
+        """A multipart/form-data body, parsed on the upload threads as it streams in, under the form
+        caps: (text fields, file fields), or ApiError 413 / 400."""
+        loop = asyncio.get_running_loop()
+        refused: list[ValueError] = []
+
+        async def feed(chunk: bytes) -> None:
+            # after a refusal the rest of the body is read (within the reader's size and time bounds)
+            # but not parsed, so the client gets the 4xx instead of a reset connection
+            if not refused:
+                try:
+                    await loop.run_in_executor(self.uploads, form.feed, chunk)
+                except ValueError as exc:  # FormTooLarge included
+                    refused.append(exc)
+
+        try:
+            form = StreamingForm(request.headers.get("content-type", ""), self.form_limits)
+            await self.readers.read(request.stream(), request.headers.get("content-length"), sink=feed)
+            if refused:
+                raise refused[0]
+            return form.result()
+        except FormTooLarge as exc:
+            raise ApiError(413, "form_too_large", f"multipart/form-data body refused: {exc}") from None
+        except ValueError as exc:
+            raise ApiError(
+                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
+            ) from None
+
     def _edit_image(self, info: ModelInfo, raw: bytes):
+        """Checks, decodes and resizes the upload: called on the upload threads."""
         bounds = ImageBounds(
             self.limits.max_image_bytes, self.limits.max_image_side, self.limits.max_image_pixels
         )
@@ -334,10 +411,13 @@ class TwinFlow(OpenAIImages):
         try:
             result: Result = await self.batcher.submit(item)
         except Exception as exc:  # loading or sampling failed: answer 500 and stay up
+            # the text can hold paths, endpoints or bucket names: it goes to the replica's log only
+            ref = uuid.uuid4().hex[:12]
+            log.error("model_error %s (model %s): %r", ref, info.id, exc)
             raise ApiError(
                 500,
                 "model_error",
-                f"{type(exc).__name__} while generating: {str(exc).splitlines()[-1] if str(exc) else ''}",
+                f"{type(exc).__name__} while generating (error id {ref} in the replica's log)",
             ) from None
         return seed, result
 
@@ -391,11 +471,11 @@ class TwinFlow(OpenAIImages):
     async def generate(self, request: Request) -> Response:
         t0 = time.perf_counter()
         with self.batcher.arriving_request():
-            self._auth(request)
+            self._guard(request, JSON)
             req = await self._body(request, GenerateRequest)
             info = self._model(req.model)
             label_request(info.id, req.nfe)
-            check_limits(req, req.prompt, self.limits)
+            check_limits(req, req.prompt, self.limits, info.guidance)
         return await self._run(t0, info, req, req.prompt, "generate")
 
     @api.post(
@@ -414,23 +494,27 @@ class TwinFlow(OpenAIImages):
     async def edit(self, request: Request) -> Response:
         t0 = time.perf_counter()
         with self.batcher.arriving_request():
-            self._auth(request)
+            self._guard(request, JSON, FORM)
             req, raw = await self._edit_body(request)
             info = self._model(req.model)
             label_request(info.id, req.nfe)
-            check_limits(req, req.instruction, self.limits)
-            image = self._edit_image(info, raw)
+            check_limits(req, req.instruction, self.limits, info.guidance)
+            image = await asyncio.get_running_loop().run_in_executor(
+                self.uploads, self._edit_image, info, raw
+            )
         return await self._run(t0, info, req, req.instruction, "edit", image)
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def list_models(self, request: Request) -> ModelsResponse:
-        self._auth(request)
-        return ModelsResponse(models=list(self.infos.values()), limits=self.limits.model_dump())
+        self._guard(request)
+        paths = self.cfg.show_model_paths
+        models = [m if paths else m.model_copy(update={"source": None}) for m in self.infos.values()]
+        return ModelsResponse(models=models, limits=self.limits.model_dump())
 
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         """Counters of the replica that answers (batch calls by size, text-embedding cache, loads)."""
-        self._auth(request)
+        self._guard(request)
         return {
             "batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "text_cache": self.encoders.cache_info(),
@@ -445,14 +529,21 @@ class TwinFlow(OpenAIImages):
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self, request: Request) -> HTMLResponse:
+        authority = request.headers.get("host")
+        if not host_allowed(authority, self.allowed_hosts):
+            raise ApiError(
+                400, "host_not_allowed", f"Host {authority!r} is not one this service answers (allowed_hosts)"
+            )
         if not self.cfg.playground:
             raise ApiError(404, "not_found", "the playground is turned off (playground: false)")
         if self._page is None:
             self._page = resources.files("twinflow.serve").joinpath(PLAYGROUND).read_text()
         base = request.scope.get("root_path", "").rstrip("/")
-        page = self._page.replace("__TWINFLOW_BASE__", json.dumps(base)[1:-1])
+        nonce = secrets.token_urlsafe(16)
+        page = self._page.replace('"__TWINFLOW_BASE__"', script_string(base))
         page = page.replace("__TWINFLOW_AUTH__", "true" if self.token else "false")
-        return HTMLResponse(page)
+        page = page.replace("__TWINFLOW_NONCE__", nonce)
+        return HTMLResponse(page, headers=page_headers(nonce))
 
 
 # ------------------------------------------------------------------------------------------- builder
@@ -488,6 +579,22 @@ def describe(cfg: ServeAppConfig) -> list[dict[str, Any]]:
     return [model_info(m, read_export_metadata(m.path), cfg) for m in cfg.models]
 
 
+def serve_bind_host() -> str:
+    """The address Serve's HTTP proxies bind: the running controller's, else the default that
+    `serve.run` starts them with."""
+    import ray
+    from ray.serve.config import HTTPOptions
+    from ray.serve.context import _get_global_client
+
+    client = None
+    if ray.is_initialized():
+        try:
+            client = _get_global_client(raise_if_no_controller_running=False)
+        except Exception:  # no controller: serve.run starts one with the defaults
+            client = None
+    return (client.http_config if client is not None else HTTPOptions()).host or "127.0.0.1"
+
+
 def build_app(args: dict[str, Any]):
     """The application builder for Serve configs (`import_path: twinflow.serve.app:build_app`; Serve
     requires exactly one parameter). Relative model paths resolve against the builder's cwd (where
@@ -502,7 +609,16 @@ def build_application(
     `deployment_options` ({deployment name: .options() kwargs}) does what a config's `deployments:` does."""
     cfg = parse_args(args).resolved()
     infos = describe(cfg)
-    token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
+    token = normalise_token(os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None)
+    host = serve_bind_host()
+    check_exposure(host, cfg.auth, token, "serve app")
+    over = [i["id"] for i in infos if i["guidance"] > cfg.limits.max_guidance]
+    if over:
+        raise ValueError(
+            f"models {over}: their default guidance is over limits.max_guidance {cfg.limits.max_guidance}"
+        )
+    if cfg.allowed_hosts is None:
+        cfg = cfg.model_copy(update={"allowed_hosts": default_allowed_hosts(host)})
     config = cfg.model_dump(mode="json")
     opts = dict(deployment_options or {})
     unknown = sorted(set(opts) - {DEPLOYMENT})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from twinflow.serve.schemas import ApiError
 
@@ -62,7 +62,14 @@ class BodyReaders:
         self.max_readers, self.timeout_s, self.max_bytes = max_readers, timeout_s, max_bytes
         self.active = 0
 
-    async def read(self, stream: AsyncIterator[bytes], content_length: str | None) -> bytes:
+    async def read(
+        self,
+        stream: AsyncIterator[bytes],
+        content_length: str | None,
+        sink: Callable[[bytes], Awaitable[None]] | None = None,
+    ) -> bytes:
+        """The body under the size, time and reader bounds; with `sink`, each chunk goes to it as it
+        arrives (a streaming parser) and nothing is kept."""
         if content_length is not None and content_length.isdigit() and int(content_length) > self.max_bytes:
             raise ApiError(413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes")
         if self.active >= self.max_readers:
@@ -74,7 +81,7 @@ class BodyReaders:
             )
         self.active += 1
         try:
-            return await asyncio.wait_for(self._collect(stream), self.timeout_s)
+            return await asyncio.wait_for(self._collect(stream, sink), self.timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(
                 408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s"
@@ -82,12 +89,17 @@ class BodyReaders:
         finally:
             self.active -= 1
 
-    async def _collect(self, stream: AsyncIterator[bytes]) -> bytes:
+    async def _collect(self, stream: AsyncIterator[bytes], sink) -> bytes:
         buf = bytearray()
+        size = 0
         async for chunk in stream:  # read no further than the limit, whatever the headers say
-            buf += chunk
-            if len(buf) > self.max_bytes:
+            size += len(chunk)
+            if size > self.max_bytes:
                 raise ApiError(
                     413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes"
                 )
+            if sink is None:
+                buf += chunk
+            elif chunk:
+                await sink(chunk)
         return bytes(buf)

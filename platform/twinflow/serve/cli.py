@@ -87,6 +87,7 @@ def load_plan(target: str, model_id: str | None = None, overrides: list[str] | N
     import yaml
 
     from twinflow.config import ConfigError, apply_overrides
+    from twinflow.config.loading import safe_load
     from twinflow.serve.config import parse_args
 
     path = Path(target)
@@ -94,7 +95,7 @@ def load_plan(target: str, model_id: str | None = None, overrides: list[str] | N
         plan = _export_plan(path, model_id)
     elif path.is_file():
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{target}: not valid YAML: {exc}") from None
         if not isinstance(data, dict) or not data.get("applications"):
@@ -158,6 +159,23 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
+def check_plan_exposure(plan: dict[str, Any], host: str) -> None:
+    """ConfigError unless every application has a token or says `auth: none` when `host` is not loopback."""
+    import os
+
+    from twinflow.config import ConfigError
+    from twinflow.serve.config import parse_args
+    from twinflow.serve.exposure import ExposureError, check_exposure
+
+    for app in plan["applications"]:
+        cfg = parse_args(app["args"])
+        token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
+        try:
+            check_exposure(host, cfg.auth, token, f"application {app['name']!r}")
+        except ExposureError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def serve_plan(
     plan: dict[str, Any],
     *,
@@ -174,6 +192,7 @@ def serve_plan(
     http = dict(plan.get("http_options") or {})
     http["host"] = host or http.get("host") or "127.0.0.1"
     http["port"] = int(port or http.get("port") or 8000)
+    check_plan_exposure(plan, http["host"])  # before Ray starts: an open non-loopback bind is refused
     if not ray.is_initialized():
         ray.init(address=address, namespace="serve")
     start_kwargs: dict[str, Any] = {"http_options": http}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,7 +22,7 @@ DEFAULT_TOKEN_ENV = "TWINFLOW_SERVE_TOKEN"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelEntry(_Strict):
@@ -52,7 +52,7 @@ class Limits(_Strict):
     max_nfe: int = Field(64, ge=1, le=1000)
     max_images: int = Field(8, ge=1, le=64, description="images per request")
     max_prompt_chars: int = Field(500, ge=1, le=100_000)
-    max_guidance: float = Field(20.0, ge=0.0)
+    max_guidance: float = Field(20.0, ge=0.0, le=1000.0, allow_inf_nan=False)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="decoded size of an uploaded image")
     max_image_side: int = Field(
         2048,
@@ -72,6 +72,12 @@ class Limits(_Strict):
         gt=0,
         le=600,
         description="a request body must arrive within this (408 otherwise): slow senders cannot hold slots",
+    )
+    max_form_parts: int = Field(
+        16, ge=2, le=1000, description="parts of a multipart/form-data body (the image and its fields)"
+    )
+    max_form_field_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="one text field of a form body"
     )
     max_body_readers: int = Field(
         64,
@@ -134,7 +140,22 @@ class ServeAppConfig(_Strict):
         "hold the GIL before the request-taking event loop gets a turn",
     )
     auth_token_env: str | None = Field(
-        DEFAULT_TOKEN_ENV, description="environment variable holding a bearer token; unset or empty: no auth"
+        DEFAULT_TOKEN_ENV,
+        description="environment variable holding a bearer token; unset or empty: no auth, "
+        "which only a loopback bind or `auth: none` allows",
+    )
+    auth: Literal["token", "none"] | None = Field(
+        None,
+        description="token: a token is required; none: serve without one even off loopback (logged); "
+        "default: a token when the variable is set, and a non-loopback bind refuses to start without one",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header names a request may use ('*': any); default: localhost, 127.0.0.1 "
+        "and ::1 on a loopback bind (DNS rebinding), any otherwise",
+    )
+    show_model_paths: bool = Field(
+        False, description="admin option: /v1/models also shows each model's path (source)"
     )
     cache_dir: str | None = Field(
         None, description="where s3:// checkpoints are downloaded (default ~/.cache/twinflow/exports)"

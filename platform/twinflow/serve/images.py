@@ -5,8 +5,8 @@ file's magic bytes, and width, height and pixel count from the header (PIL's `Im
 the header); pixels are decoded only after all of that passed. A 100 kB PNG declaring 50000 x 50000
 pixels (a decompression bomb) is refused as 413 before a byte of it is inflated.
 
-Multipart bodies (`curl -F image=@digit.png -F instruction=...`) are parsed with the standard library's
-MIME parser from the body already read under the size/time bounds of `serve.body`.
+Multipart bodies (`curl -F image=@digit.png -F instruction=...`) are parsed by `serve.uploads` as they
+stream in; the app runs the decoding here on its upload threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import base64
 import binascii
 import io
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
+
+from twinflow.serve.uploads import FormLimits, StreamingForm
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
@@ -90,32 +90,14 @@ def decode_image(data: str, bounds: ImageBounds):
     return open_image(base64_bytes(data, bounds.max_bytes), bounds)
 
 
-def parse_multipart(raw: bytes, content_type: str) -> tuple[dict[str, str], dict[str, bytes]]:
-    """A multipart/form-data body -> (text fields, file fields). ValueError names what is wrong."""
-    if "boundary=" not in content_type:
-        raise ValueError("multipart/form-data without a boundary")
-    msg = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
-    )
-    if not msg.is_multipart():
-        raise ValueError("the body is not multipart/form-data")
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise ValueError("a form part has no name")
-        if name in fields or name in files:
-            raise ValueError(f"form field {name!r} is given twice")
-        payload = part.get_payload(decode=True) or b""
-        if part.get_filename() is not None:
-            files[name] = payload
-        else:
-            try:
-                fields[name] = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"form field {name!r} is not UTF-8 text") from None
-    return fields, files
+def parse_multipart(
+    raw: bytes, content_type: str, limits: FormLimits = FormLimits()
+) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A whole multipart/form-data body -> (text fields, file fields). ValueError names what is wrong;
+    its subclass uploads.FormTooLarge: over one of `limits`."""
+    form = StreamingForm(content_type, limits)
+    form.feed(raw)
+    return form.result()
 
 
 FORM_INTS = ("nfe", "seed", "num_images")

@@ -13,6 +13,7 @@ includes; Serve's class ingress binds them to the replica. No `from __future__ i
 (FastAPI must resolve `request: Request` on the rebuilt routes).
 """
 
+import asyncio
 import base64
 import time
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from twinflow.serve.images import form_values, parse_multipart
+from twinflow.serve.images import form_values
 from twinflow.serve.metrics import label_request
 from twinflow.serve.schemas import (
     MAX_SEED,
@@ -137,7 +138,7 @@ _EDIT_FORM = {
 
 
 class OpenAIImages:
-    """Mixin of the `TwinFlow` deployment: uses its `_auth`, `_body`, `_model`, `_edit_image`,
+    """Mixin of the `TwinFlow` deployment: uses its `_guard`, `_form`, `_body`, `_model`, `_edit_image`,
     `_submit`, `_answered`, `readers` and `limits`."""
 
     @router.post(
@@ -153,14 +154,14 @@ class OpenAIImages:
         t0 = time.perf_counter()
         try:
             with self.batcher.arriving_request():
-                self._auth(request)
+                self._guard(request, "application/json")  # auth, Host, cross-site, Content-Type
                 req = await self._body(request, ImagesRequest)
                 info = self._model(req.model)
                 label_request(info.id, req.nfe)
                 _check_size(req.size, info)
                 _check_format(req)
                 ours = _ours(req, info.id, GenerateRequest)
-                check_limits(ours, req.prompt, self.limits)
+                check_limits(ours, req.prompt, self.limits, info.guidance)
             return await self._images(t0, info, req, ours, None)
         except ApiError as exc:
             return openai_error(exc)
@@ -175,34 +176,23 @@ class OpenAIImages:
         t0 = time.perf_counter()
         try:
             with self.batcher.arriving_request():
-                self._auth(request)
+                self._guard(request, "multipart/form-data")  # auth, Host, cross-site, Content-Type
                 req, raw = await self._edit_form(request)
                 info = self._model(req.model)
                 label_request(info.id, req.nfe)
                 _check_size(req.size, info)
                 _check_format(req)
                 ours = _ours(req, info.id, EditFields)
-                check_limits(ours, req.prompt, self.limits)
-                image = self._edit_image(info, raw)
+                check_limits(ours, req.prompt, self.limits, info.guidance)
+                image = await asyncio.get_running_loop().run_in_executor(
+                    self.uploads, self._edit_image, info, raw
+                )
             return await self._images(t0, info, req, ours, image)
         except ApiError as exc:
             return openai_error(exc)
 
     async def _edit_form(self, request: Request) -> tuple[ImagesRequest, bytes]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                "/v1/images/edits takes multipart/form-data (an image file part and the fields)",
-            )
-        raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
-        try:
-            fields, files = parse_multipart(raw, ctype)
-        except ValueError as exc:
-            raise ApiError(
-                400, "malformed_form", f"request body is not valid multipart/form-data: {exc}"
-            ) from None
+        fields, files = await self._form(request)  # the capped streaming parser, off the event loop
         images = [k for k in files if k in ("image", "image[]")]
         problems = [
             {"loc": [k], "msg": "not supported: only the image is a file part"}

@@ -156,7 +156,7 @@ class ModelInfo(BaseModel):
     nfe: dict[str, int] = Field(description="{min, max, default}")
     text_max_length: int
     description: str = ""
-    source: str
+    source: str | None = Field(None, description="the export's path: only with show_model_paths")
 
 
 class ModelsResponse(BaseModel):
@@ -165,8 +165,9 @@ class ModelsResponse(BaseModel):
     limits: dict[str, Any]
 
 
-def check_limits(req: _Request, text: str, limits: Limits) -> None:
-    """Config-dependent bounds; raises ApiError 422 naming the field."""
+def check_limits(req: _Request, text: str, limits: Limits, default_guidance: float = 0.0) -> None:
+    """Config-dependent bounds; raises ApiError 422 naming the field. The guidance bound holds for
+    the model's own default (`default_guidance`) as much as for a requested one."""
     problems = []
     if not limits.min_nfe <= req.nfe <= limits.max_nfe:
         problems.append(
@@ -193,8 +194,15 @@ def check_limits(req: _Request, text: str, limits: Limits) -> None:
                 "input_length": len(text),
             }
         )
-    if req.guidance is not None and req.guidance > limits.max_guidance:
-        problems.append({"loc": ["guidance"], "msg": f"at most {limits.max_guidance}", "input": req.guidance})
+    guidance = default_guidance if req.guidance is None else req.guidance
+    if not math.isfinite(guidance) or guidance > limits.max_guidance:
+        what = "the model's default guidance is" if req.guidance is None else "at most"
+        msg = (
+            f"{what} {guidance}, over max_guidance {limits.max_guidance}"
+            if req.guidance is None
+            else f"{what} {limits.max_guidance}"
+        )
+        problems.append({"loc": ["guidance"], "msg": msg, "input": guidance})
     if req.format == "png" and req.num_images != 1:
         problems.append(
             {

@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import socket
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from twinflow.atomic_files import write_text_atomic
 from twinflow.config import ConfigError
 from twinflow.storage import is_s3
 from twinflow.train.config import JobConfig, load_job
@@ -27,6 +27,7 @@ from twinflow.train.failures import (
 )
 from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, check_text_states, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
+from twinflow.train.staging import staging_root
 from twinflow.train.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,14 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients (the 
 VERBOSE_ENV = "TWINFLOW_VERBOSE"  # "1" (`twinflow --verbose`): Ray's own output reaches the terminal
 _forwarding: bool | None = None  # whether Ray forwards worker output to this driver (ensure_ray)
 
-# S3 endpoint and credentials travel from the driver to the workers (s3:// data, output, init_from).
+# The S3 endpoint and region travel from the driver to the workers (s3:// data, output, init_from).
+# Credentials never do: a runtime env is shown by the dashboard and the state API, so each worker
+# resolves them itself through the AWS chain (its node's environment, as a local cluster inherits
+# the driver's, or its instance / pod role). docs/security.md has the threat model.
 FORWARDED_ENV = (
     "TWINFLOW_S3_ENDPOINT",
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
 )
@@ -84,8 +85,7 @@ def run_dir_of(job: JobConfig) -> Path:
     """Where workers write logs, samples and the export. For s3:// output: a local staging folder
     (uploaded to `<output.dir>/<name>/` when the job ends), while checkpoints go straight to S3."""
     if is_remote(job):
-        root = Path(os.environ.get("TWINFLOW_STAGING_DIR", Path(tempfile.gettempdir()) / "twinflow-staging"))
-        return root.expanduser().resolve() / job.name
+        return staging_root() / job.name
     return Path(job.output.dir).expanduser().resolve() / job.name
 
 
@@ -293,7 +293,7 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
         if exists(uri, job.output.s3_endpoint):
             delete_dir(uri, job.output.s3_endpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(job.model_dump_json(indent=2, by_alias=True))
+    write_text_atomic(run_dir / "job.json", job.model_dump_json(indent=2, by_alias=True))
     if (
         job.eval.metrics and job.eval.prompts
     ):  # a prompt naming no class of the data fails here, not at step N

@@ -5,7 +5,7 @@ Kept free of heavy imports so the DeepSpeed glue and tests can use them alone.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -39,7 +39,7 @@ class DeepSpeedConfig(StrictModel):
     offload_optimizer: bool = False
     offload_params: bool = Field(False, description="ZeRO-3 only: keep parameters on CPU between uses")
     gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_clipping: float = Field(1.0, ge=0)
+    gradient_clipping: float = Field(1.0, ge=0, le=1e6, description="max gradient norm; 0 = off")
 
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> DeepSpeedConfig:
@@ -50,9 +50,12 @@ class DeepSpeedConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     steps: int = Field(..., ge=1, description="optimizer steps")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW's decoupled decay per unit of lr")
+    betas: tuple[
+        Annotated[float, Field(ge=0, lt=1)],
+        Annotated[float, Field(ge=0, lt=1)],
+    ] = Field((0.9, 0.999), description="Adam's moment decays, each in [0, 1)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
     sample_ema: float | None = Field(
         None,

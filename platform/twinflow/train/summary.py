@@ -8,10 +8,11 @@ kept under `finished`, and the file is replaced atomically (a crash mid-write le
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from twinflow.atomic_files import write_json_atomic
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -34,7 +35,5 @@ def write_summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     attempts = list(old.get("attempts", [])) + [attempt]
     finished = next((a for a in reversed(attempts) if a.get("state") == "FINISHED"), None)
     body = {**attempt, "attempts": attempts, "finished": finished}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, body, indent=2, default=str)
     return body

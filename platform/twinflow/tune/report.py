@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import matplotlib
 import matplotlib.pyplot as plt
 
+from twinflow.atomic_files import write_json_atomic, write_text_atomic
 from twinflow.tune.config import EvalSetting, Sweep, local_sweep_dir
 from twinflow.tune.trainable import EVAL_GRID, trials_dir
 
@@ -289,7 +290,7 @@ def export_best(sweep: Sweep, best: dict[str, Any], out_dir: Path) -> dict[str, 
             "metric": sweep.config.metric,
             "value": info["value"],
         }
-        meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        write_json_atomic(meta_file, meta, indent=2, sort_keys=True, default=str)
         info["export"] = str(dest)
     for src, name in (
         (run_dir / EVAL_GRID, "samples.png"),
@@ -314,7 +315,7 @@ def write_report(sweep: Sweep, results: Iterable[Any], out_dir: Path):
             w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
-    (out_dir / "results.md").write_text(markdown_table(sweep, trials, best))
+    write_text_atomic(out_dir / "results.md", markdown_table(sweep, trials, best))
     family = plot_family(sweep, families(sweep, trials))
     plot = (
         plot_metric(
@@ -327,7 +328,7 @@ def write_report(sweep: Sweep, results: Iterable[Any], out_dir: Path):
     if best is not None:
         info = export_best(sweep, best, out_dir)
         info["plot"] = str(plot) if plot else None
-        (out_dir / "best.json").write_text(json.dumps(info, indent=2, default=str))
+        write_json_atomic(out_dir / "best.json", info, indent=2, default=str)
     else:
         (out_dir / "best.json").unlink(missing_ok=True)
     print_summary(sweep, trials, best, out_dir)

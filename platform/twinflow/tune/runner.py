@@ -11,7 +11,6 @@ With s3:// storage the Tune experiment (and the report) live in the bucket; tria
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,32 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from twinflow.atomic_files import write_json_atomic
 from twinflow.config import ConfigError
 from twinflow.data.embed_cache import ensure_embed_cache
 from twinflow.storage import s3_filesystem, upload_dir
 from twinflow.train.launcher import ensure_ray
+from twinflow.train.paths import UnsafePathError, check_remote_run, remove_run_dir
 from twinflow.tune.config import Sweep, experiment_path, load_sweep, local_sweep_dir
 from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
 from twinflow.tune.report import SweepResult, write_report
 from twinflow.tune.tracking import SweepTracking
 from twinflow.tune.trainable import run_trial, trials_dir
+
+# What marks a folder as a sweep's: ours, written when the sweep starts, or Tune's own experiment file.
+SWEEP_MARKERS = ("sweep.json", "tuner.pkl")
+
+
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_trial_envs() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trial actor's runtime env, where the
+    dashboard, the state API and the runtime-env agent's log show them. Take them off Tune's list:
+    trials resolve credentials through the AWS chain like every other worker (twinflow.storage)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_ENV)
 
 
 def _trial_dirname(trial) -> str:
@@ -59,13 +75,26 @@ def _exists(sweep: Sweep) -> bool:
 
 
 def _wipe(sweep: Sweep) -> None:
+    """`--fresh`: delete the earlier sweep of this name, with `train --fresh`'s guards: only
+    `<storage>/<name>` (and `<staging_dir>/<name>`), proven on the resolved path to be one directory
+    inside its root and no symlink, and only when a sweep made it (its marker, or Tune's tuner.pkl)."""
     if sweep.config.is_s3:
+        uri = check_remote_run(experiment_path(sweep))
         fs = _filesystem(sweep)
-        try:
-            fs.delete_dir(_s3_key(experiment_path(sweep)))
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(local_sweep_dir(sweep), ignore_errors=True)
+        key = _s3_key(uri)
+        if fs.get_file_info(key).type != pafs.FileType.NotFound:
+            marked = any(fs.get_file_info(f"{key}/{m}").type == pafs.FileType.File for m in SWEEP_MARKERS)
+            if not marked:
+                raise UnsafePathError(
+                    f"{uri} holds no {' or '.join(SWEEP_MARKERS)}: not a sweep; refusing to delete it"
+                )
+            fs.delete_dir(key)
+    cfg = sweep.config
+    # the root is resolved, the sweep's own name is not: a symlink there is refused, never followed
+    root = (sweep.cwd / Path(cfg.staging_dir if cfg.is_s3 else cfg.storage).expanduser()).resolve()
+    local = root / cfg.name
+    marker = next((m for m in SWEEP_MARKERS if (local / m).is_file()), SWEEP_MARKERS[0])
+    remove_run_dir(root, cfg.name, marker=marker)
 
 
 def build_scheduler(sweep: Sweep):
@@ -111,8 +140,12 @@ def run_sweep(
     if fresh and resume:
         raise ConfigError("--fresh and --resume exclude each other")
     ensure_ray(sweep.base_job(), address)
+    keep_credentials_out_of_trial_envs()
     if fresh:
-        _wipe(sweep)
+        try:
+            _wipe(sweep)
+        except UnsafePathError as exc:
+            raise ConfigError(f"--fresh: {exc}") from None
     path = experiment_path(sweep)
     fs = _filesystem(sweep)
     can_restore = _exists(sweep) and tune.Tuner.can_restore(_tune_path(sweep, path), storage_filesystem=fs)
@@ -133,6 +166,12 @@ def run_sweep(
     registry = registry_name(sweep.name)
     get_registry(registry, create=True)
     local_sweep_dir(sweep).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        local_sweep_dir(sweep) / SWEEP_MARKERS[0],
+        {"name": sweep.name, "experiment": path, "config": cfg.model_dump(mode="json")},
+        indent=2,
+        default=str,
+    )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=trial_spec(sweep, registry)), dict(cfg.trial_resources)
     )
