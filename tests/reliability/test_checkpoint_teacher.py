@@ -11,9 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from twinflow.method.ema import EMA, Teacher
+from twinflow.method.ema import EMA, Teacher, next_decay
 from twinflow.train import checkpointing, manifest
+from twinflow.train.launcher import run_job
 from twinflow.train.modelling import Averages
+
+from .helpers import checkpoint_dirs, make_job
 
 
 class DirEngine:
@@ -141,3 +144,44 @@ def test_ranks_that_disagree_on_the_world_size_fail_verification(tmp_path):
         manifest.write_manifest(part, rank, world, 4)
         shutil.copytree(part, ck, dirs_exist_ok=True)
     assert manifest.verify(ck) == ["ranks disagree on the world size: [1, 2]"]
+
+
+FASHION_BASE = Path(__file__).resolve().parents[1] / "fixtures" / "fashion_base"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_killed_twinflow_run_resumes_its_ema_teacher(ray_cluster, fashion_small, tmp_path):
+    """2 workers, TwinFlow with an EMA teacher and a sampling EMA; rank 1 dies at step 3 and Ray Train
+    restarts the group from the step-2 checkpoint. The averages then carry the 2 updates made before
+    the crash: at step 4 each has made 4 (a restarted EMA would count 2 and restart its warm-up)."""
+    result = run_job(
+        make_job(
+            fashion_small,
+            tmp_path,
+            "ema_kill",
+            "method.teacher=ema",
+            "method.ema_decay=0.9",
+            "train.sample_ema=0.95",
+            f"train.init_from={FASHION_BASE}",
+            "train.fail_at_step=3",
+            "train.max_failures=1",
+            base="fashion_twinflow.yaml",
+        )
+    )
+    assert result.ok, result.error
+    run = Path(result.run_dir)
+    assert (run / ".injected_failure_step3").exists()  # the worker really died once
+    assert "restored checkpoint" in (run / "logs" / "checkpoints.log").read_text()
+    assert "(step 2)" in (run / "logs" / "checkpoints.log").read_text()
+    c2, c4 = checkpoint_dirs(run)
+    saved = torch.load(c2 / checkpointing.TEACHER_FILE, weights_only=False)
+    final = torch.load(c4 / checkpointing.TEACHER_FILE, weights_only=False)
+    decay = {"ema": 0.0, "sample_ema": 0.0}
+    for k, target in (("ema", 0.9), ("sample_ema", 0.95)):
+        for _ in range(2):
+            decay[k] = next_decay(decay[k], target)
+        assert saved[k]["num_updates"] == 2 and saved[k]["current_decay"] == pytest.approx(decay[k])
+        for _ in range(2):
+            decay[k] = next_decay(decay[k], target)
+        assert final[k]["num_updates"] == 4 and final[k]["current_decay"] == pytest.approx(decay[k])
