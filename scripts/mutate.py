@@ -3,7 +3,8 @@ the planner and the serving engine, runs the unit tests that reach it, and lists
 
 mutmut imports the package by its path under the project root (`src/` stripped), so the run works in a
 staging copy under runs/mutate/ where platform/twinflow sits at src/twinflow: the repository is not changed.
-Usage: `make mutate` (or `python scripts/mutate.py [--max-children N] [--minutes M] [pattern ...]`).
+Usage: `make mutate` (or `python scripts/mutate.py [--max-children N] [--minutes M] [pattern ...]`);
+it ends with the count of each verdict and the diff of every surviving mutant.
 A run stopped by --minutes keeps its finished verdicts; the next run with the same staging copy goes on.
 """
 
@@ -96,13 +97,17 @@ def main() -> int:
         run.wait(timeout=60)
         print(f"\nstopped after {args.minutes:g} min; finished verdicts are kept in {STAGE}/mutants")
     print(f"\nmutation run: {(time.monotonic() - started) / 60:.1f} min")
-    # Every mutant not killed (survived, no tests, timeout, suspicious), with its diff.
-    subprocess.run([*mutmut, "results"], cwd=STAGE, env=env, check=False)
-    survivors = subprocess.run(
-        [*mutmut, "results"], cwd=STAGE, env=env, capture_output=True, text=True, check=False
-    ).stdout.split()
-    names = [s.rstrip(":") for s in survivors if "__mutmut_" in s]
-    for name in names:
+    # `mutmut results` lists every mutant not killed, one "name: verdict" a line.
+    listing = subprocess.run(
+        [*mutmut, "results", "--all", "true"], cwd=STAGE, env=env, capture_output=True, text=True, check=False
+    ).stdout
+    verdicts: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        name, sep, verdict = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            verdicts.setdefault(verdict, []).append(name)
+    print("verdicts: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(verdicts.items())))
+    for name in verdicts.get("survived", []):  # each survivor's diff
         subprocess.run([*mutmut, "show", name], cwd=STAGE, env=env, check=False)
     return 0
 

@@ -149,3 +149,9 @@ def test_fp32_ema_teacher_serves_a_bf16_online_model():
     assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
     expected = (teacher.module.lin(x.float()) * t.float()[:, None]).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+def test_a_checkpoint_of_another_teacher_mode_is_refused_naming_both():
+    saved = Teacher(nn.Linear(2, 2), "online").state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint teacher mode 'online' != configured 'ema'"):
+        Teacher(nn.Linear(2, 2), "ema").load_state_dict(saved)
