@@ -109,8 +109,10 @@ def test_resume_restores_the_ema_teacher_and_the_sampling_ema(tmp_path, monkeypa
     resumed = _averages(resumed_model)
     assert resumed.teacher.ema.num_updates == 0
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(ckpt)))
-    state = checkpointing.restore(DirEngine(resumed_model), resumed, str(run))
+    log = tmp_path / "checkpoints.log"
+    state = checkpointing.restore(DirEngine(resumed_model), resumed, str(run), log_file=log)
     assert state.step == 5
+    assert log.read_text().endswith(f" restored checkpoint {ckpt} (step 5)\n")  # not "fell back to"
     _assert_same(saved, _state(resumed))
     assert resumed.teacher.ema.num_updates == 5 and resumed.teacher.decay == averages.teacher.decay
 
