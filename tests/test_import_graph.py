@@ -1,8 +1,9 @@
 """No import cycles inside `twinflow`, and imports only point down the layers of docs/architecture.md.
 Read with `ast` (nothing is imported), every import counts, at module top or inside a function,
-except those under `if TYPE_CHECKING:` (never run). `importlib.import_module(...)` / `__import__(...)`
-count too: a literal argument names its module; otherwise the call may reach every twinflow module
-that a string in the same file names (the lazy-export tables and the CLI's area table)."""
+except those under `if TYPE_CHECKING:` (never run). `importlib.import_module(...)`, `__import__(...)`
+and a lazy-export helper's table (DYNAMIC_IMPORTERS) count too: a literal argument names its module;
+otherwise the call may reach every twinflow module that a string in the same file names (the
+lazy-export tables and the CLI's area table)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def _runtime_imports(tree: ast.AST):
             todo.append(child)
 
 
+# Calls that import modules named by strings: importlib's, and a lazy-export helper that takes a
+# {name: module} table (`lazy_names`, where a package declares one) and calls import_module itself.
+DYNAMIC_IMPORTERS = ("import_module", "__import__", "lazy_names")
+
+
 def _dynamic_imports(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
     """Modules reached through `import_module` / `__import__` calls (see the module docstring)."""
     calls = [
@@ -54,8 +60,8 @@ def _dynamic_imports(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
         for n in ast.walk(tree)
         if isinstance(n, ast.Call)
         and (
-            (isinstance(n.func, ast.Attribute) and n.func.attr == "import_module")
-            or (isinstance(n.func, ast.Name) and n.func.id in ("import_module", "__import__"))
+            (isinstance(n.func, ast.Attribute) and n.func.attr in DYNAMIC_IMPORTERS)
+            or (isinstance(n.func, ast.Name) and n.func.id in DYNAMIC_IMPORTERS)
         )
     ]
     if not calls:
