@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint mutate clean
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,11 @@ lint: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not integration"
+
+# Mutation check of the core (method, checkpoint restore, planner, serving engine); slow, not part of
+# `make test`. Prints every mutant the unit tests did not catch. docs/testing.md has the last result.
+mutate: setup
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -1,6 +1,9 @@
 """No import cycles inside `twinflow`, and imports only point down the layers of docs/architecture.md.
 Read with `ast` (nothing is imported), every import counts, at module top or inside a function,
-except those under `if TYPE_CHECKING:` (never run)."""
+except those under `if TYPE_CHECKING:` (never run). `importlib.import_module(...)`, `__import__(...)`
+and a lazy-export helper's table (DYNAMIC_IMPORTERS) count too: a literal argument names its module;
+otherwise the call may reach every twinflow module that a string in the same file names (the
+lazy-export tables and the CLI's area table)."""
 
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ LAYERS = [
 ]
 
 
-def module_names() -> dict[str, Path]:
+def module_names(package: Path = PACKAGE) -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
@@ -45,14 +48,44 @@ def _runtime_imports(tree: ast.AST):
             todo.append(child)
 
 
-def import_graph() -> dict[str, set[str]]:
+# Calls that import modules named by strings: importlib's, and a lazy-export helper that takes a
+# {name: module} table (`lazy_names`, where a package declares one) and calls import_module itself.
+DYNAMIC_IMPORTERS = ("import_module", "__import__", "lazy_names")
+
+
+def _dynamic_imports(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """Modules reached through `import_module` / `__import__` calls (see the module docstring)."""
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and (
+            (isinstance(n.func, ast.Attribute) and n.func.attr in DYNAMIC_IMPORTERS)
+            or (isinstance(n.func, ast.Name) and n.func.id in DYNAMIC_IMPORTERS)
+        )
+    ]
+    if not calls:
+        return set()
+
+    def named(value: object) -> str | None:
+        name = value.split(":", 1)[0] if isinstance(value, str) else None
+        return name if name in modules else None
+
+    literal = [c.args[0] for c in calls if c.args and isinstance(c.args[0], ast.Constant)]
+    if len(literal) == len(calls):
+        return {m for m in (named(a.value) for a in literal) if m}
+    return {m for n in ast.walk(tree) if isinstance(n, ast.Constant) for m in [named(n.value)] if m}
+
+
+def import_graph(package_dir: Path = PACKAGE) -> dict[str, set[str]]:
     """module -> the twinflow modules it imports (`from a import b` is a.b when that is a module)."""
-    modules = module_names()
+    modules = module_names(package_dir)
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        deps = set()
-        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        deps = _dynamic_imports(tree, modules)
+        for node in _runtime_imports(tree):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name in modules}
                 continue
@@ -145,3 +178,67 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 def test_imports_point_down_the_layers():
     found = layer_violations(import_graph())
     assert not found, "imports against the layering of docs/architecture.md: " + "; ".join(found)
+
+
+def _plant(root: Path, files: dict[str, str]) -> Path:
+    """A package tree named twinflow under `root`, from {relative path: source}."""
+    for rel, source in files.items():
+        path = root / "twinflow" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    return root / "twinflow"
+
+
+def test_the_real_graph_is_read():
+    graph = import_graph()
+    assert len(graph) > 100 and sum(map(len, graph.values())) > 300
+    assert "twinflow.method.sampler" in graph["twinflow.serve.engine"]
+    # through import_module: the lazy exports and the family registry
+    assert "twinflow.models.lora" in graph["twinflow.models"]
+    assert "twinflow.models.qwen_image" in graph["twinflow.models.registry"]
+
+
+def test_a_planted_upward_import_is_found(tmp_path):
+    pkg = _plant(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "method/__init__.py": "",
+            "method/times.py": "def f():\n    from twinflow.serve import engine\n",
+            "serve/__init__.py": "",
+            "serve/engine.py": "from ..method.times import f\n",
+        },
+    )
+    graph = import_graph(pkg)
+    assert graph["twinflow.serve.engine"] == {"twinflow.method.times"}
+    assert layer_violations(graph) == ["twinflow.method.times -> twinflow.serve.engine"]
+    assert cycles(graph) == [["twinflow.method.times", "twinflow.serve.engine"]]
+
+
+def test_import_module_calls_count(tmp_path):
+    pkg = _plant(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "models/__init__.py": (
+                "import importlib\n_LAZY = {'f': 'twinflow.serve.app'}\n"
+                "def __getattr__(name):\n    return getattr(importlib.import_module(_LAZY[name]), name)\n"
+            ),
+            "data/__init__.py": "",
+            "data/load.py": "from importlib import import_module\nm = import_module('twinflow.tune.runner')\n",
+            "serve/__init__.py": "",
+            "serve/app.py": "",
+            "tune/__init__.py": "",
+            "tune/runner.py": "",
+            "eval/__init__.py": "",
+            "eval/plain.py": "NAME = 'twinflow.serve.app'  # a string, and no import_module call\n",
+        },
+    )
+    graph = import_graph(pkg)
+    assert graph["twinflow.models"] == {"twinflow.serve.app"}
+    assert graph["twinflow.data.load"] == {"twinflow.tune.runner"}
+    assert graph["twinflow.eval.plain"] == set()
+    assert layer_violations(graph) == [
+        "twinflow.data.load -> twinflow.tune.runner",
+        "twinflow.models -> twinflow.serve.app",
+    ]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.eval.conftest import tiny_generator
 from twinflow.eval.metrics import evaluate_generator
+
+from .conftest import tiny_generator
 
 KEYS = ("fd", "adherence", "diversity", "collapse", "saturation")
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from twinflow.method.conditioning import cat_cond, cond_batch_size, expand_cond, mix_cond, take_cond
+from twinflow.method.conditioning import cat_cond, cond_batch_size, cond_to, expand_cond, mix_cond, take_cond
 
 
 def test_empty_dicts_pass_through():
@@ -42,3 +42,14 @@ def test_mix_cond_replaces_selected_rows():
     cond = {"label": torch.tensor([0, 1, 2, 3])}
     out = mix_cond(cond, {"label": torch.tensor([8])}, torch.tensor([False, True, False, True]))
     assert out["label"].tolist() == [0, 8, 2, 8]
+
+
+def test_cond_to_casts_floating_tensors_and_keeps_masks():
+    cond = {"text_states": torch.randn(2, 3, 4), "text_mask": torch.ones(2, 3, dtype=torch.long)}
+    half = cond_to(cond, "cpu", torch.bfloat16)
+    assert half["text_states"].dtype == torch.bfloat16 and half["text_mask"].dtype == torch.long
+    assert torch.equal(half["text_states"], cond["text_states"].to(torch.bfloat16))
+    same = cond_to(cond, "cpu")
+    assert same["text_states"].dtype == torch.float32 and torch.equal(
+        same["text_states"], cond["text_states"]
+    )

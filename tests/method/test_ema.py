@@ -149,3 +149,21 @@ def test_fp32_ema_teacher_serves_a_bf16_online_model():
     assert out.dtype == torch.bfloat16 and out.shape == (3, 4)
     expected = (teacher.module.lin(x.float()) * t.float()[:, None]).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+def test_a_checkpoint_of_another_teacher_mode_is_refused_naming_both():
+    saved = Teacher(nn.Linear(2, 2), "online").state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint teacher mode 'online' != configured 'ema'"):
+        Teacher(nn.Linear(2, 2), "ema").load_state_dict(saved)
+
+
+def test_a_frozen_teacher_restores_its_initial_weights_and_online_has_none_to_export():
+    torch.manual_seed(0)
+    first = Teacher(nn.Linear(2, 2), "frozen")
+    torch.manual_seed(1)
+    resumed = Teacher(nn.Linear(2, 2), "frozen")  # a resumed run's model has moved on from the initial one
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(resumed.module.weight, first.module.weight)
+    assert torch.equal(resumed.export_weights()["weight"], first.module.weight)
+    with pytest.raises(ValueError, match="'online' teacher has no weights of its own"):
+        Teacher(nn.Linear(2, 2), "online").export_weights()

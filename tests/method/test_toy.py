@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from twinflow.method import FlowMatchingConfig, FlowMatchingObjective, TwinFlowConfig, TwinFlowObjective
@@ -89,3 +92,10 @@ def test_flipping_the_rectify_sign_breaks_training(monkeypatch):
     monkeypatch.setattr(tw, "velocity_gap", lambda fake, real: -original(fake, real))
     flipped = one_step_distance()
     assert correct < 0.1 and flipped > 10.0
+
+
+def test_mmd_rbf_is_the_gaussian_kernel_estimate():
+    """Two single points one apart, bandwidth 0.5: k(x,x) = k(y,y) = 1, k(x,y) = exp(-1 / (2 * 0.25))."""
+    x, y = torch.zeros(1, 1), torch.ones(1, 1)
+    assert mmd_rbf(x, y, bandwidth=0.5) == pytest.approx(2 - 2 * math.exp(-2.0), rel=1e-12)
+    assert mmd_rbf(x, y, bandwidth=1.0) == pytest.approx(2 - 2 * math.exp(-0.5), rel=1e-12)

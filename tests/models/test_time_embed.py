@@ -38,13 +38,28 @@ def test_r_equals_t_is_the_base_model_exactly(family, e2_init):
         assert torch.equal(gen(x, t, t, cond), _base_forward(gen, base, x, t, cond))
 
 
-def test_r_differs_from_t_changes_output(family):
+def test_r_enters_per_row_and_only_through_e2(family):
+    """Each row's r moves that row's output only (rows with r = t in the same batch stay the r = t
+    answer, each row equals itself computed alone), different r give different outputs, and with E2
+    zeroed r has no effect: r reaches the model through (t - r) E2(r) and nothing else."""
     _, gen = _base_and_generator(family)
     x, t = torch.randn(4, 1, 28, 28), torch.full((4,), 0.8)
+    r = torch.tensor([0.8, 0.0, 0.4, 0.8])
     cond = random_cond(4)
     with torch.no_grad():
-        inst, jump = gen(x, t, t, cond), gen(x, t, torch.zeros(4), cond)
-    assert (inst - jump).abs().mean() > 1e-3
+        inst, mixed = gen(x, t, t, cond), gen(x, t, r, cond)
+        for i in range(4):
+            alone = gen(x[i : i + 1], t[i : i + 1], r[i : i + 1], {k: v[i : i + 1] for k, v in cond.items()})
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[[0, 3]], inst[[0, 3]], atol=1e-5, rtol=1e-5)
+        for i in (1, 2):
+            assert (mixed[i] - inst[i]).abs().mean() > 1e-3, f"row {i}: r = {r[i]} left the output as r = t"
+        same = {k: v[[1, 1]] for k, v in cond.items()}
+        far = gen(x[[1, 1]], t[:2], torch.tensor([0.0, 0.4]), same)  # one input, two values of r
+        assert (far[0] - far[1]).abs().mean() > 1e-4  # the output depends on r's value, not only r != t
+        for _, p in e2_parameters(gen):
+            p.zero_()
+        torch.testing.assert_close(gen(x, t, r, cond), inst, atol=1e-5, rtol=1e-5)
 
 
 def test_embedding_is_e1_plus_gap_times_e2(family):

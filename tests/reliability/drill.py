@@ -12,8 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.reliability.helpers`
-
 CKPT_EVERY = 4
 STEPS = 12
 REMOVE_AFTER_STEP = 6  # past the first checkpoint (step 4), before the second (step 8)
@@ -21,9 +19,9 @@ REMOVE_AFTER_STEP = 6  # past the first checkpoint (step 4), before the second (
 
 def main(shards: str, out: str, endpoint: str, report: str) -> int:
     import ray
+    from helpers import logged_steps, make_job  # this script's folder is first on sys.path
     from ray.cluster_utils import Cluster
 
-    from tests.reliability.helpers import logged_steps, make_job
     from twinflow.storage import list_files
     from twinflow.train.launcher import API_SERVER_ENV, free_port, run_dir_of, run_job
 

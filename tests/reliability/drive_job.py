@@ -7,15 +7,12 @@ Prints `SESSION <ray session dir>` once Ray is up, then the job's JobResult as J
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.reliability.helpers`
 
 
 def main(argv: list[str]) -> int:
     import ray
+    from helpers import make_job  # this script's folder is first on sys.path
 
-    from tests.reliability.helpers import make_job
     from twinflow.train.launcher import ensure_ray, run_job
 
     shards, out, name, *extra = argv

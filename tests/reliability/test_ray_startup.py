@@ -21,7 +21,7 @@ REPO = HERE.parents[1]
 PROBE = r"""
 import json, sys
 import ray
-from tests.reliability.helpers import make_job
+from .helpers import make_job
 from twinflow.train.launcher import ensure_ray
 
 ensure_ray(make_job(sys.argv[1], sys.argv[2], "probe"), None)

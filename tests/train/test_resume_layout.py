@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from twinflow.config import ConfigError
 from twinflow.train.checkpointing import CheckpointError, check_layout, newest_layout
 from twinflow.train.launcher import check_resume_layout
 from twinflow.train.manifest import write_manifest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reliability's job helpers
+from reliability.helpers import make_job
 
 
 def _checkpoint(run, name, world, stage=None, ranks=None):
@@ -48,8 +54,6 @@ def test_a_manifest_without_a_stage_checks_the_world_only(tmp_path):
 
 
 def test_the_launcher_names_the_fields(tmp_path):
-    from tests.reliability.helpers import make_job
-
     job = make_job(tmp_path / "data", tmp_path / "runs", "relayout", "cluster.num_workers=1")
     run = tmp_path / "runs" / "relayout"
     _checkpoint(run, "checkpoint_2026-11-30_10-00-00.000000", world=2, stage=2)

@@ -17,8 +17,8 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenTimestepProjEmbeddings
 from torch import nn
 
+from twinflow.models.family import Family
 from twinflow.models.presets import Preset
-from twinflow.models.registry import Family
 from twinflow.models.time_embed import TwoTimeMixin
 
 

@@ -18,8 +18,8 @@ from diffusers import SanaTransformer2DModel
 from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings
 from torch import nn
 
+from twinflow.models.family import Family
 from twinflow.models.presets import Preset
-from twinflow.models.registry import Family
 from twinflow.models.time_embed import TwoTimeMixin
 
 
