@@ -34,11 +34,11 @@ def test_zero3_ema_teacher_and_sampling_ema_survive_a_lost_worker(ray_cluster, f
             "method.teacher=ema",
             "method.ema_decay=0.9",
             "train.sample_ema=0.8",
-            "train.fail_at_step=3",
             "train.max_failures=1",
             *(["model.lora.rank=4"] if lora else []),
             base="fashion_twinflow.yaml",
-        )
+        ),
+        fault_at_step=3,
     )
     assert result.ok, result.error
     assert result.steps == 4
