@@ -3,7 +3,6 @@ weights_only=True: a file carrying a pickled object, which a load would execute,
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
