@@ -204,12 +204,12 @@ def canonicalise(out: Path) -> None:
         if not (pdir / "fp32.pt").is_file():
             raise RelayoutError(f"no converted fp32 state for parameter {name}")
         for key in STATES:
-            t = torch.load(pdir / f"{key}.pt", map_location="cpu", weights_only=False)
+            t = torch.load(pdir / f"{key}.pt", map_location="cpu", weights_only=True)
             t = t["param"] if isinstance(t, dict) else t
             torch.save({"param": t.reshape(shape).float()}, pdir / f"{key}.pt")
         step_file = pdir / "step.pt"
         if step_file.is_file():
-            step = torch.load(step_file, map_location="cpu", weights_only=False)
+            step = torch.load(step_file, map_location="cpu", weights_only=True)
         elif step is None:
             raise RelayoutError(f"no optimizer step recorded for {name}")
         else:
