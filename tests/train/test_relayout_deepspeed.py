@@ -10,6 +10,7 @@ last bits (measured on the ZeRO-2 chain: at most 1.5e-8 on the states, 1e-7 rela
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,20 @@ def test_the_conversion_is_verified_like_any_checkpoint(runs):
         load_directory(OneWorker(), None, checkpoint)
     relayout.convert(checkpoint, TAG)  # a conversion that no longer verifies is redone
     assert relayout.verify(checkpoint) == []
+
+
+def test_a_checkpoint_on_s3_is_converted_beside_its_files(runs, s3_server, bucket, tmp_path):
+    from twinflow.storage import download_dir, upload_dir
+
+    runs("z3_w2", 2, 3, 8, save_at=3)
+    source = tmp_path / "native"
+    shutil.copytree(
+        runs.root / "z3_w2", source, ignore=shutil.ignore_patterns("universal", "*.universal.json")
+    )
+    run_uri = f"s3://{bucket}/runs/job"
+    upload_dir(source, f"{run_uri}/checkpoint_2026-12-06_07-00-00.000000", s3_server)
+    assert relayout.prepare(run_uri, s3_server, 1, 3, TAG).endswith("checkpoint_2026-12-06_07-00-00.000000")
+    back = tmp_path / "back"
+    download_dir(f"{run_uri}/checkpoint_2026-12-06_07-00-00.000000", back, s3_server)
+    assert relayout.verify(back) == [] and relayout.record(back)["source"] == {"world": 2, "zero_stage": 3}
+    assert relayout.prepare(run_uri, s3_server, 2, 3, TAG) is None  # the layout that wrote it: nothing to do

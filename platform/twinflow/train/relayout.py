@@ -18,6 +18,8 @@ stage 0 (no ZeRO optimizer, `engine.zero_stage_for`), which DeepSpeed's format d
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -167,7 +169,10 @@ def _ds_to_universal(src: Path, out: Path) -> None:
         inject_missing_state=True,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    ds_to_universal.main(args)
+    said = io.StringIO()  # its step-by-step prints and progress bars: kept out of the job's output
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", said.getvalue())
 
 
 def _model_states(folder: Path) -> dict[str, Any]:
