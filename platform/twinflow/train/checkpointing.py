@@ -4,7 +4,11 @@ data position) rides along, so a resumed or restarted job continues exactly wher
 
 Every rank also writes a manifest of its files (twinflow.train.manifest). A restore verifies it and
 skips a corrupted or truncated checkpoint, with a line naming it and the bad file, falling back to
-the newest checkpoint of the run that verifies.
+the newest checkpoint of the run that verifies. A checkpoint written by another worker count or ZeRO
+stage loads through its universal conversion (twinflow.train.relayout), made before Ray started.
+
+The teacher/EMA file goes through `save_averages` / `load_averages` alone: plain tensors and numbers,
+loaded with weights_only=True.
 """
 
 from __future__ import annotations
