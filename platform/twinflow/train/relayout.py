@@ -259,7 +259,12 @@ def write_from_stage0(src: Path, out: Path) -> None:
     if len(order) != len(names):
         raise RelayoutError(f"{src}: {len(order)} optimizer parameters, {len(names)} names recorded")
     zero = out / "zero"
-    step = None
+    # torch's AdamW counts steps per parameter and skips a parameter without a gradient, so a
+    # parameter some steps left unused (a branch not taken) lags; ZeRO keeps one step per flat group
+    # and its loader requires them equal: every parameter takes the optimizer's step count, the most
+    # any parameter took (its moments are carried exactly).
+    counts = [optim["state"].get(i, {}).get("step", torch.tensor(0.0)) for i in order]
+    step = max(counts, key=float) if counts else torch.tensor(0.0)
     for idx, name in zip(order, names):
         st = optim["state"].get(idx, {})
         weight = module[name].float()
@@ -268,10 +273,9 @@ def write_from_stage0(src: Path, out: Path) -> None:
         torch.save({"param": weight}, pdir / "fp32.pt")
         for key in ("exp_avg", "exp_avg_sq"):
             torch.save({"param": st.get(key, torch.zeros_like(weight)).float()}, pdir / f"{key}.pt")
-        step = st.get("step", torch.tensor(0.0))
         torch.save(step, pdir / "step.pt")
     common = {"clip_grad": float(states.get("ds_config", {}).get("gradient_clipping", 0.0) or 0.0)}
-    _write_common(zero, common, optim["param_groups"], step if step is not None else torch.tensor(0.0))
+    _write_common(zero, common, optim["param_groups"], step)
     for f in src.glob("*model_states.pt"):
         shutil.copy2(f, out / f.name)
     _both_model_state_names(out)
