@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from twinflow.train import relayout
-from twinflow.train.checkpointing import TAG, Unusable, load_directory
+from twinflow.train.checkpointing import TAG, Unusable, load_directory, newest_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
@@ -139,8 +139,12 @@ def test_a_checkpoint_on_s3_is_converted_beside_its_files(runs, s3_server, bucke
     )
     run_uri = f"s3://{bucket}/runs/job"
     upload_dir(source, f"{run_uri}/checkpoint_2026-12-06_07-00-00.000000", s3_server)
-    assert relayout.prepare(run_uri, s3_server, 1, 3, TAG).endswith("checkpoint_2026-12-06_07-00-00.000000")
+    assert relayout.prepare(newest_layout(run_uri, s3_server), run_uri, s3_server, 1, 3, TAG).endswith(
+        "checkpoint_2026-12-06_07-00-00.000000"
+    )
     back = tmp_path / "back"
     download_dir(f"{run_uri}/checkpoint_2026-12-06_07-00-00.000000", back, s3_server)
     assert relayout.verify(back) == [] and relayout.record(back)["source"] == {"world": 2, "zero_stage": 3}
-    assert relayout.prepare(run_uri, s3_server, 2, 3, TAG) is None  # the layout that wrote it: nothing to do
+    assert (
+        relayout.prepare(newest_layout(run_uri, s3_server), run_uri, s3_server, 2, 3, TAG) is None
+    )  # the layout that wrote it: nothing to do

@@ -42,7 +42,7 @@ def test_layouts_compare_world_and_stage(tmp_path):
 
 def test_the_same_layout_needs_no_conversion(tmp_path):
     d = _checkpoint(tmp_path, "checkpoint_2026-11-30_10-00-00.000000", world=2, stage=2)
-    assert prepare(str(tmp_path), None, 2, 2, "ckpt") is None
+    assert prepare(newest_layout(str(tmp_path)), str(tmp_path), None, 2, 2, "ckpt") is None
     assert not (d / UNIVERSAL_DIR).exists() and verify(d) == ["no manifest.universal.json (never converted)"]
 
 
@@ -53,7 +53,7 @@ def test_a_checkpoint_that_does_not_convert_is_one_line_naming_the_fields(tmp_pa
     run = tmp_path / "runs" / "relayout"
     d = _checkpoint(run, "checkpoint_2026-11-30_10-00-00.000000", world=2, stage=2)  # no DeepSpeed files
     with pytest.raises(RelayoutError, match="ZeRO stage 2 checkpoint without optimizer partition files"):
-        prepare(str(run), None, 1, 0, "ckpt")
+        prepare(newest_layout(str(run)), str(run), None, 1, 0, "ckpt")
     with pytest.raises(
         ConfigError, match=r"^cluster.num_workers / deepspeed.zero_stage: .*checkpoint_2026.*--fresh"
     ):
@@ -66,4 +66,4 @@ def test_a_damaged_checkpoint_is_not_converted(tmp_path):
     d = _checkpoint(tmp_path, "checkpoint_2026-11-30_10-00-00.000000", world=2, stage=2)
     (d / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"y")
     with pytest.raises(RelayoutError, match="does not verify.*sha256"):
-        prepare(str(tmp_path), None, 1, 0, "ckpt")
+        prepare(newest_layout(str(tmp_path)), str(tmp_path), None, 1, 0, "ckpt")

@@ -228,14 +228,16 @@ def check_resume_layout(job: JobConfig, run_dir: Path) -> str | None:
     it, convert it once to DeepSpeed's universal format (before Ray starts; `train/relayout.py`), which
     any layout loads. The converted checkpoint's path, None when nothing needed converting; a
     checkpoint that cannot be converted is one line naming the fields."""
-    from twinflow.train.checkpointing import TAG
+    from twinflow.train.checkpointing import TAG, newest_layout
     from twinflow.train.engine import zero_stage_for
     from twinflow.train.relayout import RelayoutError, prepare
 
     world = job.cluster.num_workers
+    run_uri = remote_run_uri(job) or str(run_dir)
     try:
         return prepare(
-            remote_run_uri(job) or str(run_dir),
+            newest_layout(run_uri, job.output.s3_endpoint),
+            run_uri,
             job.output.s3_endpoint,
             world,
             zero_stage_for(job.deepspeed, world),

@@ -343,17 +343,23 @@ def load_into_stage0(engine, folder: Path) -> dict[str, Any]:
     return {k: v for k, v in states.items() if k not in DEEPSPEED_KEYS}
 
 
-def prepare(run_uri: str, endpoint: str | None, world: int, zero_stage: int, tag: str) -> str | None:
-    """Before Ray starts: when the run's newest checkpoint was written by another layout, convert it
-    (once) and return its path; None when nothing needs converting. Remote checkpoints are fetched to
-    a temporary folder, converted there, and the conversion uploaded beside them."""
+def prepare(
+    newest: tuple[str, int, int | None] | None,
+    run_uri: str,
+    endpoint: str | None,
+    world: int,
+    zero_stage: int,
+    tag: str,
+) -> str | None:
+    """Before Ray starts: when the run's newest checkpoint (`checkpointing.newest_layout`: path, world,
+    stage) was written by another layout, convert it (once) and return its path; None when nothing needs
+    converting. Remote checkpoints are fetched to a temporary folder, converted there, and the
+    conversion uploaded beside them."""
     from twinflow.storage import is_s3
-    from twinflow.train.checkpointing import newest_layout
 
-    found = newest_layout(run_uri, endpoint)
-    if found is None:
+    if newest is None:
         return None
-    path, saved_world, saved_stage = found
+    path, saved_world, saved_stage = newest
     if saved_world == world and (saved_stage is None or saved_stage == zero_stage):
         return None
     if not is_s3(run_uri):
