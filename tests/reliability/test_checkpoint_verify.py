@@ -74,10 +74,16 @@ def test_missing_manifest_or_rank_or_file_fails(tmp_path):
 
 
 class FakeEngine:
-    """Records which checkpoint directory it loaded (a DeepSpeed engine's load_checkpoint contract)."""
+    """Records which checkpoint directory it loaded (a DeepSpeed engine's load_checkpoint contract),
+    on the layout make_checkpoint writes (2 workers)."""
+
+    dp_world_size = 2
 
     def __init__(self) -> None:
         self.loaded: Path | None = None
+
+    def zero_optimization_stage(self) -> int:
+        return 2
 
     def load_checkpoint(self, d, tag):
         self.loaded = Path(d)

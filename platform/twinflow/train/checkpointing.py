@@ -4,7 +4,11 @@ data position) rides along, so a resumed or restarted job continues exactly wher
 
 Every rank also writes a manifest of its files (twinflow.train.manifest). A restore verifies it and
 skips a corrupted or truncated checkpoint, with a line naming it and the bad file, falling back to
-the newest checkpoint of the run that verifies.
+the newest checkpoint of the run that verifies. A checkpoint written by another worker count or ZeRO
+stage loads through its universal conversion (twinflow.train.relayout), made before Ray started.
+
+The averages (teacher/EMA, `train.averages`) are one file per rank of plain tensors and numbers,
+loaded with weights_only=True.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twinflow.train import manifest
+import torch
+
+from twinflow.train import manifest, relayout
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,9 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
 
     world = ray.train.get_context().get_world_size()
     tmp = Path(tempfile.mkdtemp(prefix=f"twinflow-ckpt-s{state.step}-r{rank}-"))
+    client = {"train_state": state.as_dict(), relayout.TRAINABLE_KEY: trainable_names(engine.module)}
     try:
-        engine.save_checkpoint(str(tmp), tag=TAG, client_state={"train_state": state.as_dict()})
+        engine.save_checkpoint(str(tmp), tag=TAG, client_state=client)
         if teacher is not None:
             teacher.save(tmp)  # every rank: its own partition of the averages
         # last: it vouches for the files above
@@ -69,6 +76,12 @@ def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any])
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trainable_names(module: torch.nn.Module) -> list[str]:
+    """The optimizer's parameters by name, in its order (the loop hands DeepSpeed the trainable
+    parameters in module order): a one-worker checkpoint's plain optimizer state is keyed by position."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
 def checkpoint_dirs(run_uri: str, endpoint: str | None = None):
@@ -122,24 +135,54 @@ def newest_layout(run_uri: str, endpoint: str | None = None) -> tuple[str, int, 
     return None
 
 
-def check_layout(run_uri: str, endpoint: str | None, world: int, zero_stage: int) -> None:
-    """Refuse, before any worker starts, to resume a checkpoint whose optimizer state is laid out for
-    another world size or ZeRO stage: DeepSpeed would fail deep inside its load with an unrelated
-    error ("'NoneType' object has no attribute 'copy'") after Ray Train's retries."""
-    found = newest_layout(run_uri, endpoint)
-    if found is None:
-        return
-    path, saved_world, saved_stage = found
-    same_stage = saved_stage is None or saved_stage == zero_stage
-    if saved_world == world and same_stage:
-        return
-    was = f"{saved_world} worker(s)" + (f", ZeRO stage {saved_stage}" if saved_stage is not None else "")
-    raise CheckpointError(
-        f"cannot resume {path}: it was written by {was}, and this run has {world} worker(s), ZeRO stage "
-        f"{zero_stage} (one worker runs ZeRO-1/2 as stage 0); the optimizer state does not carry over. "
-        f"Resume with the run's cluster.num_workers and deepspeed.zero_stage, or rerun with --fresh "
-        f"(deletes the run) or another name."
-    )
+def layout_of(directory: str | Path) -> tuple[int, int | None] | None:
+    """(world size, ZeRO stage) a checkpoint's manifests record; None without them."""
+    manifests, _ = manifest.read_manifests(directory)
+    if not manifests:
+        return None
+    body = manifests[min(manifests)]
+    return body["world"], body.get("zero_stage")
+
+
+def same_layout(saved: tuple[int, int | None], here: tuple[int, int]) -> bool:
+    """The optimizer state's partitioning is the same (a manifest without a stage: the world decides)."""
+    return saved[0] == here[0] and (saved[1] is None or saved[1] == here[1])
+
+
+def describe(layout: tuple[int, int | None]) -> str:
+    world, stage = layout
+    return f"{world} worker(s)" + (f" at ZeRO stage {stage}" if stage is not None else "")
+
+
+class Unusable(Exception):
+    """This checkpoint cannot be restored (the message says why); a restore tries the next one."""
+
+
+def load_directory(engine, teacher, directory: str | Path) -> tuple[TrainState, str]:
+    """Verify one checkpoint directory and load it: its native files when this engine has the layout
+    that wrote it, its universal conversion otherwise. (state, how it was loaded: "" when native)."""
+    problems = manifest.verify(directory)
+    if problems:
+        raise Unusable("; ".join(problems[:3]))
+    saved = layout_of(directory)
+    here = (engine.dp_world_size, engine.zero_optimization_stage())
+    if saved is None or same_layout(saved, here):
+        load_path, client = engine.load_checkpoint(str(directory), tag=TAG)
+        if load_path is None:
+            raise CheckpointError(f"checkpoint {directory} holds no DeepSpeed state under tag {TAG!r}")
+        how = ""
+    else:
+        bad = relayout.verify(directory)
+        if bad:
+            raise Unusable(
+                f"written by {describe(saved)}, this run has {describe(here)}, and its universal "
+                f"conversion does not verify: {'; '.join(bad[:3])}"
+            )
+        client = relayout.load(engine, directory, TAG)
+        how = f" through its universal conversion ({describe(saved)} -> {describe(here)})"
+    if teacher is not None:
+        teacher.load(directory)  # each rank's averages file, loaded with weights_only=True
+    return TrainState.from_dict(client["train_state"]), how
 
 
 def restore(
@@ -165,18 +208,15 @@ def restore(
     skipped = []
     for ckpt in tried:
         with ckpt.as_directory() as d:
-            problems = manifest.verify(d)
-            if problems:
-                skipped.append(f"{ckpt.path}: {'; '.join(problems[:3])}")
-                note(f"skipping checkpoint {ckpt.path}: {'; '.join(problems[:3])}")
+            try:
+                state, how = load_directory(engine, teacher, d)
+            except Unusable as exc:
+                skipped.append(f"{ckpt.path}: {exc}")
+                note(f"skipping checkpoint {ckpt.path}: {exc}")
                 continue
-            load_path, client = engine.load_checkpoint(d, tag=TAG)
-            if load_path is None:
-                raise CheckpointError(f"checkpoint {ckpt.path} holds no DeepSpeed state under tag {TAG!r}")
-            if teacher is not None:
-                teacher.load(d)
-            state = TrainState.from_dict(client["train_state"])
-            note(f"{'fell back to' if skipped else 'restored'} checkpoint {ckpt.path} (step {state.step})")
+            note(
+                f"{'fell back to' if skipped else 'restored'} checkpoint {ckpt.path} (step {state.step}){how}"
+            )
         return state
     raise CheckpointError(
         "no checkpoint of this run verifies:\n  "

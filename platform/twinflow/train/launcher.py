@@ -256,22 +256,31 @@ def check_inputs(job: JobConfig) -> None:
     check_reference(job)  # periodic eval's real images: shards with an eval and a train split
 
 
-def check_resume_layout(job: JobConfig, run_dir: Path) -> None:
-    """A rerun resumes the run's newest checkpoint: refuse (one line, before Ray starts) when it was
-    written by another number of workers or ZeRO stage, which DeepSpeed cannot load."""
-    from twinflow.train.checkpointing import CheckpointError, check_layout
+def check_resume_layout(job: JobConfig, run_dir: Path) -> str | None:
+    """A rerun resumes the run's newest checkpoint: when another number of workers or ZeRO stage wrote
+    it, convert it once to DeepSpeed's universal format (before Ray starts; `train/relayout.py`), which
+    any layout loads. The converted checkpoint's path, None when nothing needed converting; a
+    checkpoint that cannot be converted is one line naming the fields."""
+    from twinflow.train.checkpointing import TAG, newest_layout
     from twinflow.train.engine import zero_stage_for
+    from twinflow.train.relayout import RelayoutError, prepare
 
     world = job.cluster.num_workers
+    run_uri = remote_run_uri(job) or str(run_dir)
     try:
-        check_layout(
-            remote_run_uri(job) or str(run_dir),
+        return prepare(
+            newest_layout(run_uri, job.output.s3_endpoint),
+            run_uri,
             job.output.s3_endpoint,
             world,
             zero_stage_for(job.deepspeed, world),
+            TAG,
         )
-    except CheckpointError as exc:
-        raise ConfigError(f"cluster.num_workers / deepspeed.zero_stage: {exc}") from None
+    except RelayoutError as exc:
+        raise ConfigError(
+            f"cluster.num_workers / deepspeed.zero_stage: {exc}; resume with the run's own layout, or "
+            f"rerun with --fresh (deletes the run) or another name"
+        ) from None
 
 
 def prepare_run(job: JobConfig, fresh: bool = False) -> Path:

@@ -46,7 +46,7 @@ def write_manifest(
     body = {"format": FORMAT, "rank": rank, "world": world, "step": step, "files": files}
     if (
         zero_stage is not None
-    ):  # with `world`, the layout of the optimizer state (see checkpointing.check_layout)
+    ):  # with `world`, the layout of the optimizer state (see checkpointing.layout_of)
         body["zero_stage"] = zero_stage
     final = root / manifest_name(rank)
     tmp = final.with_name(final.name + ".tmp")
@@ -89,16 +89,22 @@ def verify(directory: str | Path) -> list[str]:
     if missing:
         problems.append(f"missing manifests of rank(s) {missing}")
     for rank, body in sorted(manifests.items()):
-        for rel, meta in body["files"].items():
-            path = root / rel
-            if not path.is_file():
-                problems.append(f"{rel}: missing (rank {rank})")
-            elif path.stat().st_size != meta.get("size"):
-                problems.append(
-                    f"{rel}: {path.stat().st_size} bytes, {meta.get('size')} expected (truncated?)"
-                )
-            elif file_digest(path) != meta.get("sha256"):
-                problems.append(f"{rel}: sha256 mismatch (corrupted)")
+        problems += check_files(root, body["files"], f"rank {rank}")
+    return problems
+
+
+def check_files(root: Path, files: dict[str, dict[str, Any]], owner: str) -> list[str]:
+    """Each listed file under `root` present with its recorded size and sha256 (`owner` names the
+    manifest in a missing file's line)."""
+    problems = []
+    for rel, meta in files.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing ({owner})")
+        elif path.stat().st_size != meta.get("size"):
+            problems.append(f"{rel}: {path.stat().st_size} bytes, {meta.get('size')} expected (truncated?)")
+        elif file_digest(path) != meta.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch (corrupted)")
     return problems
 
 
