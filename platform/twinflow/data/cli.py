@@ -13,6 +13,13 @@ import sys
 from typing import Callable
 
 from twinflow.config import ConfigError
+from twinflow.data.bad_records import BadDataError
+from twinflow.data.config import DataConfig, load_pipeline
+from twinflow.data.embed_cache import build_embed_cache, cache_uri
+from twinflow.data.latent_cache import add_cache_command
+from twinflow.data.local import iter_local_records
+from twinflow.data.shards import read_manifest, verify_checksums
+from twinflow.storage import StorageError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -22,9 +29,6 @@ def _friendly(fn: Handler) -> Handler:
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        from twinflow.data.bad_records import BadDataError
-        from twinflow.storage import StorageError
-
         try:
             return fn(args)
         except ConfigError as exc:
@@ -43,8 +47,7 @@ def _setup_logging(quiet: bool) -> None:
 
 @_friendly
 def _build(args: argparse.Namespace) -> int:
-    from twinflow.data.build import build_pipeline
-    from twinflow.data.config import load_pipeline
+    from twinflow.data.build import build_pipeline  # its sources load fontTools: `--help` does without
 
     _setup_logging(args.quiet)
     overrides = list(args.set)
@@ -69,8 +72,6 @@ def _build(args: argparse.Namespace) -> int:
 
 @_friendly
 def _inspect(args: argparse.Namespace) -> int:
-    from twinflow.data.shards import read_manifest, verify_checksums
-
     m = read_manifest(args.uri, args.endpoint)
     if args.json:
         print(m.model_dump_json(indent=2))
@@ -96,8 +97,6 @@ def _inspect(args: argparse.Namespace) -> int:
             by = {k: v["count"] for k, v in report.get("by_reason", {}).items()}
             print(f"  bad records ({where}): {report.get('bad', 0)}" + (f" {json.dumps(by)}" if by else ""))
     if args.samples:
-        from twinflow.data.local import iter_local_records
-
         split = args.split or next(iter(m.splits))
         for i, rec in enumerate(iter_local_records(_cfg(args, split))):
             if i >= args.samples:
@@ -114,9 +113,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _cfg(args: argparse.Namespace, split: str):
-    from twinflow.data.config import DataConfig
-    from twinflow.data.shards import read_manifest
-
     m = read_manifest(args.uri, args.endpoint)
     size = m.image_size[0] if m.image_size else 32
     return DataConfig(
@@ -130,10 +126,7 @@ def _cfg(args: argparse.Namespace, split: str):
 
 @_friendly
 def _embed(args: argparse.Namespace) -> int:
-    import ray
-
-    from twinflow.data.config import DataConfig
-    from twinflow.data.embed_cache import build_embed_cache, cache_uri
+    import ray  # this command only: `twinflow data --help` stays Ray-free
 
     _setup_logging(args.quiet)
     cfg = DataConfig(
@@ -218,8 +211,6 @@ def _add_leaves(parent: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_embed)
-
-    from twinflow.data.latent_cache import add_cache_command
 
     add_cache_command(sub)
 

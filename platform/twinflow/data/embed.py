@@ -32,6 +32,7 @@ class TextEmbedStage:
         tracker: Any = None,
         refs: Any = None,
     ) -> None:
+        # torch loads in the encoder actor only; Ray Data's decode tasks import this module too
         from twinflow.models.text_encoder import text_encoder_for_dir
 
         self.encoder = text_encoder_for_dir(model_dir, max_length, device, lru_size)

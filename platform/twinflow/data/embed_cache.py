@@ -20,6 +20,7 @@ from tqdm import tqdm
 from twinflow import storage
 from twinflow.data import shards
 from twinflow.data.config import DataConfig
+from twinflow.data.reader import open_split
 
 log = logging.getLogger("twinflow.data")
 
@@ -56,8 +57,6 @@ def _read_cache(uri: str, endpoint: str | None) -> shards.Manifest | None:
 
 def ensure_embed_cache(cfg: DataConfig, source=None) -> tuple[str, shards.Manifest]:
     """The cache for ``cfg``'s split: reused when current, otherwise built now (logged)."""
-    from twinflow.data.reader import open_split
-
     source = source or open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     uri = cache_uri(cfg)
     existing = _read_cache(uri, cfg.s3_endpoint)
@@ -79,11 +78,10 @@ def _same_key(embedding: dict[str, Any], key: dict[str, Any]) -> bool:
 
 def build_embed_cache(cfg: DataConfig, *, source=None, progress: bool = True) -> shards.Manifest:
     """Encode ``cfg.split``'s text with the actor pool and write the rows back as cache shards."""
-    import ray
+    import ray  # only a build needs Ray: data.local and `twinflow data --help` import this module
 
-    from twinflow.data.embed import TextEmbedStage, embed_kwargs
-    from twinflow.data.reader import open_split
-    from twinflow.data.tracking import make_tracker, tracker_name
+    from twinflow.data.embed import TextEmbedStage, embed_kwargs  # imports Ray
+    from twinflow.data.tracking import make_tracker, tracker_name  # imports Ray
 
     source = source or open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     if not source.usable:

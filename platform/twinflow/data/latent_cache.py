@@ -11,6 +11,9 @@ Training pointed at a cache streams `image` = the latent (and `source_image` = t
 for edit pairs) plus `text_states`/`text_mask` without loading either model
 (`latent_train_dataset`); `check_cache_for_model` refuses a job whose VAE, text encoder, image size
 or crop differ from the manifest's.
+
+`twinflow data --help` mounts this module's command, so it imports neither torch nor Ray at the top:
+the models (torch) load in the encoder actor, Ray in the build.
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ from typing import Any
 import numpy as np
 
 from twinflow import storage
+from twinflow.config.loading import read_yaml, validate
 from twinflow.data import shards
+from twinflow.data.config import DataConfig, load_pipeline
 from twinflow.data.decode import DecodeSpec, decode_rows
 from twinflow.data.latent_stream import DTYPE, cache_schema, is_latent_cache
+from twinflow.data.reader import open_split
+from twinflow.models.config import ModelConfig
+from twinflow.models.fetch import local_model_dir
 
 log = logging.getLogger("twinflow.data")
 
 
 def config_sha256(model_dir: str | Path | None, part: str | None) -> str:
     """sha256 of a component's config.json (canonical JSON): which weights' architecture made the cache."""
-    from twinflow.models.fetch import local_model_dir
-    from twinflow.models.text_encoder import default_model_dir
+    from twinflow.models.text_encoder import default_model_dir  # imports torch
 
     root = default_model_dir() if model_dir is None else local_model_dir(model_dir)
     path = (
@@ -91,10 +98,6 @@ def spec_for_model(source: str) -> CacheSpec:
     """`--model`: a job YAML (its model and data sections), or an export directory (its recorded
     model config; crop center, captions)."""
     if source.endswith((".yaml", ".yml")):
-        from twinflow.config.loading import read_yaml, validate
-        from twinflow.data.config import DataConfig
-        from twinflow.models.config import ModelConfig
-
         raw = read_yaml(source)
         for section in ("model", "data"):
             if not isinstance(raw.get(section), dict):
@@ -121,11 +124,10 @@ class LatentCacheStage:
     """Ray Data actor: raw shard rows -> latents + compact text states (valid tokens only)."""
 
     def __init__(self, spec: dict[str, Any], edit: bool, device: str = "cpu", tracker: Any = None) -> None:
-        import torch
+        import torch  # torch and the models load in the encoder actor only
 
-        from twinflow.models.fetch import local_model_dir
-        from twinflow.models.text_encoder import open_text_encoder
-        from twinflow.models.vae import LatentCodec
+        from twinflow.models.text_encoder import open_text_encoder  # imports torch
+        from twinflow.models.vae import LatentCodec  # imports torch
 
         self.spec = CacheSpec(**spec)
         self.device = torch.device(device)
@@ -142,7 +144,7 @@ class LatentCacheStage:
         self.edit, self.tracker = edit, tracker
 
     def _latents(self, images: np.ndarray) -> list[bytes]:
-        import torch
+        import torch  # the actor's: see __init__
 
         z = self.codec.encode(torch.from_numpy(images).to(self.device)).cpu().numpy().astype(DTYPE)
         return [row.tobytes() for row in z]
@@ -185,10 +187,9 @@ def build_latent_cache(
     max_bad_fraction: float = 0.01,
 ) -> shards.Manifest:
     """Encode `split` of the shard folder `source_uri` into a latent cache at `out_uri` (local or s3://)."""
-    import ray
+    import ray  # only a build needs Ray
 
-    from twinflow.data.reader import open_split
-    from twinflow.data.tracking import make_tracker
+    from twinflow.data.tracking import make_tracker  # imports Ray
 
     source = open_split(source_uri, split, endpoint)
     if is_latent_cache(source.manifest):
@@ -271,19 +272,13 @@ def build_latent_cache(
 
 
 def _latent_shape(spec: CacheSpec, numel: int) -> tuple[int, int, int]:
-    from twinflow.models.vae import vae_geometry
+    from twinflow.models.vae import vae_geometry  # imports torch
 
-    _, channels, factor = vae_geometry(_local(spec.vae_path))
+    _, channels, factor = vae_geometry(local_model_dir(spec.vae_path))
     side = spec.image_size // factor
     if channels * side * side != numel:
         raise ValueError(f"latent of {numel} values is not {channels}x{side}x{side}")
     return channels, side, side
-
-
-def _local(path: str) -> Path:
-    from twinflow.models.fetch import local_model_dir
-
-    return local_model_dir(path)
 
 
 def check_cache_for_model(job) -> None:
@@ -317,14 +312,12 @@ def check_cache_for_model(job) -> None:
 def _source_uri(source: str) -> str:
     """A shard folder/URI as is; a pipeline YAML -> the output it builds (built already)."""
     if source.endswith((".yaml", ".yml")):
-        from twinflow.data import load_pipeline
-
         return str(load_pipeline(source).output)
     return source
 
 
 def _cache_command(args) -> int:
-    import ray
+    import ray  # only this command needs Ray
 
     spec = spec_for_model(args.model)
     if args.image_size:

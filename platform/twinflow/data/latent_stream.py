@@ -14,6 +14,7 @@ import pyarrow as pa
 from twinflow.data import shards
 from twinflow.data.bad_records import BadDataError, BadRecord
 from twinflow.data.decode import unpack_states
+from twinflow.data.reader import open_split
 
 DTYPE = "float32"  # latents and text states are stored exactly as the models return them
 
@@ -97,9 +98,7 @@ def check_matches(cfg, manifest: shards.Manifest) -> dict[str, Any]:
 
 def latent_train_dataset(cfg):
     """The training dataset of a latent cache (lazy, like `build_train_dataset`)."""
-    import ray
-
-    from twinflow.data.reader import open_split
+    import ray  # `twinflow data --help` imports this module (through data.latent_cache) Ray-free
 
     manifest = shards.read_manifest(cfg.path, cfg.s3_endpoint)
     emb = check_matches(cfg, manifest)

@@ -15,6 +15,7 @@ from twinflow.data import shards
 from twinflow.data.bad_records import BadRecordLog
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import DecodeSpec, decode_rows
+from twinflow.data.embed_cache import cache_key, cache_uri
 from twinflow.data.reader import SplitShards, open_split
 
 _COLUMNS = ["id", "image", "caption", "label", "source_image", "instruction", "text_states", "text_len"]
@@ -48,8 +49,6 @@ def _config(
 
 def _current_cache(cfg: DataConfig, manifest: shards.Manifest) -> SplitShards | None:
     """The split of ``cfg``'s embedding cache when it exists and is current (building one needs Ray)."""
-    from twinflow.data.embed_cache import cache_key, cache_uri
-
     try:
         cache = open_split(cache_uri(cfg), cfg.split, cfg.s3_endpoint, cfg.verify_shards)
     except (FileNotFoundError, ValueError):

@@ -15,15 +15,21 @@ import logging
 from typing import Any
 
 import numpy as np
+import ray
+from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from twinflow import storage
 from twinflow.data import shards
 from twinflow.data.bad_records import BadDataError, BadRecord
 from twinflow.data.caption_refs import REF_COLUMN, CaptionRefs, open_table, table_name
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import DecodeSpec, decode_rows
-from twinflow.data.embed import embed_kwargs
+from twinflow.data.embed import TextEmbedStage, embed_kwargs
+from twinflow.data.embed_cache import ensure_embed_cache
+from twinflow.data.latent_stream import is_latent_cache, latent_train_dataset
 from twinflow.data.reader import open_split
+from twinflow.data.safe_read import read_stage
 from twinflow.data.tracking import RayTracker, live_tracker, make_tracker, tracker_name
 
 log = logging.getLogger("twinflow.data")
@@ -35,8 +41,6 @@ def bad_record_report(cfg: DataConfig, write_to: str | None = None) -> dict[str,
     name = tracker_name(cfg)
     summary = live_tracker(name).summary()
     if write_to:
-        from twinflow import storage
-
         storage.write_bytes(write_to, json.dumps(summary, indent=2).encode(), cfg.s3_endpoint)
     if summary["bad"]:
         log.warning(
@@ -93,7 +97,7 @@ class TorchBatchCollate(NumpyBatchCollateFn):
         self.device, self.refs = device, refs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
+        import torch  # in the train worker only: Ray Data's decode tasks import this module torch-free
 
         if REF_COLUMN in batch and self.refs is not None:
             batch = dict(batch)
@@ -123,10 +127,6 @@ def build_train_dataset(cfg: DataConfig):
     Fails up front with one clear error for a missing path, bucket, manifest or split, and for more
     missing shards than ``max_bad_fraction`` allows.
     """
-    import ray
-
-    from twinflow.data.latent_stream import is_latent_cache, latent_train_dataset
-
     if is_latent_cache(shards.read_manifest(cfg.path, cfg.s3_endpoint)):  # `twinflow data cache` output
         return latent_train_dataset(cfg)
     source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
@@ -143,8 +143,6 @@ def build_train_dataset(cfg: DataConfig):
         cache_info = check_cache_matches(cfg, source.manifest)
         upfront += _cached_bad(source.manifest, cfg.split)
     elif cfg.embed_cache and cfg.embed_text:
-        from twinflow.data.embed_cache import ensure_embed_cache
-
         cache_uri, cache_manifest = ensure_embed_cache(cfg, source)
         read_from = open_split(
             cache_uri,
@@ -183,8 +181,6 @@ def build_train_dataset(cfg: DataConfig):
         num_cpus=cfg.decode_num_cpus,
     )
     if cache_info is None and cfg.embed_text:
-        from twinflow.data.embed import TextEmbedStage
-
         # each distinct caption's states once, rows carry refs (twinflow.data.caption_refs)
         refs = CaptionRefs(table_name(cfg), cfg.text_max_length, open_table(table_name(cfg)))
         ds = ds.map_batches(
@@ -206,11 +202,6 @@ def read_shards(
     becomes counted bad records instead of a failed job. `shuffle_seed`: the shard order is shuffled
     anew for each pass over the data (epoch), from the seed and the pass's index, so it never repeats
     identically every epoch and the same seed replays the same sequence of orders."""
-    import ray
-    from ray.data import RandomSeedConfig
-
-    from twinflow.data.safe_read import read_stage
-
     items = [{"path": p, "shard": s.path, "count": s.count} for p, s in zip(source.paths, source.usable)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if shuffle_seed is not None:

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from twinflow.data.bad_records import BadDataError, BadRecord, BadRecordLog
 from twinflow.data.config import DataConfig
@@ -76,8 +77,6 @@ def on_driver_node() -> dict[str, Any]:
     zero-CPU actor on any node; on a worker machine it dies with that machine and takes every data
     task that reports to it down too, so losing one machine failed the whole job. The driver's node
     lives as long as the job does."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     node = ray.get_runtime_context().get_node_id()
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from twinflow.config import ConfigError
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from twinflow.config import ConfigError
     from twinflow.eval.edits import eval_command
     from twinflow.eval.job import EvalInputError, EvalRequest, run_eval
 
@@ -67,8 +69,6 @@ def _short(exc: Exception) -> str:
 
 
 def _judges_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from twinflow.eval.judges import train_judge
 
     path, meta = train_judge(

@@ -21,11 +21,22 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from twinflow.atomic_files import write_json_atomic
+from twinflow.data.config import DataConfig
+from twinflow.data.local import iter_local_batches, read_split_manifest
+from twinflow.data.shards import iter_shard_tables
 from twinflow.eval.checkpoints import EvalInputError, find_export, infer_dataset, job_data
+from twinflow.eval.datasets import SOURCE_TYPES
+from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import mse_psnr
+from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, resolve_sampler, sample_unit
+from twinflow.exports import open_export, shared_text_encoder
+from twinflow.imaging import to_pil, to_uint8
+from twinflow.method.config import sample_guidance_of
+from twinflow.method.sampler import settings_for
 
 PSNR_CAP = 100.0  # dB, for an output equal to its target
 
@@ -55,9 +66,6 @@ def load_edit_pairs(
     endpoint: str | None = None,
 ) -> EditPairs:
     """The first `limit` pairs of an edit-pairs split (local or s3://), decoded like training does."""
-    from twinflow.data.config import DataConfig
-    from twinflow.data.local import iter_local_batches, read_split_manifest
-
     manifest = read_split_manifest(DataConfig(path=path, s3_endpoint=endpoint))
     if manifest.kind != "edit_pairs":
         raise ValueError(
@@ -91,8 +99,6 @@ def load_edit_pairs(
 
 def _ops(path: str, manifest: Any, split: str, ids: list[str], endpoint: str | None) -> list[str]:
     """The op of each pair, from the shards' optional `edit` column (JSON of the exact edit)."""
-    from twinflow.data.shards import iter_shard_tables
-
     if "edit" not in manifest.columns:
         return ["?"] * len(ids)
     wanted, found = set(ids), {}
@@ -119,8 +125,6 @@ def sample_edits(
 ) -> Tensor:
     """Outputs (N, C, H, W) in [-1, 1]: each pair's source as `ref_image` (VAE-encoded for a latent
     model), its instruction as text, noise from (seed, position) so every setting sees the same noise."""
-    from twinflow.eval.sampling import plan_units, sample_unit
-
     device = torch.device(device)
     dtype = next(model.parameters()).dtype
     was_training = model.training
@@ -177,10 +181,6 @@ def edit_grid(
     pairs: EditPairs, outputs: Mapping[str, Tensor], path: str | Path, rows: int = 8, scale: int = 3
 ) -> Path:
     """One row per pair: reference | instruction | one output per setting | exact target."""
-    from PIL import Image, ImageDraw
-
-    from twinflow.imaging import to_pil, to_uint8
-
     n = min(rows, len(pairs))
     cols = [("reference", pairs.source[:n])] + [(k, v[:n]) for k, v in outputs.items()]
     cols.append(("target", pairs.target[:n]))
@@ -231,9 +231,6 @@ def evaluate_editor(
     device: str = "cpu",
 ) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
     """({nfe: metrics}, {nfe: outputs}) for one `twinflow.exports.Export`."""
-    from twinflow.eval.sampling import SAMPLER_METHODS, resolve_sampler
-    from twinflow.method.sampler import settings_for
-
     model = export.generator().to(device)
     codec = export.codec()
     encoder = export.text_encoder(device)
@@ -297,10 +294,6 @@ def run_edit_eval(
 
     The pairs come from `edits`, else the `data.path` of each run's `job.json`; the judge from
     `dataset`, else the shards' source (MNIST edits -> the MNIST judge)."""
-    from twinflow.eval.judges import load_judge
-    from twinflow.eval.sampling import check_nfe
-    from twinflow.exports import open_export
-
     nfe_list = check_nfe(nfe)
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -408,13 +401,6 @@ def tune_evaluator(model, *, job, evaluation, settings, device, codec) -> dict[s
     """`evaluation.evaluator: twinflow.eval.edits:tune_evaluator`: per evaluation setting
     `eval/edit_psnr_<setting>`, `eval/edit_mse_<setting>`, `eval/edit_class_kept_<setting>` on the job's
     own held-out edit pairs (`evaluation.split`, `evaluation.samples` of them)."""
-    from twinflow.data.local import read_split_manifest
-    from twinflow.eval.datasets import SOURCE_TYPES
-    from twinflow.eval.judges import load_judge
-    from twinflow.exports import shared_text_encoder
-    from twinflow.method.config import sample_guidance_of
-    from twinflow.method.sampler import settings_for
-
     pairs = load_edit_pairs(
         job.data.path,
         split=evaluation.split,

@@ -292,6 +292,8 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     """Sample, judge, report. Returns the report dict (also written to `out_dir/results.json`)."""
     t0 = time.perf_counter()
     refs = resolve_checkpoints(req)
+    for r in refs:  # the request's own mistakes (classes out of range) before any shards are looked up
+        sample_plan(r.dataset, req.classes, 1)
     judges, references, floors, plans = {}, {}, {}, []
     for r in refs:
         if r.dataset not in judges:

@@ -35,6 +35,7 @@ def add_commands(subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    # at run time, so `twinflow export --help` loads neither pyarrow (storage) nor torch and diffusers
     from twinflow.models.fetch import local_model_dir
     from twinflow.models.interop import convert_export
 

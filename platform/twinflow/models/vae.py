@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from twinflow.models.fetch import local_model_dir
+
 
 def vae_dir(path: str | Path) -> Path:
     """A pipeline directory's `vae/` subfolder, or the directory itself (s3://: cached)."""
-    from twinflow.models.fetch import local_model_dir
-
     root = local_model_dir(path)
     if (root / "vae" / "config.json").is_file():
         return root / "vae"
@@ -85,7 +85,7 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None) -> LatentCodec:
-        import diffusers
+        import diffusers  # seconds to import: config-only readers (vae_geometry) never need it
 
         root = vae_dir(path)
         name = json.loads((root / "config.json").read_text()).get("_class_name", "")

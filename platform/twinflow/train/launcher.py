@@ -207,11 +207,7 @@ def run_job_file(
     path: str | Path, overrides: Iterable[str] = (), address: str | None = None, fresh: bool = False
 ) -> JobResult:
     job = load_job(path, overrides)  # an invalid file fails here, before anything starts
-    try:
-        check_inputs(job)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return run_job(job, address=address, fresh=fresh)
+    return run_job(job, address=address, fresh=fresh, source=str(path))
 
 
 def job_inputs(job: JobConfig) -> list[tuple[str, str, str | None]]:
@@ -381,13 +377,22 @@ def ingest_config(job: JobConfig):
 
 
 def run_job(
-    job: JobConfig, address: str | None = None, fresh: bool = False, *, fault_at_step: int | None = None
+    job: JobConfig,
+    address: str | None = None,
+    fresh: bool = False,
+    *,
+    fault_at_step: int | None = None,
+    source: str | None = None,
 ) -> JobResult:
-    """Run one job to its end (or failure) and return its summary. `fault_at_step`: tests only, a
-    worker process exits for real once at that step (Ray Train then restarts the group)."""
+    """Run one job to its end (or failure) and return its summary. `source`: the job file, named in
+    input errors. `fault_at_step`: tests only, a worker process exits for real once at that step (Ray
+    Train then restarts the group)."""
     import ray.train
 
-    check_inputs(job)  # a missing data path is one line, before Ray starts
+    try:
+        check_inputs(job)  # once, before Ray starts: a missing path is one line naming the field
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     run_dir = prepare_run(job, fresh)
     check_resume_layout(job, run_dir)
     ensure_ray(job, address)

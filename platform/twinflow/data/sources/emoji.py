@@ -9,6 +9,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 from twinflow.data.captions import check_templates, fill
@@ -43,8 +44,6 @@ def find_font(explicit: str | None = None) -> Path:
 
 def emoji_code_points(font_path: Path) -> list[int]:
     """Code points the font maps to a glyph that stand alone as a named pictograph."""
-    from fontTools.ttLib import TTFont
-
     cmap = TTFont(str(font_path), lazy=True).getBestCmap()
     keep = []
     for cp in sorted(cmap):
