@@ -21,7 +21,8 @@ REPO = HERE.parents[1]
 PROBE = r"""
 import json, sys
 import ray
-from .helpers import make_job
+sys.path.insert(0, sys.argv[3])  # tests/reliability: its job helpers
+from helpers import make_job
 from twinflow.train.launcher import ensure_ray
 
 ensure_ray(make_job(sys.argv[1], sys.argv[2], "probe"), None)
@@ -54,7 +55,7 @@ def _env() -> dict[str, str]:
 def test_the_cleaner_asks_this_clusters_own_state_api(ray_cluster, fashion_small, tmp_path):
     """Asked from a worker while the session's own Ray also runs on this machine."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(fashion_small), str(tmp_path)],
+        [sys.executable, "-c", PROBE, str(fashion_small), str(tmp_path), str(HERE)],
         env=_env(),
         cwd=REPO,
         capture_output=True,

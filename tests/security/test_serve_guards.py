@@ -31,6 +31,9 @@ def test_open_non_loopback_bind_refuses_to_start_before_ray(monkeypatch, caplog)
         raise AssertionError("Ray was started for a plan that must be refused")
 
     monkeypatch.setattr(ray, "init", no_ray)
+    # a session cluster may already be up (earlier integration tests): the plan must still go through
+    # ray.init here, never on to serve.start on the shared cluster
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("TWINFLOW_SERVE_TOKEN", raising=False)
     for host in ("0.0.0.0", "10.1.2.3", "::", "my-host.example"):
         with pytest.raises(ConfigError, match="not loopback"):

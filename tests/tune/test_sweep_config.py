@@ -80,7 +80,7 @@ def test_unknown_axis_field_fails_naming_file_and_axis(tmp_path):
 
 def test_axis_value_refused_by_the_job_fails(tmp_path):
     p = sweep_file(
-        tmp_path, "  train.lr: {loguniform: [1.0e-5, 2.0]}\n  train.micro_batch: {choice: [8, 0]}\n"
+        tmp_path, "  train.lr: {loguniform: [1.0e-5, 0.5]}\n  train.micro_batch: {choice: [8, 0]}\n"
     )
     with pytest.raises(ConfigError, match=r"search_space\.train\.micro_batch=0: train\.micro_batch"):
         load_sweep(p)
