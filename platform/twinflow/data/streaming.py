@@ -58,9 +58,14 @@ def bad_record_metrics(cfg: DataConfig, tracker: RayTracker | None = None) -> di
     `data/bad_records/<reason>` each; empty when the counter cannot be reached (nothing streamed).
     `tracker`: the counter's handle when the caller has it (a training worker gets the driver's), else
     it is looked up by name."""
-    try:
-        summary = (tracker or live_tracker(tracker_name(cfg))).summary()
-    except Exception:  # no counter actor in this job (e.g. a local iterator): nothing to report
+    summary = None
+    for handle in (tracker, None):  # the given handle, then the counter by name (a rerun's new one)
+        try:
+            summary = (handle or live_tracker(tracker_name(cfg))).summary()
+            break
+        except Exception as exc:  # no counter actor in this job (e.g. a local iterator)
+            log.debug("bad-record counter %s unavailable: %r", tracker_name(cfg), exc)
+    if summary is None:
         return {}
     out = {"data/bad_records": float(summary["bad"])}
     out.update({f"data/bad_records/{k}": float(v["count"]) for k, v in summary["by_reason"].items()})

@@ -92,6 +92,11 @@ def make_tracker(name: str, expected: int, max_bad_fraction: float, what: str = 
     handle = actor_cls.options(name=name, get_if_exists=True, **on_driver_node()).remote(
         expected, max_bad_fraction, what
     )
+    # a rerun in the same driver gets the existing counter back: keep the handle that made it, whose
+    # loss would end the actor (a handle got by name does not keep it alive)
+    kept = _LIVE_TRACKERS.get(name)
+    if kept is not None and kept._actor_id == handle._actor_id:
+        handle = kept
     _LIVE_TRACKERS[name] = handle
     return RayTracker(name, handle)
 
