@@ -56,11 +56,8 @@ def read_export_metadata(uri: str | os.PathLike, endpoint: str | None = None) ->
 def local_export(
     uri: str | os.PathLike, endpoint: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
-    """A local folder holding the export: the path itself, or the cached download of an s3:// export.
-    A folder without `twinflow.json` is no export of ours: FileNotFoundError naming it."""
+    """A local folder holding the export: the path itself, or the cached download of an s3:// export."""
     if not storage.is_s3(uri):
-        if not (Path(uri) / META_FILE).is_file():
-            raise FileNotFoundError(f"{uri}: not a TwinFlow export (no {META_FILE})")
         return Path(uri)
     source = str(uri).rstrip("/")
     root = Path(cache_dir) if cache_dir else default_cache_dir()

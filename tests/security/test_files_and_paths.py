@@ -174,6 +174,9 @@ def test_export_out_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, 
     from twinflow.models import export, interop
 
     monkeypatch.setattr(export, "read_metadata", lambda path: {"family": "qwen_image"})
+    monkeypatch.setattr(
+        interop, "read_metadata", lambda path: {"family": "qwen_image"}
+    )  # imported at its top
     monkeypatch.setattr(interop, "check_pipeline_meta", lambda meta, what: None)
     out = tmp_path / "out"
     (out / "diffusers").mkdir(parents=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from twinflow.eval.periodic import dataset_of, periodic_metrics, reference_of
-from twinflow.exports import local_export
+from twinflow.exports import META_FILE, local_export
 from twinflow.imaging import save_grid
 from twinflow.method import build_objective as _build_objective
 from twinflow.method.config import TwinFlowConfig, sample_guidance_of
@@ -37,6 +37,8 @@ def build_model(job: JobConfig, ds_cfg: dict | None = None) -> torch.nn.Module:
         model = build_generator(job.model.model_copy(update={"lora": None}), dtype=dtype)
     if job.train.init_from:
         source = local_export(job.train.init_from, job.output.s3_endpoint)
+        if not (source / META_FILE).is_file():  # a folder of ours, before any weights are looked for
+            raise FileNotFoundError(f"{job.train.init_from}: not a TwinFlow export (no {META_FILE})")
         load_streamed(model, source, f"train.init_from {job.train.init_from}")
     if job.model.lora is not None:
         apply_lora(model, job.model.lora)
