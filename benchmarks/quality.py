@@ -182,7 +182,7 @@ def measure_guidance(ds: str, trained: dict, rows: int = 200) -> dict[str, float
 
     from twinflow.data import iter_local_batches
     from twinflow.eval.guidance import effective_guidance
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
     from twinflow.models.text_encoder import TextEncoder
 
     base, _ = load_generator(trained["base"]["export"])

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "twinflow"
 LAYERS = [
     {"config", "storage", "imaging", "lazy", "atomic_files"},
     {"method", "models"},
-    {"data", "exports"},
+    {"data", "export_reader"},
     {"eval"},
     {"train"},
     {"tune", "serve", "plan"},

@@ -18,7 +18,7 @@ import torch
 from twinflow.atomic_files import write_json_atomic
 from twinflow.data import build_pipeline, load_pipeline
 from twinflow.eval.periodic import dataset_of, periodic_metrics
-from twinflow.exports import Export, open_export
+from twinflow.export_reader import Export, open_export
 from twinflow.imaging import save_grid
 from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.train.launcher import run_job_file

@@ -12,7 +12,7 @@ credentials in its own environment or role, as a KubeRay pod gets them from its 
 One S3 filesystem is built per (endpoint, region) and process, and reused by every call.
 
 Used by every layer that reads or writes outside the process: data (shards, caches), train
-(checkpoints, exports), eval, tune and serve (exports via `twinflow.exports`).
+(checkpoints, exports), eval, tune and serve (exports via `twinflow.export_reader`).
 """
 
 from __future__ import annotations

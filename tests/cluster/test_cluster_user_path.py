@@ -349,7 +349,7 @@ def test_every_shipped_job_and_sweep_is_covered():
 
 @pytest.mark.parametrize("job", list(JOBS))
 def test_a_shipped_job_runs_on_the_cluster_with_periodic_eval(shipped, job):
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
 
     state, logs, export = shipped["results"][job]
     assert state == "SUCCEEDED", logs[-4000:]
@@ -371,7 +371,7 @@ def test_a_shipped_job_runs_on_the_cluster_with_periodic_eval(shipped, job):
 
 @pytest.mark.parametrize("sweep", list(SWEEPS))
 def test_a_shipped_sweep_runs_one_trial_on_the_cluster(shipped, sweep):
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
 
     state, logs, export = shipped["results"][sweep]
     assert state == "SUCCEEDED", logs[-4000:]

@@ -90,7 +90,7 @@ def test_eval_edits_flag_scores_through_the_editor_path(tmp_path, mnist_judge):
     from twinflow.data import build_pipeline, load_pipeline
     from twinflow.eval.edits import evaluate_editor, judge_floor, load_edit_pairs
     from twinflow.eval.job import EvalRequest, _edit_scores, resolve_checkpoints
-    from twinflow.exports import open_export
+    from twinflow.export_reader import open_export
     from twinflow.models import save_generator
 
     export = tmp_path / "export"
@@ -151,7 +151,7 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
     in-process evaluate_generator on the same model (same prompts, noise and judge)."""
     from twinflow.eval.job import sample_plan
     from twinflow.models import save_generator
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
 
     run = tmp_path / "runs" / "tiny_mnist"
     save_generator(

@@ -8,7 +8,8 @@ import torch
 from conftest import make_generator, random_cond
 
 from twinflow.models.config import LoraSettings, ModelConfig
-from twinflow.models.export import load_export_codec, load_generator, save_generator
+from twinflow.models.export_loader import load_export_codec, load_generator
+from twinflow.models.export_writer import save_generator
 from twinflow.models.generator import build_generator
 from twinflow.models.lora import apply_lora, lora_state_dict
 

@@ -5,7 +5,8 @@ import torch
 
 from twinflow.models import build_generator
 from twinflow.models.config import ModelConfig
-from twinflow.models.export import load_generator, save_generator
+from twinflow.models.export_loader import load_generator
+from twinflow.models.export_writer import save_generator
 from twinflow.models.time_embed import fake_branch_of
 
 

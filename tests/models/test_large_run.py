@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     from twinflow.method.groups import GROUP_NAMES
     from twinflow.method.twinflow import TwinFlowObjective
     from twinflow.models.config import ModelConfig
-    from twinflow.models.export import save_generator
+    from twinflow.models.export_writer import save_generator
     from twinflow.models.generator import build_generator
     from twinflow.train.engine import deepspeed_config, full_parameters, init_engine
     from twinflow.train.sections import DeepSpeedConfig, TrainConfig

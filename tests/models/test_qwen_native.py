@@ -118,7 +118,8 @@ def test_config_rules_for_the_text_encoder(qwen_pipeline_dir, tmp_path):
 
 
 def test_native_export_round_trip_keeps_the_encoder(qwen_pipeline_dir, qwen_encoder, tmp_path):
-    from twinflow.models.export import load_generator, save_generator
+    from twinflow.models.export_loader import load_generator
+    from twinflow.models.export_writer import save_generator
 
     g = build_generator(_native_config(qwen_pipeline_dir, e2_init="random")).eval()
     save_generator(g, tmp_path / "e", {})

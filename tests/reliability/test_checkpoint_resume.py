@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twinflow.models.export import load_generator
+from twinflow.models.export_loader import load_generator
 from twinflow.train import manifest
 from twinflow.train.launcher import run_job
 

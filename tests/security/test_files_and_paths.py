@@ -171,12 +171,9 @@ def test_exports_are_readable_by_the_group(tmp_path):
 
 
 def test_export_out_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, monkeypatch):
-    from twinflow.models import export, interop
+    from twinflow.models import export_converters as interop
 
-    monkeypatch.setattr(export, "read_metadata", lambda path: {"family": "qwen_image"})
-    monkeypatch.setattr(
-        interop, "read_metadata", lambda path: {"family": "qwen_image"}
-    )  # imported at its top
+    monkeypatch.setattr(interop, "read_metadata", lambda path: {"family": "qwen_image"})
     monkeypatch.setattr(interop, "check_pipeline_meta", lambda meta, what: None)
     out = tmp_path / "out"
     (out / "diffusers").mkdir(parents=True)

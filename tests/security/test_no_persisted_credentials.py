@@ -91,7 +91,8 @@ def test_sweep_and_job_on_s3_write_no_credential(
     from ray.util import state
 
     from twinflow.train.launcher import run_job
-    from twinflow.tune.runner import run_sweep_file
+    from twinflow.tune.config import load_sweep
+    from twinflow.tune.runner import run_sweep
 
     secrets = _secrets()
     monkeypatch.setenv("TWINFLOW_STAGING_DIR", str(tmp_path / "job-staging"))
@@ -106,7 +107,7 @@ def test_sweep_and_job_on_s3_write_no_credential(
     )
     result = run_job(job)
     assert result.ok, result.error
-    sweep = run_sweep_file(_sweep_file(tmp_path, fashion_small, bucket))
+    sweep = run_sweep(load_sweep(_sweep_file(tmp_path, fashion_small, bucket)))
     assert sweep.rows, "the sweep's trial reported nothing"
 
     hits, objects = _scan_bucket(s3_server, bucket, secrets)

@@ -26,7 +26,7 @@ from PIL import Image
 from twinflow.demo import sample_export
 from twinflow.eval.job import SampleActor
 from twinflow.eval.sampling import resolve_sampler
-from twinflow.exports import open_export
+from twinflow.export_reader import open_export
 from twinflow.imaging import to_uint8
 from twinflow.method.config import TwinFlowConfig
 from twinflow.serve.engine import Item, TextEncoders, load_served_model, run_items

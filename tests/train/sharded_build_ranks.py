@@ -28,7 +28,7 @@ dist.init_process_group("gloo", rank=rank, world_size=world)
 import deepspeed  # noqa: E402
 from torch.nn.modules.module import register_module_parameter_registration_hook  # noqa: E402
 
-from twinflow.models.export import load_generator  # noqa: E402
+from twinflow.models.export_loader import load_generator  # noqa: E402
 from twinflow.train import modelling  # noqa: E402
 from twinflow.train.config import load_job  # noqa: E402
 from twinflow.train.engine import deepspeed_config  # noqa: E402

@@ -195,7 +195,7 @@ def test_checkpoint_roundtrip_and_a_checkpoint_of_two_ranks_loads_on_one(tmp_pat
 def test_an_export_from_the_lora_sampling_ema_keeps_its_format(tmp_path):
     from safetensors.torch import load_file
 
-    from twinflow.models.export import save_generator
+    from twinflow.models.export_writer import save_generator
 
     g = _generator(True)
     save_generator(g, tmp_path / "plain")  # a LoRA model without averages: the format to keep

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twinflow.models.export import load_generator
+from twinflow.models.export_loader import load_generator
 from twinflow.train.averages import FILE_PATTERN
 from twinflow.train.launcher import run_job
 

@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).with_name("sharded_build_ranks.py")
 def test_init_from_streams_into_a_bf16_model_without_an_fp32_copy():
     from torch.nn.modules.module import register_module_parameter_registration_hook
 
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
     from twinflow.train import modelling
     from twinflow.train.config import load_job
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twinflow.models.export import load_generator
+from twinflow.models.export_loader import load_generator
 from twinflow.train.launcher import run_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reliability's job helpers

@@ -167,7 +167,7 @@ def test_two_trial_sweep_end_to_end_interrupted_and_resumed(
     best = json.loads((report / "best.json").read_text())
     assert best["value"] == min(float(r["fd"]) for r in table if r["nfe"] == "1")
     assert (report / "best" / "samples.png").stat().st_size > 0
-    from twinflow.models.export import load_generator
+    from twinflow.models.export_loader import load_generator
 
     gen, meta = load_generator(report / "best" / "export")
     assert meta["method"] == "twinflow" and meta["sweep"]["trial_id"] == best["trial_id"]

@@ -33,7 +33,7 @@ from twinflow.eval.datasets import SOURCE_TYPES
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import mse_psnr
 from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, resolve_sampler, sample_unit
-from twinflow.exports import open_export, shared_text_encoder
+from twinflow.export_reader import open_export, shared_text_encoder
 from twinflow.imaging import to_pil, to_uint8
 from twinflow.method.config import sample_guidance_of
 from twinflow.method.sampler import settings_for
@@ -230,7 +230,7 @@ def evaluate_editor(
     batch_size: int = 128,
     device: str = "cpu",
 ) -> tuple[dict[int, dict[str, float]], dict[int, Tensor]]:
-    """({nfe: metrics}, {nfe: outputs}) for one `twinflow.exports.Export`."""
+    """({nfe: metrics}, {nfe: outputs}) for one `twinflow.export_reader.Export`."""
     model = export.generator().to(device)
     codec = export.codec()
     encoder = export.text_encoder(device)

@@ -37,7 +37,7 @@ from twinflow.eval.sampling import (
     resolve_sampler,
     sample_unit,
 )
-from twinflow.exports import open_export
+from twinflow.export_reader import open_export
 from twinflow.method.config import sample_guidance_of
 from twinflow.method.sampler import settings_for
 

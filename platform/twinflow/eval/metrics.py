@@ -31,7 +31,7 @@ from torch import Tensor
 from twinflow.eval.datasets import load_split, reference_manifest, shard_split
 from twinflow.eval.judges import Judge
 from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, sample_unit
-from twinflow.exports import shared_text_encoder
+from twinflow.export_reader import shared_text_encoder
 from twinflow.method.sampler import SamplerSettings, settings_for
 from twinflow.method.twinflow import SATURATION_LEVEL  # one threshold for training diagnostics and eval
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from twinflow.models.formats import FORMATS
+from twinflow.models.export_formats import FORMATS
 
 FORMAT_HELP = (
     "diffusers: a QwenImagePipeline directory (also a full TwinFlow export); diffusers_lora: "
@@ -36,8 +36,8 @@ def add_commands(subparsers) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     # at run time, so `twinflow export --help` loads neither pyarrow (storage) nor torch and diffusers
+    from twinflow.models.export_converters import convert_export
     from twinflow.models.fetch import local_model_dir
-    from twinflow.models.interop import convert_export
 
     try:
         written = convert_export(local_model_dir(args.export), args.formats, args.out)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from twinflow.models.config import ModelConfig
+from twinflow.models.export_layout import load_extras, load_twin_e2, read_metadata
 from twinflow.models.fetch import local_model_dir
 from twinflow.models.lora import apply_lora
 from twinflow.models.presets import get_preset
@@ -25,7 +26,6 @@ from twinflow.models.registry import Family, family_of, get_family, transformer_
 from twinflow.models.text_encoder import TEXT_DIM, export_text_encoder_spec
 from twinflow.models.time_embed import E2Init, FakeBranch, install_two_time, pack_times
 from twinflow.models.vae import vae_geometry
-from twinflow.models.weights import load_extras, load_twin_e2, read_metadata
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -99,7 +99,7 @@ class TwinFlowGenerator(nn.Module):
         cls, path: str | Path, torch_dtype: torch.dtype | None = None
     ) -> tuple[TwinFlowGenerator, dict[str, Any]]:
         """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved
-        model. (`twinflow.models.export.load_generator`; here so the class needs nothing from export.)"""
+        model. (`twinflow.models.export_loader.load_generator`; here so the class needs nothing from export.)"""
         path = Path(path)
         meta = read_metadata(path)
         family = get_family(meta["family"])

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from twinflow.models.export_layout import EXTRA_FILE
 from twinflow.models.time_embed import E2_PREFIX, SIGN_NAME
-from twinflow.models.weights import EXTRA_FILE
 
 
 def safetensors_index(files: list[Path], prefix: str = "") -> dict[str, tuple[Path, str]]:

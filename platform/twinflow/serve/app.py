@@ -8,13 +8,13 @@ One deployment, `TwinFlow`, is both the FastAPI ingress and the model holder:
   that already holds that model;
 - the replica's `Batcher` (twinflow.serve.batcher) turns concurrent requests into compute turns of up
   to `max_batch_images` images (the engine groups them by model, NFE, guidance and task). Torch runs on
-  one worker thread, so the replica keeps taking requests for the next turn meanwhile. It replaced
-  `@serve.batch`, whose fixed window cost a lone request 2 ms and split load into small batches;
+  one worker thread, so the replica keeps taking requests for the next turn meanwhile. It is used instead of
+  `@serve.batch`, whose fixed window costs a lone request 2 ms and splits load into small batches;
 - `PhaseTotals` (twinflow.serve.phases) sums where request time goes, shown in `/v1/stats`.
 
-An earlier version split this into an API deployment and a model deployment behind a handle: the
-extra hop cost about 9 ms of CPU per request on this 2-core machine (docs/serving.md), more than the
-whole overhead budget.
+Why one deployment and not an API deployment in front of a model deployment: the handle hop between
+them costs about 9 ms of CPU per request on a 2-core machine (measured, docs/serving.md), more than the
+whole per-request overhead budget at 1 NFE.
 
 Replicas, autoscaling and CPUs come from the Serve config's `deployments:` section.
 
@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from twinflow.exports import read_export_metadata
+from twinflow.export_reader import read_export_metadata
 from twinflow.method.config import sample_guidance_of
 from twinflow.serve.batcher import Batcher
 from twinflow.serve.body import BodyReaders, parse_json

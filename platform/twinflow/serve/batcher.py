@@ -1,8 +1,8 @@
 """The replica's request queue: concurrent requests become compute turns of up to `max_weight` images.
 
-Plain asyncio, no Ray. It replaced `@serve.batch` (issue 16): Serve's batch formed as soon as its
-wait ended, so during a forward the next arrivals became many small batches, and every batch waited
-out its window even when nothing else was coming (a lone request paid the full 2 ms). Here one task
+Plain asyncio, no Ray. Why not `@serve.batch`: Serve's batch forms as soon as its wait ends, so
+during a forward the next arrivals become many small batches, and every batch waits out its window
+even when nothing else is coming (a lone request pays the full 2 ms). Here one task
 per replica runs the turns. A turn takes everything queued, up to `max_weight` images. It waits up to
 `wait_s` for more only while other requests are still arriving, that is, inside a route between
 entering it and queueing (reading the body, validating). A lone request starts at once, and under

@@ -60,7 +60,7 @@ def add_commands(subparsers) -> None:
 
 
 def _export_plan(path: Path, model_id: str | None) -> dict[str, Any]:
-    from twinflow.models.export import read_metadata
+    from twinflow.models.export_layout import read_metadata
     from twinflow.serve.config import MODEL_ID_RE
 
     meta = read_metadata(path)

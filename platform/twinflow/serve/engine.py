@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from twinflow.exports import Export, open_export, shared_text_encoder
+from twinflow.export_reader import Export, open_export, shared_text_encoder
 from twinflow.imaging import to_uint8
 from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.models.text_encoder import TextEncoder

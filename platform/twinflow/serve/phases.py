@@ -1,5 +1,5 @@
 """Where a replica's request time goes, summed over requests: `/v1/stats` shows it and the benchmark
-prints it per request (issue 16: at 1 NFE the fixed per-request costs, not the model, set throughput).
+prints it per request: at 1 NFE the fixed per-request costs, not the model, set throughput.
 
 Phases, in the order a request meets them:
 

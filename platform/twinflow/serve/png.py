@@ -1,7 +1,7 @@
 """PNG bytes for a whole batch at once, byte-identical to Pillow's `Image.save(format="PNG")`.
 
 Why: at 1 NFE a batch of 16 small images spent more time in Pillow's per-image save machinery than
-in zlib (issue 16). Here the row filters of every image are chosen in one numpy pass with Pillow's own
+in zlib. Here the row filters of every image are chosen in one numpy pass with Pillow's own
 rule (per row, the least sum of |filtered byte| as signed bytes among none, up, sub and paeth, ties to
 the earlier), and each image is deflated with Pillow's settings (default level, Z_FILTERED, window 15,
 memLevel 9), so the bytes are the ones Pillow writes: 8-bit gray or RGB, one IDAT chunk.

@@ -17,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0
     samples_seen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,15 +48,11 @@ class TrainState:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "samples_seen": self.samples_seen,
-            "extra": self.extra,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(
-            **{k: d[k] for k in ("step", "epoch", "batches_in_epoch", "samples_seen") if k in d},
-            extra=d.get("extra", {}),
-        )
+        return cls(**{k: d[k] for k in ("step", "epoch", "batches_in_epoch", "samples_seen") if k in d})
 
 
 def save(engine, teacher, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:

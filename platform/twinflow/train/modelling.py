@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from twinflow.eval.periodic import dataset_of, periodic_metrics, reference_of
-from twinflow.exports import META_FILE, local_export
+from twinflow.export_reader import META_FILE, local_export
 from twinflow.imaging import save_grid
 from twinflow.method import build_objective as _build_objective
 from twinflow.method.config import TwinFlowConfig, sample_guidance_of
 from twinflow.method.sampler import sample_seeded, settings_for
 from twinflow.models import build_generator
-from twinflow.models.export import save_generator
+from twinflow.models.export_writer import save_generator
 from twinflow.models.lora import apply_lora
 from twinflow.models.streamed import load_streamed
 from twinflow.models.vae import LatentCodec

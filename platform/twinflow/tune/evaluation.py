@@ -40,7 +40,7 @@ from twinflow.data.local import iter_local_batches
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
 from twinflow.eval.periodic import dataset_of, reference_of
-from twinflow.exports import open_export, shared_text_encoder
+from twinflow.export_reader import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
 from twinflow.method.config import sample_guidance_of
 from twinflow.method.sampler import SeedStream, sample_seeded, settings_for

@@ -26,7 +26,7 @@ from twinflow.data.embed_cache import ensure_embed_cache
 from twinflow.storage import s3_filesystem, upload_dir
 from twinflow.train.launcher import ensure_ray
 from twinflow.train.paths import UnsafePathError, check_remote_run, remove_run_dir
-from twinflow.tune.config import Sweep, experiment_path, load_sweep, local_sweep_dir
+from twinflow.tune.config import Sweep, experiment_path, local_sweep_dir
 from twinflow.tune.pg_guard import ReleaseTrialResources, get_registry, registry_name
 from twinflow.tune.report import SweepResult, write_report
 from twinflow.tune.tracking import SweepTracking
@@ -237,7 +237,3 @@ def run_sweep(
     if cfg.is_s3:
         upload_dir(out.report_dir, f"{path}/report", cfg.s3_endpoint)
     return out
-
-
-def run_sweep_file(path: str | Path, overrides=(), **kwargs) -> SweepResult:
-    return run_sweep(load_sweep(path, overrides), **kwargs)

@@ -22,14 +22,14 @@ from typing import Any
 
 from twinflow import storage
 from twinflow.method.config import sample_guidance_of
-from twinflow.models.export import load_export_codec, load_generator
+from twinflow.models.export_layout import META_FILE, read_metadata
+from twinflow.models.export_loader import load_export_codec, load_generator
 from twinflow.models.text_encoder import (
     TextEncoder,
     export_text_encoder_spec,
     open_text_encoder,
     text_encoder_for_dir,
 )
-from twinflow.models.weights import META_FILE, read_metadata
 
 CACHE_ENV = "TWINFLOW_EXPORT_CACHE"
 

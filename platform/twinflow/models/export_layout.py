@@ -1,4 +1,4 @@
-"""Reading and writing the generator's weights that live outside diffusers' own loading.
+"""The export folder's own files: names, metadata, and the weights that live outside diffusers' own loading.
 
 E2 is saved inside `transformer/` (under `*.twin_e2.*` keys, which plain diffusers ignores), so after
 `from_pretrained` has loaded E1 and the rest, E2 is read back here from the same safetensors files
@@ -21,6 +21,24 @@ from twinflow.models.time_embed import E2_PREFIX, SIGN_NAME
 EXTRA_FILE = "twinflow_extra.safetensors"
 META_FILE = "twinflow.json"
 FORMAT_VERSION = 1
+# Metadata keys the writer owns; a caller's own metadata may not use them.
+RESERVED_KEYS = (
+    "format_version",
+    "family",
+    "backbone_class",
+    "sample_shape",
+    "patch",
+    "time_scale",
+    "text_dim",
+    "text_encoder",
+    "image_size",
+    "pixel_channels",
+    "latent",
+    "model_config",
+    "lora",
+    "e2_init",
+    "fake_branch",
+)
 _EXTRA_MODULES = ("text_proj",)
 
 

@@ -24,8 +24,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from safetensors.torch import load_file, save_file
 
-from twinflow.models.export import _RESERVED, load_export_codec, load_generator, read_metadata, save_generator
-from twinflow.models.formats import FORMATS
+from twinflow.models.export_formats import FORMATS
+from twinflow.models.export_layout import RESERVED_KEYS, read_metadata
+from twinflow.models.export_loader import load_export_codec, load_generator
+from twinflow.models.export_writer import save_generator
 from twinflow.models.lora import has_lora, lora_state_dict
 from twinflow.models.qwen_text import encoder_dirs
 from twinflow.models.time_embed import E2_PREFIX
@@ -258,7 +260,7 @@ def convert_export(path: str | Path, formats: list[str], out_dir: str | Path) ->
         target = out_dir / fmt
         if fmt == "diffusers":
             generator, _ = load_generator(path)
-            user_meta = {k: v for k, v in meta.items() if k not in _RESERVED}
+            user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
             written[fmt] = save_diffusers_pipeline(
                 generator, target, user_meta, codec=load_export_codec(path)
             )

@@ -64,8 +64,8 @@ def _velocity_via(pipe, x, t, cond):
 
 def test_diffusers_pipeline_export_runs_our_multistep_sampler(qwen_pipeline_dir, encoder, tmp_path):
     from twinflow.method.sampler import SamplerSettings, sample
-    from twinflow.models.export import load_generator
-    from twinflow.models.interop import save_diffusers_pipeline
+    from twinflow.models.export_converters import save_diffusers_pipeline
+    from twinflow.models.export_loader import load_generator
 
     cond = encoder.encode(CAPTIONS[:2])
     g = _train(_model(qwen_pipeline_dir, e2_init="random"), cond)
@@ -98,8 +98,8 @@ def test_diffusers_pipeline_export_runs_our_multistep_sampler(qwen_pipeline_dir,
     with torch.no_grad():
         assert torch.equal(back(x, t, r, cond), g(x, t, r, cond))
         assert not torch.equal(back(x, t, r, cond), back(x, t, t, cond))
-    # Serve and eval open it through twinflow.exports: they get its Qwen2.5-VL, not MiniLM.
-    from twinflow.exports import open_export
+    # Serve and eval open it through twinflow.export_reader: they get its Qwen2.5-VL, not MiniLM.
+    from twinflow.export_reader import open_export
     from twinflow.serve.engine import TextEncoders
 
     export = open_export(out)
@@ -109,8 +109,8 @@ def test_diffusers_pipeline_export_runs_our_multistep_sampler(qwen_pipeline_dir,
 
 
 def test_lora_exports_load_with_load_lora_weights(qwen_pipeline_dir, encoder, tmp_path):
-    from twinflow.models.export import save_generator
-    from twinflow.models.interop import COMFY_FILE, LORA_FILE, adapter_of, convert_export
+    from twinflow.models.export_converters import COMFY_FILE, LORA_FILE, adapter_of, convert_export
+    from twinflow.models.export_writer import save_generator
 
     cond = encoder.encode(CAPTIONS[1:3])
     g = _train(_model(qwen_pipeline_dir, lora={"rank": 4, "alpha": 8}), cond)
@@ -136,7 +136,7 @@ def test_lora_exports_load_with_load_lora_weights(qwen_pipeline_dir, encoder, tm
 
 def test_export_command(qwen_pipeline_dir, tmp_path, capsys):
     from twinflow.cli import main
-    from twinflow.models.export import save_generator
+    from twinflow.models.export_writer import save_generator
 
     save_generator(_model(qwen_pipeline_dir).eval(), tmp_path / "native", {})
     assert (

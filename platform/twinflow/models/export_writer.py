@@ -1,4 +1,4 @@
-"""Export a generator as a diffusers-format directory, and load it back exactly.
+"""Write a generator as an export: a diffusers-format directory that `export_loader` reads back exactly.
 
 Layout of `out_dir`:
 
@@ -27,29 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from twinflow.atomic_files import usual_modes
+from twinflow.models.export_layout import FORMAT_VERSION, META_FILE, RESERVED_KEYS, save_extras
 from twinflow.models.generator import TwinFlowGenerator
 from twinflow.models.lora import has_lora, lora_state_dict, merged_copy
-from twinflow.models.vae import LatentCodec
-from twinflow.models.weights import FORMAT_VERSION, META_FILE, save_extras
-from twinflow.models.weights import read_metadata as read_metadata  # part of this module's API
-
-_RESERVED = (
-    "format_version",
-    "family",
-    "backbone_class",
-    "sample_shape",
-    "patch",
-    "time_scale",
-    "text_dim",
-    "text_encoder",
-    "image_size",
-    "pixel_channels",
-    "latent",
-    "model_config",
-    "lora",
-    "e2_init",
-    "fake_branch",
-)
 
 
 def _json_default(v: Any) -> Any:
@@ -82,7 +62,7 @@ def save_generator(
 ) -> Path:
     """Write the export (see module docstring); replaces `out_dir` atomically when it is local."""
     metadata = dict(metadata or {})
-    clash = sorted(set(metadata) & set(_RESERVED))
+    clash = sorted(set(metadata) & set(RESERVED_KEYS))
     if clash:
         raise ValueError(f"save_generator: metadata keys {clash} are written by the exporter itself")
     check_finite(generator)
@@ -175,16 +155,3 @@ def save_generator(
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(dtype)
-
-
-def load_generator(
-    path: str | Path, torch_dtype: torch.dtype | None = None
-) -> tuple[TwinFlowGenerator, dict[str, Any]]:
-    """(generator in eval mode, metadata) from a `save_generator` directory; outputs match the saved model."""
-    return TwinFlowGenerator.from_export(path, torch_dtype)
-
-
-def load_export_codec(path: str | Path):
-    """The VAE saved beside an export (None for pixel-space models)."""
-    vae = Path(path) / "vae"
-    return LatentCodec.from_pretrained(vae) if (vae / "config.json").is_file() else None

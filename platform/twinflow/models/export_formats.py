@@ -1,4 +1,4 @@
-"""The export formats `twinflow export` writes (`interop.py` writes them). Torch-free, so the CLI can
+"""The export formats `twinflow export` writes (`export_converters.py` writes them). Torch-free, so the CLI can
 list them in `--help` without importing torch."""
 
 from __future__ import annotations
