@@ -48,6 +48,9 @@ AREAS = {
 }
 
 
+# The command functions import their area when run, so `twinflow --help` imports neither torch nor Ray.
+
+
 def _train(args: argparse.Namespace) -> int:
     from twinflow.train.launcher import run_job_file
 

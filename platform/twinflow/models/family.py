@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from twinflow.models.fetch import local_model_dir
 from twinflow.models.presets import Preset
 
 
@@ -133,8 +134,6 @@ class _DropE2Notice(logging.Filter):
 
 def transformer_dir(path: str | Path) -> Path:
     """A diffusers pipeline directory's `transformer/` subfolder, or the directory itself (s3://: cached)."""
-    from twinflow.models.fetch import local_model_dir
-
     root = local_model_dir(path)
     if (root / "transformer" / "config.json").is_file():
         return root / "transformer"

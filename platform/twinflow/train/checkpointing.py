@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
+from twinflow.storage import open_filesystem
 from twinflow.train import manifest, relayout
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,6 @@ def trainable_names(module: torch.nn.Module) -> list[str]:
 
 def checkpoint_dirs(run_uri: str, endpoint: str | None = None):
     """(filesystem, the run's `checkpoint_*` directories newest first: Ray names them by time)."""
-    import pyarrow.fs as pafs
-
-    from twinflow.storage import open_filesystem
-
     fs, base = open_filesystem(run_uri, endpoint)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     dirs = sorted(

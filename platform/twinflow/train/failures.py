@@ -41,6 +41,7 @@ def train_loop_keeping_traceback(config: dict[str, Any]) -> None:
     """Ray Train's worker function: `twinflow.train.worker.train_loop`, whose traceback is kept."""
     import ray.train
 
+    # the worker module imports DeepSpeed and the models: only Ray Train's worker process loads it
     from twinflow.train.worker import train_loop
 
     try:
@@ -74,6 +75,7 @@ def is_deterministic(exc: BaseException) -> bool:
     that cannot be loaded. Everything else (lost workers, timeouts, OOM, collectives) is retried."""
     from pydantic import ValidationError
 
+    # read only when a run fails: the error classes' modules import torch, PIL and pyarrow
     from twinflow.config import ConfigError
     from twinflow.eval.datasets import ReferenceDataError
     from twinflow.train.checkpointing import CheckpointError

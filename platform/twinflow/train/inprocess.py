@@ -138,6 +138,7 @@ def train_in_process(
     job = job.model_copy(update={"train": job.train.model_copy(update={"steps": steps})})
     torch.manual_seed(job.train.seed)
     if encoder is None and (data is None or null_cond is None):
+        # MiniLM (or the family's encoder) loads only when the caller brought neither data nor encoder
         from twinflow.models.text_encoder import open_text_encoder
 
         encoder = open_text_encoder(job.model.text_encoder_spec, job.data.text_max_length)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from twinflow.storage import download_dir, is_s3, upload_dir
 from twinflow.train import manifest
 
 log = logging.getLogger(__name__)
@@ -355,8 +356,6 @@ def prepare(
     stage) was written by another layout, convert it (once) and return its path; None when nothing needs
     converting. Remote checkpoints are fetched to a temporary folder, converted there, and the
     conversion uploaded beside them."""
-    from twinflow.storage import is_s3
-
     if newest is None:
         return None
     path, saved_world, saved_stage = newest
@@ -375,8 +374,6 @@ def prepare(
 
 
 def _prepare_remote(path: str, run_uri: str, endpoint: str | None, tag: str) -> str:
-    from twinflow.storage import download_dir, upload_dir
-
     uri = "s3://" + path.lstrip("/")
     with tempfile.TemporaryDirectory(prefix="twinflow-relayout-") as tmp:
         local = Path(tmp) / "checkpoint"

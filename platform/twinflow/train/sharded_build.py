@@ -24,6 +24,7 @@ def partitioned_construction(ds_cfg: dict[str, Any] | None, dtype: torch.dtype) 
         return
     import deepspeed
 
+    # DeepSpeed and its op-builder workaround load only for ZeRO-3 builds
     from twinflow.train.engine import _skip_cpu_jit_builds
 
     _skip_cpu_jit_builds()

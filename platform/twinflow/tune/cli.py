@@ -1,4 +1,7 @@
-"""`twinflow tune tune/<name>.yaml`: a Ray Tune sweep whose trials are Ray Train jobs."""
+"""`twinflow tune tune/<name>.yaml`: a Ray Tune sweep whose trials are Ray Train jobs.
+
+The commands import the sweep config, runner and path checks when run: `twinflow tune --help` stays
+free of torch and Ray (the sweep config imports the job config, the runner Ray Tune)."""
 
 from __future__ import annotations
 
