@@ -280,6 +280,7 @@ def build_trainer(
         train_loop_keeping_traceback,
         train_loop_config={
             "job": job.model_dump(by_alias=True),
+            "judge": resolved.judge,  # periodic eval's judge, from the manifest the driver read
             "run_dir": str(run_dir),
             "null_cond": null_cond,
             "eval_cond": eval_cond,
