@@ -10,7 +10,8 @@
 
 The real images come from the job's own inputs only: `eval.reference` when the job names one, else
 its `data.path` shards (their eval and train splits), so a job runs on any node that can read its
-named paths (`check_reference` proves that before Ray starts, on the manifest the driver read once). The judge's weights ship in the package.
+named paths (`check_reference` proves that before Ray starts, on the manifest the driver read once).
+The judge's weights ship in the package.
 
 Costs, for the tiny 28x28 model on one CPU core: the judge and the real reference load once per
 process (reference features cached on disk after the first job, ~0.1 s to read); sampling is
