@@ -11,8 +11,8 @@ import pytest
 
 from twinflow.config import ConfigError
 from twinflow.train.config import load_job
-from twinflow.train.launcher import check_inputs
 from twinflow.train.paths import runtime_env_root
+from twinflow.train.resolved import resolve_job as check_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 

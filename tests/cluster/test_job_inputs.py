@@ -12,7 +12,7 @@ import torch
 
 from twinflow.config import ConfigError
 from twinflow.train.config import load_job
-from twinflow.train.launcher import check_inputs
+from twinflow.train.resolved import resolve_job as check_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 

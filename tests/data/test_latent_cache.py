@@ -15,7 +15,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from qwen_pipeline import build_tiny_pipeline
 
-from twinflow.data.latent_cache import CacheSpec, build_latent_cache, check_cache_for_model
+from twinflow.data import compatibility
+from twinflow.data.latent_cache import CacheSpec, build_latent_cache
+
+
+def check_cache_for_model(job):
+    """The check on the manifest the driver reads once (`data.compatibility.read_data_manifest`)."""
+    compatibility.check_latent_cache_for_model(job, compatibility.read_data_manifest(job.data))
+
 
 SIZE, LENGTH = 28, 16
 

@@ -1,5 +1,5 @@
 """A Qwen2.5-VL model given data that carries another encoder's text states (or another width) is
-refused when the job is loaded, before Ray starts, with both encoders named (`train.paths.check_text_states`)."""
+refused when the job is loaded, before Ray starts, with both encoders named (`data.compatibility.check_text_states`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import yaml
 from qwen_pipeline import TEXT_WIDTH
 
 from twinflow.config import ConfigError
-from twinflow.data import shards
+from twinflow.data import compatibility, shards
 from twinflow.train.config import load_job
-from twinflow.train.paths import check_text_states
+
+
+def check_text_states(job):
+    """The check on the manifest the driver reads once (`data.compatibility.read_data_manifest`)."""
+    compatibility.check_text_states(job, compatibility.read_data_manifest(job.data))
 
 
 def _data(root, embedding=None):

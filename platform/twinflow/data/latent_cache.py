@@ -9,8 +9,8 @@ encoder made it (their paths and config hashes), the geometry, and the source sh
 
 Training pointed at a cache streams `image` = the latent (and `source_image` = the source latent
 for edit pairs) plus `text_states`/`text_mask` without loading either model
-(`latent_train_dataset`); `check_cache_for_model` refuses a job whose VAE, text encoder, image size
-or crop differ from the manifest's.
+(`latent_train_dataset`); `data.compatibility.check_latent_cache_for_model` refuses a job whose VAE,
+text encoder, image size or crop differ from the manifest's.
 
 `twinflow data --help` mounts this module's command, so it imports neither torch nor Ray at the top:
 the models (torch) load in the encoder actor, Ray in the build.
@@ -279,34 +279,6 @@ def _latent_shape(spec: CacheSpec, numel: int) -> tuple[int, int, int]:
     if channels * side * side != numel:
         raise ValueError(f"latent of {numel} values is not {channels}x{side}x{side}")
     return channels, side, side
-
-
-def check_cache_for_model(job) -> None:
-    """Refuse a job whose VAE, text encoder or geometry differ from its latent cache's (no-op otherwise)."""
-    try:
-        manifest = shards.read_manifest(job.data.path, job.data.s3_endpoint)
-    except (storage.MissingPathError, ValueError):
-        return  # the data path reports its own errors when the dataset is built
-    if not is_latent_cache(manifest):
-        return
-    have = manifest.embedding["latent"]
-    want = spec_for_job(job).key()
-    for field in (
-        "vae_config_sha256",
-        "text_encoder",
-        "text_encoder_config_sha256",
-        "max_length",
-        "image_size",
-        "crop",
-        "text_column",
-    ):
-        if have.get(field) != want[field]:
-            raise ValueError(
-                f"{job.data.path}: this latent cache was made with {field}={have.get(field)!r} but the job's model "
-                f"needs {want[field]!r} (cache from vae {have.get('vae_path')}, text encoder "
-                f"{have.get('text_encoder')} {have.get('text_encoder_path')}); rebuild it with "
-                "`twinflow data cache ... --model <this job>`"
-            )
 
 
 def _source_uri(source: str) -> str:

@@ -78,33 +78,19 @@ def decode_cached(
     return arrays
 
 
-def check_matches(cfg, manifest: shards.Manifest) -> dict[str, Any]:
-    """The cache's `embedding` when it fits the data config (text column, length, pixel size)."""
-    emb = manifest.embedding or {}
-    have = {
-        "text_column": emb.get("text_column"),
-        "max_length": emb.get("max_length"),
-        "image_size": emb.get("latent", {}).get("image_size"),
-    }
-    want = {"text_column": cfg.text_column, "max_length": cfg.text_max_length, "image_size": cfg.image_size}
-    for field, value in want.items():
-        if have[field] != value:
-            raise ValueError(
-                f"{cfg.path}: this latent cache has {field}={have[field]!r} but data asks for "
-                f"{value!r}; rebuild it with `twinflow data cache` or change the config"
-            )
-    return emb
-
-
-def latent_train_dataset(cfg):
-    """The training dataset of a latent cache (lazy, like `build_train_dataset`)."""
+def latent_train_dataset(cfg, manifest: shards.Manifest | None = None):
+    """The training dataset of a latent cache (lazy, like `build_train_dataset`, which checks first
+    that the cache fits `cfg`: `data.compatibility.check_latent_cache`). `manifest`: the cache's, when
+    the caller has read it."""
     import ray  # `twinflow data --help` imports this module (through data.latent_cache) Ray-free
 
-    manifest = shards.read_manifest(cfg.path, cfg.s3_endpoint)
-    emb = check_matches(cfg, manifest)
+    manifest = manifest or shards.read_manifest(cfg.path, cfg.s3_endpoint)
+    emb = manifest.embedding
     edit = manifest.kind == "edit_pairs"
     columns = [f.name for f in cache_schema(edit)]
-    source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards, columns=tuple(columns))
+    source = open_split(
+        cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards, columns=tuple(columns), manifest=manifest
+    )
     missing = sum(r.weight for r in source.bad)
     if missing > cfg.max_bad_fraction * max(source.expected, 1) or not source.usable:
         raise BadDataError(

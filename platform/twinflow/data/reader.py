@@ -46,9 +46,11 @@ def open_split(
     endpoint: str | None = None,
     verify: bool = True,
     columns: tuple[str, ...] | None = None,
+    manifest: shards.Manifest | None = None,
 ) -> SplitShards:
-    """Read the manifest and check the split's shards (existence, and columns when ``verify``)."""
-    manifest = shards.read_manifest(root, endpoint)
+    """Read the manifest (unless the caller passes the one it read) and check the split's shards
+    (existence, and columns when ``verify``)."""
+    manifest = manifest or shards.read_manifest(root, endpoint)
     try:
         info = manifest.split(split)
     except KeyError as exc:

@@ -23,6 +23,7 @@ from twinflow import storage
 from twinflow.data import shards
 from twinflow.data.bad_records import BadDataError, BadRecord
 from twinflow.data.caption_refs import REF_COLUMN, CaptionRefs, open_table, table_name
+from twinflow.data.compatibility import check_data_section
 from twinflow.data.config import DataConfig
 from twinflow.data.decode import DecodeSpec, decode_rows
 from twinflow.data.embed import TextEmbedStage, embed_kwargs
@@ -126,26 +127,26 @@ def _columns(kind: str, available: set[str], cached: bool) -> list[str]:
     return cols + [c for c in ("label",) if c in available]
 
 
-def build_train_dataset(cfg: DataConfig):
+def build_train_dataset(cfg: DataConfig, manifest: shards.Manifest | None = None):
     """The training ``ray.data.Dataset`` for ``cfg`` (lazy; nothing runs until it is iterated).
+    ``manifest``: ``cfg.path``'s, when the caller has read it (the driver's resolved job).
 
-    Fails up front with one clear error for a missing path, bucket, manifest or split, and for more
-    missing shards than ``max_bad_fraction`` allows.
+    Fails up front with one clear error for a missing path, bucket, manifest or split, for data that
+    does not fit ``cfg`` (``data.compatibility.check_data_section``), and for more missing shards than
+    ``max_bad_fraction`` allows.
     """
-    if is_latent_cache(shards.read_manifest(cfg.path, cfg.s3_endpoint)):  # `twinflow data cache` output
-        return latent_train_dataset(cfg)
-    source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards)
-    kind = source.manifest.kind
-    if cfg.is_edit and kind != "edit_pairs":
-        raise ValueError(
-            f"{cfg.path}: text_column=instruction needs an edit-pairs dataset (this one is {kind})"
-        )
+    manifest = manifest or shards.read_manifest(cfg.path, cfg.s3_endpoint)
+    check_data_section(cfg, manifest)
+    if is_latent_cache(manifest):  # `twinflow data cache` output
+        return latent_train_dataset(cfg, manifest)
+    source = open_split(cfg.path, cfg.split, cfg.s3_endpoint, cfg.verify_shards, manifest=manifest)
+    kind = manifest.kind
     upfront = list(source.bad)
     read_from = source
     cache_info = None
     if source.manifest.embedding is not None:
         # ``path`` is itself an embedding cache (e.g. copied next to the cluster): stream it as is.
-        cache_info = check_cache_matches(cfg, source.manifest)
+        cache_info = source.manifest.embedding
         upfront += _cached_bad(source.manifest, cfg.split)
     elif cfg.embed_cache and cfg.embed_text:
         cache_uri, cache_manifest = ensure_embed_cache(cfg, source)
@@ -219,17 +220,6 @@ def read_shards(
         num_cpus=num_cpus,
         fn_kwargs={"fs": source.fs, "columns": columns, "tracker": tracker},
     )
-
-
-def check_cache_matches(cfg: DataConfig, manifest: shards.Manifest) -> dict[str, Any]:
-    emb = manifest.embedding or {}
-    for field, want in (("text_column", cfg.text_column), ("max_length", cfg.text_max_length)):
-        if emb.get(field) != want:
-            raise ValueError(
-                f"{cfg.path}: this embedding cache has {field}={emb.get(field)!r} but the config "
-                f"asks for {want!r}; rebuild it with `twinflow data embed` or change the config"
-            )
-    return emb
 
 
 def _cached_bad(manifest: shards.Manifest, split: str) -> list[BadRecord]:

@@ -293,10 +293,13 @@ class ReferenceDataError(ValueError):
     """Shards that cannot give a judge its real images; the message says which and why."""
 
 
-def reference_manifest(data: str, endpoint: str | None = None) -> shards.Manifest:
+def reference_manifest(
+    data: str, endpoint: str | None = None, manifest: shards.Manifest | None = None
+) -> shards.Manifest:
     """The manifest of shards that can serve as a real reference (image-text, with `eval` and `train`
-    splits); ReferenceDataError or MissingPathError naming the folder otherwise."""
-    manifest = shards.read_manifest(data, endpoint)
+    splits); ReferenceDataError or MissingPathError naming the folder otherwise. `manifest`: the
+    folder's, when the caller has read it."""
+    manifest = manifest or shards.read_manifest(data, endpoint)
     if manifest.kind != "image_text":
         raise ReferenceDataError(
             f"{data}: {manifest.kind} shards, not image_text ones (no plain real images)"

@@ -10,7 +10,8 @@
 
 The real images come from the job's own inputs only: `eval.reference` when the job names one, else
 its `data.path` shards (their eval and train splits), so a job runs on any node that can read its
-named paths (`check_reference` proves that before Ray starts). The judge's weights ship in the package.
+named paths (`check_reference` proves that before Ray starts, on the manifest the driver read once).
+The judge's weights ship in the package.
 
 Costs, for the tiny 28x28 model on one CPU core: the judge and the real reference load once per
 process (reference features cached on disk after the first job, ~0.1 s to read); sampling is
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from twinflow import storage
+from twinflow.data import shards
 from twinflow.eval.datasets import SOURCE_TYPES, get_dataset, reference_manifest
 from twinflow.eval.judges import load_judge
 from twinflow.eval.metrics import evaluate_generator, real_reference
@@ -32,7 +34,8 @@ from twinflow.eval.sampling import resolve_sampler
 
 
 def dataset_of(data_path: str, s3_endpoint: str | None = None) -> str | None:
-    """The judge dataset of a shard folder (its manifest's source type), or None when no judge fits."""
+    """The judge dataset of a shard folder (its manifest's source type), or None when no judge fits.
+    Reads only the manifest's `source`, so any folder with a manifest.json naming one qualifies."""
     try:
         manifest = json.loads(storage.read_bytes(storage.join(data_path, "manifest.json"), s3_endpoint))
     except (OSError, ValueError):
@@ -40,30 +43,35 @@ def dataset_of(data_path: str, s3_endpoint: str | None = None) -> str | None:
     return SOURCE_TYPES.get((manifest.get("source") or {}).get("type"))
 
 
+def judge_dataset(manifest: shards.Manifest | None) -> str | None:
+    """The judge dataset of shards whose manifest the caller has read (None: none fits, or unreadable)."""
+    return None if manifest is None else SOURCE_TYPES.get((manifest.source or {}).get("type"))
+
+
 def reference_of(job: Any) -> tuple[str, str | None]:
     """(shards, endpoint) of a job's real reference images: `eval.reference`, else `data.path`."""
     return job.eval.reference or job.data.path, job.data.s3_endpoint
 
 
-def uses_reference(job: Any) -> bool:
-    """Whether the job's periodic eval will read real images (metrics on, prompts, a judge for its data)."""
-    return (
-        bool(job.eval.metrics and job.eval.prompts)
-        and dataset_of(job.data.path, job.data.s3_endpoint) is not None
-    )
+def uses_reference(job: Any, dataset: str | None) -> bool:
+    """Whether the job's periodic eval will read real images (metrics on, prompts, a judge for its
+    data: `dataset`, the judge of `data.path`)."""
+    return bool(job.eval.metrics and job.eval.prompts) and dataset is not None
 
 
-def check_reference(job: Any) -> None:
+def check_reference(job: Any, dataset: str | None, manifest: shards.Manifest | None = None) -> None:
     """Driver side, before Ray starts: the shards periodic eval reads its real images from exist and
-    hold an image_text eval and train split; else a ConfigError naming the field and what to pass."""
+    hold an image_text eval and train split; else a ConfigError naming the field and what to pass.
+    `dataset`: the judge of `data.path`; `manifest`: `data.path`'s, read by the caller (used when
+    the reference is `data.path` itself)."""
     from twinflow.config import ConfigError
 
-    if not uses_reference(job):
+    if not uses_reference(job, dataset):
         return
     data, endpoint = reference_of(job)
     field = "eval.reference" if job.eval.reference else "data.path"
     try:
-        reference_manifest(data, endpoint)
+        reference_manifest(data, endpoint, manifest=None if job.eval.reference else manifest)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{field}: {exc}; periodic eval (eval.metrics) needs real images: set eval.reference to shards "

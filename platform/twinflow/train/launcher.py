@@ -1,4 +1,5 @@
-"""Driver side of `twinflow train`: validate, start (or join) Ray, run the TorchTrainer, summarise.
+"""Driver side of `twinflow train`: resolve the job (`train.resolved`: its inputs checked once),
+start (or join) Ray, run the TorchTrainer, summarise.
 
 Ray Train V2 owns the job's state machine (initializing -> scheduling -> running -> restarting ->
 finished/errored); we report its final state rather than inventing our own.
@@ -25,8 +26,9 @@ from twinflow.train.failures import (
     train_loop_keeping_traceback,
     write_failure_log,
 )
-from twinflow.train.paths import check_not_in_runtime_env, check_remote_run, check_text_states, remove_run_dir
+from twinflow.train.paths import check_remote_run, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
+from twinflow.train.resolved import ResolvedJob, resolve_job
 from twinflow.train.staging import staging_root
 from twinflow.train.summary import write_summary
 
@@ -210,48 +212,6 @@ def run_job_file(
     return run_job(job, address=address, fresh=fresh, source=str(path))
 
 
-def job_inputs(job: JobConfig) -> list[tuple[str, str, str | None]]:
-    """(field, path, endpoint) of every file or folder the job reads on its workers: its data, the
-    export it starts from, model weights, text encoder, and periodic eval's real images."""
-    from twinflow.eval.periodic import reference_of, uses_reference
-
-    model = job.model
-    named = [
-        ("data.path", job.data.path, job.data.s3_endpoint),
-        ("train.init_from", job.train.init_from, job.output.s3_endpoint),
-        ("model.pretrained_path", model.pretrained_path, job.data.s3_endpoint),
-        ("model.vae_path", model.vae_path, job.data.s3_endpoint),
-        ("model.text_encoder_path", model.text_encoder_path, job.data.s3_endpoint),
-        ("data.text_encoder_dir", job.data.text_encoder_dir, job.data.s3_endpoint),
-    ]
-    if job.eval.reference and uses_reference(job):
-        named.append(("eval.reference", *reference_of(job)))
-    return [(f, str(p), e) for f, p, e in named if p and p != "default"]
-
-
-def check_inputs(job: JobConfig) -> None:
-    """Paths the job reads exist and outputs do not go into a Ray runtime-env folder (before Ray
-    starts): a ConfigError naming the field and what to do otherwise."""
-    from twinflow import storage
-    from twinflow.eval.periodic import check_reference
-
-    inputs = job_inputs(job)
-    for field_name, uri, _ in inputs:  # under `ray job submit`: say what to do, not just "missing"
-        check_not_in_runtime_env(field_name, uri or "", must_exist=True)
-    check_not_in_runtime_env("output.dir", job.output.dir, must_exist=False)
-    check_text_states(job)  # data carrying another encoder's text states than the model reads
-    for field_name, uri, endpoint in inputs:
-        if not uri:
-            continue
-        try:
-            found = storage.exists(uri, endpoint)
-        except OSError as exc:
-            raise ConfigError(f"{field_name}: {uri}: cannot be read ({exc})") from None
-        if not found:
-            raise ConfigError(f"{field_name}: {uri} does not exist")
-    check_reference(job)  # periodic eval's real images: shards with an eval and a train split
-
-
 def check_resume_layout(job: JobConfig, run_dir: Path) -> str | None:
     """A rerun resumes the run's newest checkpoint: when another number of workers or ZeRO stage wrote
     it, convert it once to DeepSpeed's universal format (before Ray starts; `train/relayout.py`), which
@@ -280,15 +240,9 @@ def check_resume_layout(job: JobConfig, run_dir: Path) -> str | None:
 
 
 def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
-    """Resolve paths the workers need and create the run directory (holding job.json)."""
+    """Create the run directory (holding job.json) of a resolved job (`ResolvedJob.job`: its local
+    paths absolute); `fresh` deletes the run's earlier directory (and its s3:// checkpoints) first."""
     run_dir = run_dir_of(job)
-    if job.train.init_from and "://" not in job.train.init_from:
-        # Ray workers run in their own working directory: hand them an absolute path.
-        job.train.init_from = str(Path(job.train.init_from).expanduser().resolve())
-    if "://" not in job.data.path:  # the workers read the data manifest too (periodic eval's judge)
-        job.data.path = str(Path(job.data.path).expanduser().resolve())
-    if job.eval.reference and "://" not in job.eval.reference:
-        job.eval.reference = str(Path(job.eval.reference).expanduser().resolve())
     if fresh:  # only ever <output.dir>/<name>, proven to be one run directory (twinflow.train.paths)
         remove_run_dir(run_dir.parent, job.name)
     if fresh and is_remote(job):
@@ -299,40 +253,34 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
             delete_dir(uri, job.output.s3_endpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "job.json", job.model_dump_json(indent=2, by_alias=True))
-    if (
-        job.eval.metrics and job.eval.prompts
-    ):  # a prompt naming no class of the data fails here, not at step N
-        from twinflow.eval.periodic import check_prompts, dataset_of
-
-        check_prompts(dataset_of(job.data.path, job.data.s3_endpoint), job.eval.prompts)
     return run_dir
 
 
 def build_trainer(
-    job: JobConfig, run_dir: Path, *, callbacks: list | None = None, fault_at_step: int | None = None
+    resolved: ResolvedJob, run_dir: Path, *, callbacks: list | None = None, fault_at_step: int | None = None
 ):
-    """The TorchTrainer for one job (Ray must be initialised). Also used by Tune, one per trial.
+    """The TorchTrainer for one resolved job (Ray must be initialised). Also used by Tune, one per
+    trial. The data stream starts from the manifest the driver read when resolving the job.
     `fault_at_step` is the tests' fault injection (a worker dies for real once at that step)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from twinflow.data import build_train_dataset
-    from twinflow.data.latent_cache import check_cache_for_model
     from twinflow.data.tracking import live_tracker, tracker_name
     from twinflow.train.lifeline import driver_info
 
-    check_cache_for_model(job)  # a latent cache made with another VAE/text encoder is refused here
+    job = resolved.job
     null_cond, eval_cond = encode_conditions(job)
     # The worker prints its own progress line; Ray Data's per-operator bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_data = build_train_dataset(
-        job.data
-    )  # makes the split's bad-record counter (twinflow.data.tracking)
+    # makes the split's bad-record counter (twinflow.data.tracking)
+    train_data = build_train_dataset(job.data, resolved.manifest)
     return TorchTrainer(
         train_loop_keeping_traceback,
         train_loop_config={
             "job": job.model_dump(by_alias=True),
+            "judge": resolved.judge,  # periodic eval's judge, from the manifest the driver read
             "run_dir": str(run_dir),
             "null_cond": null_cond,
             "eval_cond": eval_cond,
@@ -389,14 +337,13 @@ def run_job(
     Train then restarts the group)."""
     import ray.train
 
-    try:
-        check_inputs(job)  # once, before Ray starts: a missing path is one line naming the field
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    resolved = resolve_job(job, source)  # once, before Ray starts: a bad input is one line naming the field
+    job = resolved.job
     run_dir = prepare_run(job, fresh)
     check_resume_layout(job, run_dir)
     ensure_ray(job, address)
-    trainer = build_trainer(job, run_dir, fault_at_step=fault_at_step)
+    log.info("job %s: %s", job.name, batch_line(resolved))
+    trainer = build_trainer(resolved, run_dir, fault_at_step=fault_at_step)
     try:
         with follow_run(run_dir):
             result = trainer.fit()
@@ -432,6 +379,13 @@ def run_job(
     _publish(job, run_dir, out)
     print_summary(job, out)
     return out
+
+
+def batch_line(resolved: ResolvedJob) -> str:
+    """The global batch and, for TwinFlow, its rows per group, as every optimizer step takes them."""
+    split = resolved.group_split
+    groups = f" ({', '.join(f'{k} {v}' for k, v in split.items())})" if split else ""
+    return f"global batch {resolved.global_batch} rows per step{groups}"
 
 
 def follow_run(run_dir: Path):

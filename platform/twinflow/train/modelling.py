@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from twinflow.eval.periodic import dataset_of, periodic_metrics, reference_of
+from twinflow.eval.periodic import periodic_metrics, reference_of
 from twinflow.export_reader import META_FILE, local_export
 from twinflow.imaging import save_grid
 from twinflow.method import build_objective as _build_objective
@@ -130,10 +130,12 @@ def eval_metrics(
     eval_cond: dict[str, torch.Tensor],
     *,
     device: torch.device,
+    dataset: str | None,
     null_cond: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Judge-based metrics per NFE (`twinflow.eval`) on the in-memory model; {} when no judge fits the
-    data or `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
+    data (`dataset`: the judge the driver found in the data's manifest, `ResolvedJob.judge`) or
+    `eval.metrics` is off. Every rank calls this (ZeRO-3 forwards gather on all ranks)."""
     if not job.eval.metrics or not job.eval.prompts:
         return {}
     was_training = module.training
@@ -141,7 +143,7 @@ def eval_metrics(
     try:
         return periodic_metrics(
             module,
-            dataset=dataset_of(job.data.path, job.data.s3_endpoint),
+            dataset=dataset,
             reference=reference_of(job),
             prompts=job.eval.prompts,
             cond=eval_cond,

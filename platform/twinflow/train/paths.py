@@ -5,8 +5,8 @@ that component. A name like `..` or `.` once made `--fresh` delete the folder ab
 them; so names are plain identifiers, and deletion re-checks, on the resolved path, that it touches
 exactly one run directory inside its root and nothing a symlink points at.
 
-Also the job's inputs checked before Ray starts: paths inside Ray's runtime-env copy, and text states
-of another encoder than the model's (`check_text_states`, run by `twinflow train` on loading the job).
+Also the check, before Ray starts, that a job reads no input from and writes no output into Ray's
+runtime-env copy of its working directory.
 """
 
 from __future__ import annotations
@@ -116,90 +116,3 @@ def check_not_in_runtime_env(
             f"{field}: {path!r} would write inside {root}, which Ray deletes after the job: {where}. "
             f"Write to shared storage or s3://, e.g. `{flag} {field}=/shared/runs` or `{flag} {field}=s3://bucket/runs`"
         )
-
-
-# ---------------------------------------------------------------------------- text states vs model
-def check_text_states(job) -> None:
-    """A model reads the text states of one encoder (kind and width). Data whose cached states (a
-    latent or embedding cache at `data.path`) or whose `data.text_encoder_dir` come from another one
-    is refused here, before Ray starts, naming both; otherwise it fails deep in a worker as a shape
-    error. Data that cannot be read yet passes (its own checks report that)."""
-    from twinflow.config import ConfigError
-
-    if not job.data.embed_text:
-        return
-    have = _data_text_states(job.data)
-    if have is None:
-        return
-    where, kind, path, dim = have
-    want_kind, want_path, want_dim = _model_text_states(job.model)
-    if kind == want_kind and (dim is None or want_dim is None or dim == want_dim):
-        return
-    raise ConfigError(
-        f"{where} gives {_describe(kind, path, dim)} text states, but the model reads "
-        f"{_describe(want_kind, want_path, want_dim)} ones (model.text_encoder: {want_kind}): "
-        + (
-            "set data.text_encoder_dir to the model's encoder (or change model.text_encoder)"
-            if where.startswith("data.text_encoder_dir")
-            else "rebuild the cache for this model (`twinflow data cache <source> --model <this job>`, "
-            "or `twinflow data embed`) or change model.text_encoder"
-        )
-    )
-
-
-def _describe(kind: str, path: str | None, dim: int | None) -> str:
-    return kind + (f" ({', '.join(str(p) for p in (path, dim and f'{dim}-d') if p)})" if path or dim else "")
-
-
-def _data_text_states(data) -> tuple[str, str, str | None, int | None] | None:
-    """(where, encoder kind, its path, state width or None) of the states the data section gives."""
-    from twinflow import storage
-    from twinflow.data import shards
-
-    try:
-        manifest = shards.read_manifest(data.path, data.s3_endpoint)
-    except (storage.MissingPathError, OSError, ValueError):
-        return None
-    emb = manifest.embedding
-    if emb and "latent" in emb:
-        lat = emb["latent"]
-        where = f"data.path {data.path} (a latent cache)"
-        return where, lat.get("text_encoder", "minilm"), lat.get("text_encoder_path"), emb.get("dim")
-    if emb:
-        kind, path, _ = _encoder_of_dir(emb.get("encoder_dir"))
-        return f"data.path {data.path} (an embedding cache)", kind, path, emb.get("dim")
-    kind, path, dim = _encoder_of_dir(data.text_encoder_dir)
-    return f"data.text_encoder_dir ({data.text_encoder_dir or 'unset: the packaged MiniLM'})", kind, path, dim
-
-
-def _encoder_of_dir(path: str | None) -> tuple[str, str | None, int | None]:
-    """What `text_encoder_for_dir` opens for a data section's encoder dir ("default"/None: MiniLM)."""
-    from twinflow.models.qwen_text import is_qwen_pipeline
-    from twinflow.models.text_encoder import TEXT_DIM
-
-    if path in (None, "default"):
-        return "minilm", None, TEXT_DIM
-    if is_qwen_pipeline(path):
-        return "qwen2.5-vl", path, _qwen_width(path)
-    return "minilm", path, None  # a BERT-style encoder, as MiniLM
-
-
-def _model_text_states(model) -> tuple[str, str | None, int | None]:
-    from twinflow.models.text_encoder import TEXT_DIM
-
-    spec = model.text_encoder_spec
-    if spec["kind"] == "minilm":
-        return "minilm", None, TEXT_DIM
-    return spec["kind"], spec["path"], _qwen_width(spec["path"])
-
-
-def _qwen_width(path: str) -> int | None:
-    """A local Qwen-Image pipeline's text width (its config alone); None for s3:// or unreadable."""
-    from twinflow.models.qwen_text import encoder_width, resolve_encoder_path
-
-    if is_s3(str(path)):
-        return None
-    try:
-        return encoder_width(resolve_encoder_path(path))
-    except (OSError, ValueError):
-        return None

@@ -107,7 +107,7 @@ def train_loop(config: dict[str, Any]) -> None:
         grid_args = {"rank": rank, "null_cond": null_cond}
         components += [
             SampleGrids(job, eval_cond, run_dir / "samples", grid_args, tracker),
-            PeriodicEval(job, eval_cond, device, null_cond, metrics_log, say, tracker),
+            PeriodicEval(job, config.get("judge"), eval_cond, device, null_cond, metrics_log, say, tracker),
         ]
     components.append(CheckpointAndReport(job, rank, world))
 
@@ -206,6 +206,7 @@ class PeriodicEval:
     def __init__(
         self,
         job: JobConfig,
+        judge: str | None,
         eval_cond: dict[str, torch.Tensor],
         device: torch.device,
         null_cond: dict[str, torch.Tensor],
@@ -214,6 +215,7 @@ class PeriodicEval:
         tracker: tracking.JobTracker,
     ) -> None:
         self.job, self.eval_cond, self.device, self.null_cond = job, eval_cond, device, null_cond
+        self.judge = judge  # the data's judge dataset, as the driver read it from the manifest
         self.metrics_log, self.say, self.tracker = metrics_log, say, tracker
 
     def after_step(self, run: loop.Loop) -> None:
@@ -222,7 +224,12 @@ class PeriodicEval:
             return
         with run.sampling() as module:
             evaluated = modelling.eval_metrics(
-                self.job, module, self.eval_cond, device=self.device, null_cond=self.null_cond
+                self.job,
+                module,
+                self.eval_cond,
+                device=self.device,
+                dataset=self.judge,
+                null_cond=self.null_cond,
             )
         if not evaluated:
             return

@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from twinflow.train.launcher import build_trainer, prepare_run
+from twinflow.train.resolved import resolve_job
 from twinflow.tune.config import EvaluationConfig, trial_job
 from twinflow.tune.evaluation import evaluate_export
 from twinflow.tune.pg_guard import RecordTrainRun
@@ -48,6 +49,8 @@ def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
         cwd=spec["cwd"],
         source=f"sweep {spec['sweep']} trial {trial_id}",
     )
+    resolved = resolve_job(job)  # the trial's inputs checked, its data manifest read once
+    job = resolved.job
     run_dir = prepare_run(job)
     (run_dir / TRIAL_FILE).write_text(
         json.dumps({"trial_id": trial_id, "params": params}, indent=2, default=str)
@@ -57,7 +60,7 @@ def run_trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
         callbacks.append(RecordTrainRun(spec["registry"], trial_id))
     # trials share the driver's console with Tune's status table: no per-dataset progress bars
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer = build_trainer(job, run_dir, callbacks=callbacks)
+    trainer = build_trainer(resolved, run_dir, callbacks=callbacks)
     t0 = time.perf_counter()
     result = trainer.fit()  # a failed run raises TrainingFailedError: the trial errors (resumable)
     train_s = time.perf_counter() - t0
