@@ -164,6 +164,7 @@ def _data_text_states(data: Any, manifest: shards.Manifest) -> tuple[str, str, s
 
 def _encoder_of_dir(path: str | None) -> tuple[str, str | None, int | None]:
     """What `text_encoder_for_dir` opens for a data section's encoder dir ("default"/None: MiniLM)."""
+    # the text-encoder modules import torch and transformers: only jobs with text states need them
     from twinflow.models.qwen_text import is_qwen_pipeline
     from twinflow.models.text_encoder import TEXT_DIM
 
@@ -175,6 +176,7 @@ def _encoder_of_dir(path: str | None) -> tuple[str, str | None, int | None]:
 
 
 def _model_text_states(model: Any) -> tuple[str, str | None, int | None]:
+    # as in _encoder_of_dir: torch and transformers only for jobs with text states
     from twinflow.models.text_encoder import TEXT_DIM
 
     spec = model.text_encoder_spec
@@ -185,6 +187,7 @@ def _model_text_states(model: Any) -> tuple[str, str | None, int | None]:
 
 def _qwen_width(path: str) -> int | None:
     """A local Qwen-Image pipeline's text width (its config alone); None for s3:// or unreadable."""
+    # as in _encoder_of_dir
     from twinflow.models.qwen_text import encoder_width, resolve_encoder_path
 
     if is_s3(str(path)):

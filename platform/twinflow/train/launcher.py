@@ -18,16 +18,24 @@ from typing import Any, Iterable
 
 from twinflow.atomic_files import write_text_atomic
 from twinflow.config import ConfigError
-from twinflow.storage import is_s3
+from twinflow.data import build_train_dataset
+from twinflow.data.streaming import bad_record_report
+from twinflow.data.tracking import live_tracker, tracker_name
+from twinflow.models.text_encoder import open_text_encoder
+from twinflow.storage import check_bucket, delete_dir, exists, is_s3, s3_filesystem, upload_dir
+from twinflow.train.checkpointing import TAG, newest_layout
 from twinflow.train.config import JobConfig, load_job
+from twinflow.train.engine import zero_stage_for
 from twinflow.train.failures import (
     StopOnDeterministicFailure,
     deterministic_message,
     train_loop_keeping_traceback,
     write_failure_log,
 )
+from twinflow.train.lifeline import driver_info
 from twinflow.train.paths import check_remote_run, remove_run_dir
 from twinflow.train.progress import FollowLines, plot_losses
+from twinflow.train.relayout import RelayoutError, prepare
 from twinflow.train.resolved import ResolvedJob, resolve_job
 from twinflow.train.staging import staging_root
 from twinflow.train.summary import write_summary
@@ -99,8 +107,6 @@ def _storage(job: JobConfig, run_dir: Path) -> dict[str, Any]:
     """RunConfig storage: the run directory's parent, or the s3:// prefix through pyarrow's S3 client."""
     if not is_remote(job):
         return {"storage_path": str(run_dir.parent)}
-    from twinflow.storage import check_bucket, s3_filesystem
-
     check_bucket(job.output.dir, job.output.s3_endpoint)  # a missing bucket fails before workers start
     return {
         "storage_path": job.output.dir[len("s3://") :].rstrip("/"),
@@ -195,8 +201,6 @@ def _cluster_address_env(address: str) -> dict[str, str]:
 
 def encode_conditions(job: JobConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Null (CFG) condition and validation prompts, encoded once on the driver, shipped as arrays."""
-    from twinflow.models.text_encoder import open_text_encoder
-
     enc = open_text_encoder(job.model.text_encoder_spec, job.data.text_max_length)
     null = {k: v.numpy() for k, v in enc.null_condition().items()}
     prompts = None
@@ -217,10 +221,6 @@ def check_resume_layout(job: JobConfig, run_dir: Path) -> str | None:
     it, convert it once to DeepSpeed's universal format (before Ray starts; `train/relayout.py`), which
     any layout loads. The converted checkpoint's path, None when nothing needed converting; a
     checkpoint that cannot be converted is one line naming the fields."""
-    from twinflow.train.checkpointing import TAG, newest_layout
-    from twinflow.train.engine import zero_stage_for
-    from twinflow.train.relayout import RelayoutError, prepare
-
     world = job.cluster.num_workers
     run_uri = remote_run_uri(job) or str(run_dir)
     try:
@@ -246,8 +246,6 @@ def prepare_run(job: JobConfig, fresh: bool = False) -> Path:
     if fresh:  # only ever <output.dir>/<name>, proven to be one run directory (twinflow.train.paths)
         remove_run_dir(run_dir.parent, job.name)
     if fresh and is_remote(job):
-        from twinflow.storage import delete_dir, exists
-
         uri = check_remote_run(remote_run_uri(job))
         if exists(uri, job.output.s3_endpoint):
             delete_dir(uri, job.output.s3_endpoint)
@@ -265,10 +263,6 @@ def build_trainer(
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from twinflow.data import build_train_dataset
-    from twinflow.data.tracking import live_tracker, tracker_name
-    from twinflow.train.lifeline import driver_info
 
     job = resolved.job
     null_cond, eval_cond = encode_conditions(job)
@@ -400,8 +394,6 @@ def follow_run(run_dir: Path):
 
 def _bad_records(job: JobConfig) -> dict[str, Any] | None:
     """The streamed split's bad-record summary (counts per reason and shard), None when unavailable."""
-    from twinflow.data.streaming import bad_record_report
-
     try:
         return bad_record_report(job.data)
     except (
@@ -415,8 +407,6 @@ def _publish(job: JobConfig, run_dir: Path, out: JobResult) -> None:
     uri = remote_run_uri(job)
     if uri is None:
         return
-    from twinflow.storage import upload_dir
-
     n = upload_dir(run_dir, uri, job.output.s3_endpoint)
     out.remote_dir = uri
     if out.export_dir:

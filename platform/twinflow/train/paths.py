@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from twinflow.config import ConfigError
 from twinflow.storage import is_s3
 
 # First character a letter or digit: no ".", "..", hidden names or "-option" look-alikes; no "/".
@@ -93,8 +94,6 @@ def check_not_in_runtime_env(
     """A ConfigError that says what to do when `path` (relative paths against `cwd`) lies in Ray's
     runtime-env folder: an input that is not there (the upload left it out), or any output (Ray deletes
     the folder). URIs (s3://...) and paths outside the folder pass."""
-    from twinflow.config import ConfigError
-
     root = runtime_env_root(cwd)
     if root is None or not path or "://" in path:
         return
