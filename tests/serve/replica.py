@@ -50,7 +50,7 @@ def make_replica(token: str | None = None, **limits: Any):
     """The deployment's own __init__ on two models ('tiny' generates, 'tiny-edit' also edits); the
     process-wide settings it changes (torch threads, GIL switch interval, Pillow's pixel bound) are
     put back."""
-    cls = app_module.TwinFlow.func_or_class
+    cls = app_module.TwinFlow.func_or_class.__bases__[0]  # ours, under Serve's ingress wrapper
     config = app_args(
         {"tiny": Path("/unused/tiny"), "tiny-edit": Path("/unused/tiny-edit")},
         auth="token" if token else None,
@@ -60,7 +60,7 @@ def make_replica(token: str | None = None, **limits: Any):
     saved = torch.get_num_threads(), sys.getswitchinterval(), Image.MAX_IMAGE_PIXELS
     rep = cls.__new__(cls)
     try:
-        super(cls, rep).__init__(config, infos, token)  # the class under Serve's ingress wrapper
+        rep.__init__(config, infos, token)
     finally:
         torch.set_num_threads(saved[0])
         sys.setswitchinterval(saved[1])
