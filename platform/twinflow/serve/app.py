@@ -40,7 +40,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -95,6 +94,7 @@ from twinflow.serve.schemas import (
     Timings,
     check_limits,
     request_body,
+    validated,
     validation_details,
 )
 from twinflow.serve.uploads import FormLimits, FormTooLarge, StreamingForm
@@ -302,13 +302,7 @@ class TwinFlow(OpenAIImages):
 
     async def _body(self, request: Request, schema):
         raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
-        data = parse_json(raw, self.limits.max_json_depth)
-        try:
-            return schema.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(
-                422, "invalid_request", "request does not match the schema", validation_details(exc)
-            ) from None
+        return validated(schema, parse_json(raw, self.limits.max_json_depth))
 
     async def _read_generate(self, request: Request) -> Parsed:
         return Parsed(await self._body(request, GenerateRequest))
@@ -335,12 +329,7 @@ class TwinFlow(OpenAIImages):
             problems.append({"loc": ["image"], "msg": "a file part named 'image' is required"})
         if problems:
             raise ApiError(422, "invalid_request", "request does not match the schema", problems)
-        try:
-            return Parsed(EditFields.model_validate(data), files["image"])
-        except ValidationError as exc:
-            raise ApiError(
-                422, "invalid_request", "request does not match the schema", validation_details(exc)
-            ) from None
+        return Parsed(validated(EditFields, data), files["image"])
 
     async def _form(self, request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
         """A multipart/form-data body, parsed on the upload threads as it streams in, under the form

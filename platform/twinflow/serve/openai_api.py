@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from twinflow.serve.images import form_values
 from twinflow.serve.schemas import (
@@ -37,7 +37,7 @@ from twinflow.serve.schemas import (
     Text,
     json_safe,
     request_body,
-    validation_details,
+    validated,
 )
 
 router = APIRouter()
@@ -113,15 +113,6 @@ def _check_format(req: ImagesRequest) -> None:
         )
 
 
-def _schema(data: Any) -> ImagesRequest:
-    try:
-        return ImagesRequest.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(
-            422, "invalid_request", "request does not match the schema", validation_details(exc)
-        ) from None
-
-
 def _ours(req: ImagesRequest, kind) -> Any:
     """The same request in our own schema (the limits check and the batcher take that)."""
     text = {"prompt": req.prompt} if kind is GenerateRequest else {"instruction": req.prompt}
@@ -183,7 +174,7 @@ class OpenAIImages:
                 problems.append({"loc": ["n"], "msg": "must be a whole number", "input": n})
         if problems:
             raise ApiError(422, "invalid_request", "request does not match the schema", problems)
-        req = _schema(data)
+        req = validated(ImagesRequest, data)
         return Parsed(_ours(req, EditFields), files[images[0]], req.check_model)
 
     async def _images(self, request: Request, media: str, read) -> Response:

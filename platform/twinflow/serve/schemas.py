@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from twinflow.serve.config import Limits
 
@@ -252,6 +252,16 @@ def check_limits(req: _Request, text: str, limits: Limits, default_guidance: flo
         )
     if problems:
         raise ApiError(422, "invalid_request", "request values are out of bounds", problems)
+
+
+def validated(schema: type[BaseModel], data: Any) -> Any:
+    """`schema.model_validate(data)`, or ApiError 422 naming each field that does not fit."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_request", "request does not match the schema", validation_details(exc)
+        ) from None
 
 
 def validation_details(exc: Any) -> list[dict[str, Any]]:
