@@ -4,11 +4,11 @@
 The routes are translations: the body becomes our own request (`GenerateRequest` or `EditFields`,
 plus the size and response_format checks ours does not have), which takes the replica's one path
 (`TwinFlow._admit`: Host, cross-site, Content-Type and token, body bounds, model lookup and
-multiplexing, limits, the upload decode; then the batcher and seeded noise: a request with `seed`
-gives the same images as `/v1/generate` with that seed); the result becomes that API's answer. Our extras ride along as extra body fields
-(`nfe`, `seed`, `guidance`; the openai client's `extra_body`). Answers use that API's shapes:
-`{"created", "data": [{"b64_json"}], ...}` and errors as `{"error": {"message", "type", "param", "code"}}`;
-invalid values are 400 there (our own routes say 422).
+multiplexing, limits, the upload decode; then the batcher and seeded noise, so a request with `seed`
+gives the same images as `/v1/generate` with that seed); the result becomes that API's answer. Our
+extras ride along as extra body fields (`nfe`, `seed`, `guidance`; the openai client's `extra_body`).
+Answers use that API's shapes: `{"created", "data": [{"b64_json"}], ...}` and errors as
+`{"error": {"message", "type", "param", "code"}}`; invalid values are 400 there (our own routes say 422).
 
 Routes live in the `OpenAIImages` mixin of the `TwinFlow` deployment class, on `router`, which the app
 includes; Serve's class ingress binds them to the replica. No `from __future__ import annotations`
@@ -114,7 +114,7 @@ def _check_format(req: ImagesRequest) -> None:
 
 
 def _ours(req: ImagesRequest, kind) -> Any:
-    """The same request in our own schema (the limits check and the batcher take that)."""
+    """The same request in our own schema, which the replica's request path takes."""
     text = {"prompt": req.prompt} if kind is GenerateRequest else {"instruction": req.prompt}
     return kind.model_construct(
         model=req.model,
