@@ -161,6 +161,56 @@ def test_image_to_model_geometry():
     assert image_to_model(img, 3, 32).shape == (32, 32, 3) and image_to_model(img, 3, 32).dtype == np.uint8
 
 
+def _noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def test_image_to_model_keeps_an_upload_at_the_model_size_pixel_for_pixel():
+    from twinflow.serve.engine import image_to_model
+
+    gray = _noise("L", (28, 28))
+    assert np.array_equal(image_to_model(gray, 1, 28), np.asarray(gray)[..., None])
+    rgb = _noise("RGB", (32, 32), seed=1)
+    assert np.array_equal(image_to_model(rgb, 3, 32), np.asarray(rgb))
+
+
+def test_image_to_model_converts_channels_by_luma_and_drops_alpha():
+    from twinflow.serve.engine import image_to_model
+
+    # ITU-R 601 luma, Pillow's rounding: 0.299 * 10 + 0.587 * 200 + 0.114 * 30 = 123.81
+    assert (image_to_model(Image.new("RGB", (28, 28), (10, 200, 30)), 1, 28) == 124).all()
+    assert (image_to_model(Image.new("L", (28, 28), 77), 3, 28) == 77).all()  # gray into all three
+    rgba = image_to_model(Image.new("RGBA", (28, 28), (10, 200, 30, 0)), 3, 28)
+    assert rgba.shape == (28, 28, 3) and (rgba == np.array([10, 200, 30], np.uint8)).all()
+    palette = Image.new("P", (28, 28), 1)
+    palette.putpalette([0, 0, 0, 250, 5, 40] + [0] * 762)
+    assert (image_to_model(palette, 3, 28) == np.array([250, 5, 40], np.uint8)).all()
+
+
+def test_image_to_model_stretches_with_pillows_bicubic():
+    from twinflow.serve.engine import image_to_model
+
+    # a 40x30 upload whose left quarter is dark: stretched to the square, not cropped or padded
+    quarter = np.full((30, 40), 200, np.uint8)
+    quarter[:, :10] = 0
+    out = image_to_model(Image.fromarray(quarter), 1, 28)[..., 0]
+    assert (out[:, :6] < 10).all() and (out[:, 8:] > 190).all()
+    # one side already right is not enough
+    assert image_to_model(Image.new("L", (28, 30)), 1, 28).shape == (28, 28, 1)
+    assert image_to_model(Image.new("L", (30, 28)), 1, 28).shape == (28, 28, 1)
+    # bicubic: it overshoots at an edge, where nearest, bilinear and box stay inside the input's range
+    edge = np.full((8, 8), 64, np.uint8)
+    edge[:, 4:] = 192
+    up = image_to_model(Image.fromarray(edge), 1, 28)[..., 0]
+    assert up.min() < 64 and up.max() > 192
+    want = Image.fromarray(edge).resize((28, 28), Image.Resampling.BICUBIC)
+    assert np.array_equal(up, np.asarray(want))
+    # a palette PNG is converted before it is resized: bicubic on its colours, not nearest on its indices
+    palette = Image.fromarray(edge).convert("P")
+    assert np.array_equal(image_to_model(palette, 3, 28), image_to_model(palette.convert("RGB"), 3, 28))
+
+
 def test_schemas_are_strict_and_limits_named():
     from pydantic import ValidationError
 

@@ -2,7 +2,10 @@
 
 One deployment, `TwinFlow`, is both the FastAPI ingress and the model holder:
 
-- the routes do auth, JSON parsing and validation, and serve the playground page;
+- every generating route, ours and the OpenAI-style ones (twinflow.serve.openai_api), takes one path:
+  `_admit` (Host, cross-site, Content-Type and token; the body as our own request; model; limits; an
+  edit's upload decoded on the upload threads), then `_submit` (the batcher). A route only reads its
+  body into our request and shapes the answer;
 - `@serve.multiplexed` loads checkpoints by id (LRU per replica). The id comes from the body's `model`;
   a client that also sends the `serve_multiplexed_model_id` header gets routed by Serve to a replica
   that already holds that model;
@@ -37,7 +40,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -75,6 +77,10 @@ from twinflow.serve.openai_api import router as openai_router
 from twinflow.serve.phases import PhaseTotals
 from twinflow.serve.schemas import (
     API_VERSION,
+    FORM,
+    IMAGE_PART,
+    JSON,
+    Admitted,
     ApiError,
     BatchInfo,
     EditFields,
@@ -84,22 +90,23 @@ from twinflow.serve.schemas import (
     ImageOut,
     ModelInfo,
     ModelsResponse,
+    Parsed,
     Timings,
     check_limits,
+    request_body,
+    validated,
     validation_details,
 )
 from twinflow.serve.uploads import FormLimits, FormTooLarge, StreamingForm
 
 PLAYGROUND = "playground.html"
 log = logging.getLogger("ray.serve")
-JSON = "application/json"
-FORM = "multipart/form-data"
 
 
 # ------------------------------------------------------------------------------------ model replicas
 def _edit_form_schema() -> dict[str, Any]:
     schema = EditFields.model_json_schema()
-    schema["properties"]["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+    schema["properties"]["image"] = dict(IMAGE_PART)
     schema["required"] = sorted({*schema.get("required", []), "image"})
     return schema
 
@@ -295,15 +302,12 @@ class TwinFlow(OpenAIImages):
 
     async def _body(self, request: Request, schema):
         raw = await self.readers.read(request.stream(), request.headers.get("content-length"))
-        data = parse_json(raw, self.limits.max_json_depth)
-        try:
-            return schema.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(
-                422, "invalid_request", "request does not match the schema", validation_details(exc)
-            ) from None
+        return validated(schema, parse_json(raw, self.limits.max_json_depth))
 
-    async def _edit_body(self, request: Request) -> tuple[EditFields, bytes]:
+    async def _read_generate(self, request: Request) -> Parsed:
+        return Parsed(await self._body(request, GenerateRequest))
+
+    async def _read_edit(self, request: Request) -> Parsed:
         """The edit request and its image bytes, from JSON (base64 image) or multipart/form-data."""
         ctype = request.headers.get("content-type", "")
         loop = asyncio.get_running_loop()
@@ -313,7 +317,7 @@ class TwinFlow(OpenAIImages):
                 raw = await loop.run_in_executor(
                     self.uploads, base64_bytes, req.image, self.limits.max_image_bytes
                 )
-                return req, raw
+                return Parsed(req, raw)
             except OverflowError as exc:
                 raise ApiError(413, "image_too_large", str(exc)) from None
             except ValueError as exc:
@@ -325,12 +329,7 @@ class TwinFlow(OpenAIImages):
             problems.append({"loc": ["image"], "msg": "a file part named 'image' is required"})
         if problems:
             raise ApiError(422, "invalid_request", "request does not match the schema", problems)
-        try:
-            return EditFields.model_validate(data), files["image"]
-        except ValidationError as exc:
-            raise ApiError(
-                422, "invalid_request", "request does not match the schema", validation_details(exc)
-            ) from None
+        return Parsed(validated(EditFields, data), files["image"])
 
     async def _form(self, request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
         """A multipart/form-data body, parsed on the upload threads as it streams in, under the form
@@ -393,21 +392,43 @@ class TwinFlow(OpenAIImages):
             raise ApiError(404, "unknown_model", f"unknown model id {mid!r}", {"models": sorted(self.infos)})
         return info
 
-    async def _submit(self, t0: float, info: ModelInfo, req, text: str, image=None) -> tuple[int, Result]:
-        """Queue a validated request for a compute turn: (its seed, its result)."""
+    async def _admit(self, request: Request, media: tuple[str, ...], read) -> Admitted:
+        """What every generating route does before queueing, native or OpenAI-style: Host, cross-site,
+        Content-Type (`media`) and token; the body, read by `read` into our own request (`Parsed`); the
+        model, the route's own checks, the limits; an edit's image, decoded on the upload threads."""
+        t0 = time.perf_counter()
+        with self.batcher.arriving_request():
+            self._guard(request, *media)
+            parsed: Parsed = await read(request)
+            req = parsed.req
+            info = self._model(req.model)
+            label_request(info.id, req.nfe)
+            if parsed.check is not None:
+                parsed.check(info)
+            check_limits(req, req.text, self.limits, info.guidance)
+            image = None
+            if req.task == EDIT_TASK:
+                image = await asyncio.get_running_loop().run_in_executor(
+                    self.uploads, self._edit_image, info, parsed.upload
+                )
+        return Admitted(t0, info, req, image)
+
+    async def _submit(self, job: Admitted) -> tuple[int, Result]:
+        """Queue an admitted request for a compute turn: (its seed, its result)."""
+        req, info = job.req, job.info
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         item = Item(
             info.id,
-            text,
+            req.text,
             req.nfe,
             seed,
             req.num_images,
             req.guidance,
-            image,
+            job.image,
             weight=min(req.num_images, self.max_batch),
             queued_at=time.perf_counter(),
         )
-        self.phases.add("parse", (item.queued_at - t0) * 1e3)
+        self.phases.add("parse", (item.queued_at - job.t0) * 1e3)
         try:
             result: Result = await self.batcher.submit(item)
         except Exception as exc:  # loading or sampling failed: answer 500 and stay up
@@ -421,9 +442,11 @@ class TwinFlow(OpenAIImages):
             ) from None
         return seed, result
 
-    async def _run(self, t0: float, info: ModelInfo, req, text: str, task: str, image=None) -> Response:
-        seed, result = await self._submit(t0, info, req, text, image)
-        total = _ms(t0)
+    async def _answer(self, job: Admitted) -> Response:
+        """Our own routes' answer: the PNG itself, or GenerateResponse's JSON."""
+        req, info = job.req, job.info
+        seed, result = await self._submit(job)
+        total = _ms(job.t0)
         if req.format == "png":
             headers = {
                 "X-TwinFlow-Model": info.id,
@@ -437,7 +460,7 @@ class TwinFlow(OpenAIImages):
         out = GenerateResponse(
             id=uuid.uuid4().hex,
             model=info.id,
-            task=task,
+            task=req.task,
             nfe=req.nfe,
             seed=seed,
             num_images=req.num_images,
@@ -461,48 +484,18 @@ class TwinFlow(OpenAIImages):
     @api.post(
         "/v1/generate",
         response_model=GenerateResponse,
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
-                "required": True,
-            }
-        },
+        openapi_extra=request_body({JSON: GenerateRequest.model_json_schema()}),
     )
     async def generate(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        with self.batcher.arriving_request():
-            self._guard(request, JSON)
-            req = await self._body(request, GenerateRequest)
-            info = self._model(req.model)
-            label_request(info.id, req.nfe)
-            check_limits(req, req.prompt, self.limits, info.guidance)
-        return await self._run(t0, info, req, req.prompt, "generate")
+        return await self._answer(await self._admit(request, (JSON,), self._read_generate))
 
     @api.post(
         "/v1/edit",
         response_model=GenerateResponse,
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {"schema": EditRequest.model_json_schema()},
-                    "multipart/form-data": {"schema": _edit_form_schema()},
-                },
-                "required": True,
-            }
-        },
+        openapi_extra=request_body({JSON: EditRequest.model_json_schema(), FORM: _edit_form_schema()}),
     )
     async def edit(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        with self.batcher.arriving_request():
-            self._guard(request, JSON, FORM)
-            req, raw = await self._edit_body(request)
-            info = self._model(req.model)
-            label_request(info.id, req.nfe)
-            check_limits(req, req.instruction, self.limits, info.guidance)
-            image = await asyncio.get_running_loop().run_in_executor(
-                self.uploads, self._edit_image, info, raw
-            )
-        return await self._run(t0, info, req, req.instruction, "edit", image)
+        return await self._answer(await self._admit(request, (JSON, FORM), self._read_edit))
 
     @api.get("/v1/models", response_model=ModelsResponse)
     async def list_models(self, request: Request) -> ModelsResponse:

@@ -1,39 +1,43 @@
 """OpenAI-compatible Images API on the same deployment: `POST /v1/images/generations` (JSON) and
 `POST /v1/images/edits` (multipart/form-data), so OpenAI clients, SDKs and gateways work unchanged.
 
-The routes translate to our own request and go through the replica's own path: bearer auth, body
-bounds, model lookup and multiplexing, limits, the batcher, and seeded noise (a request with `seed`
-gives the same images as `/v1/generate` with that seed). Our extras ride along as extra body fields
-(`nfe`, `seed`, `guidance`; the openai client's `extra_body`). Answers use that API's shapes:
-`{"created", "data": [{"b64_json"}], ...}` and errors as `{"error": {"message", "type", "param", "code"}}`;
-invalid values are 400 there (our own routes say 422).
+The routes are translations: the body becomes our own request (`GenerateRequest` or `EditFields`,
+plus the size and response_format checks ours does not have), which takes the replica's one path
+(`TwinFlow._admit`: Host, cross-site, Content-Type and token, body bounds, model lookup and
+multiplexing, limits, the upload decode; then the batcher and seeded noise, so a request with `seed`
+gives the same images as `/v1/generate` with that seed); the result becomes that API's answer. Our
+extras ride along as extra body fields (`nfe`, `seed`, `guidance`; the openai client's `extra_body`).
+Answers use that API's shapes: `{"created", "data": [{"b64_json"}], ...}` and errors as
+`{"error": {"message", "type", "param", "code"}}`; invalid values are 400 there (our own routes say 422).
 
 Routes live in the `OpenAIImages` mixin of the `TwinFlow` deployment class, on `router`, which the app
 includes; Serve's class ingress binds them to the replica. No `from __future__ import annotations`
 (FastAPI must resolve `request: Request` on the rebuilt routes).
 """
 
-import asyncio
 import base64
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from twinflow.serve.images import form_values
-from twinflow.serve.metrics import label_request
 from twinflow.serve.schemas import (
+    FORM,
+    IMAGE_PART,
+    JSON,
     MAX_SEED,
     ApiError,
     EditFields,
     GenerateRequest,
     ModelId,
+    Parsed,
     Text,
-    check_limits,
     json_safe,
-    validation_details,
+    request_body,
+    validated,
 )
 
 router = APIRouter()
@@ -61,6 +65,11 @@ class ImagesRequest(BaseModel):
     nfe: int = Field(1, description="extra: function evaluations")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="extra: same seed, same images")
     guidance: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="extra: CFG weight w")
+
+    def check_model(self, info) -> None:
+        """`size` and `response_format` against the model: parameters our own request does not have."""
+        _check_size(self.size, info)
+        _check_format(self)
 
 
 def _param(loc: list[Any]) -> str | None:
@@ -104,20 +113,11 @@ def _check_format(req: ImagesRequest) -> None:
         )
 
 
-def _schema(data: Any) -> ImagesRequest:
-    try:
-        return ImagesRequest.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(
-            422, "invalid_request", "request does not match the schema", validation_details(exc)
-        ) from None
-
-
-def _ours(req: ImagesRequest, model: str, kind) -> Any:
-    """The same request in our own schema (the limits check and the batcher take that)."""
+def _ours(req: ImagesRequest, kind) -> Any:
+    """The same request in our own schema, which the replica's request path takes."""
     text = {"prompt": req.prompt} if kind is GenerateRequest else {"instruction": req.prompt}
     return kind.model_construct(
-        model=model,
+        model=req.model,
         nfe=req.nfe,
         seed=req.seed,
         num_images=req.n,
@@ -131,67 +131,30 @@ _EDIT_FORM = {
     "type": "object",
     "required": ["image", "prompt"],
     "properties": {
-        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
+        "image": dict(IMAGE_PART),
         **{k: v for k, v in ImagesRequest.model_json_schema()["properties"].items() if k != "output_format"},
     },
 }
 
 
 class OpenAIImages:
-    """Mixin of the `TwinFlow` deployment: uses its `_guard`, `_form`, `_body`, `_model`, `_edit_image`,
-    `_submit`, `_answered`, `readers` and `limits`."""
+    """Mixin of the `TwinFlow` deployment: uses its `_admit`, `_submit`, `_answered`, `_body` and `_form`."""
 
     @router.post(
-        "/v1/images/generations",
-        openapi_extra={
-            "requestBody": {
-                "content": {"application/json": {"schema": ImagesRequest.model_json_schema()}},
-                "required": True,
-            }
-        },
+        "/v1/images/generations", openapi_extra=request_body({JSON: ImagesRequest.model_json_schema()})
     )
     async def images_generations(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            with self.batcher.arriving_request():
-                self._guard(request, "application/json")  # auth, Host, cross-site, Content-Type
-                req = await self._body(request, ImagesRequest)
-                info = self._model(req.model)
-                label_request(info.id, req.nfe)
-                _check_size(req.size, info)
-                _check_format(req)
-                ours = _ours(req, info.id, GenerateRequest)
-                check_limits(ours, req.prompt, self.limits, info.guidance)
-            return await self._images(t0, info, req, ours, None)
-        except ApiError as exc:
-            return openai_error(exc)
+        return await self._images(request, JSON, self._read_generations)
 
-    @router.post(
-        "/v1/images/edits",
-        openapi_extra={
-            "requestBody": {"content": {"multipart/form-data": {"schema": _EDIT_FORM}}, "required": True}
-        },
-    )
+    @router.post("/v1/images/edits", openapi_extra=request_body({FORM: _EDIT_FORM}))
     async def images_edits(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            with self.batcher.arriving_request():
-                self._guard(request, "multipart/form-data")  # auth, Host, cross-site, Content-Type
-                req, raw = await self._edit_form(request)
-                info = self._model(req.model)
-                label_request(info.id, req.nfe)
-                _check_size(req.size, info)
-                _check_format(req)
-                ours = _ours(req, info.id, EditFields)
-                check_limits(ours, req.prompt, self.limits, info.guidance)
-                image = await asyncio.get_running_loop().run_in_executor(
-                    self.uploads, self._edit_image, info, raw
-                )
-            return await self._images(t0, info, req, ours, image)
-        except ApiError as exc:
-            return openai_error(exc)
+        return await self._images(request, FORM, self._read_edits)
 
-    async def _edit_form(self, request: Request) -> tuple[ImagesRequest, bytes]:
+    async def _read_generations(self, request: Request) -> Parsed:
+        req = await self._body(request, ImagesRequest)
+        return Parsed(_ours(req, GenerateRequest), check=req.check_model)
+
+    async def _read_edits(self, request: Request) -> Parsed:
         fields, files = await self._form(request)  # the capped streaming parser, off the event loop
         images = [k for k in files if k in ("image", "image[]")]
         problems = [
@@ -211,16 +174,26 @@ class OpenAIImages:
                 problems.append({"loc": ["n"], "msg": "must be a whole number", "input": n})
         if problems:
             raise ApiError(422, "invalid_request", "request does not match the schema", problems)
-        return _schema(data), files[images[0]]
+        req = validated(ImagesRequest, data)
+        return Parsed(_ours(req, EditFields), files[images[0]], req.check_model)
 
-    async def _images(self, t0: float, info, req: ImagesRequest, ours, image) -> Response:
-        text = req.prompt
-        seed, result = await self._submit(t0, info, ours, text, image)
+    async def _images(self, request: Request, media: str, read) -> Response:
+        """The replica's one request path, answered in that API's shapes."""
+        try:
+            job = await self._admit(request, (media,), read)
+            seed, result = await self._submit(job)
+        except ApiError as exc:
+            return openai_error(exc)
+        size = job.info.image_size
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(p).decode()} for p in result.pngs],
             "output_format": "png",
-            "size": f"{info.image_size}x{info.image_size}",
+            "size": f"{size}x{size}",
         }
-        headers = {"X-TwinFlow-Model": info.id, "X-TwinFlow-Seed": str(seed), "X-TwinFlow-NFE": str(req.nfe)}
+        headers = {
+            "X-TwinFlow-Model": job.info.id,
+            "X-TwinFlow-Seed": str(seed),
+            "X-TwinFlow-NFE": str(job.req.nfe),
+        }
         return self._answered(result, JSONResponse(body, headers=headers))

@@ -11,14 +11,24 @@ reached the encoder and came back as a plain-text 500).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from twinflow.serve.config import Limits
 
 API_VERSION = "v1"
 MAX_SEED = 2**63 - 1
+JSON = "application/json"
+FORM = "multipart/form-data"
+IMAGE_PART = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+
+
+def request_body(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A route's `openapi_extra` ({media type: schema}): the routes read their bodies themselves, so
+    FastAPI cannot derive the request body for the docs."""
+    return {"requestBody": {"content": {m: {"schema": s} for m, s in schemas.items()}, "required": True}}
 
 
 class ApiError(Exception):
@@ -70,6 +80,12 @@ ModelId = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    task: ClassVar[str]  # what the request asks for: generate or edit
+    text_field: ClassVar[str]  # the field that holds its text
+
+    @property
+    def text(self) -> str:
+        return getattr(self, self.text_field)
 
     model: ModelId | None = Field(
         None, description='model id (GET /v1/models); omit it (not "") for the default'
@@ -98,11 +114,17 @@ class _Request(BaseModel):
 class GenerateRequest(_Request):
     prompt: Text = Field(description="caption, e.g. 'a photo of a sneaker'")
 
+    task: ClassVar[str] = "generate"
+    text_field: ClassVar[str] = "prompt"
+
 
 class EditFields(_Request):
     """`/v1/edit` as multipart/form-data: these fields, plus the image as a file part named `image`."""
 
     instruction: Text = Field(description="what to change, e.g. 'flip the sneaker horizontally'")
+
+    task: ClassVar[str] = "edit"
+    text_field: ClassVar[str] = "instruction"
 
 
 class EditRequest(EditFields):
@@ -165,6 +187,25 @@ class ModelsResponse(BaseModel):
     limits: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A route's body as our own request, before the model is known."""
+
+    req: GenerateRequest | EditFields
+    upload: bytes | None = None  # an edit's image, still encoded
+    check: Callable[[ModelInfo], None] | None = None  # the route's own checks against the model
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request that passed every check and is ready to queue."""
+
+    t0: float  # perf_counter when its route was entered
+    info: ModelInfo
+    req: GenerateRequest | EditFields
+    image: Any = None  # an edit's image at the model's geometry: (H, W, C) uint8
+
+
 def check_limits(req: _Request, text: str, limits: Limits, default_guidance: float = 0.0) -> None:
     """Config-dependent bounds; raises ApiError 422 naming the field. The guidance bound holds for
     the model's own default (`default_guidance`) as much as for a requested one."""
@@ -185,11 +226,10 @@ def check_limits(req: _Request, text: str, limits: Limits, default_guidance: flo
                 "input": req.num_images,
             }
         )
-    field = "prompt" if isinstance(req, GenerateRequest) else "instruction"
     if len(text) > limits.max_prompt_chars:
         problems.append(
             {
-                "loc": [field],
+                "loc": [req.text_field],
                 "msg": f"at most {limits.max_prompt_chars} characters",
                 "input_length": len(text),
             }
@@ -212,6 +252,16 @@ def check_limits(req: _Request, text: str, limits: Limits, default_guidance: flo
         )
     if problems:
         raise ApiError(422, "invalid_request", "request values are out of bounds", problems)
+
+
+def validated(schema: type[BaseModel], data: Any) -> Any:
+    """`schema.model_validate(data)`, or ApiError 422 naming each field that does not fit."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_request", "request does not match the schema", validation_details(exc)
+        ) from None
 
 
 def validation_details(exc: Any) -> list[dict[str, Any]]:
