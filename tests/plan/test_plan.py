@@ -138,14 +138,15 @@ def test_a_no_grad_call_after_the_grad_forward_counts_on_top_of_its_saved_activa
     alone = replace(base, overlap_rows=0)
     held = replace(base, overlap_rows=3 * base.grad_rows)
     layout = Layout(gpus=1, zero_stage=0)
-    row = base.activations.per_row(
-        base.counts.layers, base.tokens, base.counts.width, base.counts.heads, False, base.precision
-    )
+    c = base.counts
+    text = (c.text_tokens, c.text_width, base.tokens - c.text_tokens)
+    row = base.activations.per_row(c.layers, base.tokens, c.width, c.heads, False, base.precision, text)
     extra = estimate(held, layout).activations - estimate(alone, layout).activations
-    # that call's working set replaces the backward's as what comes on top of the saved activations
-    assert 3 * row.transient > row.backward
+    # that call's working set replaces the backward's as what comes on top of the saved activations,
+    # and its gathered inputs are alive with it
+    assert 3 * row.transient > row.backward and base.input_row > 0
     assert extra == pytest.approx(
-        3 * base.grad_rows * row.transient - base.grad_rows * row.backward, rel=1e-6
+        3 * base.grad_rows * (row.transient + base.input_row) - base.grad_rows * row.backward, rel=1e-6
     )
 
 
