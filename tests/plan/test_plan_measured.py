@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from plan_jobs import MNIST_JOB, plan_job
 from torch.profiler import ProfilerActivity, profile
 
 from twinflow.plan import activations as fitted
@@ -36,22 +37,6 @@ def allocator_peak(fn) -> int:
 
 
 def small_job(checkpointing: bool):
-    from twinflow.train.config import load_job
-
-    job = load_job(
-        "jobs/mnist_twinflow.yaml",
-        overrides=[
-            "deepspeed.precision=bf16",
-            f"model.gradient_checkpointing={str(checkpointing).lower()}",
-            f"train.micro_batch={MICRO_BATCH}",
-            "train.init_from=null",
-            "train.sample_ema=null",
-            f"model.image_size={SIZE}",
-            f"data.image_size={SIZE}",
-            f"model.text_max_length={TEXT}",
-            f"data.text_max_length={TEXT}",
-        ],
-    )
     rope = HEAD_DIM // 4
     backbone = {
         "num_layers": LAYERS,
@@ -59,7 +44,19 @@ def small_job(checkpointing: bool):
         "attention_head_dim": HEAD_DIM,
         "axes_dims_rope": [HEAD_DIM - 2 * rope, rope, rope],
     }
-    return job.model_copy(update={"model": job.model.model_copy(update={"backbone": backbone})})
+    return plan_job(
+        MNIST_JOB,
+        "deepspeed.precision=bf16",
+        f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        f"train.micro_batch={MICRO_BATCH}",
+        "train.init_from=null",
+        "train.sample_ema=null",
+        f"model.image_size={SIZE}",
+        f"data.image_size={SIZE}",
+        f"model.text_max_length={TEXT}",
+        f"data.text_max_length={TEXT}",
+        backbone=backbone,
+    )
 
 
 def measured(job, nograd_rows: int) -> tuple[int, int]:
@@ -155,7 +152,7 @@ def test_no_grad_peak_counts_the_caption_states_at_their_own_width():
     cfg = cfg.model_copy(update={"backbone": {**cfg.backbone, "joint_attention_dim": width}})
     torch.manual_seed(0)
     gen = build_generator(cfg, dtype=torch.bfloat16).eval()
-    gen.text_proj = torch.nn.Identity()  # as with text_encoder: qwen2.5-vl
+    gen.text_proj, gen.text_dim = torch.nn.Identity(), width  # as with text_encoder: qwen2.5-vl
     c, h, w = gen.sample_shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, c, h, w, generator=g, dtype=torch.bfloat16)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from plan_jobs import MNIST_JOB, no_weights, plan_job
 
 from twinflow.plan.memory import Layout, ema_states
 
@@ -29,9 +30,7 @@ QWEN_ENCODER = {"model_type": "qwen2_5_vl", "hidden_size": 3584}
 
 
 def _no_weights(tmp_path: Path) -> list[str]:
-    empty = tmp_path / "Qwen-Image"
-    empty.mkdir()
-    return ["--set", f"model.pretrained_path={empty}", "--set", f"model.vae_path={empty}"]
+    return [arg for s in no_weights(tmp_path) for arg in ("--set", s)]
 
 
 def test_plan_answers_for_the_shipped_qwen_recipe_with_no_model_files(tmp_path, capsys):
@@ -115,24 +114,14 @@ def test_averages_are_a_whole_adapter_plus_slices_and_live_where_the_optimizer_d
     assert ema_states(trainable, 0, 0, Layout(8, 1)) == (0, 0)
 
 
-def test_20b_lora_recipe_with_an_ema_teacher_fits_one_80gb_gpu(tmp_path):
+def test_20b_lora_recipe_with_an_ema_teacher_fits_one_80gb_gpu(weightless_job):
     from twinflow.plan.gpus import gpu_memory, parse_size
     from twinflow.plan.planner import plan
-    from twinflow.train.config import load_job
 
-    empty = tmp_path / "Qwen-Image"
-    empty.mkdir()
-    job = load_job(
-        SHIPPED_JOB,
-        overrides=[
-            "method.teacher=ema",
-            f"model.pretrained_path={empty}",
-            f"model.vae_path={empty}",
-        ],
-    )
+    job = weightless_job(SHIPPED_JOB, "method.teacher=ema")
     result = plan(job, gpu_memory("h100-80g"), 1, parse_size("2GiB"))
     c = result.work.counts
-    assert result.work.emas == 1 and result.work.copies == 0
+    assert result.work.emas == 1 and result.work.lora
     assert result.cheapest is not None and result.cheapest.layout.gpus == 1
     fitting = [e for e in result.table if e.peak <= result.capacity]
     assert fitting, "no layout of one 80 GB GPU holds the 20B LoRA recipe with an EMA teacher"
@@ -146,16 +135,12 @@ def test_20b_lora_recipe_with_an_ema_teacher_fits_one_80gb_gpu(tmp_path):
     assert 4 * c.total > result.capacity
 
 
-def test_startup_follows_the_partitioned_build_of_a_zero3_full_fine_tune(tmp_path):
+def test_startup_follows_the_partitioned_build_of_a_zero3_full_fine_tune(weightless_job):
     from twinflow.models import build_generator
     from twinflow.plan.counts import count_model
     from twinflow.plan.memory import startup_bytes
-    from twinflow.train.config import load_job
 
-    empty = tmp_path / "Qwen-Image"
-    empty.mkdir()
-    job = load_job("jobs/qwen_image_full.yaml", [f"model.pretrained_path={empty}", f"model.vae_path={empty}"])
-    c = count_model(job.model)
+    c = count_model(weightless_job("jobs/qwen_image_full.yaml").model)
     # ZeRO-3 builds partitioned (train/sharded_build.py): the rank's 1/8 plus one module gathered
     # and the tensor read into it, never the whole model
     assert startup_bytes(c, Layout(8, 3), "bf16") == 2 * c.total // 8 + 4 * c.largest_module
@@ -163,7 +148,7 @@ def test_startup_follows_the_partitioned_build_of_a_zero3_full_fine_tune(tmp_pat
     assert startup_bytes(c, Layout(8, 2), "bf16") == 2 * c.total  # below ZeRO-3 the whole model
     assert startup_bytes(c, Layout(8, 3), "bf16") < 2 * c.total / 7
     # the module a build gathers is the largest module's own weights, in a real tiny generator too
-    tiny = load_job("jobs/mnist_twinflow.yaml").model
+    tiny = plan_job(MNIST_JOB).model
     gen = build_generator(tiny)
     own = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in gen.modules())
     assert count_model(tiny).largest_module == own > 0
