@@ -8,7 +8,8 @@ its 3584-d text input, 16-channel latents from the published VAE config, the job
 caption length, LoRA, bf16, activation checkpointing), run on 2 ranks (gloo) under ZeRO-3 with
 optimizer and parameter offload, micro-batch 4, gradient accumulation 2, with the online and the EMA
 teacher. Per rank it measures, from the engine's own tensors, the weights partition, the optimizer
-partition (fp32 master + Adam moments + fp32 gradients), the EMA (the tensors the averages hold);
+partition (fp32 master + Adam moments + fp32 gradients), the EMA (the tensors the averages hold),
+DeepSpeed's contiguous-gradient bucket;
 from the CPU allocator's record (torch.profiler memory events) the peak of a micro-step (its batch
 made inside it, as a loader's batch lands on the device) above what was allocated before it, and the
 largest no-grad forward of the step (as many rows as the plan finds, with the micro-batch and the
@@ -130,6 +131,9 @@ def rank_main(
     master = _nbytes(getattr(opt, "fp32_partitioned_groups_flat", []))
     moments = _nbytes(v for s in opt.optimizer.state.values() for v in s.values())
     grads = _nbytes(getattr(t, "grad", None) for t in getattr(opt, "fp32_partitioned_groups_flat", []))
+    # DeepSpeed's contiguous-gradient bucket(s) (ZeRO-3 allocates them at engine start)
+    buckets = [getattr(b, "buffer", None) for b in getattr(opt, "ipg_buckets", {}).values()]
+    flat = [t for b in buckets for t in (b if isinstance(b, list) else [b])]
     # what the averages hold (an adapter EMA and its sharded side, `train/averages.py`)
     ema = sum(_held(part.state_dict()) for part in averages._parts().values())
 
@@ -147,6 +151,7 @@ def rank_main(
         "weights": weights,
         "optimizer": master + moments + grads,
         "ema": ema,
+        "buffers": _nbytes(flat),
         "step_peak": max(peaks[1:]),
         "nograd_peak": nograd_peak,
     }
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             saved = Path(args.out).with_suffix(f".{teacher}.json")
             if args.from_saved:
                 ranks = json.loads(saved.read_text())["ranks"]
+                for r in ranks:  # runs saved before the bucket was measured
+                    r.setdefault("buffers", 0)
             else:
                 spawn_args = (args.job, teacher, str(root), args.out, extra, work.nograd_rows)
                 torch.multiprocessing.spawn(rank_main, args=spawn_args, nprocs=2)
@@ -197,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 "weights": states.weights,
                 "optimizer": states.optimizer,
                 "ema": states.ema,
-                "step_peak": plan.activations + plan.gathered,
+                "buffers": plan.buffers,
+                # the micro-step runs the no-grad calls as well as the grad pass: the larger of the two
+                "step_peak": max(plan.activations, plan.nograd_peak) + plan.gathered,
                 "nograd_peak": plan.nograd_peak,
             }
             c = work.counts

@@ -7,7 +7,7 @@ import sys
 
 from twinflow.plan.gpus import GIB, GPUS_MIB, gpu_memory, parse_size
 
-_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "activations", "nograd_peak")
+_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "buffers", "activations", "nograd_peak")
 
 
 def _gib(n: int) -> str:

@@ -6,6 +6,10 @@ Adam m and v, fp32 gradient) sharded over the GPUs from ZeRO-1 on; the bf16 grad
 under ZeRO-0/1 and sharded from ZeRO-2 on; ZeRO-3 shards the weights too and adds one gathered block
 (its bf16 weights and gradients). Frozen (LoRA base) weights cost only their weights.
 
+Beyond its estimators, DeepSpeed allocates a contiguous-gradient bucket of `reduce_bucket_size`
+elements (5e8 by default: ~1 GB in bf16, whatever the model's size) on the device under ZeRO-1/2/3
+(**buffers**; ZeRO-3 at engine start, ZeRO-1/2 at each step's first backward).
+
 Beyond DeepSpeed (what the worker loop does, train/modelling.py, train/averages.py):
 - the generator is built in the training precision (`modelling.build_model`). Under ZeRO-3 it is
   built partitioned (`train/sharded_build.py`: each module's weights are partitioned as the module
@@ -42,6 +46,7 @@ from twinflow.plan.activations import ActivationModel
 from twinflow.plan.counts import ModelCounts
 
 AVERAGE_BYTES = 4  # the averages are fp32 whatever the training precision
+REDUCE_BUCKET_SIZE = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Estimate:
     startup: int
     cpu: int
     ema: int = 0
+    buffers: int = 0  # DeepSpeed's contiguous-gradient reduce bucket
 
     @property
     def model_states(self) -> int:
@@ -107,8 +113,9 @@ class Estimate:
 
     @property
     def training(self) -> int:
-        """Steady state: states + averages + the larger of the grad pass and the biggest no-grad pass."""
-        return self.model_states + self.ema + max(self.activations, self.nograd_peak)
+        """Steady state: states + averages + DeepSpeed's bucket + the larger of the grad pass and the
+        biggest no-grad pass."""
+        return self.model_states + self.ema + self.buffers + max(self.activations, self.nograd_peak)
 
     @property
     def peak(self) -> int:
@@ -147,6 +154,14 @@ def ema_states(trainable: int, adapter: int, emas: int, layout: Layout) -> tuple
     return (0, total) if host else (total, 0)
 
 
+def reduce_bucket_bytes(layout: Layout, precision: str) -> int:
+    """DeepSpeed's contiguous-gradient bucket (ZeRO-1/2/3, `contiguous_gradients` on by default):
+    `reduce_bucket_size` gradient elements on the device, allocated whole."""
+    if layout.zero_stage == 0:
+        return 0
+    return REDUCE_BUCKET_SIZE * (2 if precision == "bf16" else 4)
+
+
 def startup_bytes(counts: ModelCounts, layout: Layout, precision: str) -> int:
     """GPU bytes of the build: the whole model, or under ZeRO-3 the rank's partition (on the host
     with parameter offload) plus the largest module gathered and the tensor read into it."""
@@ -179,6 +194,7 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     nograd = work.nograd_rows * row.transient + work.input_row * (work.grad_rows + work.nograd_rows)
     ema, ema_host = ema_states(c.trainable, c.lora_trainable if work.lora else 0, work.emas, layout)
     startup = startup_bytes(c, layout, work.precision) + ema
+    buffers = reduce_bucket_bytes(layout, work.precision)
     return Estimate(
         layout=layout,
         weights=weights,
@@ -190,6 +206,7 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
         startup=startup,
         cpu=host + ema_host,
         ema=ema,
+        buffers=buffers,
     )
 
 
