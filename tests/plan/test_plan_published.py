@@ -152,3 +152,13 @@ def test_startup_follows_the_partitioned_build_of_a_zero3_full_fine_tune(weightl
     gen = build_generator(tiny)
     own = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in gen.modules())
     assert count_model(tiny).largest_module == own > 0
+
+
+def test_deepspeeds_gradient_bucket_is_counted_under_zero_whatever_the_model_size():
+    """DeepSpeed allocates `reduce_bucket_size` (5e8) gradient elements on the device under ZeRO-1/2/3
+    (ZeRO-3 at engine start: `benchmarks/plan_rehearsal.py` measures the 1e9 bytes on each rank)."""
+    from twinflow.plan.memory import reduce_bucket_bytes
+
+    assert reduce_bucket_bytes(Layout(8, 3, True, True), "bf16") == 1_000_000_000
+    assert reduce_bucket_bytes(Layout(2, 1), "fp32") == 2_000_000_000
+    assert reduce_bucket_bytes(Layout(1, 0), "bf16") == 0
