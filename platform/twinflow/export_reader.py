@@ -123,14 +123,24 @@ def shared_text_encoder(
 ) -> TextEncoder:
     """The process's caption encoder for these settings (made once; thread-safe).
 
-    `spec` (`export_text_encoder_spec`) picks a non-default encoder such as Qwen2.5-VL."""
+    `spec` (`export_text_encoder_spec`, `ModelConfig.text_encoder_spec`) picks a non-default encoder
+    such as Qwen2.5-VL and carries the null prompt (the empty caption without a spec); a MiniLM spec
+    keeps `model_dir` for the weights and takes only its null prompt."""
+    null_prompt = (spec or {}).get("null_prompt", "")
     spec = spec if spec is not None and spec.get("kind", "minilm") != "minilm" else None
-    key = (int(max_length), model_dir, str(device), int(cache_size), json.dumps(spec, sort_keys=True))
+    key = (
+        int(max_length),
+        model_dir,
+        str(device),
+        int(cache_size),
+        json.dumps(spec, sort_keys=True),
+        null_prompt,
+    )
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
             _ENCODERS[key] = (
                 open_text_encoder(spec, int(max_length), device, cache_size)
                 if spec is not None
-                else text_encoder_for_dir(model_dir, int(max_length), device, cache_size)
+                else text_encoder_for_dir(model_dir, int(max_length), device, cache_size, null_prompt)
             )
         return _ENCODERS[key]

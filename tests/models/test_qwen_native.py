@@ -50,7 +50,12 @@ def test_text_states_equal_pipeline_encode_prompt(pipe, qwen_encoder):
 def test_generator_at_r_equals_t_is_the_pretrained_transformer(qwen_pipeline_dir, pipe, qwen_encoder):
     g = build_generator(_native_config(qwen_pipeline_dir)).eval()
     assert g.sample_shape == (LATENT_CHANNELS, 16, 16) and isinstance(g.text_proj, torch.nn.Identity)
-    assert g.text_encoder_spec == {"kind": "qwen2.5-vl", "path": str(qwen_pipeline_dir), "max_length": 32}
+    assert g.text_encoder_spec == {
+        "kind": "qwen2.5-vl",
+        "path": str(qwen_pipeline_dir),
+        "max_length": 32,
+        "null_prompt": "Generate an image.",
+    }
     cond = qwen_encoder.encode(CAPTIONS[:2])
     x, t = torch.randn(2, LATENT_CHANNELS, 16, 16), torch.tensor([0.9, 0.35])
     packed = pipe._pack_latents(x, 2, LATENT_CHANNELS, 16, 16)

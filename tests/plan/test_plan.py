@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from plan_jobs import plan_job
 
 from twinflow.plan.memory import Layout, forward_rows, model_states
 from twinflow.plan.planner import workload
@@ -133,32 +134,26 @@ def test_a_no_grad_call_after_the_grad_forward_counts_on_top_of_its_saved_activa
 
     from twinflow.plan.memory import estimate
 
-    job = _job()
+    job = plan_job()
     base = workload(job)
     alone = replace(base, overlap_rows=0)
     held = replace(base, overlap_rows=3 * base.grad_rows)
     layout = Layout(gpus=1, zero_stage=0)
-    row = base.activations.per_row(
-        base.counts.layers, base.tokens, base.counts.width, base.counts.heads, False, base.precision
-    )
+    c = base.counts
+    text = (c.text_tokens, c.text_width, base.tokens - c.text_tokens)
+    row = base.activations.per_row(c.layers, base.tokens, c.width, c.heads, False, base.precision, text)
     extra = estimate(held, layout).activations - estimate(alone, layout).activations
-    # that call's working set replaces the backward's as what comes on top of the saved activations
-    assert 3 * row.transient > row.backward
+    # that call's working set replaces the backward's as what comes on top of the saved activations,
+    # and its gathered inputs are alive with it
+    assert 3 * row.transient > row.backward and base.input_row > 0
     assert extra == pytest.approx(
-        3 * base.grad_rows * row.transient - base.grad_rows * row.backward, rel=1e-6
+        3 * base.grad_rows * (row.transient + base.input_row) - base.grad_rows * row.backward, rel=1e-6
     )
-
-
-def _job(**changes):
-    from twinflow.train.config import load_job
-
-    sets = [f"{k}={v}" for k, v in changes.items()]
-    return load_job("jobs/mnist_twinflow.yaml", overrides=sets)
 
 
 def test_copies_follow_teacher_and_sample_ema():
-    assert copies_made(_job(**{"method.teacher": "online", "train.sample_ema": "null"})) == 0
-    assert copies_made(_job(**{"method.teacher": "ema", "train.sample_ema": 0.999})) == 2
+    assert copies_made(plan_job(**{"method.teacher": "online", "train.sample_ema": "null"})) == 0
+    assert copies_made(plan_job(**{"method.teacher": "ema", "train.sample_ema": 0.999})) == 2
 
 
 def test_plan_cli_says_fits_and_names_the_cheapest_layout(capsys):
@@ -183,7 +178,7 @@ def test_20b_lora_fits_one_h200_a_full_fine_tune_only_with_offload(qwen_dir):
         "gradient_checkpointing": True,
         "lora": {"rank": 64},
     }
-    job = _job(**{"method.teacher": "online", "train.sample_ema": "null", "train.micro_batch": 4})
+    job = plan_job(**{"method.teacher": "online", "train.sample_ema": "null", "train.micro_batch": 4})
     job = job.model_copy(update={"model": job.model.model_validate(model)})
     lora = plan(job, gpu_memory("h200-141g"), 1, parse_size("2GiB"))
     assert lora.cheapest.layout.gpus == 1 and lora.cheapest.layout.offload_level == 0

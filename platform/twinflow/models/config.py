@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from twinflow.config import StrictModel
+from twinflow.models.null_prompts import default_null_prompt
 from twinflow.models.presets import check_family, get_preset
 
 
@@ -82,6 +83,14 @@ class ModelConfig(StrictModel):
         description="qwen2.5-vl only: a Qwen-Image pipeline dir with text_encoder/ and tokenizer/ "
         "(local or s3://); default pretrained_path",
     )
+    null_prompt: str | None = Field(
+        None,
+        description=(
+            "the caption whose encoding is the CFG null condition (training's condition dropout and "
+            "baked-in CFG, and every sampler with guidance); default: the reference's "
+            "'Generate an image.' with qwen2.5-vl, the empty caption with minilm"
+        ),
+    )
     backbone: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the preset's diffusers config, e.g. {num_layers: 4}"
     )
@@ -138,11 +147,23 @@ class ModelConfig(StrictModel):
 
     @property
     def text_encoder_spec(self) -> dict[str, Any]:
-        """What `open_text_encoder` needs: kind, path (None: MiniLM's wheel) and max_length."""
+        """What `open_text_encoder` needs: kind, path (None: MiniLM's wheel), max_length, null_prompt."""
         path = None
         if self.text_encoder == "qwen2.5-vl":
             path = self.text_encoder_path or self.pretrained_path
-        return {"kind": self.text_encoder, "path": path, "max_length": self.text_max_length}
+        return {
+            "kind": self.text_encoder,
+            "path": path,
+            "max_length": self.text_max_length,
+            "null_prompt": self.resolved_null_prompt,
+        }
+
+    @property
+    def resolved_null_prompt(self) -> str:
+        """`null_prompt`, or the text encoder's default when the job names none."""
+        if self.null_prompt is not None:
+            return self.null_prompt
+        return default_null_prompt(self.text_encoder)
 
     @property
     def lora_enabled(self) -> bool:

@@ -123,6 +123,7 @@ def save_generator(
                 "dim": generator.text_dim,
                 "kind": generator.text_encoder_spec["kind"],
                 "path": generator.text_encoder_spec["path"],
+                "null_prompt": generator.text_encoder_spec.get("null_prompt", ""),
             },
             "image_size": generator.image_size,
             "pixel_channels": generator.pixel_channels,

@@ -86,6 +86,7 @@ class TwinFlowGenerator(nn.Module):
             "kind": "minilm",
             "path": None,
             "max_length": text_max_length,
+            "null_prompt": "",
         }
         self.e2_init = e2_init
         #: set by build_generator / load_generator; recorded in exports.

@@ -93,12 +93,13 @@ class QwenTextEncoder(CachedTextEncoder):
         device: str = "cpu",
         cache_size: int = 256,
         dtype: torch.dtype | None = None,
+        null_prompt: str = "",
     ) -> None:
         if not 1 <= max_length <= MAX_LENGTH:
             raise ValueError(
                 f"max_length must be in [1, {MAX_LENGTH}] (the pipeline's limit), got {max_length}"
             )
-        super().__init__(max_length, device, cache_size)
+        super().__init__(max_length, device, cache_size, null_prompt)
         enc_dir, tok_dir = encoder_dirs(path)
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer  # heavy: at load only
 

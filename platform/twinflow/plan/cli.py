@@ -7,7 +7,7 @@ import sys
 
 from twinflow.plan.gpus import GIB, GPUS_MIB, gpu_memory, parse_size
 
-_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "activations", "nograd_peak", "copies")
+_COLUMNS = ("weights", "gradients", "optimizer", "ema", "gathered", "buffers", "activations", "nograd_peak")
 
 
 def _gib(n: int) -> str:
@@ -24,8 +24,8 @@ def render(result, gpu_label: str) -> str:
         f"({c.heads} heads), largest block {c.largest_layer:,}",
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
         f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
-        f"{w.emas} fp32 EMA(s) ({'second adapter' if w.lora else 'sharded with the optimizer'}), "
-        f"{w.copies} fp32 model copies, precision {w.precision}",
+        f"{w.emas} fp32 average(s) ({'second adapter + 1/world of E2' if w.lora else '1/world per rank'}), "
+        f"precision {w.precision}",
         *(f"config {line}" for line in c.configs),
         f"GPU: {gpu_label}, usable {result.capacity / GIB:.1f} GiB after the reserve; figures in GiB per GPU",
         "",
@@ -46,9 +46,9 @@ def render(result, gpu_label: str) -> str:
     lines.append("")
     if result.cheapest is None and any(e.training <= result.capacity < e.startup for e in result.table):
         lines.append(
-            "no layout fits because of the startup peak: the worker moves the whole generator (built in "
-            "the training precision; fp32 while teacher/EMA copies are made) to each GPU before DeepSpeed "
-            "shards it (startup column); training itself would fit"
+            "no layout fits because of the startup peak: below ZeRO-3 the worker builds the whole "
+            "generator (in the training precision) on each GPU before DeepSpeed shards it (startup "
+            "column; ZeRO-3 builds it partitioned); training itself would fit"
         )
     elif result.cheapest is None:
         lines.append(

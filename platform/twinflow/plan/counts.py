@@ -25,11 +25,15 @@ class ModelCounts:
     total: int  # every parameter (backbone, E2, text projection, LoRA)
     trainable: int  # requires_grad after LoRA (all of them without LoRA)
     largest_layer: int  # parameters of the biggest transformer block (ZeRO-3 gathers one at a time)
+    largest_module: int  # own parameters of the biggest single module (a ZeRO-3 build gathers one)
+    lora_trainable: int  # trainable LoRA parameters (an average holds them as a second adapter)
     layers: int
     width: int  # attention width = heads * head_dim
     heads: int
     image_tokens: int  # tokens of one target image (editing doubles them)
     text_tokens: int
+    text_width: int  # width J of the caption states the backbone reads (3584 from Qwen2.5-VL)
+    text_input_width: int  # width of the caption states fed to the generator (384: MiniLM, projected)
     state_shape: tuple[int, int, int]  # (C, H, W) of the pixel or latent state
     configs: tuple[str, ...] = ()  # which config each pretrained component was counted from
 
@@ -83,11 +87,17 @@ def count_model(cfg: ModelConfig) -> ModelCounts:
         total=sum(p.numel() for p in gen.parameters()),
         trainable=sum(p.numel() for p in gen.parameters() if p.requires_grad),
         largest_layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        largest_module=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in gen.modules()),
+        lora_trainable=sum(
+            p.numel() for n, p in gen.named_parameters() if p.requires_grad and ".lora_" in f".{n}"
+        ),
         layers=len(blocks),
         width=heads * int(c.attention_head_dim),
         heads=heads,
         image_tokens=(h // gen.patch) * (w // gen.patch),
         text_tokens=int(cfg.text_max_length),
+        text_width=int(gen.family.text_dim(backbone)),
+        text_input_width=int(getattr(gen.text_proj, "in_features", gen.family.text_dim(backbone))),
         state_shape=(int(c_state), int(h), int(w)),
         configs=tuple(configs),
     )

@@ -1,4 +1,4 @@
-"""Per-GPU memory of one training layout: model states, activations, TwinFlow's passes and copies.
+"""Per-GPU memory of one training layout: model states, averages, activations and TwinFlow's passes.
 
 Model states use DeepSpeed's own accounting (its `estimate_zero2/3_model_states_mem_needs`, which the
 tests compare against): with bf16 each trainable parameter costs 16 optimizer bytes (fp32 master,
@@ -6,26 +6,34 @@ Adam m and v, fp32 gradient) sharded over the GPUs from ZeRO-1 on; the bf16 grad
 under ZeRO-0/1 and sharded from ZeRO-2 on; ZeRO-3 shards the weights too and adds one gathered block
 (its bf16 weights and gradients). Frozen (LoRA base) weights cost only their weights.
 
-Beyond DeepSpeed (what the worker loop does, train/worker.py and train/modelling.py):
-- the generator is built directly in the training precision (`modelling.build_model`) and moved
-  to the GPU whole before DeepSpeed shards it: the **startup** peak is 2 (bf16) or 4 (fp32) bytes
-  per parameter; while whole-model copies are made (a frozen teacher, and today the full-model
-  EMAs before DeepSpeed shards them), a bf16 model is cast to fp32 (exact round trip), so the
-  startup peak is then 4 bytes per parameter plus the copies; a LoRA job's adapter EMA is made on
-  the model as built (its bytes on top of the build);
-- an EMA (the EMA teacher, `train.sample_ema`) is fp32 and sized by what it averages (**ema**): a LoRA
-  job holds it as a second adapter on the same frozen base (4 bytes per trainable parameter, LoRA
-  plus E2 and the text projection); a full fine-tune under ZeRO holds it sharded with the optimizer
-  partition (4 bytes per parameter / GPUs, on the host when the optimizer is offloaded); only
-  ZeRO-0 keeps a whole fp32 copy per GPU;
-- a frozen teacher without LoRA is an fp32 deep copy of the whole generator on every GPU (**copies**);
-  with LoRA it is the model with its adapters off (free);
+Beyond its estimators, DeepSpeed allocates a contiguous-gradient bucket of `reduce_bucket_size`
+elements (5e8 by default: ~1 GB in bf16, whatever the model's size) on the device under ZeRO-1/2/3
+(**buffers**; ZeRO-3 at engine start, ZeRO-1/2 at each step's first backward).
+
+Beyond DeepSpeed (what the worker loop does, train/modelling.py, train/averages.py):
+- the generator is built in the training precision (`modelling.build_model`). Under ZeRO-3 it is
+  built partitioned (`train/sharded_build.py`: each module's weights are partitioned as the module
+  is made, a pretrained base or `train.init_from` streamed in one module at a time,
+  `models/streamed.py`), so the **startup** peak is the rank's partition (on the host with parameter
+  offload) plus the largest module gathered and the tensor read into it; at ZeRO-0/1/2 it is the
+  whole model, 2 (bf16) or 4 (fp32) bytes per parameter. The averages are made after DeepSpeed
+  wrapped the model: their bytes come on top;
+- the averages (the EMA teacher, a frozen teacher without LoRA, `train.sample_ema`) are fp32 and
+  sized by what they average (**ema**): a LoRA job holds each as a second adapter on the same frozen
+  base (4 bytes per LoRA parameter, whole on every rank) plus each rank's 1/world slice of the other
+  trainable weights (E2, the text projection); a full fine-tune holds each rank's 1/world slice of
+  every trainable weight at any stage. With offload they live on the host. A frozen teacher with
+  LoRA is the model with its adapters off (free);
 - TwinFlow's no-grad forwards (fake samples, CFG pair, rollout) run before the one forward with
   gradient; their activations are freed block by block, so only the largest call's working set
   counts (**no-grad peak**), not their sum. One no-grad call (the rectify pair with the last rollout
   sub-step, method/twinflow.py) runs after the grad forward, while its saved activations are held:
   its working set counts on top of them (**overlap rows**), or the backward's, whichever is larger.
-  Activation bytes come from fits measured at the job's precision (`activations.py`).
+  Activation bytes come from fits measured at the job's precision (`activations.py`), the no-grad
+  peak including the text path (the caption states' own width, `activations.TEXT_PATH_CONFIGS`);
+- the inputs of the model calls are counted apart from the activations (**input_row** bytes per
+  row: the state in fp32, the caption states in the training precision, the int64 mask): the
+  micro-batch, plus the rows the objective gathers for the call under way.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ import torch
 from twinflow.plan.activations import ActivationModel
 from twinflow.plan.counts import ModelCounts
 
-COPY_BYTES = 4  # the teacher / EMA copies are fp32 whatever the training precision
+AVERAGE_BYTES = 4  # the averages are fp32 whatever the training precision
+REDUCE_BUCKET_SIZE = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (elements)
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,14 @@ class Workload:
     micro_batch: int
     grad_rows: int  # rows of the forward with gradient (the micro-batch)
     nograd_rows: int  # rows of the largest no-grad forward before the grad forward
-    copies: int  # fp32 deep copies of the whole generator (a frozen teacher without LoRA)
     tokens: int  # tokens per row through every block (image + reference + text)
     activations: ActivationModel
     overlap_rows: int = (
         0  # rows of the largest no-grad forward run while the grad forward's activations are held
     )
-    emas: int = 0  # fp32 EMAs of the trained weights (EMA teacher, sampling EMA)
-    lora: bool = False  # EMAs are a second adapter, not copies of the model
+    emas: int = 0  # fp32 averages of the trained weights (EMA teacher, frozen teacher, sampling EMA)
+    lora: bool = False  # the averages' LoRA part is a second adapter, whole on every rank
+    input_row: int = 0  # bytes of one row of a model call's inputs (state, caption states, mask)
 
 
 @dataclass(frozen=True)
@@ -93,10 +102,10 @@ class Estimate:
     gathered: int
     activations: int
     nograd_peak: int
-    copies: int
     startup: int
     cpu: int
     ema: int = 0
+    buffers: int = 0  # DeepSpeed's contiguous-gradient reduce bucket
 
     @property
     def model_states(self) -> int:
@@ -104,8 +113,9 @@ class Estimate:
 
     @property
     def training(self) -> int:
-        """Steady state: states + EMAs + copies + the larger of the grad pass and the biggest no-grad pass."""
-        return self.model_states + self.ema + self.copies + max(self.activations, self.nograd_peak)
+        """Steady state: states + averages + DeepSpeed's bucket + the larger of the grad pass and the
+        biggest no-grad pass."""
+        return self.model_states + self.ema + self.buffers + max(self.activations, self.nograd_peak)
 
     @property
     def peak(self) -> int:
@@ -136,13 +146,30 @@ def model_states(
     return weights, gradients, optimizer, gathered, host
 
 
-def ema_states(trainable: int, emas: int, lora: bool, layout: Layout) -> tuple[int, int]:
-    """(GPU bytes, host bytes) of `emas` fp32 EMAs of `trainable` parameters per GPU process."""
-    whole = emas * COPY_BYTES * trainable
-    if lora or layout.zero_stage == 0:  # the adapter EMA sits beside the adapter; ZeRO-0 shards nothing
-        return whole, 0
-    shard = whole // layout.gpus  # with the optimizer partition: same shard, same place
-    return (0, shard) if layout.offload_optimizer else (shard, 0)
+def ema_states(trainable: int, adapter: int, emas: int, layout: Layout) -> tuple[int, int]:
+    """(GPU bytes, host bytes) of `emas` fp32 averages of `trainable` parameters per GPU process, of
+    which `adapter` are LoRA parameters (averaged whole as a second adapter), the rest sliced 1/world."""
+    total = emas * AVERAGE_BYTES * (adapter + (trainable - adapter) // layout.gpus)
+    host = layout.offload_optimizer or layout.offload_params  # `averages.build(host=...)`
+    return (0, total) if host else (total, 0)
+
+
+def reduce_bucket_bytes(layout: Layout, precision: str) -> int:
+    """DeepSpeed's contiguous-gradient bucket (ZeRO-1/2/3, `contiguous_gradients` on by default):
+    `reduce_bucket_size` gradient elements on the device, allocated whole."""
+    if layout.zero_stage == 0:
+        return 0
+    return REDUCE_BUCKET_SIZE * (2 if precision == "bf16" else 4)
+
+
+def startup_bytes(counts: ModelCounts, layout: Layout, precision: str) -> int:
+    """GPU bytes of the build: the whole model, or under ZeRO-3 the rank's partition (on the host
+    with parameter offload) plus the largest module gathered and the tensor read into it."""
+    w = 2 if precision == "bf16" else 4
+    if layout.zero_stage != 3:
+        return w * counts.total
+    module = 2 * w * counts.largest_module
+    return module if layout.offload_params else w * counts.total // layout.gpus + module
 
 
 def estimate(work: Workload, layout: Layout) -> Estimate:
@@ -150,25 +177,24 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
     weights, gradients, optimizer, gathered, host = model_states(
         c.total, c.trainable, c.largest_layer, layout, work.precision
     )
+    text = (c.text_tokens, c.text_width, work.tokens - c.text_tokens)
     row = work.activations.per_row(
-        c.layers, work.tokens, c.width, c.heads, layout.checkpointing, work.precision
+        c.layers, work.tokens, c.width, c.heads, layout.checkpointing, work.precision, text
     )
     # what the forward with gradient saved stays until its backward; on top of it comes either the
     # no-grad call made between that forward and the backward, or the backward's own working set
     # (with checkpointing: the recomputed block and its gradients), whichever is larger
-    activations = work.grad_rows * row.saved + max(
-        work.grad_rows * row.backward, work.overlap_rows * row.transient
+    # the inputs: the micro-batch itself, and the rows the objective gathers for a batched call
+    # (caption states dominate: 256 x 3584 per row from Qwen2.5-VL)
+    activations = (
+        work.grad_rows * row.saved
+        + max(work.grad_rows * row.backward, work.overlap_rows * row.transient)
+        + work.input_row * (work.grad_rows + work.overlap_rows)
     )
-    nograd = work.nograd_rows * row.transient
-    copies = work.copies * COPY_BYTES * c.total
-    ema, ema_host = ema_states(c.trainable, work.emas, work.lora, layout)
-    build = (2 if work.precision == "bf16" else 4) * c.total
-    if work.lora:  # an adapter EMA is made beside the adapter, on the model as built
-        startup = build + ema
-    elif copies or work.emas:  # whole-model copies are made in fp32 with the model cast to fp32 meanwhile
-        startup = COPY_BYTES * c.total + copies + work.emas * COPY_BYTES * c.total
-    else:
-        startup = build
+    nograd = work.nograd_rows * row.transient + work.input_row * (work.grad_rows + work.nograd_rows)
+    ema, ema_host = ema_states(c.trainable, c.lora_trainable if work.lora else 0, work.emas, layout)
+    startup = startup_bytes(c, layout, work.precision) + ema
+    buffers = reduce_bucket_bytes(layout, work.precision)
     return Estimate(
         layout=layout,
         weights=weights,
@@ -177,10 +203,10 @@ def estimate(work: Workload, layout: Layout) -> Estimate:
         gathered=gathered,
         activations=activations,
         nograd_peak=nograd,
-        copies=copies,
         startup=startup,
         cpu=host + ema_host,
         ema=ema,
+        buffers=buffers,
     )
 
 

@@ -38,12 +38,24 @@ def workload(job) -> Workload:
         grad_rows=grad_rows,
         nograd_rows=nograd_rows,
         overlap_rows=overlap_rows,
-        copies=int(teacher == "frozen" and job.model.lora is None),
-        emas=int(teacher == "ema") + int(job.train.sample_ema is not None),
+        # a frozen teacher without LoRA is an average that is never updated (with LoRA: adapters off)
+        emas=int(teacher == "ema")
+        + int(teacher == "frozen" and job.model.lora is None)
+        + int(job.train.sample_ema is not None),
         lora=job.model.lora is not None,
         tokens=counts.image_tokens * (2 if edit else 1) + counts.text_tokens,
+        input_row=input_row_bytes(counts, job.deepspeed.precision, edit),
         activations=load_fit(job.model.family),
     )
+
+
+def input_row_bytes(counts, precision: str, edit: bool) -> int:
+    """One row of a model call's inputs: the state (fp32, as the objective holds it; twice for an
+    edit's reference), the caption states at the training precision, the int64 mask."""
+    c, h, w = counts.state_shape
+    element = 2 if precision == "bf16" else 4
+    states = counts.text_tokens * counts.text_input_width * element
+    return 4 * c * h * w * (2 if edit else 1) + states + 8 * counts.text_tokens
 
 
 def layouts(gpus: int, checkpointing: bool | None = None):

@@ -230,7 +230,10 @@ class TextEncoders:
 
     def get(self, max_length: int, spec: dict[str, Any] | None = None) -> TextEncoder:
         """`spec` (an export's `text_encoder_spec`) picks its encoder; None is MiniLM."""
-        key = (max_length, None if spec is None else (spec.get("kind"), spec.get("path")))
+        key = (
+            max_length,
+            None if spec is None else (spec.get("kind"), spec.get("path"), spec.get("null_prompt", "")),
+        )
         with self._lock:
             if key not in self._enc:
                 self._enc[key] = shared_text_encoder(max_length, cache_size=self.cache_size, spec=spec)

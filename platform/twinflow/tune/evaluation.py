@@ -145,7 +145,9 @@ def reference_for(job, evaluation: EvaluationConfig) -> Reference:
 # ---- generation -------------------------------------------------------------------------------------
 def _encoder(job):
     """The process's shared caption encoder (Ray reuses the evaluation task's worker from trial to trial)."""
-    return shared_text_encoder(job.data.text_max_length, job.data.text_encoder_dir)
+    return shared_text_encoder(
+        job.data.text_max_length, job.data.text_encoder_dir, spec=job.model.text_encoder_spec
+    )
 
 
 @torch.no_grad()
