@@ -8,7 +8,9 @@ Per dataset (MNIST, Fashion-MNIST), on this machine's CPUs, with the shipped job
 3. **eval**: `twinflow.eval.run_eval` (the same Ray Data job as `twinflow eval`): the base on its ODE at
    1, 2, 4, 50 NFE with its CFG, TwinFlow at 1, 2, 4 NFE at guidance 0; the same noise for every arm;
    Frechet distance in the judge's feature space against the held-out split (with the real-vs-real
-   floor), prompt adherence, diversity relative to real data, share of saturated pixels.
+   floor), prompt adherence, diversity relative to real data, share of saturated pixels; FD and
+   diversity again in a second feature space independent of the judge (`fd_ae`, `diversity_ae`: the
+   bottleneck of a convolutional autoencoder trained without labels, `twinflow.eval.autoencoder_space`).
 4. **guidance**: the CFG scale the fine-tune baked in, measured against the base on held-out images
    (`twinflow.eval.guidance.effective_guidance`).
 
@@ -20,6 +22,8 @@ docs/evaluation.md between the QUALITY markers. The exact command that produced 
 A training run is reused when its run directory already holds a finished export trained from the same
 job config (`make demo` leaves exactly such MNIST runs; `--retrain` forces new runs); `--stage train|eval`
 runs one half, `--stage report` only redraws the doc section, plots and grids from the results JSON.
+`--datasets mnist` measures one dataset and keeps the other datasets' earlier figures in the results
+JSON (each dataset records its own date).
 """
 
 from __future__ import annotations
@@ -166,6 +170,8 @@ def evaluate_all(datasets: list[str], trained: dict, samples_per_class: int, act
             a["grids"].append(ck.get("grid"))
             out[ds]["judge_accuracy"] = report["datasets"][ds]["judge"]["heldout"].get("accuracy")
             out[ds]["judge"] = report["datasets"][ds]["judge"]
+            if "feature_space" in report["datasets"][ds]:
+                out[ds]["feature_space"] = report["datasets"][ds]["feature_space"]
         out.setdefault("_eval_wall_s", {})[tag] = report["wall_s"]
     for ds in datasets:  # NFE in ascending order
         for a in out[ds]["arms"].values():
@@ -206,6 +212,13 @@ def check_targets(ds: str, res: dict) -> dict[str, Any]:
         "diversity_1nfe": tf1["diversity"],
         "diversity_ok": tf1["diversity"] >= TARGETS["diversity_min"],
     }
+    if "fd_ae" in tf1 and "fd_ae" in base50:  # the second feature space, against the same targets
+        out.update(
+            fd_ae_ratio_1nfe_vs_base50=tf1["fd_ae"] / base50["fd_ae"],
+            fd_ae_ok=tf1["fd_ae"] <= TARGETS["fd_ratio_max"] * base50["fd_ae"],
+            diversity_ae_1nfe=tf1["diversity_ae"],
+            diversity_ae_ok=tf1["diversity_ae"] >= TARGETS["diversity_min"],
+        )
     if real_sat:
         ratio = tf1["saturation"] / real_sat
         out.update(
@@ -268,12 +281,21 @@ def main(argv: list[str] | None = None) -> int:
         res["arms"] = {arm: res["arms"][arm] for arm in ARMS}
         res["targets"] = check_targets(ds, res["arms"])
         res["effective_guidance"] = measure_guidance(ds, trained[ds])
+        res["date"] = results["date"]
         results["datasets"][ds] = res
     results["total_wall_s"] = round(time.perf_counter() - t0, 1)
     from _paths import repo_relative  # sibling module benchmarks/_paths.py
 
     results = repo_relative(results, ROOT)
     out = Path(args.out)
+    if out.is_file():  # a run of fewer datasets keeps the others' earlier figures, with their own date
+        earlier = json.loads(out.read_text())
+        for ds, res in earlier.get("datasets", {}).items():
+            if ds not in results["datasets"]:
+                res.setdefault("date", earlier.get("date"))
+                results["datasets"][ds] = res
+                results["training"].setdefault(ds, earlier["training"][ds])
+                results["config"]["jobs"].setdefault(ds, earlier["config"]["jobs"][ds])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     from quality_report import write_report  # sibling module benchmarks/quality_report.py
