@@ -231,6 +231,127 @@ def check_targets(ds: str, res: dict) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------ in-process rehearsal
+
+QUICK_RESULTS = ROOT / "benchmarks" / "results" / "quality_quick.json"
+QUICK_BEGIN, QUICK_END = "<!-- QUALITY_QUICK:BEGIN -->", "<!-- QUALITY_QUICK:END -->"
+
+
+def quick_dataset(ds: str, base_steps: int, twinflow_steps: int, samples_per_class: int, seed: int) -> dict:
+    """The cheapest path: both shipped jobs trained in this process (`train.inprocess`, one thread, one
+    micro-batch of 32 per step instead of two Ray Train workers), only `train.steps` overridden, the
+    fine-tune starting from the base's sampling EMA; scored by `evaluate_generator` (the numbers
+    `twinflow eval` gives) in both feature spaces. Not the benchmark's models: far shorter runs."""
+    import copy
+
+    import torch
+
+    from twinflow.eval.judges import load_judge
+    from twinflow.eval.metrics import evaluate_generator, real_reference
+    from twinflow.models.text_encoder import TextEncoder
+    from twinflow.train.config import load_job
+    from twinflow.train.inprocess import load_memory_data, train_in_process
+
+    torch.set_num_threads(1)
+    jobs = DATASETS[ds]
+    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
+    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={twinflow_steps}", "train.init_from=null"])
+    for job in (base_job, twin_job):
+        job.data.path = str(ROOT / job.data.path)
+    enc = TextEncoder(max_length=base_job.data.text_max_length)
+    data = load_memory_data(base_job.data, enc)
+    t0 = time.perf_counter()
+    base = train_in_process(base_job, data=data, encoder=enc, log_every=100).sampling_model
+    t_base = time.perf_counter() - t0
+    twin = train_in_process(
+        twin_job, data=data, encoder=enc, model=copy.deepcopy(base).train(), log_every=50
+    ).sampling_model
+    t_twin = time.perf_counter() - t0 - t_base
+    judge = load_judge(ds)
+    ref = real_reference(judge)
+    arms: dict[str, Any] = {}
+    for arm, model, sampler, guidance in (
+        ("base", base, "ode", base_job.method.sample_guidance),
+        ("twinflow", twin, "few", 0.0),
+    ):
+        details: dict[str, Any] = {}
+        evaluate_generator(
+            model,
+            list(range(judge.dataset.num_classes)),
+            ARMS[arm][1],
+            judge,
+            reference=ref,
+            text_encoder=enc,
+            images_per_prompt=samples_per_class,
+            sampler=sampler,
+            seed=seed,
+            guidance=guidance,
+            details=details,
+        )
+        arms[arm] = {
+            "label": ARMS[arm][2],
+            "sampler": sampler,
+            "guidance": guidance,
+            "nfe": {k[3:]: _scalars(v) for k, v in details["per_setting"].items()},
+            "floor": details["floor"],
+        }
+    return {
+        "arms": arms,
+        "judge_accuracy": judge.meta.get("heldout", {}).get("accuracy"),
+        "feature_space": {
+            k: v for k, v in ref.second[0].meta.items() if k in ("sha256", "heldout", "command")
+        }
+        if ref.second
+        else None,
+        "training": {
+            "base": {"steps": base_steps, "wall_s": round(t_base, 1)},
+            "twinflow": {"steps": twinflow_steps, "wall_s": round(t_twin, 1)},
+        },
+        "targets": check_targets(ds, arms),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if not isinstance(v, dict)}
+
+
+def write_quick_report(results: dict[str, Any]) -> None:
+    from quality_report import NAMES, table, targets_text
+
+    cfg = results["config"]
+    parts = [
+        QUICK_BEGIN,
+        "",
+        f"Measured {results['date']} by `.venv/bin/python benchmarks/quality.py --in-process --base-steps "
+        f"{cfg['base_steps']} --twinflow-steps {cfg['twinflow_steps']} --samples-per-class "
+        f"{cfg['samples_per_class']} --datasets {','.join(results['datasets'])}` ({cfg['machine']}); raw "
+        f"numbers in `benchmarks/results/quality_quick.json`. Short runs of the shipped jobs (only "
+        "`train.steps` changed, one micro-batch of 32 per step in one process): not the benchmark's models, "
+        "a check that the two feature spaces agree on generated images.",
+        "",
+    ]
+    for ds, res in results["datasets"].items():
+        tr = res["training"]
+        parts += [
+            f"#### {NAMES.get(ds, ds)} (base {tr['base']['steps']} steps, {tr['base']['wall_s']:.0f} s; "
+            f"TwinFlow {tr['twinflow']['steps']} steps, {tr['twinflow']['wall_s']:.0f} s)",
+            "",
+            table(ds, res),
+            "",
+            targets_text(ds, res, results["targets"]),
+            "",
+        ]
+    parts.append(QUICK_END)
+    section = "\n".join(parts)
+    text = DOC.read_text()
+    if QUICK_BEGIN in text and QUICK_END in text:
+        text = text[: text.index(QUICK_BEGIN)] + section + text[text.index(QUICK_END) + len(QUICK_END) :]
+    else:
+        text = text.replace(END, END + "\n\n" + section, 1)
+    DOC.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="mnist,fashion_mnist")
@@ -244,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         help="report: only rewrite docs/evaluation.md, plots and grids from the results JSON",
     )
     p.add_argument("--retrain", action="store_true")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the cheapest path: short in-process runs of both jobs (--base-steps, --twinflow-steps), "
+        "written to benchmarks/results/quality_quick.json and their own section of docs/evaluation.md",
+    )
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--twinflow-steps", type=int, default=100)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     os.chdir(ROOT)  # job YAMLs name data/ and runs/ relative to the checkout
@@ -251,6 +380,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         p.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    if args.in_process:
+        t0 = time.perf_counter()
+        quick = {
+            "date": time.strftime("%Y-%m-%d"),
+            "config": {
+                "base_steps": args.base_steps,
+                "twinflow_steps": args.twinflow_steps,
+                "samples_per_class": args.samples_per_class,
+                "seed": args.seed,
+                "machine": "2-core CPU shared with other jobs, one thread, no GPU",
+            },
+            "targets": TARGETS,
+            "datasets": {
+                ds: quick_dataset(ds, args.base_steps, args.twinflow_steps, args.samples_per_class, args.seed)
+                for ds in datasets
+            },
+        }
+        quick["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        QUICK_RESULTS.write_text(json.dumps(quick, indent=2))
+        write_quick_report(quick)
+        print(f"[quality] wrote {QUICK_RESULTS} and its section of {DOC}")
+        return 0
     if args.stage == "report":
         from quality_report import write_report
 
