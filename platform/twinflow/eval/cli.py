@@ -180,7 +180,10 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="cpu", help="device inside the sampling actors (cpu, cuda)")
     p.set_defaults(func=_eval)
 
-    j = sub.add_parser("judges", help="train or check the judge classifiers used by `twinflow eval`")
+    j = sub.add_parser(
+        "judges",
+        help="train or check the judge classifiers and the autoencoder feature space used by `twinflow eval`",
+    )
     jsub = j.add_subparsers(dest="judges_command", required=True)
     t = jsub.add_parser("train", help="train a judge on the dataset's train split and save its weights")
     t.add_argument("dataset", help="fashion_mnist | mnist | emoji")
