@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "--in-process",
         action="store_true",
         help="the cheapest path: short in-process runs of both jobs (--base-steps, --twinflow-steps), "
-        "written to benchmarks/results/quality_quick.json and their own section of docs/evaluation.md",
+        "written to benchmarks/results/quality_quick.json (and under 'in_process' in --out) and their own "
+        "section of docs/evaluation.md",
     )
     p.add_argument("--base-steps", type=int, default=600)
     p.add_argument("--twinflow-steps", type=int, default=100)
@@ -399,8 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         quick["total_wall_s"] = round(time.perf_counter() - t0, 1)
         QUICK_RESULTS.write_text(json.dumps(quick, indent=2))
+        main_results = Path(args.out)
+        if main_results.is_file():  # carried beside the benchmark's figures, which it does not replace
+            full = json.loads(main_results.read_text())
+            full["in_process"] = quick
+            main_results.write_text(json.dumps(full, indent=2))
         write_quick_report(quick)
-        print(f"[quality] wrote {QUICK_RESULTS} and its section of {DOC}")
+        print(
+            f"[quality] wrote {QUICK_RESULTS}, its copy under 'in_process' in {main_results} and its section of {DOC}"
+        )
         return 0
     if args.stage == "report":
         from quality_report import write_report
