@@ -297,6 +297,7 @@ def quick_dataset(ds: str, base_steps: int, twinflow_steps: int, samples_per_cla
         }
     return {
         "arms": arms,
+        "samples_per_class": samples_per_class,
         "judge_accuracy": judge.meta.get("heldout", {}).get("accuracy"),
         "feature_space": {
             k: v for k, v in ref.second[0].meta.items() if k in ("sha256", "heldout", "command")
@@ -323,9 +324,9 @@ def write_quick_report(results: dict[str, Any]) -> None:
     parts = [
         QUICK_BEGIN,
         "",
-        f"Measured {results['date']} by `.venv/bin/python benchmarks/quality.py --in-process --base-steps "
+        f"Measured by `.venv/bin/python benchmarks/quality.py --in-process --base-steps "
         f"{cfg['base_steps']} --twinflow-steps {cfg['twinflow_steps']} --samples-per-class "
-        f"{cfg['samples_per_class']} --datasets {','.join(results['datasets'])}` ({cfg['machine']}); raw "
+        f"{cfg['samples_per_class']} --datasets <dataset>` ({cfg['machine']}); raw "
         f"numbers in `benchmarks/results/quality_quick.json`. Short runs of the shipped jobs (only "
         "`train.steps` changed, one micro-batch of 32 per step in one process): not the benchmark's models, "
         "a check that the two feature spaces agree on generated images.",
@@ -335,7 +336,9 @@ def write_quick_report(results: dict[str, Any]) -> None:
         tr = res["training"]
         parts += [
             f"#### {NAMES.get(ds, ds)} (base {tr['base']['steps']} steps, {tr['base']['wall_s']:.0f} s; "
-            f"TwinFlow {tr['twinflow']['steps']} steps, {tr['twinflow']['wall_s']:.0f} s)",
+            f"TwinFlow {tr['twinflow']['steps']} steps, {tr['twinflow']['wall_s']:.0f} s; "
+            f"{res.get('samples_per_class', cfg['samples_per_class'])} samples per class; measured "
+            f"{res.get('date', results['date'])})",
             "",
             table(ds, res),
             "",
@@ -399,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         quick["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        for ds in datasets:
+            quick["datasets"][ds]["date"] = quick["date"]
+        if QUICK_RESULTS.is_file():  # a run of fewer datasets keeps the others' earlier figures
+            for ds, res in json.loads(QUICK_RESULTS.read_text()).get("datasets", {}).items():
+                quick["datasets"].setdefault(ds, res)
         QUICK_RESULTS.write_text(json.dumps(quick, indent=2))
         main_results = Path(args.out)
         if main_results.is_file():  # carried beside the benchmark's figures, which it does not replace
