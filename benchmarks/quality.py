@@ -8,7 +8,9 @@ Per dataset (MNIST, Fashion-MNIST), on this machine's CPUs, with the shipped job
 3. **eval**: `twinflow.eval.run_eval` (the same Ray Data job as `twinflow eval`): the base on its ODE at
    1, 2, 4, 50 NFE with its CFG, TwinFlow at 1, 2, 4 NFE at guidance 0; the same noise for every arm;
    Frechet distance in the judge's feature space against the held-out split (with the real-vs-real
-   floor), prompt adherence, diversity relative to real data, share of saturated pixels.
+   floor), prompt adherence, diversity relative to real data, share of saturated pixels; FD and
+   diversity again in a second feature space independent of the judge (`fd_ae`, `diversity_ae`: the
+   bottleneck of a convolutional autoencoder trained without labels, `twinflow.eval.autoencoder_space`).
 4. **guidance**: the CFG scale the fine-tune baked in, measured against the base on held-out images
    (`twinflow.eval.guidance.effective_guidance`).
 
@@ -20,6 +22,8 @@ docs/evaluation.md between the QUALITY markers. The exact command that produced 
 A training run is reused when its run directory already holds a finished export trained from the same
 job config (`make demo` leaves exactly such MNIST runs; `--retrain` forces new runs); `--stage train|eval`
 runs one half, `--stage report` only redraws the doc section, plots and grids from the results JSON.
+`--datasets mnist` measures one dataset and keeps the other datasets' earlier figures in the results
+JSON (each dataset records its own date).
 """
 
 from __future__ import annotations
@@ -166,6 +170,8 @@ def evaluate_all(datasets: list[str], trained: dict, samples_per_class: int, act
             a["grids"].append(ck.get("grid"))
             out[ds]["judge_accuracy"] = report["datasets"][ds]["judge"]["heldout"].get("accuracy")
             out[ds]["judge"] = report["datasets"][ds]["judge"]
+            if "feature_space" in report["datasets"][ds]:
+                out[ds]["feature_space"] = report["datasets"][ds]["feature_space"]
         out.setdefault("_eval_wall_s", {})[tag] = report["wall_s"]
     for ds in datasets:  # NFE in ascending order
         for a in out[ds]["arms"].values():
@@ -206,6 +212,13 @@ def check_targets(ds: str, res: dict) -> dict[str, Any]:
         "diversity_1nfe": tf1["diversity"],
         "diversity_ok": tf1["diversity"] >= TARGETS["diversity_min"],
     }
+    if "fd_ae" in tf1 and "fd_ae" in base50:  # the second feature space, against the same targets
+        out.update(
+            fd_ae_ratio_1nfe_vs_base50=tf1["fd_ae"] / base50["fd_ae"],
+            fd_ae_ok=tf1["fd_ae"] <= TARGETS["fd_ratio_max"] * base50["fd_ae"],
+            diversity_ae_1nfe=tf1["diversity_ae"],
+            diversity_ae_ok=tf1["diversity_ae"] >= TARGETS["diversity_min"],
+        )
     if real_sat:
         ratio = tf1["saturation"] / real_sat
         out.update(
@@ -216,6 +229,130 @@ def check_targets(ds: str, res: dict) -> dict[str, Any]:
         out["adherence_1nfe"] = tf1["adherence"]
         out["adherence_ok"] = tf1["adherence"] >= TARGETS["mnist_adherence_min"]
     return out
+
+
+# ------------------------------------------------------------------------------------ in-process rehearsal
+
+QUICK_RESULTS = ROOT / "benchmarks" / "results" / "quality_quick.json"
+QUICK_BEGIN, QUICK_END = "<!-- QUALITY_QUICK:BEGIN -->", "<!-- QUALITY_QUICK:END -->"
+
+
+def quick_dataset(ds: str, base_steps: int, twinflow_steps: int, samples_per_class: int, seed: int) -> dict:
+    """The cheapest path: both shipped jobs trained in this process (`train.inprocess`, one thread, one
+    micro-batch of 32 per step instead of two Ray Train workers), only `train.steps` overridden, the
+    fine-tune starting from the base's sampling EMA; scored by `evaluate_generator` (the numbers
+    `twinflow eval` gives) in both feature spaces. Not the benchmark's models: far shorter runs."""
+    import copy
+
+    import torch
+
+    from twinflow.eval.judges import load_judge
+    from twinflow.eval.metrics import evaluate_generator, real_reference
+    from twinflow.models.text_encoder import TextEncoder
+    from twinflow.train.config import load_job
+    from twinflow.train.inprocess import load_memory_data, train_in_process
+
+    torch.set_num_threads(1)
+    jobs = DATASETS[ds]
+    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
+    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={twinflow_steps}", "train.init_from=null"])
+    for job in (base_job, twin_job):
+        job.data.path = str(ROOT / job.data.path)
+    enc = TextEncoder(max_length=base_job.data.text_max_length)
+    data = load_memory_data(base_job.data, enc)
+    t0 = time.perf_counter()
+    base = train_in_process(base_job, data=data, encoder=enc, log_every=100).sampling_model
+    t_base = time.perf_counter() - t0
+    twin = train_in_process(
+        twin_job, data=data, encoder=enc, model=copy.deepcopy(base).train(), log_every=50
+    ).sampling_model
+    t_twin = time.perf_counter() - t0 - t_base
+    judge = load_judge(ds)
+    ref = real_reference(judge)
+    arms: dict[str, Any] = {}
+    for arm, model, sampler, guidance in (
+        ("base", base, "ode", base_job.method.sample_guidance),
+        ("twinflow", twin, "few", 0.0),
+    ):
+        details: dict[str, Any] = {}
+        evaluate_generator(
+            model,
+            list(range(judge.dataset.num_classes)),
+            ARMS[arm][1],
+            judge,
+            reference=ref,
+            text_encoder=enc,
+            images_per_prompt=samples_per_class,
+            sampler=sampler,
+            seed=seed,
+            guidance=guidance,
+            details=details,
+        )
+        arms[arm] = {
+            "label": ARMS[arm][2],
+            "sampler": sampler,
+            "guidance": guidance,
+            "nfe": {k[3:]: _scalars(v) for k, v in details["per_setting"].items()},
+            "floor": details["floor"],
+        }
+    return {
+        "arms": arms,
+        "samples_per_class": samples_per_class,
+        "judge_accuracy": judge.meta.get("heldout", {}).get("accuracy"),
+        "feature_space": {
+            k: v for k, v in ref.second[0].meta.items() if k in ("sha256", "heldout", "command")
+        }
+        if ref.second
+        else None,
+        "training": {
+            "base": {"steps": base_steps, "wall_s": round(t_base, 1)},
+            "twinflow": {"steps": twinflow_steps, "wall_s": round(t_twin, 1)},
+        },
+        "targets": check_targets(ds, arms),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if not isinstance(v, dict)}
+
+
+def write_quick_report(results: dict[str, Any]) -> None:
+    from quality_report import NAMES, table, targets_text
+
+    cfg = results["config"]
+    parts = [
+        QUICK_BEGIN,
+        "",
+        f"Measured by `.venv/bin/python benchmarks/quality.py --in-process --base-steps "
+        f"{cfg['base_steps']} --twinflow-steps {cfg['twinflow_steps']} --samples-per-class "
+        f"{cfg['samples_per_class']} --datasets <dataset>` ({cfg['machine']}); raw "
+        f"numbers in `benchmarks/results/quality_quick.json`. Short runs of the shipped jobs (only "
+        "`train.steps` changed, one micro-batch of 32 per step in one process): not the benchmark's models, "
+        "a check that the two feature spaces agree on generated images.",
+        "",
+    ]
+    for ds, res in results["datasets"].items():
+        tr = res["training"]
+        parts += [
+            f"#### {NAMES.get(ds, ds)} (base {tr['base']['steps']} steps, {tr['base']['wall_s']:.0f} s; "
+            f"TwinFlow {tr['twinflow']['steps']} steps, {tr['twinflow']['wall_s']:.0f} s; "
+            f"{res.get('samples_per_class', cfg['samples_per_class'])} samples per class; measured "
+            f"{res.get('date', results['date'])})",
+            "",
+            table(ds, res),
+            "",
+            targets_text(ds, res, results["targets"]),
+            "",
+        ]
+    parts.append(QUICK_END)
+    section = "\n".join(parts)
+    text = DOC.read_text()
+    if QUICK_BEGIN in text and QUICK_END in text:
+        text = text[: text.index(QUICK_BEGIN)] + section + text[text.index(QUICK_END) + len(QUICK_END) :]
+    else:
+        text = text.replace(END, END + "\n\n" + section, 1)
+    DOC.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
         help="report: only rewrite docs/evaluation.md, plots and grids from the results JSON",
     )
     p.add_argument("--retrain", action="store_true")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the cheapest path: short in-process runs of both jobs (--base-steps, --twinflow-steps), "
+        "written to benchmarks/results/quality_quick.json (and under 'in_process' in --out) and their own "
+        "section of docs/evaluation.md",
+    )
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--twinflow-steps", type=int, default=100)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     os.chdir(ROOT)  # job YAMLs name data/ and runs/ relative to the checkout
@@ -238,6 +384,40 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         p.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    if args.in_process:
+        t0 = time.perf_counter()
+        quick = {
+            "date": time.strftime("%Y-%m-%d"),
+            "config": {
+                "base_steps": args.base_steps,
+                "twinflow_steps": args.twinflow_steps,
+                "samples_per_class": args.samples_per_class,
+                "seed": args.seed,
+                "machine": "2-core CPU shared with other jobs, one thread, no GPU",
+            },
+            "targets": TARGETS,
+            "datasets": {
+                ds: quick_dataset(ds, args.base_steps, args.twinflow_steps, args.samples_per_class, args.seed)
+                for ds in datasets
+            },
+        }
+        quick["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        for ds in datasets:
+            quick["datasets"][ds]["date"] = quick["date"]
+        if QUICK_RESULTS.is_file():  # a run of fewer datasets keeps the others' earlier figures
+            for ds, res in json.loads(QUICK_RESULTS.read_text()).get("datasets", {}).items():
+                quick["datasets"].setdefault(ds, res)
+        QUICK_RESULTS.write_text(json.dumps(quick, indent=2))
+        main_results = Path(args.out)
+        if main_results.is_file():  # carried beside the benchmark's figures, which it does not replace
+            full = json.loads(main_results.read_text())
+            full["in_process"] = quick
+            main_results.write_text(json.dumps(full, indent=2))
+        write_quick_report(quick)
+        print(
+            f"[quality] wrote {QUICK_RESULTS}, its copy under 'in_process' in {main_results} and its section of {DOC}"
+        )
+        return 0
     if args.stage == "report":
         from quality_report import write_report
 
@@ -268,12 +448,21 @@ def main(argv: list[str] | None = None) -> int:
         res["arms"] = {arm: res["arms"][arm] for arm in ARMS}
         res["targets"] = check_targets(ds, res["arms"])
         res["effective_guidance"] = measure_guidance(ds, trained[ds])
+        res["date"] = results["date"]
         results["datasets"][ds] = res
     results["total_wall_s"] = round(time.perf_counter() - t0, 1)
     from _paths import repo_relative  # sibling module benchmarks/_paths.py
 
     results = repo_relative(results, ROOT)
     out = Path(args.out)
+    if out.is_file():  # a run of fewer datasets keeps the others' earlier figures, with their own date
+        earlier = json.loads(out.read_text())
+        for ds, res in earlier.get("datasets", {}).items():
+            if ds not in results["datasets"]:
+                res.setdefault("date", earlier.get("date"))
+                results["datasets"][ds] = res
+                results["training"].setdefault(ds, earlier["training"][ds])
+                results["config"]["jobs"].setdefault(ds, earlier["config"]["jobs"][ds])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     from quality_report import write_report  # sibling module benchmarks/quality_report.py

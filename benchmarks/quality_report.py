@@ -26,12 +26,14 @@ def _f(v: float | None, nd: int = 2) -> str:
 
 
 def table(ds: str, res: dict[str, Any]) -> str:
+    """FD and diversity in the judge's space, then in the second (autoencoder) space where measured."""
     arms = res["arms"]
     floor = arms["base"]["floor"]
+    second = "fd_ae" in floor
     lines = [
         "| model | sampler | NFE | Fréchet distance ↓ | adherence ↑ | diversity (real = 1) | saturated pixels "
-        "| collapsed classes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| collapsed classes |" + (" FD, AE space ↓ | diversity, AE space |" if second else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if second else ""),
     ]
     for a in arms.values():
         sampler = a["sampler"] + (f", CFG {1 + a['guidance']:g}" if a.get("guidance") else "")
@@ -39,12 +41,14 @@ def table(ds: str, res: dict[str, Any]) -> str:
             lines.append(
                 f"| {a['label']} | {sampler} | {nfe} | {_f(m['fd'])} | {m['adherence']:.1%} | "
                 f"{_f(m['diversity'])} | {m.get('saturation', float('nan')):.3f} | {m['collapse']:.0%} |"
+                + (f" {_f(m.get('fd_ae'))} | {_f(m.get('diversity_ae'))} |" if second else "")
             )
     acc = res.get("judge_accuracy")
     lines.append(
         f"| *real images (floor)* | - | - | {_f(floor['fd'])} | "
         f"{'-' if acc is None else f'{acc:.1%}'} (judge held-out accuracy) | {_f(floor['diversity'])} | "
         f"{floor.get('saturation', float('nan')):.3f} | - |"
+        + (f" {_f(floor.get('fd_ae'))} | {_f(floor.get('diversity_ae'))} |" if second else "")
     )
     return "\n".join(lines)
 
@@ -64,6 +68,14 @@ def targets_text(ds: str, res: dict[str, Any], targets: dict[str, float]) -> str
         f"- TwinFlow 1-NFE diversity **{_f(t['diversity_1nfe'])}** x real (target >= {targets['diversity_min']}): "
         f"**{'met' if t['diversity_ok'] else 'missed'}**",
     ]
+    if "fd_ae_ratio_1nfe_vs_base50" in t:
+        lines += [
+            f"- In the second feature space (autoencoder, no labels): TwinFlow 1-NFE FD {_f(tf1['fd_ae'])} vs the "
+            f"base's 50-NFE {_f(arms['base']['nfe']['50']['fd_ae'])}: ratio **{t['fd_ae_ratio_1nfe_vs_base50']:.2f}** "
+            f"(target <= {targets['fd_ratio_max']}): **{ok(t['fd_ae_ok'])}**",
+            f"- In the second feature space: TwinFlow 1-NFE diversity **{_f(t['diversity_ae_1nfe'])}** x real "
+            f"(target >= {targets['diversity_min']}): **{ok(t['diversity_ae_ok'])}**",
+        ]
     if "saturation_ratio_1nfe" in t:
         lines.append(
             f"- TwinFlow 1-NFE saturated pixels **{t['saturation_ratio_1nfe']:.2f}x** real (target within "
@@ -93,25 +105,31 @@ def plot(ds: str, res: dict[str, Any], path: Path) -> Path:
 
     arms = res["arms"]
     floor = arms["base"]["floor"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    keys = ["fd", "adherence", "diversity"]
+    titles = ["Fréchet distance (judge features) ↓", "prompt adherence ↑", "diversity (real = 1)"]
+    if "fd_ae" in floor:
+        keys += ["fd_ae", "diversity_ae"]
+        titles += ["Fréchet distance (AE features) ↓", "diversity, AE space (real = 1)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for a in arms.values():
         nfes = [int(n) for n in a["nfe"]]
-        for ax, key in zip(axes, ("fd", "adherence", "diversity")):
+        for ax, key in zip(axes, keys):
             ax.plot(nfes, [a["nfe"][str(n)][key] for n in nfes], "o-", label=f"{a['label']} ({a['sampler']})")
-    axes[0].axhline(floor["fd"], color="gray", ls="--", label="real train images (floor)")
-    axes[2].axhline(1.0, color="gray", ls="--", label="real data")
+    for i, key in enumerate(keys):
+        if key.startswith("fd"):
+            axes[i].axhline(floor[key], color="gray", ls="--", label="real train images (floor)")
+            axes[i].set_yscale("log")
+        if key.startswith("diversity"):
+            axes[i].axhline(1.0, color="gray", ls="--", label="real data")
     if res.get("judge_accuracy") is not None:
         axes[1].axhline(res["judge_accuracy"], color="gray", ls="--", label="judge accuracy on real")
-    for ax, title in zip(
-        axes, ("Fréchet distance (judge features) ↓", "prompt adherence ↑", "diversity (real = 1)")
-    ):
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xticks([1, 2, 4, 50])
         ax.set_xticklabels(["1", "2", "4", "50"])
         ax.set_xlabel("NFE")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
     axes[1].set_ylim(0, 1.02)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{NAMES.get(ds, ds)}: TwinFlow vs its flow-matching base", fontsize=11)
@@ -167,9 +185,19 @@ def write_report(results: dict[str, Any], doc: Path, img: Path, begin: str, end:
             else f"{SHORT.get(k, k)}: run by `make demo` (timed there)"
             for k, v in train.items()
         )
+        when = res.get("date")
         parts += [
             f"### {name}",
             "",
+            *(
+                [
+                    f"*Measured {when}, before this run: its figures are from that date's code and models "
+                    "(no second feature space where its columns are missing).*",
+                    "",
+                ]
+                if when and when != results.get("date")
+                else []
+            ),
             table(ds, res),
             "",
             targets_text(ds, res, results["targets"]),

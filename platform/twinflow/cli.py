@@ -27,7 +27,7 @@ AREAS = {
     "judges": (
         "twinflow.eval.cli",
         "add_commands",
-        "train or check the judge classifiers used by `twinflow eval`",
+        "train or check the judge classifiers and the autoencoder feature space used by `twinflow eval`",
     ),
     "export": (
         "twinflow.models.cli",

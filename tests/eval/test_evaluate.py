@@ -13,6 +13,7 @@ from twinflow.eval.metrics import evaluate_generator
 from .conftest import tiny_generator
 
 KEYS = ("fd", "adherence", "diversity", "collapse", "saturation")
+AE_KEYS = ("fd_ae", "diversity_ae", "collapse_ae")  # the second feature space, beside the judge's
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,10 +24,12 @@ def test_evaluate_generator_keys_determinism_and_cond(mnist_judge, mnist_referen
     kw = dict(reference=mnist_reference, images_per_prompt=6, batch_size=5, seed=1)
     a = evaluate_generator(model, prompts, [2, 1], mnist_judge, text_encoder=text_encoder, **kw)
     assert model.training  # mode restored
-    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS for n in (1, 2)} | {
+    assert set(a) == {f"eval/{k}_nfe{n}" for k in KEYS + AE_KEYS for n in (1, 2)} | {
         "eval/fd_floor",
         "eval/diversity_floor",
         "eval/saturation_floor",
+        "eval/fd_ae_floor",
+        "eval/diversity_ae_floor",
     }
     assert all(v == v for v in a.values())  # no NaN
     assert 0.0 <= a["eval/saturation_nfe1"] <= 1.0 and 0.0 < a["eval/saturation_floor"] < 0.5
@@ -217,11 +220,15 @@ def test_twinflow_eval_end_to_end(ray_cluster, tmp_path, mnist_judge, mnist_refe
         batch_size=4,
     )
     for nfe in (1, 3):
-        for k in KEYS:
+        for k in KEYS + AE_KEYS:
             assert entry["nfe"][str(nfe)][k] == pytest.approx(
                 direct[f"eval/{k}_nfe{nfe}"], rel=1e-4, abs=1e-6
             )
     assert entry["floor"]["fd"] == pytest.approx(direct["eval/fd_floor"])
+    assert entry["floor"]["fd_ae"] == pytest.approx(direct["eval/fd_ae_floor"])
+    # the second feature space is named in the report and has its columns in results.md
+    assert report["datasets"]["mnist"]["feature_space"]["name"] == "ae"
+    assert "FD, AE space" in (out / "results.md").read_text()
     # edit pairs (6 held-out sources x 2 edits): scored against their exact targets
     assert set(entry["edits"]) >= {
         "edit_mse_nfe1",

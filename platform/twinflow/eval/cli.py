@@ -1,4 +1,4 @@
-"""`twinflow eval ...` and `twinflow judges train|accuracy ...` (mounted by twinflow/cli.py).
+"""`twinflow eval ...` and `twinflow judges train|accuracy|train-ae|check-ae ...` (mounted by twinflow/cli.py).
 
 Heavy modules (torch, Ray, diffusers) are imported inside the handlers so `twinflow --help` stays instant.
 """
@@ -6,6 +6,7 @@ Heavy modules (torch, Ray, diffusers) are imported inside the handlers so `twinf
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -101,6 +102,40 @@ def _judges_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judges_train_ae(args: argparse.Namespace) -> int:
+    from twinflow.eval.autoencoder_space import train_feature_space
+
+    path, meta = train_feature_space(
+        args.dataset,
+        out=Path(args.out) if args.out else None,
+        seed=args.seed,
+        steps=args.steps,
+        threads=args.threads,
+    )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(
+        f"[twinflow judges] wrote {path} ({path.stat().st_size / 1024:.0f} KiB, sha256 {digest}); "
+        f"held-out {json.dumps(meta['heldout'])}"
+    )
+    return 0
+
+
+def _judges_check_ae(args: argparse.Namespace) -> int:
+    from twinflow.eval.autoencoder_space import heldout_metrics, load_feature_space
+
+    out = {}
+    for name in args.datasets:
+        space = load_feature_space(name)  # refuses a shipped file whose hash is not the pinned one
+        out[space.name] = {
+            "measured": heldout_metrics(space, seed=int(space.meta.get("seed", 0))),
+            "shipped": space.meta.get("heldout"),
+            "weights": space.meta["path"],
+            "sha256": space.meta["sha256"][:16],
+        }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -145,7 +180,10 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="cpu", help="device inside the sampling actors (cpu, cuda)")
     p.set_defaults(func=_eval)
 
-    j = sub.add_parser("judges", help="train or check the judge classifiers used by `twinflow eval`")
+    j = sub.add_parser(
+        "judges",
+        help="train or check the judge classifiers and the autoencoder feature space used by `twinflow eval`",
+    )
     jsub = j.add_subparsers(dest="judges_command", required=True)
     t = jsub.add_parser("train", help="train a judge on the dataset's train split and save its weights")
     t.add_argument("dataset", help="fashion_mnist | mnist | emoji")
@@ -161,6 +199,25 @@ def add_commands(sub) -> None:
     a = jsub.add_parser("accuracy", help="measure the shipped judges on their held-out splits")
     a.add_argument("datasets", nargs="*", default=["fashion_mnist", "mnist"])
     a.set_defaults(func=_judges_accuracy)
+    ae = jsub.add_parser(
+        "train-ae",
+        help="train the second feature space (a convolutional autoencoder, no labels) on a train split",
+    )
+    ae.add_argument("dataset", help="fashion_mnist | mnist")
+    ae.add_argument("--seed", type=int, default=0)
+    ae.add_argument("--steps", type=int, default=None)
+    ae.add_argument("--threads", type=int, default=1)
+    ae.add_argument(
+        "--out",
+        default=None,
+        help="weights file (default: the shipped platform/twinflow/eval/weights/ae_<dataset>.safetensors)",
+    )
+    ae.set_defaults(func=_judges_train_ae)
+    c = jsub.add_parser(
+        "check-ae", help="verify the shipped autoencoders and re-measure their held-out figures"
+    )
+    c.add_argument("datasets", nargs="*", default=["fashion_mnist", "mnist"])
+    c.set_defaults(func=_judges_check_ae)
 
 
 if __name__ == "__main__":  # python -m twinflow.eval.cli ...

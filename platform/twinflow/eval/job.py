@@ -335,6 +335,16 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
                 "command": judge.meta.get("command"),
             }
         }
+    for (ds, _), ref in references.items():
+        if ref.second is not None and "feature_space" not in report["datasets"][ds]:
+            space = ref.second[0]
+            report["datasets"][ds]["feature_space"] = {
+                "name": space.space,
+                "weights": space.meta.get("path"),
+                "sha256": space.meta.get("sha256", "")[:16],
+                "heldout": space.meta.get("heldout", {}),
+                "command": space.meta.get("command"),
+            }
     for ck, r in enumerate(refs):
         prompts, classes = plans[ck]
         ref = references[r.dataset, reference_shards(req, r)]

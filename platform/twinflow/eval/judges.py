@@ -74,6 +74,25 @@ class JudgeNet(nn.Module):
         return self.head(feats), feats
 
 
+def prepare_images(images: Tensor, shape: tuple[int, int, int], who: str) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] of any size and 1 or 3 channels -> `shape` (C, H, W): grey from RGB
+    by luma, RGB from grey by repetition, antialiased bilinear resizing; `who` names the network in errors."""
+    if images.ndim != 4:
+        raise ValueError(f"{who}: expected images (N, C, H, W), got shape {tuple(images.shape)}")
+    x = images.float()
+    c, h, w = shape
+    if x.shape[1] != c:
+        if x.shape[1] == 3 and c == 1:
+            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        elif x.shape[1] == 1 and c == 3:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            raise ValueError(f"{who}: cannot map {x.shape[1]} channels to {c}")
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(-1, 1)
+
+
 @dataclass
 class Judge:
     """A trained judge for one dataset. `__call__`-free on purpose: use `logits_and_features`."""
@@ -96,22 +115,7 @@ class Judge:
 
     def prepare(self, images: Tensor) -> Tensor:
         """Images (N, C, H, W) in [-1, 1] of any size and 1 or 3 channels -> the judge's input."""
-        if images.ndim != 4:
-            raise ValueError(
-                f"judge {self.name}: expected images (N, C, H, W), got shape {tuple(images.shape)}"
-            )
-        x = images.float()
-        c, h, w = self.input_shape
-        if x.shape[1] != c:
-            if x.shape[1] == 3 and c == 1:
-                x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-            elif x.shape[1] == 1 and c == 3:
-                x = x.expand(-1, 3, -1, -1)
-            else:
-                raise ValueError(f"judge {self.name}: cannot map {x.shape[1]} channels to {c}")
-        if x.shape[-2:] != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        return x.clamp(-1, 1)
+        return prepare_images(images, self.input_shape, f"judge {self.name}")
 
     @torch.no_grad()
     def logits_and_features(self, images: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:

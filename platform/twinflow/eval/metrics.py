@@ -7,6 +7,7 @@
 | `adherence` | fraction of images the judge classifies as the prompted class | high; the judge's held-out accuracy is the ceiling |
 | `diversity` | per class, mean pairwise feature distance among generated images over the same among held-out real images; averaged over classes | about 1; near 0 = mode collapse |
 | `collapse` | fraction of classes whose diversity ratio is below `COLLAPSE_RATIO` (0.5) | 0 |
+| `fd_ae`, `diversity_ae`, `collapse_ae` | the same three in a second, independent feature space: the bottleneck of a convolutional autoencoder trained without labels (`autoencoder_space.py`; MNIST and Fashion-MNIST) | as above |
 | `edit_mse`, `edit_psnr` | per-image MSE of an edit's output against its exact target (images in [-1, 1]), PSNR = 10 log10(2^2 / MSE), averaged over images | low / high |
 | `edit_class_kept` | fraction of edit outputs the judge puts in the same class as the exact target | high |
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from twinflow.eval.autoencoder_space import SPACE, FeatureSpace, has_feature_space, load_feature_space
 from twinflow.eval.datasets import load_split, reference_manifest, shard_split
 from twinflow.eval.judges import Judge
 from twinflow.eval.sampling import SAMPLER_METHODS, check_nfe, plan_units, sample_unit
@@ -148,6 +150,8 @@ class RealReference:
     pixels_per_image: int
     _stats: dict[tuple[int, ...], tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     _spread: dict[int, float] = field(default_factory=dict, repr=False)
+    # the second feature space and its own reference of the same real images (None: none ships)
+    second: tuple[FeatureSpace, RealReference] | None = field(default=None, repr=False)
 
     def stats(self, classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """Mean and covariance of the held-out features of `classes` (all when None)."""
@@ -195,11 +199,15 @@ class RealReference:
         """What real training images score, with the same class list (fd, diversity), and the share of
         saturated pixels in the real held-out images of those classes."""
         feats, cls = self.real_sample(classes, seed)
-        return {
+        out = {
             "fd": frechet_distance(*feature_stats(feats), *self.stats(cls.tolist())),
             "diversity": diversity(feats, cls, self.spreads(cls.tolist()))["diversity"],
             "saturation": self.saturation(sorted(set(cls.tolist()))),
         }
+        if self.second is not None:  # the same train images (same draw), in the second space
+            floor2 = self.second[1].floor(classes, seed)
+            out.update({f"fd_{SPACE}": floor2["fd"], f"diversity_{SPACE}": floor2["diversity"]})
+        return out
 
     def saturation(self, classes: Sequence[int] | None = None) -> float:
         """`saturation` of the held-out images (of `classes` when given), as `real_saturation` counts it."""
@@ -232,18 +240,33 @@ def cache_dir() -> Path:
 
 
 def real_reference(
-    judge: Judge,
+    judge: Judge | FeatureSpace,
     data: str | None = None,
     endpoint: str | None = None,
     max_train: int = 20_000,
     use_disk: bool = True,
+    second_space: bool = True,
 ) -> RealReference:
     """The held-out/train features of the judge's dataset: from the shards at `data` (their eval and
     train splits: `eval.datasets.shard_split`), which is what jobs pass, or, with `data=None`, from the
     offline source (judge building and benchmarks on the setup machine). Cached in memory per process
     and on disk under $TWINFLOW_EVAL_CACHE (default ~/.cache/twinflow/eval), keyed by the judge's
     weights hash and the shards' checksums, so a job pays for it once (a few seconds for
-    Fashion-MNIST) and later calls are free."""
+    Fashion-MNIST) and later calls are free. With `second_space` (and an autoencoder shipped for the
+    dataset) the same images' features in the second space ride along as `ref.second`, so every metric
+    computed from this reference also reports `fd_ae` / `diversity_ae`."""
+    ref = _reference(judge, data, endpoint, max_train, use_disk)
+    if not second_space:
+        return replace(ref, second=None) if ref.second is not None else ref
+    if ref.second is None and isinstance(judge, Judge) and has_feature_space(judge.name):
+        space = load_feature_space(judge.name)
+        ref.second = (space, _reference(space, data, endpoint, max_train, use_disk))
+    return ref
+
+
+def _reference(
+    judge: Judge | FeatureSpace, data: str | None, endpoint: str | None, max_train: int, use_disk: bool
+) -> RealReference:
     where = "source" if data is None else reference_manifest(data, endpoint).digest()[:16]
     key = (judge.name, judge.fingerprint, max_train, where)
     if key in _REFERENCES:
@@ -324,7 +347,7 @@ def metrics_from_samples(
     div = diversity(feats, classes, ref.spreads(classes.tolist()))
     hits = logits.argmax(1) == classes
     per_class = {int(c): float(hits[classes == c].float().mean()) for c in classes.unique().tolist()}
-    return {
+    out = {
         "fd": fd,
         "adherence": float(hits.float().mean()),
         "diversity": div["diversity"],
@@ -333,6 +356,25 @@ def metrics_from_samples(
         "n": int(len(classes)),
         "per_class_adherence": per_class,
         "per_class_diversity": div["per_class"],
+    }
+    if ref.second is not None:
+        out.update(second_space_metrics(images, classes, *ref.second))
+    return out
+
+
+def second_space_metrics(
+    images: Tensor, classes: Tensor, space: FeatureSpace, ref: RealReference
+) -> dict[str, Any]:
+    """FD, diversity and collapse of the images in the autoencoder's space (`fd_ae`, ...)."""
+    feats = space.features(images)
+    if not torch.isfinite(feats).all():
+        raise ValueError(f"non-finite {SPACE} features: the generated images contain NaN or inf")
+    div = diversity(feats, classes, ref.spreads(classes.tolist()))
+    return {
+        f"fd_{SPACE}": frechet_distance(*feature_stats(feats), *ref.stats(classes.tolist())),
+        f"diversity_{SPACE}": div["diversity"],
+        f"collapse_{SPACE}": div["collapse"],
+        f"per_class_diversity_{SPACE}": div["per_class"],
     }
 
 
@@ -355,6 +397,9 @@ def flat_metrics(
             "edit_mse",
             "edit_psnr",
             "edit_class_kept",
+            f"fd_{SPACE}",
+            f"diversity_{SPACE}",
+            f"collapse_{SPACE}",
         ):
             if k in m:
                 out[f"{prefix}{k}_{name}"] = float(m[k])
@@ -404,7 +449,10 @@ def evaluate_generator(
       axes); the metrics are then named `eval/fd_<label>`, ...
     Under ZeRO-3 every rank must call this (the forwards gather parameters); the numbers are identical.
     Returns `{"eval/fd_nfe1", "eval/adherence_nfe1", "eval/diversity_nfe1", "eval/collapse_nfe1", ...,
-    "eval/fd_floor", "eval/diversity_floor"}`; pass a dict as `details` to also get per-class numbers.
+    "eval/fd_floor", "eval/diversity_floor"}`, plus `eval/fd_ae_nfe1`, `eval/diversity_ae_nfe1`,
+    `eval/collapse_ae_nfe1`, ..., `eval/fd_ae_floor`, `eval/diversity_ae_floor` when the reference
+    carries the second feature space (MNIST, Fashion-MNIST); pass a dict as `details` to also get
+    per-class numbers.
     """
     if settings is None:
         settings = {

@@ -47,10 +47,14 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
+    """One row per (checkpoint, NFE). FD / diversity in the judge's space, then in the second
+    (autoencoder) space when the report has it ("-" for datasets without one, e.g. emoji)."""
+    second = any("feature_space" in d for d in report["datasets"].values())
     lines = [
         "| checkpoint | dataset | method | sampler | NFE | FD (lower is better) | FD floor | "
-        "adherence | diversity (real = 1) | collapsed classes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "adherence | diversity (real = 1) | collapsed classes |"
+        + (" FD, AE space | FD floor, AE space | diversity, AE space |" if second else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if second else ""),
     ]
     for e in report["checkpoints"]:
         method = e.get("method") or "?"
@@ -61,6 +65,11 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"| {e['name']} | {e['dataset']} | {method} | {e['sampler']} | {nfe} | {fmt(m['fd'])} | "
                 f"{fmt(e['floor']['fd'])} | {m['adherence']:.1%} | {fmt(m['diversity'])} | "
                 f"{m['collapse']:.0%} |"
+                + (
+                    f" {fmt(m.get('fd_ae'))} | {fmt(e['floor'].get('fd_ae'))} | {fmt(m.get('diversity_ae'))} |"
+                    if second
+                    else ""
+                )
             )
     for ds, d in report["datasets"].items():
         judge = d["judge"]
@@ -70,6 +79,11 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| *real train images* | {ds} | - | - | - | {fmt(floor.get('fd'))} | {fmt(floor.get('fd'))} | "
             f"{fmt(acc) if acc is None else f'{acc:.1%}'} (judge held-out acc.) | "
             f"{fmt(floor.get('diversity'))} | - |"
+            + (
+                f" {fmt(floor.get('fd_ae'))} | {fmt(floor.get('fd_ae'))} | {fmt(floor.get('diversity_ae'))} |"
+                if second
+                else ""
+            )
         )
     edits = [(e["name"], e["edits"]) for e in report["checkpoints"] if e.get("edits")]
     if edits:

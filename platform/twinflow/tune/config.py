@@ -222,15 +222,17 @@ class EvaluationConfig(StrictModel):
     def families(self) -> tuple[str, ...]:
         """Per-setting metric names of the evaluator (empty for a custom one): fd-like first."""
         return {
-            "twinflow.eval": ("fd", "adherence", "diversity", "collapse", "saturation"),
+            "twinflow.eval": ("fd", "adherence", "diversity", "collapse", "saturation")
+            + ("fd_ae", "diversity_ae", "collapse_ae"),  # the second feature space (MNIST, Fashion-MNIST)
             "builtin": ("pcafd", "pcaadh"),
         }.get(self.evaluator, ())
 
     def metric_names(self) -> set[str]:
         """What the evaluator reports (unknown for a custom one: empty)."""
-        floors = {"twinflow.eval": ("fd", "diversity", "saturation"), "builtin": ("pcafd", "pcaadh")}.get(
-            self.evaluator, ()
-        )
+        floors = {
+            "twinflow.eval": ("fd", "diversity", "saturation", "fd_ae", "diversity_ae"),
+            "builtin": ("pcafd", "pcaadh"),
+        }.get(self.evaluator, ())
         names = {f"eval/{f}_floor" for f in floors}
         for s in self.settings():
             names |= {f"eval/{f}_{s.suffix}" for f in self.families}

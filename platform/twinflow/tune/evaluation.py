@@ -8,8 +8,12 @@ Evaluators (`evaluation.evaluator`):
   prompted classes), `eval/adherence_<setting>` (share the judge puts in the prompted class),
   `eval/diversity_<setting>` (within-class spread relative to real images; near 0 = mode collapse),
   `eval/collapse_<setting>`, plus `eval/fd_floor` / `eval/diversity_floor` (real training images with
-  the same class list: what a perfect generator scores at this sample size). Prompts are class-balanced:
-  every class, its caption templates in turn. Needs data with a judge (Fashion-MNIST, MNIST, emoji).
+  the same class list: what a perfect generator scores at this sample size). On MNIST and
+  Fashion-MNIST also the same FD and diversity in a second feature space independent of the judge (a
+  convolutional autoencoder trained without labels, `twinflow.eval.autoencoder_space`):
+  `eval/fd_ae_<setting>`, `eval/diversity_ae_<setting>`, `eval/collapse_ae_<setting>`,
+  `eval/fd_ae_floor`, `eval/diversity_ae_floor`. Prompts are class-balanced: every class, its caption
+  templates in turn. Needs data with a judge (Fashion-MNIST, MNIST, emoji).
 - **builtin**: judge-free, for any data: `eval/pcafd_<setting>` (Fréchet distance in a pixel-PCA space
   fitted on `reference` real eval-split images, larger images area-downsampled to `feature_size` first),
   `eval/pcaadh_<setting>` (nearest-class-centroid adherence in that space, when the shards have labels),
