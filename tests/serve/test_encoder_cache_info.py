@@ -1,5 +1,6 @@
 """The replica's encoder cache figures (the metrics endpoint reads them) add up every caption length's
-encoder: one LRU each, counted together."""
+encoder: one LRU each, counted together. The encoders are shared by the process (other tests fill
+them too), so the test counts what its own calls added."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ def test_cache_info_adds_up_the_encoders_of_every_caption_length():
     from twinflow.serve.engine import TextEncoders
 
     enc = TextEncoders(cache_size=8)
-    enc.encode(["a photo of a dress", "a photo of a bag"], TEXT_LEN)  # 2 misses
-    enc.encode(["a photo of a dress"], TEXT_LEN)  # 1 hit
-    enc.encode(["a photo of a shoe"], TEXT_LEN + 4)  # another encoder: 1 miss
-    enc.encode(["a photo of a shoe", "a photo of a shoe"], TEXT_LEN + 4)  # 2 hits
-    assert enc.cache_info() == {"size": 3, "capacity": 8, "hits": 3, "misses": 3}
+    short, long = TEXT_LEN, TEXT_LEN + 4
+    enc.get(short), enc.get(long)
+    before = enc.cache_info()
+    enc.encode(["cache sum: a dress", "cache sum: a bag"], short)  # 2 misses
+    enc.encode(["cache sum: a dress"], short)  # 1 hit
+    enc.encode(["cache sum: a shoe"], long)  # the other encoder: 1 miss
+    enc.encode(["cache sum: a shoe", "cache sum: a shoe"], long)  # 2 hits
+    after = enc.cache_info()
+    assert after["hits"] - before["hits"] == 3 and after["misses"] - before["misses"] == 3
+    assert after["capacity"] == 8
