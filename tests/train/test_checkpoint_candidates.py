@@ -34,6 +34,13 @@ def test_rays_latest_comes_first_and_is_not_listed_again(tmp_path):
     assert candidates(None, None) == []
 
 
+def test_only_checkpoint_folders_are_listed(tmp_path):
+    d = _checkpoint(tmp_path, OLD, 1, 0)
+    (tmp_path / "logs").mkdir()  # the run's other folders and files
+    (tmp_path / "checkpoint_notes.txt").write_text("a file, not a checkpoint")
+    assert checkpoint_dirs(str(tmp_path))[1] == [str(d)]
+
+
 def test_a_one_worker_checkpoint_has_its_layout_read(tmp_path):
     d = _checkpoint(tmp_path, OLD, 1, 0)  # rank 0's manifest only
     assert newest_layout(str(tmp_path)) == (str(d), 1, 0)
@@ -41,15 +48,16 @@ def test_a_one_worker_checkpoint_has_its_layout_read(tmp_path):
 
 def test_the_s3_endpoint_reaches_every_listing(tmp_path, monkeypatch):
     _checkpoint(tmp_path, OLD, 2, 3)
-    seen = []
+    seen, fs = [], pafs.LocalFileSystem()
 
     def local_filesystem(uri, endpoint=None):
         seen.append(endpoint)
-        return pafs.LocalFileSystem(), str(uri)
+        return fs, str(uri)
 
     monkeypatch.setattr(twinflow.storage, "open_filesystem", local_filesystem)
     endpoint = "http://127.0.0.1:9000"
     assert len(checkpoint_dirs(str(tmp_path), endpoint)[1]) == 1
-    assert len(candidates(None, str(tmp_path), endpoint)) == 1
+    listed = candidates(None, str(tmp_path), endpoint)
+    assert len(listed) == 1 and listed[0].filesystem is fs  # read through the filesystem that listed it
     assert newest_layout(str(tmp_path), endpoint)[1:] == (2, 3)
     assert seen == [endpoint] * 3
