@@ -87,3 +87,35 @@ def test_a_gpu_nothing_fits_on_says_why_and_exits_3(tmp_path, capsys, gpu_mem, v
     assert any(line.startswith(verdict) for line in lines)
     startup_bound = any(e.training <= result.capacity < e.startup for e in result.table)
     assert startup_bound == verdict.endswith("startup peak")
+    if startup_bound:
+        assert lines[-2] == (  # the last line is the group split
+            "no layout fits because of the startup peak: the worker moves the whole generator (built in "
+            "the training precision; fp32 while teacher/EMA copies are made) to each GPU before DeepSpeed "
+            "shards it (startup column); training itself would fit"
+        )
+
+
+def test_a_full_fine_tune_says_where_its_ema_lives_and_a_twinflow_job_its_group_split(tmp_path, capsys):
+    from twinflow.train.modelling import realised_split
+
+    sets = [*_sets(tmp_path), "model.lora=null"]
+    _, lines = _report(capsys, sets, "--gpu", "h200-141g")
+    assert "fp32 EMA(s) (sharded with the optimizer)" in lines[1]
+    blanks = [i for i, line in enumerate(lines) if line == ""]
+    header = next(i for i, line in enumerate(lines) if line.startswith("layout"))
+    last_row = max(i for i, line in enumerate(lines) if line[:1].isdigit())
+    assert blanks == [header - 1, last_row + 1]  # one blank line before the table, one after it
+
+    job = load_job("jobs/mnist_twinflow.yaml")
+    found = realised_split(job)
+    split = dict(found["group_split"])
+    assert main(["plan", "jobs/mnist_twinflow.yaml", "--gpus", "2"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    rows = split.pop("global_batch")
+    assert last == (
+        f"TwinFlow groups per optimizer step ({rows} rows = {job.cluster.num_workers} workers x "
+        f"{job.train.micro_batch} x {job.deepspeed.gradient_accumulation_steps} accumulation): "
+        + ", ".join(f"{k} {v}" for k, v in split.items())
+        + f"; lambda {job.method.lambda_:g} realised as {found['lambda_realised']:.3f}"
+    )
+    assert job.method.lambda_ > 0 and rows == sum(split.values())
