@@ -34,7 +34,7 @@ def _row_figures(line: str, label: str) -> tuple[list[str], str]:
 
 
 def test_every_row_prints_the_planners_figures_in_gib(tmp_path, capsys):
-    sets = _sets(tmp_path)
+    sets = [*_sets(tmp_path), "train.micro_batch=8"]  # --set reaches the plan (the file says 4)
     code, lines = _report(capsys, sets, "--gpu-mem", "48GiB", "--gpus", "4")  # some layouts fit, some not
     result = plan(load_job(SHIPPED_JOB, overrides=sets), parse_size("48GiB"), 4, parse_size("2GiB"))
     assert code == 0
@@ -43,6 +43,7 @@ def test_every_row_prints_the_planners_figures_in_gib(tmp_path, capsys):
         f"model: {c.total:,} parameters ({c.trainable:,} trainable), {c.layers} blocks x {c.width} "
         f"({c.heads} heads), largest block {c.largest_layer:,}"
     )
+    assert w.micro_batch == 8
     assert lines[1].startswith(
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
         f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
