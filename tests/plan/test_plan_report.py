@@ -120,3 +120,20 @@ def test_a_full_fine_tune_says_where_its_ema_lives_and_a_twinflow_job_its_group_
         + f"; lambda {job.method.lambda_:g} realised as {found['lambda_realised']:.3f}"
     )
     assert job.method.lambda_ > 0 and rows == sum(split.values())
+
+
+def test_a_layout_whose_figure_equals_the_usable_memory_to_the_byte_fits(tmp_path, capsys):
+    """The boundaries: a peak equal to the usable bytes fits; a training figure equal to them is
+    "training itself would fit" when only the startup peak is over."""
+    sets = _sets(tmp_path)
+    job, reserve = load_job(SHIPPED_JOB, overrides=sets), parse_size("2GiB")
+    table = plan(job, parse_size("1000GiB"), 4, reserve).table
+    smallest = min(table, key=lambda e: e.peak)
+    code, lines = _report(capsys, sets, "--gpu-mem", f"{smallest.peak + reserve}B", "--gpus", "4")
+    assert code == 0
+    row = next(line for line in lines if line.startswith(smallest.layout.label()))
+    assert row.endswith("  yes")
+    trains_least = min(table, key=lambda e: e.training)
+    assert trains_least.training < trains_least.startup  # the startup peak is what does not fit
+    code, lines = _report(capsys, sets, "--gpu-mem", f"{trains_least.training + reserve}B", "--gpus", "4")
+    assert code == 3 and any(line.startswith("no layout fits because of the startup peak") for line in lines)

@@ -71,7 +71,7 @@ def test_the_averages_and_the_train_state_come_back_as_saved_and_the_log_says_wh
     saved.save(c2)
     _latest(monkeypatch, c2)  # Ray's registered checkpoint comes before a newer folder
     fresh, engine = _averages(1), Engine()
-    log = tmp_path / "run" / "logs" / "checkpoints.log"  # its folder does not exist yet
+    log = tmp_path / "out" / "logs" / "checkpoints.log"  # neither folder exists yet
     state = checkpointing.restore(engine, fresh, str(run), log_file=log)
     assert state == TrainState(step=2, epoch=1, batches_in_epoch=2, samples_seen=16)
     assert engine.loads == [(c2, TAG)]
