@@ -9,31 +9,28 @@ import pytest
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
-def _build(out: Path, pipeline: str, *overrides: str) -> Path:
-    from twinflow.data import build_pipeline, load_pipeline
+def _shards(pipeline: str, train: int, eval_: int, doc: str):
+    """A session fixture building `pipeline` with `train` / `eval_` records in 64-record shards."""
 
-    cfg = load_pipeline(PIPELINES / pipeline, [f"output={out}", "shard_size=64", *overrides])
-    build_pipeline(cfg, progress=False)
-    return out
+    @pytest.fixture(scope="session")
+    def build(tmp_path_factory) -> Path:
+        from twinflow.data import build_pipeline, load_pipeline
+
+        out = tmp_path_factory.mktemp(Path(pipeline).stem) / "shards"
+        overrides = [
+            f"output={out}",
+            "shard_size=64",
+            f"splits.train.count={train}",
+            f"splits.eval.count={eval_}",
+        ]
+        build_pipeline(load_pipeline(PIPELINES / pipeline, overrides), progress=False)
+        return out
+
+    build.__doc__ = doc
+    return build
 
 
-@pytest.fixture(scope="session")
-def mnist_small(tmp_path_factory):
-    """MNIST digits, 96 train / 32 eval records."""
-    return _build(
-        tmp_path_factory.mktemp("mnist") / "shards",
-        "mnist_digits.yaml",
-        "splits.train.count=96",
-        "splits.eval.count=32",
-    )
-
-
-@pytest.fixture(scope="session")
-def mnist_edits_small(tmp_path_factory):
-    """MNIST edit pairs from 48 train / 16 eval digits (two edits each)."""
-    return _build(
-        tmp_path_factory.mktemp("mnist_edits") / "shards",
-        "mnist_edits.yaml",
-        "splits.train.count=48",
-        "splits.eval.count=16",
-    )
+mnist_small = _shards("mnist_digits.yaml", 96, 32, "MNIST digits, 96 train / 32 eval records.")
+mnist_edits_small = _shards(
+    "mnist_edits.yaml", 48, 16, "MNIST edit pairs from 48 train / 16 eval digits (two edits each)."
+)

@@ -39,3 +39,25 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+
+
+EVAL = (  # the final step's sample grid and judge metrics at 1 and 2 NFE
+    "eval.prompts=[a photo of a sneaker, a photo of a bag]",
+    "eval.nfe=[1, 2]",
+    "eval.images_per_prompt=2",
+    "eval.metric_images_per_prompt=8",
+)
+
+
+def check_finished(result, steps: int) -> Path:
+    """A job run with `EVAL` that finished every step once; its run directory."""
+    assert result.ok, result.error
+    assert result.state == "FINISHED"
+    assert result.steps == steps
+    run = Path(result.run_dir)
+    assert logged_steps(run) == list(range(1, steps + 1))  # every step logged once, none twice
+    # samples_seen is carried in the checkpoint: any replayed step would inflate it
+    assert result.metrics["samples_seen"] == steps * MICRO * WORLD
+    assert (run / "samples" / "final.png").stat().st_size > 0
+    assert json.loads((run / "summary.json").read_text())["state"] == "FINISHED"
+    return run

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from twinflow.train.launcher import run_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reliability's job helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tune"))  # the sweep file tests/tune runs
 from reliability.helpers import make_job
+from sweep_files import make_sweep
 
 pytestmark = [pytest.mark.integration]
 
@@ -73,35 +74,14 @@ def test_a_sweep_logs_one_run_per_trial_and_tags_the_best(
     from twinflow.tune.config import load_sweep
     from twinflow.tune.runner import run_sweep
 
-    spec = {
-        "name": "tracked-sweep",
-        "base_job": str(REPO / "jobs" / "fashion_twinflow.yaml"),
-        "overrides": {
-            "data.path": str(fashion_small),
-            "data.shuffle_buffer": 32,
-            "cluster.num_workers": 1,
-            "data.embed_cache": True,
-            "data.embed_cache_path": str(tmp_path_factory.mktemp("embed_cache")),
-            "method.teacher": "online",
-            "train.steps": 4,
-            "train.micro_batch": 8,
-            "train.checkpoint_every": 2,
-            "train.log_every": 1,
-            "train.init_from": None,
-            "eval.prompts": ["a photo of a sneaker", "a photo of a bag"],
-            "eval.images_per_prompt": 2,
-            "eval.nfe": [1],
-            "eval.metrics": False,
-            "output.tensorboard": False,
-        },
-        "search_space": {"method.lambda": {"grid": [0.0, 0.5]}},
-        "evaluation": {"nfe": [1, 2], "samples": 16, "reference": 16, "grid_images_per_prompt": 2},
-        "metric": "eval/fd_nfe1",
-        "storage": str(tmp_path / "sweeps"),
-        "tracking": {"mlflow": {"tracking_uri": mlflow_server, "experiment": "sweeps"}},
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    path = make_sweep(
+        tmp_path,
+        fashion_small,
+        "tracked-sweep",
+        {"method.lambda": {"grid": [0.0, 0.5]}},
+        cache=tmp_path_factory.mktemp("embed_cache"),
+        tracking={"mlflow": {"tracking_uri": mlflow_server, "experiment": "sweeps"}},
+    )
     result = run_sweep(load_sweep(path))
     assert result.best is not None
 

@@ -101,7 +101,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     components: list[loop.Scheduled] = []
     if config.get("fault_at_step") is not None:  # tests only: not part of the job schema
-        components.append(KillWorker(int(config["fault_at_step"]), rank, job.cluster.num_workers, run_dir))
+        kill = KillWorker(int(config["fault_at_step"]), rank, job.cluster.num_workers, run_dir)
+        kill.keep_restored(averages, state)
+        components.append(kill)
     components.append(loop.LogMetrics(job.train.log_every, write_metrics, extra=extra))
     if eval_cond is not None:
         grid_args = {"rank": rank, "null_cond": null_cond}
@@ -274,6 +276,14 @@ class KillWorker:
     def __init__(self, step: int, rank: int, num_workers: int, run_dir: Path) -> None:
         self.step, self.rank, self.run_dir = step, rank, run_dir
         self.victim = 1 if num_workers > 1 else 0
+
+    def keep_restored(self, averages, state: TrainState) -> None:
+        """On a resumed start, each rank's averages as the restore left them, saved the way a checkpoint
+        saves them (`logs/restored_averages/step<N>/`): the tests compare them with the checkpoint's."""
+        if state.step:
+            out = self.run_dir / "logs" / "restored_averages" / f"step{state.step}"
+            out.mkdir(parents=True, exist_ok=True)
+            averages.save(out)
 
     def after_step(self, run: loop.Loop) -> None:
         marker = self.run_dir / f".injected_failure_step{self.step}"
