@@ -4,12 +4,13 @@ verdict line (the planner's own figures are tested in test_plan.py; this checks 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from twinflow.cli import main
-from twinflow.plan.cli import _COLUMNS
+from twinflow.plan.cli import _COLUMNS, render
 from twinflow.plan.gpus import GIB, parse_size
 from twinflow.plan.planner import plan
 from twinflow.train.config import load_job
@@ -47,7 +48,7 @@ def test_every_row_prints_the_planners_figures_in_gib(tmp_path, capsys):
     assert lines[1].startswith(
         f"step: micro-batch {w.micro_batch}, {w.tokens} tokens/row, forward with gradient {w.grad_rows} rows, "
         f"largest no-grad forward {w.nograd_rows} rows (and {w.overlap_rows} while its activations are held), "
-        f"{w.emas} fp32 EMA(s) (second adapter), {w.copies} fp32 model copies, precision {w.precision}"
+        f"{w.emas} fp32 average(s) (second adapter + 1/world of E2), precision {w.precision}"
     )
     gpu_line = next(line for line in lines if line.startswith("GPU: "))
     assert f"usable {result.capacity / GIB:.1f} GiB after the reserve" in gpu_line
@@ -72,28 +73,41 @@ def test_every_row_prints_the_planners_figures_in_gib(tmp_path, capsys):
     assert lines[at + 1] == rows[-1] and rows[-1].startswith(result.cheapest.layout.label())
 
 
-@pytest.mark.parametrize(
-    ("gpu_mem", "verdict"),
-    [
-        ("40GiB", "no layout fits because of the startup peak"),  # ZeRO-3 trains in 17.5, starts in 40.5
-        ("4GiB", "no layout up to 128 GPUs fits"),
-    ],
-)
-def test_a_gpu_nothing_fits_on_says_why_and_exits_3(tmp_path, capsys, gpu_mem, verdict):
+def test_a_gpu_nothing_fits_on_says_why_and_exits_3(tmp_path, capsys):
     sets = _sets(tmp_path)
-    code, lines = _report(capsys, sets, "--gpu-mem", gpu_mem, "--gpus", "4")
-    result = plan(load_job(SHIPPED_JOB, overrides=sets), parse_size(gpu_mem), 4, parse_size("2GiB"))
+    code, lines = _report(capsys, sets, "--gpu-mem", "4GiB", "--gpus", "4")
+    result = plan(load_job(SHIPPED_JOB, overrides=sets), parse_size("4GiB"), 4, parse_size("2GiB"))
     assert code == 3 and result.cheapest is None
     assert all(line.endswith("  NO") for line in lines if line[:1].isdigit())
-    assert any(line.startswith(verdict) for line in lines)
-    startup_bound = any(e.training <= result.capacity < e.startup for e in result.table)
-    assert startup_bound == verdict.endswith("startup peak")
-    if startup_bound:
-        assert lines[-2] == (  # the last line is the group split
-            "no layout fits because of the startup peak: the worker moves the whole generator (built in "
-            "the training precision; fp32 while teacher/EMA copies are made) to each GPU before DeepSpeed "
-            "shards it (startup column); training itself would fit"
-        )
+    assert not any(e.training <= result.capacity < e.startup for e in result.table)
+    assert any(
+        line == "no layout up to 128 GPUs fits: lower micro_batch or resolution, use LoRA, or a larger GPU"
+        for line in lines
+    )
+
+
+def _startup_bound(result, capacity: int):
+    """`result` with every layout's startup one byte over `capacity` (training unchanged): the shipped
+    recipes never start bigger than they train now that ZeRO-3 builds partitioned, so the startup
+    verdict is reached through the table."""
+    table = [replace(e, startup=capacity + 1) for e in result.table]
+    return replace(result, capacity=capacity, table=table, cheapest=None)
+
+
+def test_the_startup_verdict_when_only_the_startup_peak_is_over(tmp_path):
+    result = plan(
+        load_job(SHIPPED_JOB, overrides=_sets(tmp_path)), parse_size("1000GiB"), 4, parse_size("2GiB")
+    )
+    least = min(e.training for e in result.table)
+    lines = render(_startup_bound(result, least), "test").splitlines()  # training equal to usable: it fits
+    assert lines[-1] == (
+        "no layout fits because of the startup peak: below ZeRO-3 the worker builds the whole "
+        "generator (in the training precision) on each GPU before DeepSpeed shards it (startup "
+        "column; ZeRO-3 builds it partitioned); training itself would fit"
+    )
+    assert all(line.endswith("  NO") for line in lines if line[:1].isdigit())
+    lines = render(_startup_bound(result, least - 1), "test").splitlines()  # a byte under: training too
+    assert lines[-1].startswith("no layout up to 128 GPUs fits")
 
 
 def test_a_full_fine_tune_says_where_its_ema_lives_and_a_twinflow_job_its_group_split(tmp_path, capsys):
@@ -101,11 +115,12 @@ def test_a_full_fine_tune_says_where_its_ema_lives_and_a_twinflow_job_its_group_
 
     sets = [*_sets(tmp_path), "model.lora=null"]
     _, lines = _report(capsys, sets, "--gpu", "h200-141g")
-    assert "fp32 EMA(s) (sharded with the optimizer)" in lines[1]
+    assert "fp32 average(s) (1/world per rank)" in lines[1]
     blanks = [i for i, line in enumerate(lines) if line == ""]
     header = next(i for i, line in enumerate(lines) if line.startswith("layout"))
-    last_row = max(i for i, line in enumerate(lines) if line[:1].isdigit())
-    assert blanks == [header - 1, last_row + 1]  # one blank line before the table, one after it
+    rows = next(i for i in range(header + 1, len(lines)) if not lines[i][:1].isdigit()) - header - 1
+    assert rows == 8  # every stage/offload layout
+    assert blanks == [header - 1, header + rows + 1]  # one blank line before the table, one after it
 
     job = load_job("jobs/mnist_twinflow.yaml")
     found = realised_split(job)
@@ -123,8 +138,8 @@ def test_a_full_fine_tune_says_where_its_ema_lives_and_a_twinflow_job_its_group_
 
 
 def test_a_layout_whose_figure_equals_the_usable_memory_to_the_byte_fits(tmp_path, capsys):
-    """The boundaries: a peak equal to the usable bytes fits; a training figure equal to them is
-    "training itself would fit" when only the startup peak is over."""
+    """The boundary: a peak equal to the usable bytes fits, one byte more does not (the startup
+    verdict's boundary is in test_the_startup_verdict_when_only_the_startup_peak_is_over)."""
     sets = _sets(tmp_path)
     job, reserve = load_job(SHIPPED_JOB, overrides=sets), parse_size("2GiB")
     table = plan(job, parse_size("1000GiB"), 4, reserve).table
@@ -133,7 +148,20 @@ def test_a_layout_whose_figure_equals_the_usable_memory_to_the_byte_fits(tmp_pat
     assert code == 0
     row = next(line for line in lines if line.startswith(smallest.layout.label()))
     assert row.endswith("  yes")
-    trains_least = min(table, key=lambda e: e.training)
-    assert trains_least.training < trains_least.startup  # the startup peak is what does not fit
-    code, lines = _report(capsys, sets, "--gpu-mem", f"{trains_least.training + reserve}B", "--gpus", "4")
-    assert code == 3 and any(line.startswith("no layout fits because of the startup peak") for line in lines)
+    code, lines = _report(capsys, sets, "--gpu-mem", f"{smallest.peak + reserve - 1}B", "--gpus", "4")
+    assert code == 3  # a byte less: the smallest layout no longer fits, nor any other
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("no config.json in /x"), ValueError("batch too small")])
+def test_a_planner_error_is_one_line_naming_the_job_and_exit_code_2(tmp_path, capsys, monkeypatch, error):
+    import twinflow.plan.planner as planner
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(planner, "plan", fail)
+    code = main(["plan", SHIPPED_JOB, *(a for s in _sets(tmp_path) for a in ("--set", s))])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == f"error: {SHIPPED_JOB}: {error}"
+    assert captured.out == ""  # no report after the error
