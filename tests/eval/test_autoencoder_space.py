@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from twinflow.eval import autoencoder_space as ae
 from twinflow.eval.datasets import load_split
-from twinflow.eval.metrics import frechet_distance_features, metrics_from_samples, real_reference
+from twinflow.eval.frechet import frechet_distance_features
+from twinflow.eval.metrics import metrics_from_samples, real_reference
 
 DATASETS = ("mnist", "fashion_mnist")
 # Floors the shipped weights must clear on the held-out split (measured: see docs/evaluation.md).

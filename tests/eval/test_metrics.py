@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from twinflow.eval.frechet import feature_stats, frechet_distance, frechet_distance_features
 from twinflow.eval.metrics import (
     adherence,
     diversity,
-    feature_stats,
-    frechet_distance,
-    frechet_distance_features,
     mean_pairwise_distance,
     metrics_from_samples,
     mse_psnr,

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from twinflow.eval.datasets import EvalDataset, canonical_name, get_dataset, load_split
+from twinflow.eval.frechet import frechet_distance_features
 from twinflow.eval.judges import WEIGHTS_DIR, prepare_images
 
 FORMAT = "twinflow-ae-features-v1"
@@ -318,7 +319,6 @@ def heldout_metrics(space: FeatureSpace, seed: int = 0) -> dict[str, Any]:
     reconstruction MSE / PSNR on held-out images, linear-probe accuracy on held-out labels, FD between
     as many train as held-out images (real vs real: this sample size's floor), and the same FD with the
     held-out images noised at `NOISE_LEVELS` (growing with the noise)."""
-    from twinflow.eval.metrics import frechet_distance_features
 
     held, train = load_split(space.name, "heldout"), load_split(space.name, "train")
     xh = held.as_float()

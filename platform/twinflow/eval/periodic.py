@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from twinflow import storage
+from twinflow.config import ConfigError
 from twinflow.data import shards
 from twinflow.eval.datasets import SOURCE_TYPES, get_dataset, reference_manifest
 from twinflow.eval.judges import load_judge
@@ -64,8 +65,6 @@ def check_reference(job: Any, dataset: str | None, manifest: shards.Manifest | N
     hold an image_text eval and train split; else a ConfigError naming the field and what to pass.
     `dataset`: the judge of `data.path`; `manifest`: `data.path`'s, read by the caller (used when
     the reference is `data.path` itself)."""
-    from twinflow.config import ConfigError
-
     if not uses_reference(job, dataset):
         return
     data, endpoint = reference_of(job)

@@ -43,6 +43,10 @@ from torch.utils._pytree import tree_flatten
 
 from twinflow.models.config import ModelConfig
 
+# The model modules (diffusers' transformer classes, presets, the published-config helpers) load inside
+# the functions that build or count a model: `twinflow plan --help` and the report's pure arithmetic
+# (memory.py imports this module for its fitted figures) stay free of diffusers.
+
 #: (layers, heads, head_dim, image size at patch 2, text tokens) of the configs the formula is fitted on
 FIT_CONFIGS = (
     (1, 2, 32, 16, 8),

@@ -14,6 +14,10 @@ import torch
 
 from twinflow.models.config import ModelConfig
 
+# The model modules (diffusers' transformer classes, presets, the published-config helpers) load inside
+# the functions that build or count a model: `twinflow plan --help` and the report's pure arithmetic
+# (memory.py imports this module for its fitted figures) stay free of diffusers.
+
 # diffusers bookkeeping keys in a saved config.json that are not constructor arguments
 _META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 

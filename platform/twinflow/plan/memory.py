@@ -221,6 +221,7 @@ def forward_rows(method, batch: int, conditional: bool = True, layout=None) -> t
     job always gets the same plan. With the job's `layout` (`method.groups.BatchLayout`), every
     micro-batch of a step holds its own part of the global group split (and ranks make the same calls,
     `lockstep`): the probe runs each of them and keeps the largest."""
+    # the objective's module imports the model stack; only the no-grad probe needs it
     from twinflow.method import build_objective
 
     calls: list[tuple[int, bool]] = []

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from twinflow.models.config import ModelConfig
 
+# The model modules (diffusers' transformer classes, presets, the published-config helpers) load inside
+# the functions that build or count a model: `twinflow plan --help` and the report's pure arithmetic
+# (memory.py imports this module for its fitted figures) stay free of diffusers.
+
 PUBLISHED_DIR = Path(__file__).with_name("published")
 COMPONENTS = ("transformer", "vae", "text_encoder")
 

@@ -41,8 +41,9 @@ import torch
 
 from twinflow.data.config import DataConfig
 from twinflow.data.local import iter_local_batches
+from twinflow.eval.frechet import frechet_distance_features
 from twinflow.eval.judges import load_judge
-from twinflow.eval.metrics import evaluate_generator, frechet_distance_features, real_reference
+from twinflow.eval.metrics import evaluate_generator, real_reference
 from twinflow.eval.periodic import dataset_of, reference_of
 from twinflow.export_reader import open_export, shared_text_encoder
 from twinflow.imaging import save_grid
