@@ -30,22 +30,14 @@ KEYS = ("fd", "diversity", "adherence", "fd_ae", "diversity_ae")
 
 def run(dataset: str, base_steps: int, at: list[int], samples_per_class: int, seed: int) -> dict[str, Any]:
     import torch
-    from quality import DATASETS  # sibling module benchmarks/quality.py
+    from quality import in_process_jobs  # sibling module benchmarks/quality.py
 
     from twinflow.eval.judges import load_judge
     from twinflow.eval.metrics import evaluate_generator, real_reference
-    from twinflow.models.text_encoder import TextEncoder
-    from twinflow.train.config import load_job
-    from twinflow.train.inprocess import load_memory_data, train_in_process
+    from twinflow.train.inprocess import train_in_process
 
     torch.set_num_threads(1)
-    jobs = DATASETS[dataset]
-    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
-    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={max(at)}", "train.init_from=null"])
-    for job in (base_job, twin_job):
-        job.data.path = str(ROOT / job.data.path)
-    enc = TextEncoder(max_length=base_job.data.text_max_length)
-    data = load_memory_data(base_job.data, enc)
+    base_job, twin_job, enc, data = in_process_jobs(dataset, base_steps, max(at))
     judge = load_judge(dataset)
     ref = real_reference(judge)
 

@@ -237,6 +237,23 @@ QUICK_RESULTS = ROOT / "benchmarks" / "results" / "quality_quick.json"
 QUICK_BEGIN, QUICK_END = "<!-- QUALITY_QUICK:BEGIN -->", "<!-- QUALITY_QUICK:END -->"
 
 
+def in_process_jobs(ds: str, base_steps: int, twinflow_steps: int):
+    """The dataset's shipped base and TwinFlow jobs with only their step counts changed (the fine-tune
+    takes its base from the caller, not `init_from`), their data read into memory once with the
+    caption encoder: (base job, TwinFlow job, encoder, data) for `train.inprocess`."""
+    from twinflow.models.text_encoder import TextEncoder
+    from twinflow.train.config import load_job
+    from twinflow.train.inprocess import load_memory_data
+
+    jobs = DATASETS[ds]
+    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
+    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={twinflow_steps}", "train.init_from=null"])
+    for job in (base_job, twin_job):
+        job.data.path = str(ROOT / job.data.path)
+    enc = TextEncoder(max_length=base_job.data.text_max_length)
+    return base_job, twin_job, enc, load_memory_data(base_job.data, enc)
+
+
 def quick_dataset(ds: str, base_steps: int, twinflow_steps: int, samples_per_class: int, seed: int) -> dict:
     """The cheapest path: both shipped jobs trained in this process (`train.inprocess`, one thread, one
     micro-batch of 32 per step instead of two Ray Train workers), only `train.steps` overridden, the
@@ -248,18 +265,10 @@ def quick_dataset(ds: str, base_steps: int, twinflow_steps: int, samples_per_cla
 
     from twinflow.eval.judges import load_judge
     from twinflow.eval.metrics import evaluate_generator, real_reference
-    from twinflow.models.text_encoder import TextEncoder
-    from twinflow.train.config import load_job
-    from twinflow.train.inprocess import load_memory_data, train_in_process
+    from twinflow.train.inprocess import train_in_process
 
     torch.set_num_threads(1)
-    jobs = DATASETS[ds]
-    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
-    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={twinflow_steps}", "train.init_from=null"])
-    for job in (base_job, twin_job):
-        job.data.path = str(ROOT / job.data.path)
-    enc = TextEncoder(max_length=base_job.data.text_max_length)
-    data = load_memory_data(base_job.data, enc)
+    base_job, twin_job, enc, data = in_process_jobs(ds, base_steps, twinflow_steps)
     t0 = time.perf_counter()
     base = train_in_process(base_job, data=data, encoder=enc, log_every=100).sampling_model
     t_base = time.perf_counter() - t0
