@@ -102,8 +102,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     report = comparison_grid(Path(base.export_dir), Path(twin.export_dir), out / "base50_vs_twinflow1.png")
     report.update(
-        base_export=base.export_dir,
-        twinflow_export=twin.export_dir,
+        base_export=_relative(base.export_dir),
+        twinflow_export=_relative(twin.export_dir),
         base_final_loss=base.metrics.get("total"),
         twinflow_final_loss=twin.metrics.get("total"),
         twinflow_losses={k: v for k, v in twin.metrics.items() if k.startswith("loss_")},
@@ -122,6 +122,13 @@ def run_demo(
         print(f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}")
     print(f"  report           {out / 'demo.json'}")
     return 0
+
+
+def _relative(path: str) -> str:
+    """A path under the working directory as the report records it (the job gives it absolute), so the
+    report reads the same on any machine."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path
 
 
 def _evaluation(base_export: str, twin_export: str, images_per_class: int = 100) -> dict[str, Any]:
