@@ -38,8 +38,17 @@ class ResolvedJob:
     manifest: shards.Manifest | None  # data.path's; None when it could not be read
     judge: str | None  # periodic eval's judge for the data (its manifest's source type), if any
     inputs: tuple[tuple[str, str, str | None], ...]  # (field, path, endpoint) the workers read
-    global_batch: int  # rows per optimizer step over all workers
-    group_split: dict[str, int] | None  # rows of the global batch per TwinFlow group; None without groups
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step over all workers."""
+        return self.job.global_batch
+
+    @property
+    def group_split(self) -> dict[str, int] | None:
+        """Rows of the global batch per TwinFlow group; None for objectives without groups."""
+        split = getattr(self.job.method, "split", None)
+        return split(self.job.global_batch).as_dict() if split is not None else None
 
 
 def resolve_job(job: JobConfig, source: str | None = None) -> ResolvedJob:
@@ -77,8 +86,6 @@ def _resolve(job: JobConfig, source: str | None) -> ResolvedJob:
         manifest=manifest,
         judge=judge,
         inputs=tuple(job_inputs(job, judge)),
-        global_batch=job.global_batch,
-        group_split=_group_split(job),
     )
 
 
@@ -111,8 +118,3 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     if job.eval.reference and "://" not in job.eval.reference:
         job.eval.reference = str(Path(job.eval.reference).expanduser().resolve())
     return job
-
-
-def _group_split(job: JobConfig) -> dict[str, int] | None:
-    split = getattr(job.method, "split", None)  # TwinFlow's groups; other objectives have none
-    return split(job.global_batch).as_dict() if split is not None else None
