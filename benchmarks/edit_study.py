@@ -5,7 +5,7 @@ from the shipped edit jobs (`jobs/mnist_edit_fm.yaml`, then `jobs/mnist_edit_twi
 sampling EMA), with one micro-batch of 64 per step: the shipped jobs' global batch (2 Ray Train
 workers x 32).
 
-1. **Probe** (`--variants probe`): flow-matching editors trained on the flip and rotate pairs only, in
+1. **Probe** (`--variants probe`, or one arm as `probe_<arm>`): flow-matching editors trained on the flip and rotate pairs only, in
    four arms that differ only in how the source image reaches the model. A flip or rotation of the
    28x28 image is a move of its 4x4 patches on the 7x7 token grid *and* the same flip or rotation of
    the pixels inside each patch. `given`: the source as shipped. `blocks_placed`: the source's patches
@@ -19,7 +19,7 @@ workers x 32).
    same held-out pairs with the same noise: per op PSNR and the class the judge reads, TwinFlow at
    1/2 NFE, the FM editor on its ODE at 2 and 50 NFE. The exports stay under runs/edit_study/.
 
-Each finished probe or variant is written to benchmarks/results/edit_study.json at once; a rerun skips
+Each finished probe arm or variant is written to benchmarks/results/edit_study.json at once; a rerun skips
 those already there with the same settings (`--fresh` starts over). `--report` rewrites the tables
 of docs/edit-study.md (between its EDIT_STUDY markers) and docs/img/edit_study.png from the JSON.
 
@@ -52,6 +52,7 @@ PLOT = ROOT / "docs" / "img" / "edit_study.png"
 FM_JOB, TF_JOB = "jobs/mnist_edit_fm.yaml", "jobs/mnist_edit_twinflow.yaml"
 DATA = "data/mnist_edits"
 RUNS = "runs/edit_study"
+PATCH = 4  # tiny-28g's patch: the probe moves 4x4 blocks
 BEGIN, END = "<!-- EDIT_STUDY:BEGIN -->", "<!-- EDIT_STUDY:END -->"
 OPS = ["invert", "shift", "thicker", "thinner", "flip", "rotate"]
 TARGET_CLASS = 0.90  # the judge reads the instructed class in >= 90% of 2-NFE outputs, every op
@@ -91,11 +92,11 @@ GEOMETRIC: dict[str, Callable[[Tensor, tuple[int, int]], Tensor]] = {
     "rot180": lambda x, d: x.rot90(2, d),
     "rot270": lambda x, d: x.rot90(3, d),
 }
-PROBE_ARMS = {
-    "given": "the source as shipped",
-    "blocks_placed": "source patches already at their edited positions (pixels inside each patch left to the model)",
-    "pixels_placed": "pixels inside each patch already edited (moving the patches left to the model)",
-    "given_layers6": "the source as shipped, 6-layer backbone",
+PROBE_ARMS = {  # arm -> what is left for the model to learn
+    "given": "move the patches and transform the pixels inside them (the source as shipped)",
+    "blocks_placed": "transform the pixels inside each patch (patches already moved)",
+    "pixels_placed": "move the patches (pixels inside them already transformed)",
+    "given_layers6": "both, as shipped, with 6 layers instead of 3",
 }
 
 
@@ -286,31 +287,34 @@ def run_variant(name: str, data: Any, enc: Any, pairs: Any, judge: Any, seed: in
     return entry
 
 
-def run_probe(data: Any, enc: Any, pairs: Any, judge: Any, seed: int, steps: int) -> dict[str, Any]:
-    """The four probe arms (flow matching, `steps` each) scored on the held-out flip/rotate pairs."""
+def run_probe_arm(
+    arm: str, data: Any, enc: Any, pairs: Any, judge: Any, seed: int, steps: int
+) -> dict[str, Any]:
+    """One probe arm: a flow-matching editor trained `steps` steps on the flip/rotate pairs as the arm
+    gives them, scored on the held-out flip/rotate pairs (sources given the same way) at 2 and 50 NFE."""
     from twinflow.eval.edits import edit_metrics, sample_edits
     from twinflow.method.sampler import settings_for
 
-    arms: dict[str, Any] = {}
-    for arm in PROBE_ARMS:
-        extra = ["model.backbone={num_layers: 6}"] if arm.endswith("layers6") else []
-        job, _ = load_jobs(Variant("probe", fm=(f"train.steps={steps}", *extra)))
-        patch = 4
-        arm_data = probe_arm_data(data, arm.removesuffix("_layers6"), patch)
-        run, train = timed_train(job, arm_data, enc)
-        model = run.sampling_model
-        held = probe_pairs(pairs, arm.removesuffix("_layers6"), patch)
-        per_nfe = {}
-        for nfe in (2, 50):
-            out = sample_edits(model, held, settings_for("flow_matching", nfe), encoder=enc, seed=seed)
-            per_nfe[str(nfe)] = edit_metrics(out, held, judge, by_op=True)
-        arms[arm] = {
-            "about": PROBE_ARMS[arm],
-            "train_rows": len(arm_data),
-            "training": train,
-            "eval": per_nfe,
-        }
-    return {"steps": steps, "held_out_pairs": len(held), "arms": arms}
+    extra = ["model.backbone={num_layers: 6}"] if arm.endswith("_layers6") else []
+    job, _ = load_jobs(Variant("probe", fm=(f"train.steps={steps}", *extra)))
+    feed = arm.removesuffix("_layers6")
+    arm_data = probe_arm_data(data, feed, PATCH)
+    run, train = timed_train(job, arm_data, enc)
+    held = probe_pairs(pairs, feed, PATCH)
+    per_nfe = {}
+    for nfe in (2, 50):
+        out = sample_edits(
+            run.sampling_model, held, settings_for("flow_matching", nfe), encoder=enc, seed=seed
+        )
+        per_nfe[str(nfe)] = edit_metrics(out, held, judge, by_op=True)
+    return {
+        "about": PROBE_ARMS[arm],
+        "steps": steps,
+        "train_rows": len(arm_data),
+        "held_out_pairs": len(held),
+        "training": train,
+        "eval": per_nfe,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -324,9 +328,7 @@ def variant_table(results: Mapping[str, Any]) -> str:
         "| variant | editor, NFE | PSNR (dB) | class | " + " | ".join(OPS) + " | train wall |",
         "|---|---|---|---|" + "---|" * len(OPS) + "---|",
     ]
-    for name, e in results.get("entries", {}).items():
-        if name == "probe":
-            continue
+    for name, e in variant_entries(results).items():
         tr = e["training"]
         wall = f"FM {tr['fm']['steps']} steps {tr['fm']['wall_s'] / 60:.1f} min, TF {tr['twinflow']['steps']} steps {tr['twinflow']['wall_s'] / 60:.1f} min"
         for arm, nfe, label in (
@@ -350,12 +352,22 @@ def variant_table(results: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def probe_table(probe: Mapping[str, Any]) -> str:
+def probe_entries(results: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        n.removeprefix("probe_"): e for n, e in results.get("entries", {}).items() if n.startswith("probe_")
+    }
+
+
+def variant_entries(results: Mapping[str, Any]) -> dict[str, Any]:
+    return {n: e for n, e in results.get("entries", {}).items() if not n.startswith("probe_")}
+
+
+def probe_table(arms: Mapping[str, Any]) -> str:
     rows = [
-        "| arm | what the model must do | NFE | PSNR flip | class flip | PSNR rotate | class rotate | train wall |",
+        "| arm | left for the model to learn | NFE | flip PSNR | flip class | rotate PSNR | rotate class | train wall |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for arm, a in probe["arms"].items():
+    for arm, a in arms.items():
         for nfe, m in a["eval"].items():
             f, r = m["by_op"].get("flip", {}), m["by_op"].get("rotate", {})
             rows.append(
@@ -372,7 +384,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = {n: e for n, e in results.get("entries", {}).items() if n != "probe"}
+    entries = variant_entries(results)
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -400,16 +412,17 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
 
 def write_report(results: Mapping[str, Any]) -> None:
     parts = [BEGIN, ""]
-    probe = results.get("entries", {}).get("probe")
-    if probe:
+    arms = probe_entries(results)
+    if arms:
+        first = next(iter(arms.values()))
         parts += [
-            f"#### Probe: flip and rotate pairs only, flow matching {probe['steps']} steps per arm, "
-            f"{probe['held_out_pairs']} held-out flip/rotate pairs (PSNR dB, judge reads the instructed class)",
+            f"#### Probe: flip and rotate pairs only, flow matching {first['steps']} steps per arm, "
+            f"{first['held_out_pairs']} held-out flip/rotate pairs (PSNR dB, judge reads the instructed class)",
             "",
-            probe_table(probe),
+            probe_table(arms),
             "",
         ]
-    if any(n != "probe" for n in results.get("entries", {})):
+    if variant_entries(results):
         parts += [
             f"#### Variants: {results['pairs']} held-out pairs, per op PSNR (dB) / judge reads the instructed class",
             "",
@@ -442,7 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         write_report(json.loads(out.read_text()))
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n != "probe" and n not in VARIANTS]
+    names = [m for n in names for m in ([f"probe_{a}" for a in PROBE_ARMS] if n == "probe" else [n])]
+    unknown = [
+        n
+        for n in names
+        if n.removeprefix("probe_") not in (PROBE_ARMS if n.startswith("probe_") else VARIANTS)
+    ]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from probe, {', '.join(VARIANTS)}")
     keys = {
@@ -452,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             common=COMMON,
             **(
-                {"probe_steps": args.probe_steps, "arms": list(PROBE_ARMS)}
-                if n == "probe"
+                {"probe_steps": args.probe_steps}
+                if n.startswith("probe_")
                 else {"variant": VARIANTS[n].__dict__}
             ),
         )
@@ -492,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in todo:
         t0 = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-        if name == "probe":
-            entry = run_probe(data, enc, pairs, judge, args.seed, args.probe_steps)
+        if name.startswith("probe_"):
+            entry = run_probe_arm(
+                name.removeprefix("probe_"), data, enc, pairs, judge, args.seed, args.probe_steps
+            )
         else:
             entry = run_variant(name, data, enc, pairs, judge, args.seed)
         entry.update(
@@ -502,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         results = record(out, name, entry, header)
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {entry['wall_s'] / 60:.1f} min", flush=True)
         print(
-            probe_table(entry) if name == "probe" else variant_table({"entries": {name: entry}}), flush=True
+            probe_table({name: entry})
+            if name.startswith("probe_")
+            else variant_table({"entries": {name: entry}}),
+            flush=True,
         )
     write_report(results)
     return 0
