@@ -5,22 +5,22 @@ from the shipped edit jobs (`jobs/mnist_edit_fm.yaml`, then `jobs/mnist_edit_twi
 sampling EMA), with one micro-batch of 64 per step: the shipped jobs' global batch (2 Ray Train
 workers x 32).
 
-1. **Probe** (`--variants probe`, or one arm as `probe_<arm>`): flow-matching editors trained on the flip and rotate pairs only, in
-   four arms that differ only in how the source image reaches the model. A flip or rotation of the
+1. **Probe** (`--variants probe`, or one arm as `probe_<arm>`): flow-matching editors trained on the
+   flip and rotate pairs only, in arms that differ in how the source image reaches the model. A flip or rotation of the
    28x28 image is a move of its 4x4 patches on the 7x7 token grid *and* the same flip or rotation of
    the pixels inside each patch. `given`: the source as shipped. `blocks_placed`: the source's patches
    already moved to where the edit puts them (left for the model: the pixels inside each patch, a
    per-token map like invert's). `pixels_placed`: the pixels inside each patch already transformed,
    the patches where they were (left for the model: moving tokens to the mirrored/rotated position).
-   `given_layers6`: the source as shipped to a 6-layer backbone. Scored on the held-out flip and
-   rotate pairs, with the same transform applied to their sources.
+   `given_layers6`, `given_patch2`: the source as shipped to a 6-layer backbone, or with 2x2 patches.
+   Scored on the held-out flip and rotate pairs, their sources given the same way.
 2. **Variants** (`--variants shipped,layers6,...`): the FM editor then its TwinFlow fine-tune, per
    named set of job overrides (`VARIANTS`), scored by `twinflow.eval.edits.evaluate_editor` on the
    same held-out pairs with the same noise: per op PSNR and the class the judge reads, TwinFlow at
    1/2 NFE, the FM editor on its ODE at 2 and 50 NFE. The exports stay under runs/edit_study/.
 
-Each finished probe arm or variant is written to benchmarks/results/edit_study.json at once; a rerun skips
-those already there with the same settings (`--fresh` starts over). `--report` rewrites the tables
+Each finished probe arm or variant is written to benchmarks/results/edit_study.json at once; a rerun
+skips those already there with the same settings (`--fresh` starts over). `--report` rewrites the tables
 of docs/edit-study.md (between its EDIT_STUDY markers) and docs/img/edit_study.png from the JSON.
 
     .venv/bin/twinflow data build pipelines/mnist_edits.yaml
@@ -92,11 +92,31 @@ GEOMETRIC: dict[str, Callable[[Tensor, tuple[int, int]], Tensor]] = {
     "rot180": lambda x, d: x.rot90(2, d),
     "rot270": lambda x, d: x.rot90(3, d),
 }
-PROBE_ARMS = {  # arm -> what is left for the model to learn
-    "given": "move the patches and transform the pixels inside them (the source as shipped)",
-    "blocks_placed": "transform the pixels inside each patch (patches already moved)",
-    "pixels_placed": "move the patches (pixels inside them already transformed)",
-    "given_layers6": "both, as shipped, with 6 layers instead of 3",
+
+
+@dataclass(frozen=True)
+class ProbeArm:
+    """How the sources reach the model (`given`, `blocks_placed`, `pixels_placed`) and its overrides."""
+
+    feed: str
+    about: str  # what is left for the model to learn
+    model: tuple[str, ...] = ()
+
+
+PROBE_ARMS = {
+    "given": ProbeArm(
+        "given", "move the patches and transform the pixels inside them (the source as shipped)"
+    ),
+    "blocks_placed": ProbeArm(
+        "blocks_placed", "transform the pixels inside each patch (patches already moved)"
+    ),
+    "pixels_placed": ProbeArm("pixels_placed", "move the patches (pixels inside them already transformed)"),
+    "given_layers6": ProbeArm(
+        "given", "both, as shipped, with 6 layers instead of 3", ("model.backbone={num_layers: 6}",)
+    ),
+    "given_patch2": ProbeArm(
+        "given", "both, as shipped, with 2x2 patches (14x14 tokens of 4 pixels)", ("model.patch=2",)
+    ),
 }
 
 
@@ -295,9 +315,9 @@ def run_probe_arm(
     from twinflow.eval.edits import edit_metrics, sample_edits
     from twinflow.method.sampler import settings_for
 
-    extra = ["model.backbone={num_layers: 6}"] if arm.endswith("_layers6") else []
-    job, _ = load_jobs(Variant("probe", fm=(f"train.steps={steps}", *extra)))
-    feed = arm.removesuffix("_layers6")
+    spec = PROBE_ARMS[arm]
+    feed = spec.feed
+    job, _ = load_jobs(Variant("probe", fm=(f"train.steps={steps}", *spec.model)))
     arm_data = probe_arm_data(data, feed, PATCH)
     run, train = timed_train(job, arm_data, enc)
     held = probe_pairs(pairs, feed, PATCH)
@@ -308,7 +328,7 @@ def run_probe_arm(
         )
         per_nfe[str(nfe)] = edit_metrics(out, held, judge, by_op=True)
     return {
-        "about": PROBE_ARMS[arm],
+        "about": spec.about,
         "steps": steps,
         "train_rows": len(arm_data),
         "held_out_pairs": len(held),
