@@ -484,7 +484,7 @@ def markdown(res: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, p in got:
-            over = "; ".join(res.get("extra_overrides", {}).get(name.split("@")[0], []))
+            over = "; ".join(res.get("extra_overrides", {}).get(name.split("@")[0].split("/seed")[0], []))
             met = targets_met(p, b)
             lines.append(
                 f"| {name} | `{over}` | {p['fd'] / b['fd']:.2f} | {p['fd_ae'] / b['fd_ae']:.2f} | "
