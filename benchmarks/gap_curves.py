@@ -7,7 +7,7 @@ workers x micro-batch 32, one micro-batch here):
 
 1. **bases**: one flow-matching run of the shipped base job (lr 2e-3, 200 warm-up steps, then constant
    lr) to `max(--base-steps)`, its sampling EMA exported at each of `--base-steps` under
-   `runs/gap_bases/<dataset>/base_<steps>` (reused when present: delete the folder to retrain). Each
+   `runs/gap_bases/<dataset>/base_<steps>_batch<batch>` (reused when present: delete it to retrain). Each
    base is scored at 50 NFE on its ODE with its CFG (`sample_guidance`): the reference of every ratio.
 2. **the shipped fine-tune** (`jobs/<ds>_twinflow.yaml`) from the `--reference-base` export, scored at
    each step of `--at` (fine-tune length; its `train.steps` point is the default of every other factor),
@@ -59,19 +59,14 @@ class Study:
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
-        from quality import DATASETS  # sibling module benchmarks/quality.py
+        from quality import in_process_jobs  # sibling module benchmarks/quality.py
 
         from twinflow.eval.judges import load_judge
         from twinflow.eval.metrics import real_reference
-        from twinflow.models.text_encoder import TextEncoder
-        from twinflow.train.config import load_job
-        from twinflow.train.inprocess import load_memory_data
 
         torch.set_num_threads(1)
         self.args = args
         self.ds = args.dataset
-        self.jobs = DATASETS[self.ds]
-        self.load_job = load_job
         self.out = results_path(args)
         self.bases_dir = ROOT / "runs" / "gap_bases" / self.ds
         settings = {
@@ -83,10 +78,6 @@ class Study:
             "recipe": args.recipe,
         }
         old = json.loads(self.out.read_text()) if self.out.is_file() and not args.fresh else {}
-        if old:
-            old["settings"].setdefault(
-                "recipe", []
-            )  # results from before --recipe existed: the shipped recipe
         if old.get("settings") != settings:
             old = {}
         self.res: dict[str, Any] = old or {
@@ -96,23 +87,19 @@ class Study:
             "bases": {},
             "points": {},
         }
-        shipped = self._job("twinflow", [])
+        self.base_job, shipped, self.enc, self.data = in_process_jobs(
+            self.ds, max(args.base_steps), args.steps, [f"train.micro_batch={args.batch}", *args.recipe]
+        )
         self.res["shipped"] = {f: _fmt(_get(shipped, key)) for f, (key, _) in FACTORS.items()}
-        base_job = self._job("base", [f"train.steps={max(args.base_steps)}"])
-        self.enc = TextEncoder(max_length=base_job.data.text_max_length)
-        self.data = load_memory_data(base_job.data, self.enc)
-        self.base_job = base_job
         self.judge = load_judge(self.ds)
         self.ref = real_reference(self.judge)
 
-    def _job(self, kind: str, overrides: list[str]):
-        recipe = self.args.recipe if kind == "twinflow" else []
-        job = self.load_job(
-            ROOT / self.jobs[kind],
-            [f"train.micro_batch={self.args.batch}", "train.init_from=null", *recipe, *overrides],
+    def _twinflow_job(self, overrides: list[str]):
+        from quality import shipped_job
+
+        return shipped_job(
+            self.ds, "twinflow", [f"train.micro_batch={self.args.batch}", *self.args.recipe, *overrides]
         )
-        job.data.path = str(ROOT / job.data.path)
-        return job
 
     def save(self) -> None:
         self.res["date"] = time.strftime("%Y-%m-%d")
@@ -147,14 +134,13 @@ class Study:
         classes = range(self.judge.dataset.num_classes)
         cond = self.enc.encode([self.judge.dataset.prompt(c, 0) for c in classes for _ in range(8)])
         method = "flow_matching" if sampler == "ode" else "twinflow"
-        with torch_no_grad():
-            imgs = sample_seeded(
-                model.eval(),
-                cond,
-                settings_for(method, nfe, guidance=guidance),
-                0,
-                null_cond=self.enc.null_condition() if guidance else None,
-            )
+        imgs = sample_seeded(
+            model.eval(),
+            cond,
+            settings_for(method, nfe, guidance=guidance),
+            0,
+            null_cond=self.enc.null_condition() if guidance else None,
+        )
         path = self.bases_dir / "grids" / (self.args.tag or "shipped") / f"{name.replace('/', '_')}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_grid([imgs[i * 8 : (i + 1) * 8] for i in classes], [str(c) for c in classes], path)
@@ -189,7 +175,7 @@ class Study:
                 }
                 self.save()
                 print(f"[gap] {self.ds} base {s} at 50 NFE: {self.res['bases'][str(s)]['50']}", flush=True)
-            self.grid(model, f"base_{s}_nfe50", "ode", 50, self.base_job.method.sample_guidance)
+                self.grid(model, f"base_{s}_nfe50", "ode", 50, g)
         return models
 
     def finetune(self, name: str, base: Any, overrides: list[str], steps: int, at: list[int]) -> None:
@@ -199,7 +185,7 @@ class Study:
         todo = [s for s in at if f"{name}@{s}" not in self.res["points"]]
         if not todo:
             return
-        job = self._job("twinflow", [f"train.steps={steps}", *overrides])
+        job = self._twinflow_job([f"train.steps={steps}", *overrides])
         t0 = time.perf_counter()
 
         def on_step(step: int, run: Any) -> None:
@@ -262,12 +248,6 @@ class Study:
                         a.steps,
                         [a.steps],
                     )
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 def results_path(args: argparse.Namespace) -> Path:

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
@@ -237,19 +237,26 @@ QUICK_RESULTS = ROOT / "benchmarks" / "results" / "quality_quick.json"
 QUICK_BEGIN, QUICK_END = "<!-- QUALITY_QUICK:BEGIN -->", "<!-- QUALITY_QUICK:END -->"
 
 
-def in_process_jobs(ds: str, base_steps: int, twinflow_steps: int):
-    """The dataset's shipped base and TwinFlow jobs with only their step counts changed (the fine-tune
-    takes its base from the caller, not `init_from`), their data read into memory once with the
-    caption encoder: (base job, TwinFlow job, encoder, data) for `train.inprocess`."""
-    from twinflow.models.text_encoder import TextEncoder
+def shipped_job(ds: str, kind: str, overrides: Sequence[str] = ()):
+    """The dataset's shipped `kind` job ("base" or "twinflow") with `overrides`, its data path made
+    absolute; a fine-tune takes its base from the caller, not `init_from`."""
     from twinflow.train.config import load_job
+
+    first = ["train.init_from=null"] if kind == "twinflow" else []
+    job = load_job(ROOT / DATASETS[ds][kind], [*first, *overrides])
+    job.data.path = str(ROOT / job.data.path)
+    return job
+
+
+def in_process_jobs(ds: str, base_steps: int, twinflow_steps: int, overrides: Sequence[str] = ()):
+    """The dataset's shipped base and TwinFlow jobs with their step counts and `overrides` changed,
+    their data read into memory once with the caption encoder: (base job, TwinFlow job, encoder, data)
+    for `train.inprocess`."""
+    from twinflow.models.text_encoder import TextEncoder
     from twinflow.train.inprocess import load_memory_data
 
-    jobs = DATASETS[ds]
-    base_job = load_job(ROOT / jobs["base"], [f"train.steps={base_steps}"])
-    twin_job = load_job(ROOT / jobs["twinflow"], [f"train.steps={twinflow_steps}", "train.init_from=null"])
-    for job in (base_job, twin_job):
-        job.data.path = str(ROOT / job.data.path)
+    base_job = shipped_job(ds, "base", [*overrides, f"train.steps={base_steps}"])
+    twin_job = shipped_job(ds, "twinflow", [*overrides, f"train.steps={twinflow_steps}"])
     enc = TextEncoder(max_length=base_job.data.text_max_length)
     return base_job, twin_job, enc, load_memory_data(base_job.data, enc)
 
