@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.waiting import wait_until
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,10 +157,11 @@ def head(tmp_path_factory):
             proc = subprocess.Popen(
                 cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.time() + 120
-        while "Ray runtime started" not in log_path.read_text() and proc.poll() is None:
-            assert time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until(
+            lambda p=proc: "Ray runtime started" in log_path.read_text() or p.poll() is not None,
+            120,
+            lambda: log_path.read_text()[-3000:],
+        )
         if proc.poll() is None:
             break
         assert attempt == 0, log_path.read_text()[-3000:]
@@ -236,16 +239,15 @@ def submit(head: dict, name: str, *entrypoint: str) -> str:
 
 def wait_job(head: dict, job_id: str, timeout: float = 900) -> tuple[str, str]:
     """Poll `ray job status` until the job ends; its final state and `ray job logs`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def ended() -> str | None:
         status = _run(["ray", "job", "status", "--log-style=record", job_id], head["env"])
         # running: "Status for job 'x': RUNNING"; ended: "Job 'x' succeeded" (or failed, stopped)
         found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", status)
-        if found:
-            state = found.group(1).upper()
-            return state, _run(["ray", "job", "logs", job_id], head["env"])
-        time.sleep(2)
-    raise AssertionError(f"{job_id} still running after {timeout} s")
+        return found.group(1).upper() if found else None
+
+    state = wait_until(ended, timeout, lambda: f"{job_id} still running", interval_s=2)
+    return state, _run(["ray", "job", "logs", job_id], head["env"])
 
 
 def _train(head: dict, job: str, data: Path, out: Path, init_from: Path | None, extra=()) -> str:
@@ -402,11 +404,15 @@ def test_a_relative_path_fails_before_ray_and_the_exports_serve(head, shipped, t
         m["path"] = str(paths[m["id"]])
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _run(["serve", "deploy", str(tmp_path / "serve.yaml"), "-a", head["dashboard"]], head["env"])
-    deadline = time.time() + 180
     running = re.compile(r"twinflow:\n\s+status: RUNNING")  # the application, not just a replica
-    while not running.search(status := _run(["serve", "status", "-a", head["dashboard"]], head["env"])):
-        assert "DEPLOY_FAILED" not in status and time.time() < deadline, status
-        time.sleep(2)
+    last = {"status": ""}
+
+    def deployed() -> bool:
+        last["status"] = _run(["serve", "status", "-a", head["dashboard"]], head["env"])
+        assert "DEPLOY_FAILED" not in last["status"], last["status"]
+        return bool(running.search(last["status"]))
+
+    wait_until(deployed, 180, lambda: last["status"], interval_s=2)
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/generate",
         data=json.dumps({"prompt": "a photo of a bag", "nfe": 1, "seed": 3}).encode(),

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.waiting import wait_until
 from twinflow.demo import sample_export
 from twinflow.eval.job import SampleActor
 from twinflow.eval.sampling import resolve_sampler
@@ -128,15 +128,13 @@ def test_http_generate_gives_the_eval_images(serve_app, exports, paths):
         blocking=False,
     )
     try:
-        deadline = time.time() + 90
-        while True:
+        def healthy() -> bool:
             try:
-                if requests.get(serve_app + "/identity/healthz", timeout=5).status_code == 200:
-                    break
+                return requests.get(serve_app + "/identity/healthz", timeout=5).status_code == 200
             except requests.RequestException:
-                pass
-            assert time.time() < deadline, "the identity app did not become healthy in 90 s"
-            time.sleep(0.2)
+                return False
+
+        wait_until(healthy, 90, lambda: "the identity app did not become healthy", interval_s=0.2)
         models = requests.get(serve_app + "/identity/v1/models", timeout=10).json()["models"]
         assert {m["id"]: m["guidance"] for m in models} == {"fm": 2.0, "tf": 0.0}
         for name, nfe in CASES:
