@@ -128,6 +128,7 @@ def test_http_generate_gives_the_eval_images(serve_app, exports, paths):
         blocking=False,
     )
     try:
+
         def healthy() -> bool:
             try:
                 return requests.get(serve_app + "/identity/healthz", timeout=5).status_code == 200
